@@ -1,0 +1,230 @@
+"""Recipes: TOML files mapped onto frozen dataclasses with canonical (paper) defaults.
+
+A recipe is named (`quickstart` -> `recipes/quickstart.toml`, shipped inside the package) or a path.
+`--set section.key=value` overrides one value; the value is read as TOML (`3`, `0.1`, `true`, `[1, 2]`)
+and taken as a plain string when it is not valid TOML. Unknown sections or keys and wrong types are
+`BadInput` errors that list the valid names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from flexslim.errors import BadInput
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a family: `blocks` layers (cells) sharing one `width`, the first with `stride`."""
+
+    name: str
+    width: int
+    blocks: int = 1
+    stride: int = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "cifar10"  # cifar10 | quickstart
+    image_size: int = 32  # pixels; quickstart's 8x8 digits are resized to this, CIFAR-10 is 32 already
+    crop_padding: int = 4  # pixels of zero padding for the random crop; 0 disables it
+    flip: bool = True  # random horizontal flip (off for digits: a mirrored 3 is not a 3)
+    cutout: int = 16  # side of the cutout square in pixels; 0 disables it
+    split_seed: int = 0  # seeds the D_t/D_s split (and quickstart's train/test split)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str = "resnet"  # resnet | darts
+    stem_width: int = 16  # fixed, not searched
+    head_width: int = 0  # 1x1 conv before pooling (0 = none); fixed, not searched
+    stages: tuple[StageSpec, ...] = (
+        StageSpec("stage1", 32, 2, 1),
+        StageSpec("stage2", 64, 2, 2),
+        StageSpec("stage3", 128, 2, 2),
+    )
+    min_width: int = 8  # no searched stage goes below this many channels
+    round_to: int = 8  # final widths are multiples of this (hardware-friendly)
+    drop_path: float = 0.0  # DARTS family: drop-path probability at the end of training
+    auxiliary_weight: float = 0.0  # DARTS family: auxiliary head loss weight in retraining (paper 0.4)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 96
+    lr: float = 0.025  # cosine-annealed per step down to 0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0  # max global gradient norm
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    method: str = "flexcharts"  # flexcharts | dmask
+    epochs: int = 50
+    batch_size: int = 96
+    lr: float = 0.025  # weights: SGD, same settings as TrainConfig
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_lr: float = 0.1  # Adam on mu; mu is in CHANNELS, so Adam moves mu by about arch_lr channels per step
+    arch_beta1: float = 0.5
+    arch_beta2: float = 0.999
+    sigma: float = 8.0  # Gaussian width in channels
+    step: int = 1  # grid step of the candidate widths f_k, in channels
+    k_sigma: float = 3.0  # allocate ceil(mu + k_sigma * sigma) channels per stage
+    hysteresis: float = 0.5  # shrink only when the allocation exceeds its target by more than this many sigmas
+    dual_lr: float = 0.5  # budget controller: multiplier += dual_lr * (E[lat] / budget - 1) per arch step
+    init_multiplier: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    provider: str = "auto"  # auto | cpu | cuda (onnxruntime execution provider)
+    batch: int = 32  # latency is per sample: time of one batch / batch
+    threads: int = 0  # intra-op threads of onnxruntime; 0 = the runtime's default
+    warmup: int = 10  # untimed runs before timing
+    runs: int = 50  # timed runs; the gate reads a percentile of them
+    percentile: float = 90.0
+    samples: int = 16  # networks measured to fit the latency model
+    holdout: int = 4  # further networks measured only to report the model's error
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+
+SECTIONS = ("data", "model", "train", "search", "latency")
+
+
+def recipe_dir() -> Path:
+    """Folder of the shipped recipes: the source tree's `recipes/`, or its copy inside an installed wheel."""
+    source_tree = Path(__file__).resolve().parent.parent / "recipes"
+    if source_tree.is_dir():  # a checkout or an editable install (also when the checkout shadows it on sys.path)
+        return source_tree
+    return Path(str(resources.files("flexslim.recipes")))
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in recipe_dir().glob("*.toml"))
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise BadInput(f"recipe file {path} does not exist")
+        return path
+    shipped = recipe_dir() / f"{name_or_path}.toml"
+    if shipped.is_file():
+        return shipped
+    raise BadInput(f"unknown recipe '{name_or_path}'; shipped recipes: {', '.join(shipped_recipes())} (or a .toml path)")
+
+
+def load_recipe(name_or_path: str = "quickstart", overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe by name or path and apply `section.key=value` overrides."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise BadInput(f"recipe {path} is not valid TOML: {err}") from None
+    raw.setdefault("name", path.stem)
+    for item in overrides:
+        _apply_override(raw, item)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    return _build(Recipe, raw, source)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise BadInput(f"--set expects section.key=value, got '{item}' (sections: {', '.join(SECTIONS)})")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    section, name = parts
+    if section not in SECTIONS:
+        raise BadInput(f"--set {item}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
+    raw.setdefault(section, {})[name] = value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise BadInput(f"{where}: expected a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise BadInput(f"{where}: unknown key '{key}'; valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where != "recipe" else key)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise BadInput(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise BadInput(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool, float) and (type(value) is not hint):
+        raise BadInput(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The resolved recipe as TOML (every key, defaults included), readable back by `load_recipe`."""
+    lines = [f"name = {_toml_value(recipe.name)}"]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        for key, value in dataclasses.asdict(getattr(recipe, section)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def stage_widths(model: ModelConfig) -> dict[str, int]:
+    """The recipe's initial widths, stage name -> channels."""
+    return {s.name: s.width for s in model.stages}

@@ -1,0 +1,183 @@
+"""Datasets as tensors on the training device, the D_t/D_s search split, and batched augmentation.
+
+- `quickstart`: scikit-learn's bundled handwritten digits (1,797 real 8x8 images, no download), resized
+  to `image_size`, split 80/20 into train/test with a fixed seed, stratified by class.
+- `cifar10`: torchvision's CIFAR-10, read from `--data DIR` or downloaded into a cache folder.
+
+Images are kept as uint8 (CIFAR-10) or float32 in [0, 1] (quickstart); `Batches` turns them into float32
+batches in [0, 1]. Normalisation lives inside the network (`spaces.layers.Normalize`), so the ONNX
+export takes [0, 1] images too. Augmentation runs on whole batches on the device: random crop with zero
+padding, horizontal flip, cutout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flexslim.config import DataConfig
+from flexslim.errors import BadInput
+
+DATASETS = ("quickstart", "cifar10")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train_x: torch.Tensor  # N, C, H, W; uint8 or float32 in [0, 1]
+    train_y: torch.Tensor  # int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])
+
+    def to(self, device: torch.device | str) -> Dataset:
+        return Dataset(self.name, self.train_x.to(device), self.train_y.to(device), self.test_x.to(device),
+                       self.test_y.to(device), self.num_classes, self.mean, self.std)
+
+
+def load_dataset(cfg: DataConfig, data_dir: str | Path | None = None) -> Dataset:
+    if cfg.dataset == "quickstart":
+        return _quickstart(cfg)
+    if cfg.dataset == "cifar10":
+        return _cifar10(data_dir)
+    raise BadInput(f"unknown dataset '{cfg.dataset}'; valid: {', '.join(DATASETS)}")
+
+
+def _quickstart(cfg: DataConfig) -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixel values are 0..16
+    if cfg.image_size != 8:
+        x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
+    x = x.clamp_(0, 1)
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    idx_train, idx_test = train_test_split(
+        list(range(len(y))), test_size=0.2, random_state=cfg.split_seed, stratify=digits.target
+    )
+    tr, te = torch.tensor(idx_train), torch.tensor(idx_test)
+    mean, std = x[tr].mean().item(), x[tr].std().item()
+    return Dataset("quickstart", x[tr], y[tr], x[te], y[te], 10, (mean,), (std,))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FLEXSLIM_CACHE", Path.home() / ".cache" / "flexslim"))
+
+
+def _cifar10(data_dir: str | Path | None) -> Dataset:
+    from torchvision.datasets import CIFAR10
+
+    if data_dir is not None:
+        root = Path(data_dir)
+        if root.name == "cifar-10-batches-py":
+            root = root.parent
+        if not (root / "cifar-10-batches-py").is_dir():
+            raise BadInput(f"--data {data_dir}: no cifar-10-batches-py folder there (the python version of CIFAR-10)")
+        download = False
+    else:
+        root = default_cache_dir() / "cifar10"
+        download = not (root / "cifar-10-batches-py").is_dir()
+    try:
+        train = CIFAR10(str(root), train=True, download=download)
+        test = CIFAR10(str(root), train=False, download=False)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        raise BadInput(
+            f"CIFAR-10 is not in {root} and could not be downloaded ({type(err).__name__}); "
+            "pass --data DIR with the extracted cifar-10-batches-py folder"
+        ) from None
+
+    def tensors(ds):
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.int64)
+
+    (trx, try_), (tex, tey) = tensors(train), tensors(test)
+    return Dataset("cifar10", trx, try_, tex, tey, 10, CIFAR10_MEAN, CIFAR10_STD)
+
+
+def search_split(ds: Dataset, seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """D_t (trains the weights) and D_s (trains the architecture): two disjoint random halves of train."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(ds.train_y), generator=g).to(ds.train_y.device)
+    half = len(perm) // 2
+    t, s = perm[:half], perm[half:]
+    return (ds.train_x[t], ds.train_y[t]), (ds.train_x[s], ds.train_y[s])
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+class Batches:
+    """Iterates (x, y) batches of a tensor dataset; shuffled with its own generator when `shuffle`."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False):
+        self.x, self.y, self.batch_size, self.shuffle, self.drop_last = x, y, batch_size, shuffle, drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.y)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.y.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield as_float(self.x[idx]), self.y[idx]
+
+
+class Augment:
+    """Random crop (zero padding), horizontal flip and cutout on a whole float batch, on its own device."""
+
+    def __init__(self, cfg: DataConfig, seed: int = 0):
+        self.pad, self.flip, self.cutout = cfg.crop_padding, cfg.flip, cfg.cutout
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        g, dev = self._gen(x.device), x.device
+        if self.pad:
+            p = self.pad
+            padded = F.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=g, device=dev)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=g, device=dev)
+            rows = (dy[:, None] + torch.arange(h, device=dev)[None, :])  # n, h
+            cols = (dx[:, None] + torch.arange(w, device=dev)[None, :])  # n, w
+            batch = torch.arange(n, device=dev)[:, None, None]
+            # gather per-image windows: n, h, w, c -> n, c, h, w
+            x = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        if self.flip:
+            flip = torch.rand(n, generator=g, device=dev) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if self.cutout:
+            cy = torch.randint(0, h, (n,), generator=g, device=dev)
+            cx = torch.randint(0, w, (n,), generator=g, device=dev)
+            half = self.cutout // 2
+            ys = torch.arange(h, device=dev)[None, :]
+            xs = torch.arange(w, device=dev)[None, :]
+            in_y = (ys >= (cy[:, None] - half)) & (ys < (cy[:, None] - half + self.cutout))
+            in_x = (xs >= (cx[:, None] - half)) & (xs < (cx[:, None] - half + self.cutout))
+            hole = in_y[:, :, None] & in_x[:, None, :]
+            x = x * (~hole)[:, None, :, :].to(x.dtype)
+        return x.contiguous()

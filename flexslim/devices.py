@@ -1,0 +1,41 @@
+"""The training device and its fast path: CUDA when present (bf16 autocast, channels_last), else CPU."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from flexslim.errors import BadInput
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name not in DEVICES:
+        raise BadInput(f"unknown device '{name}'; valid: {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the GPU fast path); full float32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move a network to the device; channels_last on CUDA, where convolutions run faster in NHWC."""
+    module = module.to(device)
+    if device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def to_device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x

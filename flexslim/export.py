@@ -1,0 +1,165 @@
+"""torch -> ONNX with the dynamo exporter: dynamic batch axis, full checker, parity with torch, provenance.
+
+The exported graph takes float32 NCHW images in [0, 1]; normalisation is the network's first layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flexslim.arch import Arch, arch_json
+from flexslim.errors import BadInput, GateFailed
+from flexslim.runs import atomic_write_bytes
+
+PARITY_TOL = 1e-4
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    parity_max_abs: float  # largest |onnxruntime - torch| over the parity batches
+    parity_batches: tuple[int, ...]
+    opset: int
+    size_bytes: int
+
+
+def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], fast: bool = False) -> bytes:
+    """Serialise an eval-mode network with a dynamic batch axis.
+
+    `fast=True` uses the TorchScript exporter when this torch still has it (0.2 s instead of ~5 s); the
+    latency model uses it to time dozens of candidate networks. Both exporters emit the same operator
+    graph for these families (conv, BN folded by onnxruntime, relu, add, pool, gemm). Release exports
+    always use the dynamo exporter.
+    """
+    model = model.eval()
+    sample = torch.rand(2, *input_shape)
+    if fast:
+        buf = io.BytesIO()
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(model, (sample,), buf, dynamo=False, input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}}, opset_version=17)
+                return buf.getvalue()
+            except (TypeError, RuntimeError, ImportError):
+                pass  # no TorchScript exporter in this torch: fall through to dynamo
+    return _dynamo_proto(model, sample).SerializeToString()
+
+
+def _dynamo_proto(model: nn.Module, sample: torch.Tensor):
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (sample,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), optimize=True,
+                                    verbose=False)
+    return program.model_proto
+
+
+def provenance(arch: Arch, recipe_name: str, budget_ms: float | None = None, latency: dict | None = None) -> dict[str, str]:
+    """metadata_props for a flexslim model; `validate` reads the `flexslim.*` keys back."""
+    from flexslim import __version__
+
+    meta = {
+        "flexslim.version": __version__,
+        "flexslim.family": arch.family,
+        "flexslim.widths": json.dumps(arch.widths),
+        "flexslim.arch": arch_json(arch),
+        "flexslim.dataset": arch.dataset,
+        "flexslim.input_shape": json.dumps(list(arch.input_shape)),
+        "flexslim.normalization": json.dumps({"mean": list(arch.mean), "std": list(arch.std)}),
+        "flexslim.recipe": recipe_name,
+    }
+    if budget_ms is not None:
+        meta["flexslim.budget_ms"] = repr(float(budget_ms))
+    for key in ("provider", "batch", "threads", "percentile"):
+        if latency and key in latency:
+            meta[f"flexslim.latency_{key}"] = str(latency[key])
+    return meta
+
+
+def export_model(model: nn.Module, arch: Arch, out: str | Path, metadata: dict[str, str],
+                 parity_batches: tuple[int, ...] = (1, 7), tol: float = PARITY_TOL, seed: int = 0) -> ExportResult:
+    """Export, check (onnx.checker full), compare with torch on random inputs, then write atomically.
+
+    Raises GateFailed (nothing written) when the max abs difference exceeds `tol`.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise BadInput(f"output {out} should end in .onnx")
+    model = model.cpu().eval()
+    proto = _dynamo_proto(model, torch.rand(2, *arch.input_shape))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto, full_check=True)
+    data = proto.SerializeToString()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for b in parity_batches:
+        x = torch.rand(b, *arch.input_shape, generator=g)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        worst = max(worst, float(abs(ref - got).max()))
+    if worst > tol:
+        raise GateFailed(f"ONNX output differs from torch by {worst:.3g} (> {tol:g}); {out} not written")
+    atomic_write_bytes(out, data)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return ExportResult(out, worst, tuple(parity_batches), opset, len(data))
+
+
+@dataclass(frozen=True)
+class RunExport:
+    export: ExportResult
+    report: object | None  # validate.Report when the run has a budget and the gate ran
+
+
+def read_run_info(run_dir: Path) -> dict:
+    """run.json: what the search recorded about the run (budget, latency settings); {} when absent."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BadInput(f"{path} is not valid JSON: {err}") from None
+
+
+def export_run(output: str | Path, run_dir: str | Path | None = None, provider: str | None = None,
+               gate: bool = True) -> RunExport:
+    """Export runs/latest (or run_dir) to ONNX, then gate it against the run's budget when it has one."""
+    from flexslim.config import load_recipe
+    from flexslim.runs import resolve_run_dir
+    from flexslim.train import load_model
+
+    run = resolve_run_dir(run_dir)
+    arch, model, payload = load_model(run / "model.pt")
+    info = read_run_info(run)
+    recipe = load_recipe(str(run / "recipe.toml")) if (run / "recipe.toml").is_file() else None
+    lat = info.get("latency") or (
+        {"provider": recipe.latency.provider, "batch": recipe.latency.batch, "threads": recipe.latency.threads,
+         "percentile": recipe.latency.percentile} if recipe else None)
+    budget = info.get("budget_ms")
+    meta = provenance(arch, recipe.name if recipe else "unknown", budget, lat)
+    result = export_model(model, arch, output, meta)
+    if not gate or budget is None:
+        return RunExport(result, None)
+    from flexslim.validate import validate
+
+    report = validate(result.path, latency_ms=budget, provider=provider or (lat or {}).get("provider", "auto"))
+    return RunExport(result, report)

@@ -1,0 +1,160 @@
+"""onnxruntime sessions and timing, shared by the latency model and the validate gate.
+
+Budget semantics (the same everywhere): per-sample latency = time of one forward pass at batch N / N,
+read at a percentile of `runs` timed passes after `warmup` untimed ones, on the named execution provider
+with a set intra-op thread count. onnxruntime falls back to CPU silently, so every timing records the
+provider that actually ran.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flexslim.errors import BadInput
+
+PROVIDERS = ("auto", "cpu", "cuda")
+_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@functools.cache
+def cuda_usable() -> bool:
+    """True when onnxruntime's CUDA provider can actually run here (a GPU and its libraries are present)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+    except ImportError:
+        pass
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()  # finds the CUDA/cuDNN libraries that torch's wheels installed
+        except Exception:  # noqa: BLE001 - a failed preload just means no CUDA provider
+            return False
+    return True
+
+
+def provider_list(provider: str) -> list[str]:
+    """The explicit provider list for a choice of auto | cpu | cuda (CUDA only when it can load)."""
+    if provider not in PROVIDERS:
+        raise BadInput(f"unknown provider '{provider}'; valid: {', '.join(PROVIDERS)}")
+    if provider == "cuda":
+        if not cuda_usable():
+            raise BadInput("--provider cuda: onnxruntime's CUDA provider cannot run here (no GPU or no CUDA libraries); "
+                           "use --provider cpu or auto")
+        return [_NAMES["cuda"], _NAMES["cpu"]]
+    if provider == "auto" and cuda_usable():
+        return [_NAMES["cuda"], _NAMES["cpu"]]
+    return [_NAMES["cpu"]]
+
+
+def make_session(model: str | Path | bytes, provider: str = "auto", threads: int = 0):
+    """An InferenceSession on the chosen provider; `threads` > 0 fixes the intra-op thread count."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: no warnings about unused providers on a CPU machine
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, sess_options=opts, providers=provider_list(provider))
+
+
+def ran_provider(session) -> str:
+    """The provider that actually runs the graph ('cpu' or 'cuda')."""
+    first = session.get_providers()[0]
+    return "cuda" if first == _NAMES["cuda"] else "cpu"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-sample latency statistics of one session at one batch size, in milliseconds."""
+
+    provider: str
+    batch: int
+    input_shape: tuple[int, ...]  # the full timed input, batch first
+    threads: int
+    warmup: int
+    runs: int
+    percentile: float
+    p50_ms: float
+    p90_ms: float
+    at_percentile_ms: float  # the gate's statistic (p90 by default)
+    mean_ms: float
+    runtime: str
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+
+def time_session(session, batch: int, warmup: int = 10, runs: int = 50, percentile: float = 90.0,
+                 threads: int = 0, seed: int = 0) -> Timing:
+    """Time `runs` forward passes on random [0, 1) inputs; per-sample = pass time / batch."""
+    import onnxruntime as ort
+
+    if batch < 1 or runs < 1 or warmup < 0:
+        raise BadInput(f"batch and runs must be >= 1 and warmup >= 0 (got batch={batch}, runs={runs}, warmup={warmup})")
+    if not 0 < percentile <= 100:
+        raise BadInput(f"percentile must be in (0, 100], got {percentile}")
+    inp = session.get_inputs()[0]
+    shape = [batch] + [_static_dim(d, inp.name) for d in inp.shape[1:]]
+    x = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    feeds = {inp.name: x}
+    provider = ran_provider(session)
+    run = _runner(session, feeds, provider)
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - t0) * 1e3 / batch)
+    arr = np.asarray(samples)
+    return Timing(
+        provider=provider, batch=batch, input_shape=tuple(shape), threads=threads, warmup=warmup, runs=runs,
+        percentile=percentile, p50_ms=float(np.percentile(arr, 50)), p90_ms=float(np.percentile(arr, 90)),
+        at_percentile_ms=float(np.percentile(arr, percentile)), mean_ms=float(statistics.fmean(samples)),
+        runtime=f"onnxruntime {ort.__version__}",
+    )
+
+
+def _static_dim(d, name: str) -> int:
+    if isinstance(d, int) and d > 0:
+        return d
+    raise BadInput(f"input '{name}' has a dynamic non-batch dimension ({d!r}); only the batch axis may be dynamic")
+
+
+def _runner(session, feeds: dict, provider: str):
+    """A zero-argument callable doing one synchronous forward pass.
+
+    On CUDA the input is bound once on the device (IO binding), so the timing covers the graph, not the
+    host-to-device copy of the random input; outputs stay on the device.
+    """
+    if provider != "cuda":
+        return lambda: session.run(None, feeds)
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, "cuda")
+
+    def run():
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return run

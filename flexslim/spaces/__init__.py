@@ -1,0 +1,30 @@
+"""Search-space families. Each builds a network from an Arch and a dict of per-stage widths.
+
+`build_network(arch, widths=None, mask=None)`: with `mask=None` the plain dense network at `widths`
+(default: the arch's own); with `mask` (stage name -> nn.Module) the same network with a mask point
+wherever a stage's channels are produced: that is the supernet body.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from flexslim.arch import Arch
+from flexslim.errors import BadInput
+
+MaskFactory = Callable[[str], nn.Module]
+
+
+def build_network(arch: Arch, widths: dict[str, int] | None = None, mask: MaskFactory | None = None) -> nn.Module:
+    widths = dict(arch.widths if widths is None else widths)
+    if arch.family == "resnet":
+        from flexslim.spaces.resnet import ResNet
+
+        return ResNet(arch, widths, mask)
+    if arch.family == "darts":
+        from flexslim.spaces.darts import DartsNet
+
+        return DartsNet(arch, widths, mask)
+    raise BadInput(f"unknown family '{arch.family}' (known: resnet, darts)")

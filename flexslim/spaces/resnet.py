@@ -1,0 +1,63 @@
+"""CIFAR-style residual family: stem, stages of basic blocks (one width per stage), pooled linear head.
+
+Every unit that produces a stage's channels (both convs of each block and the projection shortcut) ends
+in that stage's mask point when a mask factory is given. Channels at or past a hard mask's cut-off are
+then exactly zero everywhere in the stage, so the hard-masked supernet computes the dense network at the
+cut-off widths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flexslim.arch import Arch
+from flexslim.spaces.layers import Normalize, conv_bn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, mask=None):
+        super().__init__()
+        self.conv1 = conv_bn(c_in, c_out, 3, stride, mask=mask)
+        self.conv2 = conv_bn(c_out, c_out, 3, 1, mask=mask)
+        self.shortcut = conv_bn(c_in, c_out, 1, stride, mask=mask) if (stride != 1 or c_in != c_out) else None
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.relu(self.conv1(x)))
+        return self.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet(nn.Module):
+    def __init__(self, arch: Arch, widths: dict[str, int], mask=None):
+        super().__init__()
+        c_in = arch.input_shape[0]
+        self.normalize = Normalize(arch.mean, arch.std)
+        self.stem = nn.Sequential(conv_bn(c_in, arch.stem_width, 3), nn.ReLU(inplace=True))
+        c = arch.stem_width
+        stages = []
+        for spec in arch.stages:
+            w = int(widths[spec.name])
+            stage_mask = (lambda name=spec.name: mask(name)) if mask is not None else None
+            blocks = []
+            for b in range(spec.blocks):
+                blocks.append(BasicBlock(c, w, spec.stride if b == 0 else 1, stage_mask))
+                c = w
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        if arch.head_width:
+            self.head = nn.Sequential(conv_bn(c, arch.head_width, 1), nn.ReLU(inplace=True))
+            c = arch.head_width
+        else:
+            self.head = nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c, arch.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(self.normalize(x))
+        for stage in self.stages:
+            x = stage(x)
+        return self.classifier(torch.flatten(self.pool(self.head(x)), 1))

@@ -1,0 +1,216 @@
+"""The gate: per-sample latency (and accuracy, when a dataset is known) of ANY ONNX image classifier
+against a budget -> Report (JSON, JUnit XML). Also the library call behind `flexslim validate`:
+
+    report = flexslim.validate("model.onnx", latency_ms=0.3, min_accuracy=0.94)
+    assert report.passed, report.summary()
+
+Budget, dataset, batch, thread count and percentile come from the arguments or, for flexslim models,
+from the `flexslim.*` metadata written at export (arguments win).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flexslim.errors import BadInput
+from flexslim.runs import atomic_write_bytes, atomic_write_json
+from flexslim.runtime import Timing, make_session, time_session
+
+DEFAULT_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # latency | accuracy
+    passed: bool
+    measured: float
+    limit: float
+    unit: str  # ms | fraction
+    message: str
+
+
+@dataclass(frozen=True)
+class Report:
+    model: str
+    requested_provider: str
+    timing: Timing
+    budget_ms: float | None
+    dataset: str | None
+    accuracy: float | None
+    num_test: int
+    min_accuracy: float | None
+    checks: tuple[Check, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+    host: str = field(default_factory=platform.node)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def latency_ms(self) -> float:
+        """The gate's statistic: per-sample latency at the report's percentile."""
+        return self.timing.at_percentile_ms
+
+    def summary(self) -> str:
+        parts = [f"{c.name}: {c.message}" for c in self.checks] or [
+            f"latency p{self.timing.percentile:g} {self.latency_ms:.4f} ms/sample (no budget)"]
+        return ("PASS" if self.passed else "FAIL") + " - " + "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "passed": self.passed,
+            "provider": self.timing.provider,
+            "requested_provider": self.requested_provider,
+            "batch": self.timing.batch,
+            "input_shape": list(self.timing.input_shape),
+            "threads": self.timing.threads,
+            "percentile": self.timing.percentile,
+            "latency_ms": self.latency_ms,
+            "p50_ms": self.timing.p50_ms,
+            "p90_ms": self.timing.p90_ms,
+            "mean_ms": self.timing.mean_ms,
+            "timed_runs": self.timing.runs,
+            "warmup_runs": self.timing.warmup,
+            "runtime": self.timing.runtime,
+            "budget_ms": self.budget_ms,
+            "dataset": self.dataset,
+            "accuracy": self.accuracy,
+            "num_test": self.num_test,
+            "min_accuracy": self.min_accuracy,
+            "checks": [asdict(c) for c in self.checks],
+            "host": self.host,
+            "metadata": {k: v for k, v in self.metadata.items() if k != "flexslim.arch"},
+        }
+
+    def write_json(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    def write_junit(self, path: str | Path) -> Path:
+        suite = ET.Element("testsuite", name="flexslim.validate", tests=str(len(self.checks)),
+                           failures=str(sum(not c.passed for c in self.checks)), errors="0")
+        for c in self.checks:
+            case = ET.SubElement(suite, "testcase", classname=f"flexslim.validate.{Path(self.model).name}", name=c.name)
+            if not c.passed:
+                ET.SubElement(case, "failure", message=c.message, type="GateFailed").text = c.message
+            ET.SubElement(case, "system-out").text = json.dumps({"measured": c.measured, "limit": c.limit, "unit": c.unit,
+                                                                 "provider": self.timing.provider})
+        root = ET.Element("testsuites")
+        root.append(suite)
+        ET.indent(root)
+        return atomic_write_bytes(path, ET.tostring(root, encoding="utf-8", xml_declaration=True))
+
+
+def load_onnx(path: str | Path):
+    """Read and check an ONNX file; anything unreadable is BadInput (exit 2), never a traceback."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"model file {path} does not exist")
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as err:  # noqa: BLE001 - protobuf and checker raise many types for a corrupt file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadInput(f"{path} is not a valid ONNX model ({first[:160]})") from None
+    if not proto.graph.node:
+        raise BadInput(f"{path} is not a valid ONNX model (empty graph)")
+    return proto
+
+
+def validate(model: str | Path, latency_ms: float | None = None, min_accuracy: float | None = None,
+             provider: str = "auto", batch: int | None = None, percentile: float | None = None,
+             dataset: str | None = None, data: str | Path | None = None, threads: int | None = None,
+             warmup: int = 10, runs: int = 50) -> Report:
+    """Measure an ONNX classifier and judge it against a latency budget and/or an accuracy target."""
+    if latency_ms is not None and latency_ms <= 0:
+        raise BadInput(f"--latency-ms must be positive, got {latency_ms}")
+    if min_accuracy is not None and not 0 <= min_accuracy <= 1:
+        raise BadInput(f"--min-accuracy is a fraction in [0, 1], got {min_accuracy}")
+    proto = load_onnx(model)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if latency_ms is None and "flexslim.budget_ms" in meta:
+        latency_ms = float(meta["flexslim.budget_ms"])
+    dataset = dataset or meta.get("flexslim.dataset")
+    percentile = percentile if percentile is not None else float(meta.get("flexslim.latency_percentile", 90.0))
+    threads = threads if threads is not None else int(meta.get("flexslim.latency_threads", 0))
+    input_dims = _input_dims(proto, model)
+    fixed_batch = input_dims[0] if isinstance(input_dims[0], int) and input_dims[0] > 0 else None
+    if batch is None:
+        batch = fixed_batch or int(meta.get("flexslim.latency_batch", DEFAULT_BATCH))
+    elif fixed_batch and batch != fixed_batch:
+        raise BadInput(f"{model} has a fixed batch of {fixed_batch}; drop --batch or pass --batch {fixed_batch}")
+    if min_accuracy is not None and dataset is None:
+        raise BadInput("--min-accuracy needs a dataset: pass --dataset quickstart|cifar10 (the model names none)")
+    del proto
+    try:
+        session = make_session(model, provider, threads)
+    except BadInput:
+        raise
+    except Exception as err:  # noqa: BLE001 - onnxruntime refuses graphs it cannot run
+        raise BadInput(f"onnxruntime cannot load {model}: {str(err).splitlines()[0][:160]}") from None
+    timing = time_session(session, batch, warmup=warmup, runs=runs, percentile=percentile, threads=threads)
+
+    accuracy, n_test = None, 0
+    if dataset is not None:
+        accuracy, n_test = _accuracy(session, dataset, data, timing.input_shape, fixed_batch)
+    checks = []
+    if latency_ms is not None:
+        ok = timing.at_percentile_ms <= latency_ms
+        checks.append(Check("latency", ok, timing.at_percentile_ms, latency_ms, "ms",
+                            f"p{percentile:g} {timing.at_percentile_ms:.4f} ms/sample {'<=' if ok else '>'} budget "
+                            f"{latency_ms:g} ms ({timing.provider}, batch {batch})"))
+    if min_accuracy is not None:
+        ok = accuracy >= min_accuracy
+        checks.append(Check("accuracy", ok, accuracy, min_accuracy, "fraction",
+                            f"{accuracy:.4f} {'>=' if ok else '<'} {min_accuracy:g} on {dataset} test ({n_test} images)"))
+    return Report(str(model), provider, timing, latency_ms, dataset, accuracy, n_test, min_accuracy, tuple(checks), meta)
+
+
+def _input_dims(proto, path) -> list:
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise BadInput(f"{path} has {len(inputs)} inputs; an image classifier takes exactly one (N, C, H, W)")
+    t = inputs[0].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+    if len(dims) != 4 or t.elem_type != 1:  # 1 = FLOAT
+        raise BadInput(f"{path}: input must be float32 N,C,H,W; got {len(dims)} dims of element type {t.elem_type}")
+    return dims
+
+
+def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch) -> tuple[float, int]:
+    """Top-1 accuracy on the dataset's test split, images in [0, 1] resized to the model's H, W if needed."""
+    import torch
+    import torch.nn.functional as F
+
+    from flexslim.config import DataConfig
+    from flexslim.data import DATASETS, as_float, load_dataset
+
+    if dataset not in DATASETS:
+        raise BadInput(f"unknown dataset '{dataset}'; valid: {', '.join(DATASETS)}")
+    _, c, h, w = input_shape
+    ds = load_dataset(DataConfig(dataset=dataset, image_size=h), data_dir)
+    if ds.input_shape[0] != c:
+        raise BadInput(f"the model takes {c}-channel images but {dataset} has {ds.input_shape[0]}")
+    name = session.get_inputs()[0].name
+    step = fixed_batch or 256
+    correct = 0
+    for i in range(0, len(ds.test_y), step):
+        x = as_float(ds.test_x[i:i + step])
+        if x.shape[2:] != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        n = len(x)
+        if fixed_batch and n < fixed_batch:
+            x = torch.cat([x, x.new_zeros(fixed_batch - n, *x.shape[1:])])
+        logits = session.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0][:n]
+        correct += int((logits.argmax(1) == ds.test_y[i:i + step].numpy()).sum())
+    return correct / len(ds.test_y), len(ds.test_y)
