@@ -87,6 +87,8 @@ class Arch:
                 name = str(s["name"])
                 if name not in widths:
                     raise ValueError(f"stage {name!r} has no width in 'widths'")
+                if any(st.name == name for st in stages):
+                    raise ValueError(f"stage {name!r} appears twice in 'stages'")
                 stages.append(StageSpec(name, _positive(widths[name], name), _positive(s["blocks"], "blocks"),
                                         _positive(s["stride"], "stride")))
             extra = set(widths) - {s.name for s in stages}
@@ -102,7 +104,7 @@ class Arch:
             return cls(family=d["family"], stages=tuple(stages), input_shape=shape,
                        num_classes=_positive(d["num_classes"], "num_classes"), dataset=str(d["dataset"]),
                        mean=mean, std=std, stem_width=_positive(d.get("stem_width", 16), "stem_width"),
-                       head_width=int(d.get("head_width", 0)))
+                       head_width=_non_negative(d.get("head_width", 0), "head_width"))
         except KeyError as err:
             raise BadInput(f"{where}: missing field {err}") from None
         except (TypeError, ValueError) as err:
@@ -112,6 +114,12 @@ class Arch:
 def _positive(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
     return value
 
 

@@ -67,6 +67,62 @@ def _exit_codes():
 
 
 @app.command()
+def search(
+    latency_ms: Annotated[float, typer.Option(help="Budget: per-sample latency in ms on the deployment runtime.")],
+    recipe: RecipeOpt = "quickstart",
+    data: DataOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<time>-<recipe>).")] = None,
+    method: Annotated[Optional[Method], typer.Option(help="Search method (default: the recipe's).")] = None,
+    device: DeviceOpt = Device.auto,
+    provider: Annotated[Optional[Provider], typer.Option(help="onnxruntime provider to search for (default: the recipe's).")] = None,
+    latency_batch: Annotated[Optional[int], typer.Option(help="Batch the budget is measured at (default: the recipe's).")] = None,
+    latency_table: Annotated[Optional[Path], typer.Option(help="Use a latency table from `flexslim profile` instead of measuring here.")] = None,
+    set_: SetOpt = None,
+    retrain: Annotated[bool, typer.Option(help="Retrain the baked network from scratch after the search.")] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run (runs/latest or --run-dir).")] = False,
+) -> None:
+    """The main job: latency model -> FlexCHarts search -> bake -> trim to budget -> retrain."""
+    with _exit_codes():
+        from flexslim.console import RichReporter
+        from flexslim.pipeline import search_job
+
+        overrides = list(set_ or [])
+        if method:
+            overrides.append(f"search.method={method.value}")
+        if provider:
+            overrides.append(f"latency.provider={provider.value}")
+        if latency_batch is not None:
+            overrides.append(f"latency.batch={latency_batch}")
+        res = search_job(latency_ms, recipe, overrides, data, run_dir, device.value, latency_table, retrain, resume,
+                         RichReporter(err))
+        f = res.fitted
+        out.print(f"run {res.run_dir}: widths {f.widths}, measured p90 {f.measured_ms:.4f} ms/sample "
+                  f"(budget {latency_ms:g} ms, {f.provider})" + (f", test accuracy {res.test_acc:.4f}" if res.test_acc is not None else ""))
+        out.print("next: flexslim export model.onnx" if retrain else f"next: flexslim train {res.run_dir}")
+
+
+@app.command()
+def profile(
+    recipe: RecipeOpt = "quickstart",
+    provider: Annotated[Optional[Provider], typer.Option(help="onnxruntime provider (default: the recipe's).")] = None,
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the latency table.")] = Path("latency.json"),
+    data: DataOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Measure and fit the latency model of a recipe's family on this machine (reuse with --latency-table)."""
+    with _exit_codes():
+        from flexslim.console import RichReporter
+        from flexslim.pipeline import profile_job
+
+        overrides = list(set_ or []) + ([f"latency.provider={provider.value}"] if provider else [])
+        model = profile_job(recipe, overrides, out_path, data, RichReporter(err))
+        e = model.error_summary()
+        out.print(f"wrote {out_path}: {len(model.fit_points)} fit + {len(model.holdout_points)} hold-out networks on "
+                  f"{model.provider} in {model.measure_seconds:.1f}s; floor {model.floor_ms:.4f} ms; hold-out error "
+                  f"median {e.get('median_pct', 0):.1f}% max {e.get('max_pct', 0):.1f}%")
+
+
+@app.command()
 def train(
     target: Annotated[Optional[Path], typer.Argument(help="A run directory or an arch.json; omitted: the recipe's own widths.")] = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe name or .toml path (default: the run's own, else quickstart).")] = None,

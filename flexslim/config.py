@@ -82,8 +82,11 @@ class SearchConfig:
     step: int = 1  # grid step of the candidate widths f_k, in channels
     k_sigma: float = 3.0  # allocate ceil(mu + k_sigma * sigma) channels per stage
     hysteresis: float = 0.5  # shrink only when the allocation exceeds its target by more than this many sigmas
-    dual_lr: float = 0.5  # budget controller: multiplier += dual_lr * (E[lat] / budget - 1) per arch step
+    dual_lr: float = 0.5  # budget controller: multiplier += dual_lr * (E[lat] / target - 1) per arch step
     init_multiplier: float = 0.0
+    budget_margin: float = 0.05  # the search aims at budget * (1 - margin); rounding and timing noise use the rest
+    trim_margin: float = 0.03  # after baking, trim until the measured latency is <= budget * (1 - trim_margin)
+    extend_samples: int = 6  # networks measured when allocation moves past the latency model's region
     seed: int = 0
 
 

@@ -28,3 +28,14 @@ def build_network(arch: Arch, widths: dict[str, int] | None = None, mask: MaskFa
 
         return DartsNet(arch, widths, mask)
     raise BadInput(f"unknown family '{arch.family}' (known: resnet, darts)")
+
+
+def cost_terms(arch: Arch, widths: dict) -> dict:
+    """The family's analytic, width-differentiable cost terms (see each family's `cost_terms`)."""
+    if arch.family == "resnet":
+        from flexslim.spaces.resnet import cost_terms as terms
+    elif arch.family == "darts":
+        from flexslim.spaces.darts import cost_terms as terms
+    else:
+        raise BadInput(f"unknown family '{arch.family}' (known: resnet, darts)")
+    return terms(arch, widths)

@@ -1,0 +1,55 @@
+"""After baking: measure the real network and trim widths until it meets the budget.
+
+Each trim removes `round_to` channels from the stage with the largest predicted saving per unit of
+relative width lost (a proxy for accuracy lost per millisecond: cutting 8 of 16 channels costs more
+than 8 of 128), then re-measures. Every trim is recorded for the run log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flexslim.arch import Arch
+from flexslim.config import LatencyConfig
+from flexslim.console import Reporter
+from flexslim.errors import BadInput
+from flexslim.latency import LatencyModel, measure
+
+
+@dataclass
+class Fitted:
+    widths: dict[str, int]
+    measured_ms: float  # the gate's statistic, last measurement
+    p50_ms: float
+    provider: str
+    trims: list[dict] = field(default_factory=list)
+
+
+def fit_to_budget(arch: Arch, widths: dict[str, int], budget_ms: float, latency: LatencyModel, settings: LatencyConfig,
+                  min_width: int, round_to: int, margin: float = 0.03, max_trims: int = 200,
+                  reporter: Reporter | None = None) -> Fitted:
+    reporter = reporter or Reporter()
+    limit = budget_ms * (1.0 - margin)
+    widths = dict(widths)
+    trims: list[dict] = []
+    for _ in range(max_trims + 1):
+        t = measure(arch, widths, settings)
+        if t.at_percentile_ms <= limit:
+            return Fitted(widths, t.at_percentile_ms, t.p50_ms, t.provider, trims)
+        choices = {s: w for s, w in widths.items() if w - round_to >= min_width}
+        if not choices:
+            raise BadInput(f"every stage is at min_width {min_width} and the network still measures "
+                           f"{t.at_percentile_ms:.4f} ms > {limit:.4f} ms; raise --latency-ms or lower model.min_width")
+        base = float(latency.predict(widths))
+
+        def score(stage: str) -> float:
+            saved = base - float(latency.predict({**widths, stage: widths[stage] - round_to}))
+            return saved / (round_to / widths[stage])
+
+        stage = max(choices, key=score)
+        trims.append({"stage": stage, "from": widths[stage], "to": widths[stage] - round_to,
+                      "measured_ms": t.at_percentile_ms, "limit_ms": limit})
+        reporter.log(f"trim: {stage} {widths[stage]} -> {widths[stage] - round_to} "
+                     f"(measured {t.at_percentile_ms:.4f} ms > {limit:.4f} ms)")
+        widths[stage] -= round_to
+    raise BadInput(f"could not meet {budget_ms} ms within {max_trims} trims")

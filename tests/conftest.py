@@ -1,0 +1,159 @@
+"""Shared fixtures: a tiny quickstart-shaped network, one exported ONNX model (the dynamo export takes
+seconds, so it is made once per session), a torchvision model exported by plain `torch.onnx.export`,
+hand-built ONNX graphs for the bad-input paths, and the quickstart dataset."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from flexslim.arch import Arch
+from flexslim.config import StageSpec
+
+TINY_STAGES = (StageSpec("stage1", 8, 1, 1), StageSpec("stage2", 16, 1, 2), StageSpec("stage3", 16, 1, 2))
+TINY_STAGE_TOML = ('[{ name = "stage1", width = 8, blocks = 1, stride = 1 }, '
+                   '{ name = "stage2", width = 16, blocks = 1, stride = 2 }, '
+                   '{ name = "stage3", width = 16, blocks = 1, stride = 2 }]')
+# --set overrides that turn the quickstart recipe into the tiny network below
+TINY_OVERRIDES = ("model.stem_width=8", f"model.stages={TINY_STAGE_TOML}")
+LATENCY_META = {"provider": "cpu", "batch": 4, "threads": 1, "percentile": 90.0}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BN statistics and affine parameters, so folding BN in the ONNX graph is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def randomize_batchnorm():
+    """The function that gives a network random BN statistics and affine parameters (in place)."""
+    return _randomize_batchnorm
+
+
+@pytest.fixture(scope="session")
+def tiny_arch() -> Arch:
+    """Quickstart-shaped (1x16x16 digits, 10 classes) resnet: stem 8, widths 8/16/16."""
+    return Arch(family="resnet", stages=TINY_STAGES, input_shape=(1, 16, 16), num_classes=10, dataset="quickstart",
+                mean=(0.3,), std=(0.35,), stem_width=8, head_width=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_arch):
+    """Eval-mode tiny network with random weights and BN statistics. Do not mutate: deepcopy it."""
+    from flexslim.spaces import build_network
+
+    torch.manual_seed(0)
+    return _randomize_batchnorm(build_network(tiny_arch)).eval()
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, tiny_arch, tiny_model):
+    """The tiny network exported once with flexslim's exporter (dynamo, dynamic batch, provenance)."""
+    from flexslim.export import export_model, provenance
+
+    out = tmp_path_factory.mktemp("export") / "tiny.onnx"
+    meta = provenance(tiny_arch, "quickstart", budget_ms=None, latency=LATENCY_META)
+    result = export_model(copy.deepcopy(tiny_model), tiny_arch, out, meta, parity_batches=(1, 5))
+    return SimpleNamespace(path=out, result=result, arch=tiny_arch, model=tiny_model, metadata=meta)
+
+
+@pytest.fixture(scope="session")
+def torchvision_onnx(tmp_path_factory) -> Path:
+    """A user's classifier: torchvision resnet18 (random weights, 10 classes) exported by plain
+    `torch.onnx.export` at 1x3x32x32 (a fixed batch of 1), no flexslim metadata."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    out = tmp_path_factory.mktemp("torchvision") / "resnet18.onnx"
+    torch.onnx.export(model, (torch.rand(1, 3, 32, 32),), str(out))
+    return out
+
+
+@pytest.fixture
+def make_onnx(tmp_path):
+    """Factory: a one-node ONNX graph (Relu per input, or Identity) with the given input shapes and type."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def make(name: str = "g.onnx", inputs=(("x", ["N", 3, 8, 8]),), elem_type=TensorProto.FLOAT) -> Path:
+        ins = [helper.make_tensor_value_info(n, elem_type, shape) for n, shape in inputs]
+        outs = [helper.make_tensor_value_info(f"{n}_out", elem_type, None) for n, _ in inputs]
+        nodes = [helper.make_node("Relu" if elem_type == TensorProto.FLOAT else "Identity", [n], [f"{n}_out"])
+                 for n, _ in inputs]
+        model = helper.make_model(helper.make_graph(nodes, "g", ins, outs), opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        path = tmp_path / name
+        onnx.save(model, str(path))
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def quickstart():
+    """The quickstart dataset at 16x16, as the shipped recipe loads it."""
+    from flexslim.config import DataConfig
+    from flexslim.data import load_dataset
+
+    return load_dataset(DataConfig(dataset="quickstart", image_size=16, crop_padding=2, flip=False, cutout=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe():
+    """The quickstart recipe shrunk to the tiny network (stages set through --set)."""
+    from flexslim.config import load_recipe
+
+    return load_recipe("quickstart", TINY_OVERRIDES)
+
+
+@pytest.fixture
+def no_aug_recipe(tiny_recipe):
+    """tiny_recipe without augmentation (bit-reproducible training on the CPU)."""
+    data = dataclasses.replace(tiny_recipe.data, crop_padding=0, flip=False, cutout=0)
+    return dataclasses.replace(tiny_recipe, data=data)
+
+
+@pytest.fixture
+def cli():
+    from typer.testing import CliRunner
+
+    return CliRunner()
+
+
+def _one_line_error(result) -> str:
+    text = result.stderr.strip()
+    assert text, f"no message on stderr (stdout: {result.stdout!r})"
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    assert len(text.splitlines()) == 1, f"expected one line on stderr, got:\n{text}"
+    return text
+
+
+@pytest.fixture
+def one_line_error():
+    """Checker: a CLI result's stderr is a single error line without a traceback; returns that line."""
+    return _one_line_error
