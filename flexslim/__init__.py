@@ -1,6 +1,7 @@
 """flexslim: latency-budgeted channel-width search (FlexCHarts), ONNX export and an onnxruntime gate.
 
-The package root stays import-light so `flexslim --help` is fast; `flexslim.validate` is resolved lazily.
+`flexslim.validate(...)` is the gate as a library call. The package root imports only light modules
+(numpy, no torch or onnxruntime) so `flexslim --help` stays fast.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -10,12 +11,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+local"
 
-__all__ = ["__version__", "validate"]
+# Imported eagerly on purpose: loading the submodule `flexslim.validate` binds the package attribute to the
+# module, and this import then rebinds it to the function, once and for all.
+from flexslim.validate import Report, validate  # noqa: E402
 
-
-def __getattr__(name: str):
-    if name == "validate":
-        from flexslim.validate import validate
-
-        return validate
-    raise AttributeError(f"module 'flexslim' has no attribute {name!r}")
+__all__ = ["__version__", "Report", "validate"]

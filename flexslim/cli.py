@@ -201,6 +201,42 @@ def validate(
             raise typer.Exit(1)
 
 
+@app.command()
+def bench(
+    recipe: RecipeOpt = "bench-cpu",
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated: flexcharts,dmask-small,dmask-large,uniform.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for bench.md, bench.csv, bench.png and the runs.")] = Path("bench"),
+    latency_ms: Annotated[Optional[float], typer.Option(help="Budget (default: the recipe's bench.latency_ms).")] = None,
+    retrain: Annotated[Optional[bool], typer.Option(help="Retrain every result and report test accuracy.")] = None,
+    throughput: Annotated[bool, typer.Option("--throughput", help="Only time the search and retrain steps (images/s).")] = False,
+    data: DataOpt = None,
+    device: DeviceOpt = Device.auto,
+    set_: SetOpt = None,
+) -> None:
+    """Compare FlexCHarts, DMaskingNAS (small/large range) and uniform scaling at one budget (paper Table 1)."""
+    with _exit_codes():
+        if throughput:
+            from flexslim.config import load_recipe
+            from flexslim.data import load_dataset
+            from flexslim.devices import pick_device
+            from flexslim.throughput import measure_throughput
+
+            r = load_recipe(recipe, set_ or [])
+            ds = load_dataset(r.data, data)
+            t = measure_throughput(r, ds.input_shape, ds.num_classes, pick_device(device.value))
+            out.print(f"device {t['device']}: search: {t['search_images_per_s']:.0f} images/s   retrain: "
+                      f"{t['retrain_images_per_s']:.0f} images/s   masked supernet step / dense step at the same "
+                      f"allocated widths {t['allocated']}: {t['mask_overhead_ratio']:.2f}x")
+            return
+        from flexslim.bench import run_bench
+
+        rows = run_bench(recipe, methods.split(",") if methods else None, out_dir, latency_ms, retrain, set_ or [],
+                         data, device.value, log=lambda line: err.print(line, highlight=False))
+        out.print((out_dir / "bench.md").read_text())
+        if any("error" in r for r in rows):
+            raise typer.Exit(1)
+
+
 def _render_report(rep) -> None:
     from rich.table import Table
 

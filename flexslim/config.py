@@ -87,6 +87,15 @@ class SearchConfig:
     budget_margin: float = 0.05  # the search aims at budget * (1 - margin); rounding and timing noise use the rest
     trim_margin: float = 0.03  # after baking, trim until the measured latency is <= budget * (1 - trim_margin)
     extend_samples: int = 6  # networks measured when allocation moves past the latency model's region
+    trim: bool = True  # trim the baked widths until the measured latency passes (bench turns it off)
+    # DMaskingNAS baseline (method = "dmask"): fixed option ranges, as multiples of the recipe's widths
+    dmask_range: str = "large"  # small | large
+    dmask_small: tuple[float, float] = (0.75, 1.5)
+    dmask_large: tuple[float, float] = (0.25, 3.0)
+    dmask_step: int = 4  # channels between options
+    dmask_lr: float = 0.1  # Adam on the option logits
+    tau0: float = 5.0  # Gumbel-softmax temperature at the first epoch
+    tau_decay: float = 0.956  # per epoch (FBNetV2)
     seed: int = 0
 
 
@@ -103,6 +112,13 @@ class LatencyConfig:
 
 
 @dataclass(frozen=True)
+class BenchConfig:
+    latency_ms: float = 0.0  # the budget every method searches for (0 = pass --latency-ms)
+    methods: tuple[str, ...] = ("flexcharts", "dmask-small", "dmask-large", "uniform")
+    retrain: bool = False  # also retrain each result and report test accuracy
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -110,9 +126,10 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
-SECTIONS = ("data", "model", "train", "search", "latency")
+SECTIONS = ("data", "model", "train", "search", "latency", "bench")
 
 
 def recipe_dir() -> Path:

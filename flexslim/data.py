@@ -154,6 +154,13 @@ class Augment:
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[key]
 
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return {key: g.get_state() for key, g in self._generators.items()}
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            self._gen(torch.device(key)).set_state(value.cpu())
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         g, dev = self._gen(x.device), x.device

@@ -230,7 +230,8 @@ def extend(model: LatencyModel, widths: dict[str, int], round_to: int, samples: 
     for s, w in widths.items():
         lo, hi = model.region[s]
         if w > hi:
-            model.region[s] = [lo, int(round_to * -(-int(w * 1.25) // round_to))]
+            hi = int(round_to * -(-int(w * 1.25) // round_to))
+        model.region[s] = [min(lo, int(w)), hi]  # below the region too (a table measured with a larger min_width)
     rng = random.Random(seed + len(model.fit_points))
     new_region = {s: [max(lo, min(hi, widths[s])), hi] if widths[s] > lo else [lo, hi] for s, (lo, hi) in model.region.items()}
     sets = [{s: model.region[s][1] for s in model.region}] + [_sample(rng, new_region, round_to) for _ in range(samples - 1)]

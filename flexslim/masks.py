@@ -66,3 +66,50 @@ def hard_mask(width: int, allocated: int, device=None) -> torch.Tensor:
     m = torch.zeros(allocated, device=device)
     m[:width] = 1.0
     return m
+
+
+class GumbelMask(nn.Module):
+    """DMaskingNAS (FBNetV2) baseline: independent logits over a FIXED list of options.
+
+    Training weights are Gumbel-softmax samples at temperature `tau` (annealed by the search loop);
+    the kernels always hold the widest option; the final width is the option with the largest logit.
+    """
+
+    def __init__(self, options: list[int], tau: float = 5.0):
+        super().__init__()
+        if not options or sorted(set(options)) != list(options) or options[0] < 1:
+            raise ValueError(f"options must be increasing positive widths, got {options}")
+        self.register_buffer("option_widths", torch.tensor(options, dtype=torch.float32), persistent=False)
+        self.alpha = nn.Parameter(torch.zeros(len(options)))
+        self.tau = float(tau)
+        self.allocated = int(options[-1])
+
+    def options(self) -> torch.Tensor:
+        return self.option_widths
+
+    def weights(self) -> torch.Tensor:
+        if self.training:
+            return torch.nn.functional.gumbel_softmax(self.alpha, tau=self.tau, hard=False)
+        return torch.softmax(self.alpha / self.tau, dim=0)
+
+    def mask(self) -> torch.Tensor:
+        f, w = self.options(), self.weights()
+        c = torch.arange(self.allocated, dtype=torch.float32, device=w.device)
+        return (f[None, :] > c[:, None]).to(w.dtype) @ w
+
+    def expected_width(self) -> torch.Tensor:
+        """Deterministic (noise-free) expectation used by the latency term: sum softmax(alpha / tau) f."""
+        return (torch.softmax(self.alpha / self.tau, dim=0) * self.options()).sum()
+
+    def final_width(self) -> int:
+        return int(self.options()[int(torch.argmax(self.alpha.detach()))])
+
+    def extra_repr(self) -> str:
+        return f"options={[int(v) for v in self.option_widths]}, tau={self.tau:g}"
+
+
+def dmask_options(width: int, low: float, high: float, step: int, min_width: int) -> list[int]:
+    """The fixed option list of a stage: multiples of `step` from low*width to high*width (>= min_width)."""
+    start = max(min_width, step * max(1, round(low * width / step)))
+    end = max(start, step * round(high * width / step))
+    return list(range(start, end + 1, step))

@@ -60,7 +60,7 @@ def latency_model_for(arch: Arch, recipe: Recipe, run_dir: Path, table: Path | N
 def search_job(budget_ms: float, recipe_name: str = "quickstart", overrides: list[str] | None = None,
                data_dir: Path | None = None, run_dir: Path | None = None, device: str = "auto",
                latency_table: Path | None = None, retrain: bool = True, resume: bool = False,
-               reporter: Reporter | None = None) -> JobResult:
+               reporter: Reporter | None = None, mark: bool = True) -> JobResult:
     from flexslim.devices import pick_device
     from flexslim.plots import plot_search
     from flexslim.search import run_search
@@ -89,12 +89,17 @@ def search_job(budget_ms: float, recipe_name: str = "quickstart", overrides: lis
         elif (run_dir / "run.json").exists():
             raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
         run_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.search.method != "flexcharts":
-        raise BadInput(f"unknown search.method '{recipe.search.method}'; valid: flexcharts")
+    if recipe.search.method not in ("flexcharts", "dmask"):
+        raise BadInput(f"unknown search.method '{recipe.search.method}'; valid: flexcharts, dmask")
     atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
-    mark_latest(run_dir)
+    if mark:
+        mark_latest(run_dir)
     info = {"budget_ms": budget_ms, "recipe": recipe.name, "method": recipe.search.method, "status": "started",
             "device": str(dev), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    prior = read_json(run_dir / "run.json") if resume else {}
+    finished = resume and (run_dir / "arch.json").is_file() and prior.get("status") in ("searched", "done")
+    if finished:  # keep what the finished search recorded (status, widths, measurement, trims)
+        info = {**prior, **info, "status": prior["status"]}
     atomic_write_json(run_dir / "run.json", info)
 
     ds = load_dataset(recipe.data, data_dir)
@@ -113,9 +118,8 @@ def search_job(budget_ms: float, recipe_name: str = "quickstart", overrides: lis
                        f"raise the budget or lower model.min_width")
 
     # search (or reuse a finished one)
-    if resume and (run_dir / "arch.json").is_file() and read_json(run_dir / "run.json").get("status") in ("searched", "done"):
+    if finished:
         baked = load_arch(run_dir / "arch.json")
-        prior = read_json(run_dir / "run.json")
         fitted = Fitted(baked.widths, prior["measured_ms"], prior.get("measured_p50_ms", 0.0), lat.provider, prior.get("trims", []))
         history = [line for line in _read_jsonl(run_dir / "search.jsonl")]
         reporter.log(f"search already finished: widths {baked.widths}")
@@ -129,14 +133,14 @@ def search_job(budget_ms: float, recipe_name: str = "quickstart", overrides: lis
         plot_search(history, run_dir / "search.png", f"FlexCHarts search for {budget_ms:g} ms ({recipe.name})")
         searched = st.supernet.final_widths()
         fitted = fit_to_budget(arch, searched, budget_ms, lat, recipe.latency, recipe.model.min_width,
-                               recipe.model.round_to, recipe.search.trim_margin, reporter=reporter)
+                               recipe.model.round_to, recipe.search.trim_margin,
+                               max_trims=200 if recipe.search.trim else 0, reporter=reporter)
         baked = arch.with_widths(fitted.widths)
         atomic_write_text(run_dir / "arch.json", arch_json(baked))
-        if recipe.search.method == "flexcharts":  # the searched weights, for users who skip retraining
-            _, dense = st.supernet.bake(fitted.widths)
-            from flexslim.train import save_model
+        _, dense = st.supernet.bake(fitted.widths)  # the searched weights, for users who skip retraining
+        from flexslim.train import save_model
 
-            save_model(run_dir / "supernet_baked.pt", baked, dense, recipe, {"note": "weights sliced from the supernet"})
+        save_model(run_dir / "supernet_baked.pt", baked, dense, recipe, {"note": "weights sliced from the supernet"})
         info.update(status="searched", searched_widths=searched, widths=fitted.widths, measured_ms=fitted.measured_ms,
                     measured_p50_ms=fitted.p50_ms, trims=fitted.trims, search_seconds=sum(h["seconds"] for h in history))
         atomic_write_json(run_dir / "run.json", info)
@@ -146,7 +150,10 @@ def search_job(budget_ms: float, recipe_name: str = "quickstart", overrides: lis
                      + (f" after {len(fitted.trims)} trim(s)" if fitted.trims else ""))
 
     test_acc = None
-    if retrain:
+    if retrain and finished and prior.get("status") == "done" and (run_dir / "model.pt").is_file():
+        test_acc = prior.get("test_acc")
+        reporter.log(f"retraining already finished: {run_dir / 'model.pt'}")
+    elif retrain:
         history_train = train_arch(baked, recipe, run_dir, ds, dev, reporter=reporter, resume=resume)
         test_acc = history_train[-1].test_acc
         info = read_json(run_dir / "run.json")

@@ -27,7 +27,8 @@ from flexslim.devices import autocast, prepare, to_device_batch
 from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel, extend
 from flexslim.runs import append_jsonl, atomic_torch_save
-from flexslim.supernet import Supernet, gaussian_masks
+from flexslim.masks import GaussianMask
+from flexslim.supernet import Supernet, make_masks
 from flexslim.train import make_sgd
 from flexslim.transplant import transplant_optimizer
 
@@ -50,9 +51,13 @@ def cosine_lr(base: float, step: int, total: int) -> float:
 
 
 def next_allocation(sn: Supernet, k_sigma: float, hysteresis: float) -> dict[str, int]:
-    """Grow to ceil(mu + k sigma) at once; shrink to it only when the excess passes hysteresis * sigma."""
+    """Grow to ceil(mu + k sigma) at once; shrink to it only when the excess passes hysteresis * sigma.
+    Masks over a fixed range (DMaskingNAS) keep their allocation."""
     out = {}
     for name, m in sn.masks.items():
+        if not isinstance(m, GaussianMask):
+            out[name] = m.allocated
+            continue
         target = m.target_allocation(k_sigma)
         if target > m.allocated or m.allocated - target > hysteresis * m.sigma:
             out[name] = target
@@ -64,9 +69,10 @@ def next_allocation(sn: Supernet, k_sigma: float, hysteresis: float) -> dict[str
 def build_state(arch: Arch, recipe: Recipe, device: torch.device) -> SearchState:
     cfg = recipe.search
     torch.manual_seed(cfg.seed)
-    sn = prepare(Supernet(arch, gaussian_masks(arch, recipe.model, cfg)), device)
+    sn = prepare(Supernet(arch, make_masks(arch, recipe.model, cfg)), device)
     w_opt = make_sgd(sn.weight_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    a_opt = torch.optim.Adam(sn.arch_parameters(), lr=cfg.arch_lr, betas=(cfg.arch_beta1, cfg.arch_beta2), weight_decay=0.0)
+    arch_lr = cfg.arch_lr if cfg.method == "flexcharts" else cfg.dmask_lr
+    a_opt = torch.optim.Adam(sn.arch_parameters(), lr=arch_lr, betas=(cfg.arch_beta1, cfg.arch_beta2), weight_decay=0.0)
     return SearchState(sn, w_opt, a_opt, cfg.init_multiplier)
 
 
@@ -116,13 +122,18 @@ def run_search(arch: Arch, recipe: Recipe, ds: Dataset, budget_ms: float, latenc
         raise BadInput(f"search.batch_size {cfg.batch_size} is larger than half the training set ({len(dt_y)})")
     for _ in range(st.epoch):  # replay the shuffles of finished epochs so a resumed run sees the same batches
         torch.randperm(len(dt_y), generator=bt.generator), torch.randperm(len(ds_y), generator=bs.generator)
-    augment = Augment(recipe.data, seed=cfg.seed)
     total = cfg.epochs * steps_per_epoch
     sn = st.supernet
 
     for epoch in range(st.epoch, cfg.epochs):
         t0 = time.perf_counter()
+        augment = Augment(recipe.data, seed=cfg.seed * 1000 + epoch)  # one stream per epoch: resumed runs match
         sn.train()
+        for m in sn.masks.values():
+            if hasattr(m, "tau"):  # DMaskingNAS: anneal the Gumbel-softmax temperature per epoch
+                m.tau = cfg.tau0 * cfg.tau_decay ** epoch
+        if hasattr(sn.body, "drop_path_prob"):  # DARTS family: drop-path grows linearly over the search
+            sn.body.drop_path_prob = recipe.model.drop_path * epoch / cfg.epochs
         reporter.start(f"search {epoch + 1}/{cfg.epochs}", steps_per_epoch)
         sums = {"w_loss": 0.0, "a_ce": 0.0, "lat": 0.0}
         for (xt, yt), (xs, ys) in zip(bt, bs):
@@ -154,7 +165,7 @@ def run_search(arch: Arch, recipe: Recipe, ds: Dataset, budget_ms: float, latenc
             sums["a_ce"] += float(a_ce.detach())
             sums["lat"] += lat_ms
             reporter.advance(f"loss {float(w_loss.detach()):.3f}  E[lat] {lat_ms:.4f}/{budget_ms:g} ms  "
-                             f"mult {st.multiplier:.2f}  mu " + " ".join(f"{float(m.mu.detach()):.0f}" for m in sn.masks.values()))
+                             f"mult {st.multiplier:.2f}  E[w] " + " ".join(f"{float(m.expected_width().detach()):.0f}" for m in sn.masks.values()))
         reporter.stop()
         step_seconds = time.perf_counter() - t0
 
@@ -177,8 +188,9 @@ def run_search(arch: Arch, recipe: Recipe, ds: Dataset, budget_ms: float, latenc
         st.epoch = epoch + 1
         line = {
             "epoch": st.epoch,
-            "mu": {k: float(m.mu.detach()) for k, m in sn.masks.items()},
-            "sigma": {k: m.sigma for k, m in sn.masks.items()},
+            "mu": {k: float(m.mu.detach()) if hasattr(m, "mu") else float(m.expected_width().detach())
+                   for k, m in sn.masks.items()},
+            "sigma": {k: getattr(m, "sigma", None) for k, m in sn.masks.items()},
             "allocated_before": before,
             "allocated": after,
             "expected_widths": expected,

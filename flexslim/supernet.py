@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from flexslim.arch import Arch
+from flexslim.errors import BadInput
 from flexslim.config import ModelConfig, SearchConfig
-from flexslim.masks import GaussianMask, hard_mask
+from flexslim.masks import GaussianMask, GumbelMask, dmask_options, hard_mask
 from flexslim.spaces import build_network, cost_terms
 from flexslim.transplant import transplant_state
 
@@ -40,6 +41,23 @@ def gaussian_masks(arch: Arch, model: ModelConfig, search: SearchConfig) -> dict
                              model.min_width, search.step, model.round_to)
         for s in arch.stages
     }
+
+
+def gumbel_masks(arch: Arch, model: ModelConfig, search: SearchConfig) -> dict[str, GumbelMask]:
+    """DMaskingNAS baseline: one GumbelMask per stage over the recipe's small or large fixed range."""
+    if search.dmask_range not in ("small", "large"):
+        raise BadInput(f"search.dmask_range must be small or large, got '{search.dmask_range}'")
+    low, high = search.dmask_small if search.dmask_range == "small" else search.dmask_large
+    return {s.name: GumbelMask(dmask_options(s.width, low, high, search.dmask_step, model.min_width), search.tau0)
+            for s in arch.stages}
+
+
+def make_masks(arch: Arch, model: ModelConfig, search: SearchConfig) -> dict[str, nn.Module]:
+    if search.method == "flexcharts":
+        return gaussian_masks(arch, model, search)
+    if search.method == "dmask":
+        return gumbel_masks(arch, model, search)
+    raise BadInput(f"unknown search.method '{search.method}'; valid: flexcharts, dmask")
 
 
 class Supernet(nn.Module):

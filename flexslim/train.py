@@ -58,7 +58,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.d
 
 
 def train_one_epoch(model: nn.Module, batches: Batches, augment: Augment, optimizer: torch.optim.Optimizer,
-                    scheduler, cfg: TrainConfig, device: torch.device, reporter: Reporter) -> tuple[float, float]:
+                    scheduler, cfg: TrainConfig, device: torch.device, reporter: Reporter,
+                    aux_weight: float = 0.0) -> tuple[float, float]:
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for xb, yb in batches:
@@ -66,6 +67,9 @@ def train_one_epoch(model: nn.Module, batches: Batches, augment: Augment, optimi
         with autocast(device):
             logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
+            aux = getattr(model, "aux_logits", None)
+            if aux_weight and aux is not None:
+                loss = loss + aux_weight * F.cross_entropy(aux.float(), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -104,6 +108,7 @@ def fit(model: nn.Module, ds: Dataset, recipe: Recipe, device: torch.device, epo
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         batches.generator.set_state(state["batch_rng"])
+        augment.set_state(state.get("augment_rng", {}))
         history = [EpochMetrics(**m) for m in state["history"]]
         start = len(history)
         reporter.log(f"resuming training at epoch {start + 1}/{epochs} from {checkpoint}")
@@ -111,7 +116,10 @@ def fit(model: nn.Module, ds: Dataset, recipe: Recipe, device: torch.device, epo
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        tr_loss, tr_acc = train_one_epoch(model, batches, augment, optimizer, scheduler, cfg, device, reporter)
+        if hasattr(model, "drop_path_prob"):  # DARTS family: drop-path grows linearly to model.drop_path
+            model.drop_path_prob = recipe.model.drop_path * epoch / epochs
+        tr_loss, tr_acc = train_one_epoch(model, batches, augment, optimizer, scheduler, cfg, device, reporter,
+                                          recipe.model.auxiliary_weight)
         te_loss, te_acc = evaluate(model, ds.test_x, ds.test_y, device)
         if not math.isfinite(tr_loss):
             raise BadInput(f"training diverged at epoch {epoch + 1} (loss {tr_loss}); lower train.lr")
@@ -123,13 +131,15 @@ def fit(model: nn.Module, ds: Dataset, recipe: Recipe, device: torch.device, epo
             atomic_torch_save(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                            "scheduler": scheduler.state_dict(),
                                            "batch_rng": batches.generator.get_state(),
+                                           "augment_rng": augment.get_state(),
                                            "history": [asdict(h) for h in history]})
     reporter.stop()
     return history
 
 
 def save_model(path: Path, arch: Arch, model: nn.Module, recipe: Recipe, metrics: list[EpochMetrics] | dict) -> Path:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # the auxiliary head only serves training: the saved network is the plain one
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("auxiliary.")}
     payload = {"arch": arch.to_dict(), "state_dict": state, "recipe": recipe_to_toml(recipe),
                "metrics": [asdict(m) for m in metrics] if isinstance(metrics, list) else metrics}
     return atomic_torch_save(path, payload)
@@ -160,7 +170,7 @@ def train_arch(arch: Arch, recipe: Recipe, run_dir: Path, ds: Dataset, device: t
     from flexslim.spaces import build_network
 
     torch.manual_seed(recipe.train.seed)
-    model = build_network(arch)
+    model = build_network(arch, auxiliary=recipe.model.auxiliary_weight > 0)
     ckpt = run_dir / "train_state.pt"
     if not resume:
         ckpt.unlink(missing_ok=True)

@@ -32,9 +32,9 @@ def fit_to_budget(arch: Arch, widths: dict[str, int], budget_ms: float, latency:
     limit = budget_ms * (1.0 - margin)
     widths = dict(widths)
     trims: list[dict] = []
-    for _ in range(max_trims + 1):
+    while True:
         t = measure(arch, widths, settings)
-        if t.at_percentile_ms <= limit:
+        if t.at_percentile_ms <= limit or len(trims) >= max_trims:  # max_trims=0: just measure
             return Fitted(widths, t.at_percentile_ms, t.p50_ms, t.provider, trims)
         choices = {s: w for s, w in widths.items() if w - round_to >= min_width}
         if not choices:
@@ -52,4 +52,3 @@ def fit_to_budget(arch: Arch, widths: dict[str, int], budget_ms: float, latency:
         reporter.log(f"trim: {stage} {widths[stage]} -> {widths[stage] - round_to} "
                      f"(measured {t.at_percentile_ms:.4f} ms > {limit:.4f} ms)")
         widths[stage] -= round_to
-    raise BadInput(f"could not meet {budget_ms} ms within {max_trims} trims")

@@ -214,3 +214,4 @@ def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch) -> tupl
         logits = session.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0][:n]
         correct += int((logits.argmax(1) == ds.test_y[i:i + step].numpy()).sum())
     return correct / len(ds.test_y), len(ds.test_y)
+

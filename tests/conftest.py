@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +23,15 @@ TINY_STAGE_TOML = ('[{ name = "stage1", width = 8, blocks = 1, stride = 1 }, '
 # --set overrides that turn the quickstart recipe into the tiny network below
 TINY_OVERRIDES = ("model.stem_width=8", f"model.stages={TINY_STAGE_TOML}")
 LATENCY_META = {"provider": "cpu", "batch": 4, "threads": 1, "percentile": 90.0}
+
+
+# One intra-op thread for torch: the tests' tensors are small, so extra threads buy little, while on a
+# shared 2-core box (CI runners, a second job) oversubscribed threads made training 3-4x slower. It also
+# makes float reductions, and so the training assertions, bit-reproducible. FLEXSLIM_TEST_TORCH_THREADS=0
+# keeps torch's default.
+_threads = int(os.environ.get("FLEXSLIM_TEST_TORCH_THREADS", "1"))
+if _threads > 0:
+    torch.set_num_threads(_threads)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -101,7 +111,7 @@ def make_onnx(tmp_path):
 
     def make(name: str = "g.onnx", inputs=(("x", ["N", 3, 8, 8]),), elem_type=TensorProto.FLOAT) -> Path:
         ins = [helper.make_tensor_value_info(n, elem_type, shape) for n, shape in inputs]
-        outs = [helper.make_tensor_value_info(f"{n}_out", elem_type, None) for n, _ in inputs]
+        outs = [helper.make_tensor_value_info(f"{n}_out", elem_type, shape) for n, shape in inputs]
         nodes = [helper.make_node("Relu" if elem_type == TensorProto.FLOAT else "Identity", [n], [f"{n}_out"])
                  for n, _ in inputs]
         model = helper.make_model(helper.make_graph(nodes, "g", ins, outs), opset_imports=[helper.make_opsetid("", 17)])

@@ -17,7 +17,9 @@ from flexslim.errors import BadInput
 MaskFactory = Callable[[str], nn.Module]
 
 
-def build_network(arch: Arch, widths: dict[str, int] | None = None, mask: MaskFactory | None = None) -> nn.Module:
+def build_network(arch: Arch, widths: dict[str, int] | None = None, mask: MaskFactory | None = None,
+                  auxiliary: bool = False) -> nn.Module:
+    """`auxiliary` adds the DARTS family's training-only auxiliary head (its logits land in `.aux_logits`)."""
     widths = dict(arch.widths if widths is None else widths)
     if arch.family == "resnet":
         from flexslim.spaces.resnet import ResNet
@@ -26,7 +28,7 @@ def build_network(arch: Arch, widths: dict[str, int] | None = None, mask: MaskFa
     if arch.family == "darts":
         from flexslim.spaces.darts import DartsNet
 
-        return DartsNet(arch, widths, mask)
+        return DartsNet(arch, widths, mask, auxiliary)
     raise BadInput(f"unknown family '{arch.family}' (known: resnet, darts)")
 
 

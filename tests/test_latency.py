@@ -1,0 +1,265 @@
+"""The on-device latency model: analytic cost terms (against torch's FLOP counter), a real profile on the
+CPU provider, differentiable prediction, persistence, compatibility checks and extension past the region."""
+
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from search_fixtures import FAST_LATENCY, hand_latency_model, single_thread, small_arch  # noqa: F401
+from torch.utils.flop_counter import FlopCounterMode
+
+from flexslim.config import StageSpec
+from flexslim.errors import BadInput
+from flexslim.latency import LatencyModel, extend, measure, profile
+from flexslim.spaces import build_network, cost_terms
+
+MIN_WIDTH, ROUND_TO = 8, 8
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    """One real profile of small_arch on onnxruntime's CPU provider (6 networks, a few seconds)."""
+    return profile(small_arch(), FAST_LATENCY, MIN_WIDTH, ROUND_TO)
+
+
+# -- analytic cost terms vs torch's FLOP counter ---------------------------------------------------------
+def counted_macs(arch, widths) -> float:
+    """MACs per image of the width-dependent layers, by FlopCounterMode: total - stem conv (- fixed classifier)."""
+    net = build_network(arch, widths).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.rand(1, *arch.input_shape))
+    c, h, w = arch.input_shape
+    macs = counter.get_total_flops() / 2
+    macs -= 9 * c * arch.stem_width * h * w  # the stem: fixed, a constant in the model's intercept
+    if arch.head_width:
+        macs -= arch.head_width * arch.num_classes  # classifier after a fixed head: also constant
+    return macs
+
+
+def counted_activations(arch, widths) -> float:
+    """Output elements of the convs inside the stages (the `act@` terms), by forward hooks."""
+    net = build_network(arch, widths).eval()
+    total = [0]
+    for m in net.stages.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, i, o: total.__setitem__(0, total[0] + o[0].numel()))
+    with torch.no_grad():
+        net(torch.rand(1, *arch.input_shape))
+    return total[0]
+
+
+def _sum(terms, prefix):
+    return sum(float(v) for k, v in terms.items() if k.startswith(prefix)) * 1e6
+
+
+DEEP = (StageSpec("a", 8, 2, 1), StageSpec("b", 16, 3, 2), StageSpec("c", 24, 2, 2))
+
+
+@pytest.mark.parametrize("arch,widths", [
+    (small_arch(), {"a": 8, "b": 16, "c": 24}),
+    (small_arch(), {"a": 3, "b": 40, "c": 7}),
+    (small_arch(head_width=20), {"a": 16, "b": 8, "c": 32}),
+    (small_arch(input_shape=(3, 15, 11), stages=DEEP), {"a": 12, "b": 20, "c": 44}),
+    (small_arch(input_shape=(3, 15, 11), stages=DEEP, head_width=9), {"a": 5, "b": 8, "c": 13}),
+])
+def test_cost_terms_match_flop_counter(arch, widths):
+    terms = cost_terms(arch, widths)
+    assert _sum(terms, "macs@") == pytest.approx(counted_macs(arch, widths), rel=1e-9)
+    assert _sum(terms, "act@") == pytest.approx(counted_activations(arch, widths), rel=1e-9)
+
+
+def test_cost_terms_are_grouped_by_resolution():
+    terms = cost_terms(small_arch(), {"a": 8, "b": 16, "c": 24})
+    assert set(terms) == {"macs@16x16", "act@16x16", "macs@8x8", "act@8x8", "macs@4x4", "act@4x4", "macs@head"}
+
+
+def test_cost_terms_are_differentiable_and_agree_with_integer_widths():
+    arch = small_arch()
+    w = {"a": torch.tensor(10.5, requires_grad=True), "b": torch.tensor(17.0, requires_grad=True),
+         "c": torch.tensor(23.25, requires_grad=True)}
+    terms = cost_terms(arch, w)
+    total = sum(terms.values())
+    grads = torch.autograd.grad(total, list(w.values()))
+    assert all(float(g) > 0 for g in grads)
+    at_int = cost_terms(arch, {"a": 10, "b": 17, "c": 23})
+    at_int_t = cost_terms(arch, {k: torch.tensor(float(v)) for k, v in {"a": 10, "b": 17, "c": 23}.items()})
+    assert {k: float(v) for k, v in at_int.items()} == pytest.approx({k: float(v) for k, v in at_int_t.items()})
+
+
+# -- a real profile ---------------------------------------------------------------------------------------
+def test_profile_fits_finite_non_negative_coefficients(profiled):
+    m = profiled
+    assert m.provider == "cpu" and m.runtime.startswith("onnxruntime")
+    assert len(m.fit_points) == FAST_LATENCY.samples and len(m.holdout_points) == FAST_LATENCY.holdout
+    assert m.terms == sorted(cost_terms(m.arch, m.arch.widths))
+    assert len(m.coef) == len(m.terms)
+    assert all(math.isfinite(c) and c >= 0 for c in m.coef)
+    assert math.isfinite(m.intercept) and m.intercept >= 0
+    assert m.region == {"a": [8, 16], "b": [8, 32], "c": [8, 48]}
+    for p in m.fit_points + m.holdout_points:
+        assert m.covers(p.widths)
+        assert p.ms > 0 and math.isfinite(p.ms) and p.p50_ms <= p.ms * (1 + 1e-9)  # p90 >= p50
+        assert all(w % ROUND_TO == 0 or w == MIN_WIDTH for w in p.widths.values())
+    assert m.measure_seconds > 0
+
+
+def test_profile_measures_the_floor_at_min_width(profiled):
+    m = profiled
+    assert m.fit_points[0].widths == {"a": MIN_WIDTH, "b": MIN_WIDTH, "c": MIN_WIDTH}
+    assert m.floor_ms == m.fit_points[0].ms > 0
+    assert m.fit_points[1].widths == m.arch.widths  # the recipe's own network
+    assert m.fit_points[2].widths == {"a": 16, "b": 32, "c": 48}  # the top of the region
+
+
+def test_profile_reports_its_error_on_held_out_networks(profiled):
+    e = profiled.error_summary()
+    assert e["holdout"] == FAST_LATENCY.holdout
+    assert 0 <= e["median_pct"] <= e["max_pct"] and math.isfinite(e["max_pct"])
+    # the error is computed on the hold-out points, which the fit never uses
+    expected = [100 * abs(float(profiled.predict(p.widths)) - p.ms) / p.ms for p in profiled.holdout_points]
+    assert e["max_pct"] == pytest.approx(max(expected))
+    refit = copy.deepcopy(profiled)
+    refit.holdout_points = []
+    refit.fit()
+    assert refit.coef == profiled.coef and refit.intercept == profiled.intercept
+
+
+def test_profile_predicts_the_fit_points_roughly(profiled):
+    """A sanity bound, generous for a loaded machine: the fit is not off by an order of magnitude."""
+    for p in profiled.fit_points:
+        assert 0.2 * p.ms < float(profiled.predict(p.widths)) < 5 * p.ms
+
+
+def test_profile_needs_three_samples():
+    with pytest.raises(BadInput, match="samples"):
+        profile(small_arch(), dataclasses.replace(FAST_LATENCY, samples=2), MIN_WIDTH, ROUND_TO)
+
+
+def test_measure_times_the_gate_statistic():
+    t = measure(small_arch(), {"a": 8, "b": 8, "c": 8}, FAST_LATENCY)
+    assert t.provider == "cpu" and t.batch == FAST_LATENCY.batch and t.runs == FAST_LATENCY.runs
+    assert t.percentile == FAST_LATENCY.percentile and t.at_percentile_ms == t.p90_ms > 0
+
+
+# -- prediction -------------------------------------------------------------------------------------------
+def test_predict_is_differentiable_in_tensor_widths(profiled):
+    widths = {k: torch.tensor(float(v) + 0.3, requires_grad=True) for k, v in profiled.arch.widths.items()}
+    lat = profiled.predict(widths)
+    assert torch.is_tensor(lat) and lat.requires_grad
+    grads = torch.autograd.grad(lat, list(widths.values()))
+    assert all(g is not None and math.isfinite(float(g)) and float(g) >= 0 for g in grads)
+    plain = profiled.predict({k: float(v.detach()) for k, v in widths.items()})
+    assert float(lat.detach()) == pytest.approx(float(plain), rel=1e-6)
+
+
+def test_predict_gradient_matches_finite_differences_of_a_known_model():
+    arch = small_arch()
+    model = hand_latency_model(arch, ms_per_mmac=0.07, intercept=0.02)
+    model.coef = [0.07 if t.startswith("macs") else 0.3 for t in model.terms]  # act terms count too
+    base = {"a": 11.0, "b": 19.0, "c": 29.0}
+    widths = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in base.items()}
+    grads = torch.autograd.grad(model.predict(widths), list(widths.values()))
+    for (k, v), g in zip(base.items(), grads):
+        h = 1e-3
+        fd = (float(model.predict({**base, k: v + h})) - float(model.predict({**base, k: v - h}))) / (2 * h)
+        assert float(g) == pytest.approx(fd, rel=1e-6) and float(g) > 0
+    # the value is intercept + sum coef * term
+    terms = cost_terms(arch, base)
+    assert float(model.predict(base)) == pytest.approx(
+        0.02 + sum(c * float(terms[t]) for t, c in zip(model.terms, model.coef)))
+
+
+def test_fit_recovers_known_coefficients_from_exact_points():
+    """nnls on noise-free points generated by a known non-negative model returns that model."""
+    from flexslim.latency import Point
+
+    arch = small_arch()
+    truth = hand_latency_model(arch, ms_per_mmac=0.04, intercept=0.015)
+    truth.coef = [0.04 if t.startswith("macs@16") else 0.02 if t.startswith("macs") else 0.0 for t in truth.terms]
+    grid = [{"a": a, "b": b, "c": c} for a in (8, 16, 24, 40) for b in (8, 24, 48) for c in (8, 32, 64)]
+    fitted = copy.deepcopy(truth)
+    fitted.fit_points = [Point(w, float(truth.predict(w)), float(truth.predict(w))) for w in grid]
+    fitted.fit()
+    for w in grid + [{"a": 13, "b": 37, "c": 51}]:
+        assert float(fitted.predict(w)) == pytest.approx(float(truth.predict(w)), rel=1e-4)
+
+
+# -- persistence and compatibility ---------------------------------------------------------------------------
+def test_save_load_round_trip(profiled, tmp_path):
+    path = profiled.save(tmp_path / "lat.json")
+    loaded = LatencyModel.load(path)
+    assert loaded.to_dict() == profiled.to_dict()
+    d = json.loads(path.read_text())
+    assert d["error"] == profiled.error_summary() and d["floor_ms"] == profiled.floor_ms
+    assert d["key"]["provider"] == "cpu" and d["key"]["batch"] == FAST_LATENCY.batch
+    for w in ({"a": 8, "b": 8, "c": 8}, {"a": 13, "b": 27, "c": 40}):
+        assert float(loaded.predict(w)) == float(profiled.predict(w))
+    loaded.check_compatible(profiled.arch, FAST_LATENCY, "t")  # no error
+    # a table of the same structure with other widths is still compatible
+    loaded.check_compatible(profiled.arch.with_widths({"a": 32}), FAST_LATENCY, "t")
+
+
+def test_check_compatible_rejects_another_structure_or_other_settings(profiled):
+    other_blocks = small_arch(stages=(StageSpec("a", 8, 2, 1), StageSpec("b", 16, 2, 2), StageSpec("c", 24, 1, 2)))
+    other_input = small_arch(input_shape=(3, 16, 16))
+    other_head = small_arch(head_width=16)
+    for arch in (other_blocks, other_input, other_head):
+        with pytest.raises(BadInput, match="another network structure"):
+            profiled.check_compatible(arch, FAST_LATENCY, "table.json")
+    for change in ({"batch": 16}, {"threads": 2}):
+        with pytest.raises(BadInput, match="batch"):
+            profiled.check_compatible(profiled.arch, dataclasses.replace(FAST_LATENCY, **change), "table.json")
+
+
+def test_load_rejects_what_is_not_a_table(tmp_path):
+    with pytest.raises(BadInput, match="does not exist"):
+        LatencyModel.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    for text in ("not json", "{}", json.dumps({"version": 99}), json.dumps({"version": 1, "arch": {}})):
+        bad.write_text(text)
+        with pytest.raises(BadInput):
+            LatencyModel.load(bad)
+
+
+# -- extension past the measured region -----------------------------------------------------------------
+def test_extend_grows_the_region_and_adds_measured_points(profiled):
+    m = copy.deepcopy(profiled)
+    n_fit, n_hold = len(m.fit_points), len(m.holdout_points)
+    wide = {"a": 30, "b": 20, "c": 70}  # a and c outside [8, 16] / [8, 48]
+    assert not m.covers(wide)
+    assert extend(m, wide, ROUND_TO, samples=2) is True
+    assert m.covers(wide)
+    assert m.region["a"][1] >= 30 and m.region["c"][1] >= 70 and m.region["b"] == [8, 32]
+    assert all(hi % ROUND_TO == 0 for _, hi in m.region.values())
+    assert len(m.fit_points) == n_fit + 2 and len(m.holdout_points) == n_hold
+    new = m.fit_points[n_fit:]
+    assert new[0].widths == {s: m.region[s][1] for s in m.region}  # the new top corner is measured
+    assert all(m.covers(p.widths) and p.ms > 0 for p in new)
+    assert all(math.isfinite(c) and c >= 0 for c in m.coef)
+    assert m.measure_seconds > profiled.measure_seconds
+    # covered now: nothing more to measure
+    assert extend(m, wide, ROUND_TO, samples=2) is False
+    assert len(m.fit_points) == n_fit + 2
+    # the original is untouched (deepcopy), and it is a different fit now
+    assert len(profiled.fit_points) == n_fit
+
+
+def test_extend_does_nothing_inside_the_region(profiled):
+    m = copy.deepcopy(profiled)
+    assert extend(m, {"a": 16, "b": 8, "c": 40}, ROUND_TO, samples=2) is False
+    assert m.to_dict() == profiled.to_dict()
+
+
+def test_extend_also_covers_widths_below_the_region(profiled):
+    """A table measured with a larger min_width (e.g. brought with --latency-table) must not make every epoch
+    re-measure: after one extension the narrower widths are covered."""
+    m = copy.deepcopy(profiled)
+    m.region = {s: [16, hi] for s, (_, hi) in m.region.items()}
+    narrow = {"a": 8, "b": 16, "c": 24}
+    assert not m.covers(narrow)
+    assert extend(m, narrow, ROUND_TO, samples=2) is True
+    assert m.covers(narrow)
+    assert extend(m, narrow, ROUND_TO, samples=2) is False

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+
+from flexslim.errors import BadInput
+from flexslim.runtime import Timing, cuda_usable, make_session, provider_list, ran_provider, time_session
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+
+
+def test_provider_list_cpu():
+    assert provider_list("cpu") == ["CPUExecutionProvider"]
+
+
+@no_cuda
+def test_auto_is_cpu_only_without_cuda():
+    assert cuda_usable() is False
+    assert provider_list("auto") == ["CPUExecutionProvider"]
+
+
+@no_cuda
+def test_cuda_without_cuda_is_bad_input():
+    with pytest.raises(BadInput, match="--provider cpu"):
+        provider_list("cuda")
+
+
+def test_unknown_provider():
+    with pytest.raises(BadInput, match="auto, cpu, cuda"):
+        provider_list("tensorrt")
+
+
+def test_session_on_cpu(exported):
+    sess = make_session(exported.path, "cpu", threads=1)
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+    assert ran_provider(sess) == "cpu"
+    assert sess.get_session_options().intra_op_num_threads == 1
+    # from bytes too (the latency model times networks it never writes to disk)
+    assert ran_provider(make_session(exported.path.read_bytes(), "cpu")) == "cpu"
+
+
+@no_cuda
+def test_auto_session_runs_on_cpu(exported):
+    assert ran_provider(make_session(exported.path, "auto")) == "cpu"
+
+
+def test_time_session(exported):
+    sess = make_session(exported.path, "cpu", threads=1)
+    t = time_session(sess, batch=3, warmup=1, runs=7, percentile=75.0, threads=1)
+    assert isinstance(t, Timing)
+    assert t.provider == "cpu" and t.batch == 3 and t.input_shape == (3, 1, 16, 16)
+    assert (t.runs, t.warmup, t.threads, t.percentile) == (7, 1, 1, 75.0)
+    assert 0 < t.p50_ms <= t.at_percentile_ms <= t.p90_ms
+    assert t.mean_ms > 0
+    assert t.runtime.startswith("onnxruntime ")
+    d = t.to_dict()
+    assert d["input_shape"] == [3, 1, 16, 16] and d["p90_ms"] == t.p90_ms and d["provider"] == "cpu"
+
+
+def test_time_session_is_per_sample(exported):
+    """Per-sample latency: a batch of 64 costs less per image than 64 times a batch of one (and not more)."""
+    sess = make_session(exported.path, "cpu", threads=1)
+    one = time_session(sess, batch=1, warmup=2, runs=15)
+    many = time_session(sess, batch=64, warmup=2, runs=15)
+    assert many.p50_ms < one.p50_ms * 4  # a whole-batch time would be ~64x larger than the per-image one
+
+
+def test_percentile_50_is_p50(exported):
+    sess = make_session(exported.path, "cpu")
+    t = time_session(sess, batch=2, warmup=0, runs=5, percentile=50.0)
+    assert t.at_percentile_ms == t.p50_ms
+
+
+@pytest.mark.parametrize("kw", [{"batch": 0}, {"batch": 2, "runs": 0}, {"batch": 2, "warmup": -1},
+                                {"batch": 2, "percentile": 0.0}, {"batch": 2, "percentile": 101.0}])
+def test_time_session_rejects_impossible_arguments(exported, kw):
+    sess = make_session(exported.path, "cpu")
+    with pytest.raises(BadInput):
+        time_session(sess, **kw)
+
+
+def test_dynamic_spatial_dims_are_bad_input(make_onnx):
+    path = make_onnx(inputs=(("img", ["N", 3, "H", "W"]),))
+    sess = make_session(path, "cpu")
+    with pytest.raises(BadInput, match="img"):
+        time_session(sess, batch=2, warmup=0, runs=1)
+
+
+def test_fixed_graph_times_with_its_shape(make_onnx):
+    sess = make_session(make_onnx(inputs=(("x", ["N", 2, 5, 7]),)), "cpu")
+    t = time_session(sess, batch=4, warmup=0, runs=3)
+    assert t.input_shape == (4, 2, 5, 7)
+    out = sess.run(None, {"x": -np.ones((1, 2, 5, 7), np.float32)})[0]
+    assert np.all(out == 0)  # the graph really is the Relu it claims to be
+
+
+@pytest.mark.gpu
+def test_cuda_provider_runs_on_cuda(exported):
+    assert provider_list("auto")[0] == "CUDAExecutionProvider"
+    sess = make_session(exported.path, "cuda")
+    assert ran_provider(sess) == "cuda"
+    t = time_session(sess, batch=8, warmup=2, runs=5)
+    assert t.provider == "cuda" and t.p50_ms <= t.p90_ms

@@ -1,0 +1,219 @@
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+import flexslim
+from flexslim.cli import app
+from flexslim.errors import BadInput
+from flexslim.validate import Report, validate
+
+FAST = {"runs": 5, "warmup": 1}
+FAST_ARGS = ["--runs", "5", "--warmup", "1"]
+REPORT_KEYS = {"provider", "batch", "input_shape", "p50_ms", "p90_ms", "runtime", "timed_runs"}
+
+
+# ---------------------------------------------------------------- library call
+
+
+def test_library_call_returns_a_report(exported):
+    rep = flexslim.validate(exported.path, latency_ms=1000.0, **FAST)
+    assert isinstance(rep, Report)
+    assert rep.passed
+    assert rep.timing.provider == "cpu" and rep.timing.runs == 5 and rep.timing.warmup == 1
+    (check,) = [c for c in rep.checks if c.name == "latency"]
+    assert check.passed and check.limit == 1000.0 and check.unit == "ms"
+    assert check.measured == rep.latency_ms == rep.timing.at_percentile_ms == rep.timing.p90_ms  # p90 by default
+    assert rep.summary().startswith("PASS")
+
+
+def test_library_call_works_repeatedly_in_a_fresh_process(torchvision_onnx):
+    """`flexslim.validate` is resolved lazily; once the submodule is imported, the name must still be callable."""
+    code = ("import flexslim, sys\n"
+            "for _ in range(2):\n"
+            f"    rep = flexslim.validate({str(torchvision_onnx)!r}, latency_ms=1e4, runs=2, warmup=0)\n"
+            "    assert rep.passed and rep.timing.provider == 'cpu'\n"
+            "import flexslim.validate\n"
+            f"assert flexslim.validate({str(torchvision_onnx)!r}, runs=1, warmup=0).checks == ()\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_settings_from_metadata(exported):
+    """Batch and dataset come from the flexslim.* metadata when no argument names them."""
+    rep = validate(exported.path, latency_ms=1000.0, **FAST)
+    assert rep.timing.batch == 4 and rep.timing.input_shape == (4, 1, 16, 16)
+    assert rep.timing.threads == 1
+    assert rep.dataset == "quickstart" and rep.num_test == 360
+    rep = validate(exported.path, batch=2, percentile=50.0, threads=0, **FAST)  # arguments win
+    assert rep.timing.batch == 2 and rep.timing.percentile == 50.0 and rep.latency_ms == rep.timing.p50_ms
+    assert rep.checks == () and rep.passed  # nothing to judge against
+    assert "no budget" in rep.summary()
+
+
+def test_accuracy_equals_torch_accuracy(exported, quickstart):
+    """Oracle: the accuracy the gate reports is the torch network's accuracy on the same test split."""
+    rep = validate(exported.path, min_accuracy=0.0, **FAST)
+    with torch.no_grad():
+        torch_acc = float((exported.model(quickstart.test_x).argmax(1) == quickstart.test_y).float().mean())
+    assert rep.accuracy == pytest.approx(torch_acc, abs=1 / 360)
+    assert rep.passed and [c.name for c in rep.checks] == ["accuracy"]
+
+
+def test_accuracy_target_fails(exported):
+    rep = validate(exported.path, latency_ms=1000.0, min_accuracy=1.0, **FAST)
+    assert not rep.passed
+    by_name = {c.name: c for c in rep.checks}
+    assert by_name["latency"].passed and not by_name["accuracy"].passed
+    assert by_name["accuracy"].measured == rep.accuracy < 1.0
+
+
+def test_impossible_budget_fails(exported):
+    rep = validate(exported.path, latency_ms=1e-6, **FAST)
+    assert not rep.passed
+    (check,) = rep.checks
+    assert check.measured > check.limit == 1e-6
+    assert "budget" in check.message and "> budget" in check.message
+    assert rep.summary().startswith("FAIL")
+
+
+def test_report_json(tmp_path, exported):
+    rep = validate(exported.path, latency_ms=1000.0, batch=3, **FAST)
+    d = json.loads(rep.write_json(tmp_path / "r.json").read_text())
+    assert REPORT_KEYS <= set(d)
+    assert d["provider"] == "cpu" and d["batch"] == 3 and d["input_shape"] == [3, 1, 16, 16]
+    assert 0 < d["p50_ms"] <= d["p90_ms"] and d["timed_runs"] == 5
+    assert d["runtime"].startswith("onnxruntime ")
+    assert d["passed"] is True and d["budget_ms"] == 1000.0 and d["checks"][0]["name"] == "latency"
+    assert "flexslim.arch" not in d["metadata"] and d["metadata"]["flexslim.dataset"] == "quickstart"
+
+
+def test_junit_xml(tmp_path, exported):
+    failing = validate(exported.path, latency_ms=1e-6, min_accuracy=0.0, **FAST)
+    root = ET.parse(failing.write_junit(tmp_path / "fail.xml")).getroot()
+    suite = root.find("testsuite")
+    assert suite.get("tests") == "2" and suite.get("failures") == "1"
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert set(cases) == {"latency", "accuracy"}
+    fail = cases["latency"].find("failure")
+    assert fail is not None and "budget" in fail.get("message")
+    assert cases["accuracy"].find("failure") is None
+    assert json.loads(cases["latency"].find("system-out").text)["limit"] == 1e-6
+
+    passing = validate(exported.path, latency_ms=1000.0, **FAST)
+    root = ET.parse(passing.write_junit(tmp_path / "pass.xml")).getroot()
+    assert root.find("testsuite").get("failures") == "0" and not list(root.iter("failure"))
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"latency_ms": 0.0}, "--latency-ms"),
+    ({"latency_ms": -1.0}, "--latency-ms"),
+    ({"min_accuracy": 1.5}, "--min-accuracy"),
+    ({"percentile": 0.0}, "percentile"),
+    ({"batch": 0}, "batch"),
+    ({"provider": "tpu"}, "tpu"),
+    ({"dataset": "imagenet"}, "imagenet"),
+])
+def test_impossible_arguments_are_bad_input(exported, kw, needle):
+    with pytest.raises(BadInput, match=needle):
+        validate(exported.path, **{**FAST, **kw})
+
+
+def test_bad_files_are_bad_input(tmp_path, exported, make_onnx):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(exported.path.read_bytes()[: exported.path.stat().st_size // 2])
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n")
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    for path in (truncated, text, empty, tmp_path / "missing.onnx"):
+        with pytest.raises(BadInput) as e:
+            validate(path, latency_ms=1.0, **FAST)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(BadInput, match="inputs"):
+        validate(make_onnx("two.onnx", inputs=(("a", ["N", 3, 4, 4]), ("b", ["N", 3, 4, 4]))), **FAST)
+    with pytest.raises(BadInput, match="N,C,H,W"):
+        validate(make_onnx("flat.onnx", inputs=(("a", ["N", 10]),)), **FAST)
+    with pytest.raises(BadInput, match="dynamic"):
+        validate(make_onnx("dyn.onnx", inputs=(("a", ["N", 3, "H", "W"]),)), **FAST)
+
+
+# ---------------------------------------------------------------- the acceptance check: any torchvision classifier
+
+
+def test_torchvision_model_library(torchvision_onnx):
+    rep = validate(torchvision_onnx, latency_ms=10_000.0, **FAST)
+    assert rep.passed
+    assert rep.timing.batch == 1 and rep.timing.input_shape == (1, 3, 32, 32)  # its fixed batch
+    assert rep.dataset is None and rep.accuracy is None and rep.metadata.get("flexslim.dataset") is None
+    with pytest.raises(BadInput, match="fixed batch"):
+        validate(torchvision_onnx, batch=8, **FAST)
+    with pytest.raises(BadInput, match="--dataset"):
+        validate(torchvision_onnx, min_accuracy=0.5, **FAST)
+
+
+def test_torchvision_model_accuracy_on_cifar_shaped_quickstart_is_refused(torchvision_onnx):
+    with pytest.raises(BadInput, match="3-channel"):
+        validate(torchvision_onnx, dataset="quickstart", **FAST)
+
+
+def test_torchvision_model_cli_loose_and_impossible_budget(tmp_path, cli, torchvision_onnx):
+    ok = cli.invoke(app, ["validate", str(torchvision_onnx), "--latency-ms", "10000", *FAST_ARGS])
+    assert ok.exit_code == 0, ok.output
+    assert "PASS" in ok.stdout
+
+    report = tmp_path / "r.json"
+    bad = cli.invoke(app, ["validate", str(torchvision_onnx), "--latency-ms", "1e-6", "--report", str(report),
+                           *FAST_ARGS])
+    assert bad.exit_code == 1, bad.output
+    measured = json.loads(report.read_text())["latency_ms"]
+    assert "FAIL" in bad.stdout
+    assert f"{measured:.4f}" in bad.stdout and "1e-06" in bad.stdout  # measured vs budget
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_loose_budget_exit_0_and_files(tmp_path, cli, exported):
+    report, junit = tmp_path / "out" / "r.json", tmp_path / "j.xml"
+    res = cli.invoke(app, ["validate", str(exported.path), "--latency-ms", "1000", "--report", str(report),
+                           "--junit", str(junit), *FAST_ARGS])
+    assert res.exit_code == 0, res.output
+    d = json.loads(report.read_text())
+    assert d["passed"] and REPORT_KEYS <= set(d) and d["batch"] == 4 and d["accuracy"] is not None
+    assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0"
+    assert "provider cpu" in res.stdout and "PASS" in res.stdout
+
+
+def test_cli_impossible_budget_exit_1_shows_measured_vs_budget(tmp_path, cli, exported):
+    report, junit = tmp_path / "r.json", tmp_path / "j.xml"
+    res = cli.invoke(app, ["validate", str(exported.path), "--latency-ms", "0.000001", "--report", str(report),
+                           "--junit", str(junit), *FAST_ARGS])
+    assert res.exit_code == 1, res.output
+    d = json.loads(report.read_text())
+    assert d["passed"] is False
+    assert f"{d['latency_ms']:.4f}" in res.stdout and "1e-06" in res.stdout and "FAIL" in res.stdout
+    assert len(list(ET.parse(junit).getroot().iter("failure"))) == 1
+
+
+def test_cli_bad_files_exit_2_one_line(tmp_path, cli, exported, one_line_error):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(exported.path.read_bytes()[:1000])
+    text = tmp_path / "readme.onnx"
+    text.write_text("hello, I am text\n" * 20)
+    for path in (truncated, text, tmp_path / "missing.onnx"):
+        res = cli.invoke(app, ["validate", str(path), "--latency-ms", "1", *FAST_ARGS])
+        assert res.exit_code == 2, res.output
+        line = one_line_error(res)
+        assert path.name in line
+
+
+def test_cli_impossible_argument_exit_2(cli, exported, one_line_error):
+    res = cli.invoke(app, ["validate", str(exported.path), "--latency-ms", "-3", *FAST_ARGS])
+    assert res.exit_code == 2
+    assert "--latency-ms" in one_line_error(res)
