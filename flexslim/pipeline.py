@@ -111,7 +111,7 @@ def search_job(budget_ms: float, recipe_name: str = "quickstart", overrides: lis
                  f"over {err['holdout']} networks, provider {lat.provider}")
     info["latency"] = {"provider": lat.provider, "batch": recipe.latency.batch, "threads": recipe.latency.threads,
                        "percentile": recipe.latency.percentile, "floor_ms": lat.floor_ms, "error": err}
-    if budget_ms < lat.floor_ms:
+    if budget_ms * (1.0 - recipe.search.trim_margin) < lat.floor_ms:
         atomic_write_json(run_dir / "run.json", {**info, "status": "impossible budget"})
         raise BadInput(f"--latency-ms {budget_ms:g} is below the floor of this family on {lat.provider}: the narrowest "
                        f"network (every stage at min_width {recipe.model.min_width}) measures {lat.floor_ms:.4f} ms; "
@@ -142,7 +142,7 @@ def search_job(budget_ms: float, recipe_name: str = "quickstart", overrides: lis
 
         save_model(run_dir / "supernet_baked.pt", baked, dense, recipe, {"note": "weights sliced from the supernet"})
         info.update(status="searched", searched_widths=searched, widths=fitted.widths, measured_ms=fitted.measured_ms,
-                    measured_p50_ms=fitted.p50_ms, trims=fitted.trims, search_seconds=sum(h["seconds"] for h in history))
+                    measured_p50_ms=fitted.p50_ms, budget_met=fitted.measured_ms <= budget_ms, trims=fitted.trims, search_seconds=sum(h["seconds"] for h in history))
         atomic_write_json(run_dir / "run.json", info)
         (run_dir / "search_state.pt").unlink(missing_ok=True)
         reporter.log(f"searched widths {searched} -> baked {fitted.widths}: measured p{recipe.latency.percentile:g} "

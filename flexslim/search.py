@@ -158,6 +158,10 @@ def run_search(arch: Arch, recipe: Recipe, ds: Dataset, budget_ms: float, latenc
             for p, g in zip(params, torch.autograd.grad(a_loss, params)):
                 p.grad = g
             st.a_opt.step()
+            with torch.no_grad():  # options start at min_width: a mean far below it would only slow the way back
+                for m in sn.masks.values():
+                    if isinstance(m, GaussianMask):
+                        m.mu.clamp_(min=float(m.min_width))
             lat_ms = float(lat.detach())
             st.multiplier += cfg.dual_lr * (lat_ms / target - 1.0)
             st.step += 1

@@ -76,7 +76,8 @@ def test_expected_widths_and_cost_terms_are_differentiable_in_mu():
         assert float(ew[name].detach()) == pytest.approx(float(m.mu.detach()), abs=0.5)
     terms = sn.expected_cost_terms()
     plain = cost_terms(sn.arch, {k: float(v.detach()) for k, v in ew.items()})
-    assert {k: float(v) for k, v in terms.items()} == pytest.approx({k: float(v) for k, v in plain.items()})
+    assert {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()} == pytest.approx(
+        {k: float(v) for k, v in plain.items()})
     total = sum(v for v in terms.values() if torch.is_tensor(v))
     grads = torch.autograd.grad(total, sn.arch_parameters())
     assert all(float(g) > 0 for g in grads)  # more channels, more MACs
