@@ -89,8 +89,14 @@ class Arch:
                     raise ValueError(f"stage {name!r} has no width in 'widths'")
                 if any(st.name == name for st in stages):
                     raise ValueError(f"stage {name!r} appears twice in 'stages'")
-                stages.append(StageSpec(name, _positive(widths[name], name), _positive(s["blocks"], "blocks"),
-                                        _positive(s["stride"], "stride")))
+                stages.append(
+                    StageSpec(
+                        name,
+                        _positive(widths[name], name),
+                        _positive(s["blocks"], "blocks"),
+                        _positive(s["stride"], "stride"),
+                    )
+                )
             extra = set(widths) - {s.name for s in stages}
             if extra:
                 raise ValueError(f"'widths' names stages that do not exist: {sorted(extra)}")
@@ -101,10 +107,17 @@ class Arch:
             mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
             if len(mean) != shape[0] or len(std) != shape[0] or min(std) <= 0:
                 raise ValueError("normalization needs one mean and one positive std per input channel")
-            return cls(family=d["family"], stages=tuple(stages), input_shape=shape,
-                       num_classes=_positive(d["num_classes"], "num_classes"), dataset=str(d["dataset"]),
-                       mean=mean, std=std, stem_width=_positive(d.get("stem_width", 16), "stem_width"),
-                       head_width=_non_negative(d.get("head_width", 0), "head_width"))
+            return cls(
+                family=d["family"],
+                stages=tuple(stages),
+                input_shape=shape,
+                num_classes=_positive(d["num_classes"], "num_classes"),
+                dataset=str(d["dataset"]),
+                mean=mean,
+                std=std,
+                stem_width=_positive(d.get("stem_width", 16), "stem_width"),
+                head_width=_non_negative(d.get("head_width", 0), "head_width"),
+            )
         except KeyError as err:
             raise BadInput(f"{where}: missing field {err}") from None
         except (TypeError, ValueError) as err:

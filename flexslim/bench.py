@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -21,21 +20,10 @@ import time
 from pathlib import Path
 
 from flexslim.errors import BadInput
+from flexslim.memory import SearchMemory
 from flexslim.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 METHODS = ("flexcharts", "dmask-small", "dmask-large", "uniform")
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _method_overrides(method: str) -> list[str]:
@@ -61,7 +49,6 @@ def network_stats(arch) -> dict:
 
 def worker(spec: dict) -> dict:
     """One method, in this (fresh) process. Returns the row for the table."""
-    import torch
 
     from flexslim.config import load_recipe
     from flexslim.data import load_dataset
@@ -71,9 +58,8 @@ def worker(spec: dict) -> dict:
     recipe = load_recipe(spec["recipe"], spec["overrides"])
     dev = pick_device(spec["device"])
     ds = load_dataset(recipe.data, spec.get("data"))  # warm the data path so the baseline includes it
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    baseline = _rss_mb()
+    memory = SearchMemory(dev)  # uniform's "search" is its bisection; the others record their own loop
+    memory.start()
     t0 = time.perf_counter()
     row: dict = {"method": method, "budget_ms": budget}
     if method == "uniform":
@@ -83,10 +69,11 @@ def worker(spec: dict) -> dict:
 
         arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
         LatencyModel.load(spec["latency_table"]).check_compatible(arch, recipe.latency, spec["latency_table"])
-        res = uniform_scale(arch, budget, recipe.latency, recipe.model.min_width, recipe.model.round_to,
-                            recipe.search.trim_margin)
+        res = uniform_scale(
+            arch, budget, recipe.latency, recipe.model.min_width, recipe.model.round_to, recipe.search.trim_margin
+        )
         baked = arch.with_widths(res.widths)
-        row.update(search_seconds=res.seconds, measured_ms=res.measured_ms, multiplier=res.multiplier)
+        row.update(search_seconds=res.seconds, measured_ms=res.measured_ms, multiplier=res.multiplier, **memory.stop())
         acc_supernet = None
         run_dir = out / method
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,32 +83,53 @@ def worker(spec: dict) -> dict:
 
             test_acc = train_arch(baked, recipe, run_dir, ds, dev)[-1].test_acc
     else:
-        from flexslim.pipeline import search_job
-        from flexslim.train import evaluate, load_model
+        from flexslim.pipeline import read_json, search_job
 
-        res = search_job(budget, spec["recipe"], spec["overrides"] + _method_overrides(method), spec.get("data"),
-                         out / method, spec["device"], Path(spec["latency_table"]), retrain=spec["retrain"], mark=False)
+        res = search_job(
+            budget,
+            spec["recipe"],
+            spec["overrides"] + _method_overrides(method),
+            spec.get("data"),
+            out / method,
+            spec["device"],
+            Path(spec["latency_table"]),
+            retrain=spec["retrain"],
+            mark=False,
+        )
         baked = res.arch
-        row.update(search_seconds=sum(h["seconds"] for h in res.history), measured_ms=res.fitted.measured_ms,
-                   allocated=res.history[-1]["allocated"] if res.history else None)
-        _, net, _ = load_model(res.run_dir / "supernet_baked.pt", dev)
-        acc_supernet = evaluate(net, ds.test_x, ds.test_y, dev)[1]
+        row.update(
+            search_seconds=sum(h["seconds"] for h in res.history),
+            measured_ms=res.fitted.measured_ms,
+            allocated=res.history[-1]["allocated"] if res.history else None,
+        )
+        info = read_json(res.run_dir / "run.json")
+        row.update(info["memory"])
+        acc_supernet = info["supernet_test_acc"]
         test_acc = res.test_acc
     wall = time.perf_counter() - t0
-    if dev.type == "cuda":
-        peak, over = torch.cuda.max_memory_allocated() / 2**20, None
-    else:
-        peak = _peak_rss_mb()
-        over = peak - baseline
-    row.update(widths=baked.widths, budget_met=row["measured_ms"] <= budget, wall_seconds=wall, peak_mb=peak,
-               search_mb=over, memory_kind="cuda max allocated" if dev.type == "cuda" else "peak RSS",
-               acc_supernet=acc_supernet, acc_retrained=test_acc, device=str(dev), **network_stats(baked))
+    row.update(
+        widths=baked.widths,
+        budget_met=row["measured_ms"] <= budget,
+        wall_seconds=wall,
+        acc_supernet=acc_supernet,
+        acc_retrained=test_acc,
+        device=str(dev),
+        **network_stats(baked),
+    )
     return row
 
 
-def run_bench(recipe_name: str, methods: list[str] | None, out: Path, budget_ms: float | None = None,
-              retrain: bool | None = None, overrides: list[str] | None = None, data_dir: Path | None = None,
-              device: str = "auto", log=print) -> list[dict]:
+def run_bench(
+    recipe_name: str,
+    methods: list[str] | None,
+    out: Path,
+    budget_ms: float | None = None,
+    retrain: bool | None = None,
+    overrides: list[str] | None = None,
+    data_dir: Path | None = None,
+    device: str = "auto",
+    log=print,
+) -> list[dict]:
     from flexslim.config import load_recipe
     from flexslim.pipeline import profile_job
 
@@ -141,20 +149,33 @@ def run_bench(recipe_name: str, methods: list[str] | None, out: Path, budget_ms:
     t0 = time.perf_counter()
     model = profile_job(recipe_name, overrides, table, data_dir)
     if budget < model.floor_ms:
-        raise BadInput(f"--latency-ms {budget:g} is below the family's floor {model.floor_ms:.4f} ms on {model.provider}")
-    log(f"latency table: {time.perf_counter() - t0:.0f}s, hold-out error median "
-        f"{model.error_summary().get('median_pct', 0):.1f}%, floor {model.floor_ms:.4f} ms")
+        raise BadInput(
+            f"--latency-ms {budget:g} is below the family's floor {model.floor_ms:.4f} ms on {model.provider}"
+        )
+    log(
+        f"latency table: {time.perf_counter() - t0:.0f}s, hold-out error median "
+        f"{model.error_summary().get('median_pct', 0):.1f}%, floor {model.floor_ms:.4f} ms"
+    )
     rows = []
     for m in methods:
-        spec = {"method": m, "recipe": recipe_name, "overrides": overrides, "budget_ms": budget, "out": str(out),
-                "latency_table": str(table), "retrain": retrain, "device": device,
-                "data": str(data_dir) if data_dir else None}
+        spec = {
+            "method": m,
+            "recipe": recipe_name,
+            "overrides": overrides,
+            "budget_ms": budget,
+            "out": str(out),
+            "latency_table": str(table),
+            "retrain": retrain,
+            "device": device,
+            "data": str(data_dir) if data_dir else None,
+        }
         result = out / f"{m}.json"
         result.unlink(missing_ok=True)
         shutil.rmtree(out / m, ignore_errors=True)  # a fresh run directory per method
         log(f"-> {m} (own process)")
-        proc = subprocess.run([sys.executable, "-m", "flexslim.bench", json.dumps(spec), str(result)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "flexslim.bench", json.dumps(spec), str(result)], capture_output=True, text=True
+        )
         if proc.returncode != 0 or not result.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             rows.append({"method": m, "error": " | ".join(tail)})
@@ -162,8 +183,11 @@ def run_bench(recipe_name: str, methods: list[str] | None, out: Path, budget_ms:
             continue
         row = json.loads(result.read_text())
         rows.append(row)
-        log(f"   {m}: widths {row['widths']}, {row['measured_ms']:.4f} ms ({'met' if row['budget_met'] else 'MISSED'}), "
-            f"search {row['search_seconds']:.0f}s, peak {row['peak_mb']:.0f} MB")
+        log(
+            f"   {m}: widths {row['widths']}, {row['measured_ms']:.4f} ms "
+            f"({'met' if row['budget_met'] else 'MISSED'}), "
+            f"search {row['search_seconds']:.0f}s, peak {row['peak_mb']:.0f} MB"
+        )
     write_outputs(rows, out, budget, recipe.name)
     return rows
 
@@ -177,25 +201,43 @@ def verdicts(rows: list[dict]) -> list[str]:
         lines.append(f"FlexCHarts {'meets' if fc['budget_met'] else 'MISSES'} the budget ({fc['measured_ms']:.4f} ms).")
     if fc and dl:
         t = dl["search_seconds"] / fc["search_seconds"]
-        lines.append(f"Search time: DMask-large / FlexCHarts = {t:.2f}x ({'FlexCHarts faster' if t > 1 else 'FlexCHarts NOT faster'}).")
+        lines.append(
+            f"Search time: DMask-large / FlexCHarts = {t:.2f}x "
+            f"({'FlexCHarts faster' if t > 1 else 'FlexCHarts NOT faster'})."
+        )
         key = "search_mb" if fc.get("search_mb") is not None else "peak_mb"
         if fc.get(key) and dl.get(key):
             m = dl[key] / fc[key]
-            lines.append(f"Search memory ({'rise over baseline RSS' if key == 'search_mb' else 'peak'}): DMask-large / "
-                         f"FlexCHarts = {m:.2f}x ({'FlexCHarts lower' if m > 1 else 'FlexCHarts NOT lower'}); "
-                         f"peak: {dl['peak_mb']:.0f} vs {fc['peak_mb']:.0f} MB.")
+            lines.append(
+                f"Search memory ({'rise over baseline RSS' if key == 'search_mb' else 'peak'}): DMask-large / "
+                f"FlexCHarts = {m:.2f}x ({'FlexCHarts lower' if m > 1 else 'FlexCHarts NOT lower'}); "
+                f"peak: {dl['peak_mb']:.0f} vs {fc['peak_mb']:.0f} MB."
+            )
     if dl:
-        lines.append(f"DMask-large {'meets' if dl['budget_met'] else 'MISSES'} the budget ({dl['measured_ms']:.4f} ms).")
+        lines.append(
+            f"DMask-large {'meets' if dl['budget_met'] else 'MISSES'} the budget ({dl['measured_ms']:.4f} ms)."
+        )
     if ds:
-        lines.append(f"DMask-small {'misses' if not ds['budget_met'] else 'MEETS'} the budget ({ds['measured_ms']:.4f} ms)"
-                     + (" - its range cannot reach the widths the budget needs." if not ds["budget_met"] else "."))
+        lines.append(
+            f"DMask-small {'misses' if not ds['budget_met'] else 'MEETS'} the budget ({ds['measured_ms']:.4f} ms)"
+            + (" - its range cannot reach the widths the budget needs." if not ds["budget_met"] else ".")
+        )
     return lines
 
 
-COLUMNS = [("method", "method"), ("widths", "widths"), ("measured_ms", "latency p90 (ms)"), ("budget_met", "budget met"),
-           ("mflops", "MFLOPs"), ("params_k", "params (K)"), ("search_seconds", "search time (s)"),
-           ("peak_mb", "peak memory (MB)"), ("search_mb", "search memory (MB)"), ("acc_supernet", "acc, supernet weights"),
-           ("acc_retrained", "acc, retrained")]
+COLUMNS = [
+    ("method", "method"),
+    ("widths", "widths"),
+    ("measured_ms", "latency p90 (ms)"),
+    ("budget_met", "budget met"),
+    ("mflops", "MFLOPs"),
+    ("params_k", "params (K)"),
+    ("search_seconds", "search time (s)"),
+    ("peak_mb", "peak memory (MB)"),
+    ("search_mb", "search memory (MB)"),
+    ("acc_supernet", "acc, supernet"),
+    ("acc_retrained", "acc, retrained"),
+]
 
 
 def _fmt(key, v) -> str:
@@ -213,14 +255,20 @@ def _fmt(key, v) -> str:
 def write_outputs(rows: list[dict], out: Path, budget: float, recipe: str) -> None:
     ok = [r for r in rows if "error" not in r]
     head = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [f"# flexslim bench: {recipe}, budget {budget:g} ms/sample", "", head,
-             "|" + "---|" * len(COLUMNS)]
+    lines = [f"# flexslim bench: {recipe}, budget {budget:g} ms/sample", "", head, "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in ok]
     lines += [f"| {r['method']} | failed: {r['error']} |" for r in rows if "error" in r]
-    kind = ok[0].get("memory_kind", "") if ok else ""
-    lines += ["", f"Memory: {kind}; search memory = rise of the resident set over its level just before the search "
-              "(CPU only). Search time: the search loop (uniform: the bisection). Latency: the gate's statistic "
-              "of the searched (untrimmed) widths.", ""] + [f"- {v}" for v in verdicts(rows)]
+    kind = ok[0].get("kind", "") if ok else ""
+    lines += [
+        "",
+        f"Memory: {kind}; on the CPU, search memory = rise of the peak resident set over its level just "
+        "before the search loop (each method in a fresh process). Search time: the search loop (uniform: its "
+        "bisection). Latency: the gate's statistic (p90 per sample) of the searched, untrimmed widths. "
+        "acc, supernet: the searched supernet (soft masks) on the test split, after the search; "
+        "acc, retrained: the dense network retrained from scratch (--retrain).",
+        "",
+    ]
+    lines += [f"- {v}" for v in verdicts(rows)]
     atomic_write_text(out / "bench.md", "\n".join(lines) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -244,8 +292,14 @@ def _plot(rows: list[dict], path: Path, budget: float) -> None:
         acc = r.get("acc_retrained") if r.get("acc_retrained") is not None else r.get("acc_supernet")
         if acc is None:
             continue
-        ax.scatter(r["measured_ms"], acc, s=60, color=f"C{i}", marker="o" if r["budget_met"] else "x",
-                   label=f"{r['method']} ({'retrained' if r.get('acc_retrained') is not None else 'supernet weights'})")
+        ax.scatter(
+            r["measured_ms"],
+            acc,
+            s=60,
+            color=f"C{i}",
+            marker="o" if r["budget_met"] else "x",
+            label=f"{r['method']} ({'retrained' if r.get('acc_retrained') is not None else 'supernet weights'})",
+        )
     ax.axvline(budget, color="r", ls="--", label="budget")
     ax.set_xlabel("latency p90 (ms / sample)")
     ax.set_ylabel("test accuracy")

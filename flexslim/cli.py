@@ -42,9 +42,15 @@ class Method(str, Enum):
     dmask = "dmask"
 
 
-RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Shipped recipe name (quickstart, ...) or a .toml path.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: section.key=value (repeatable).")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Folder holding the dataset (CIFAR-10: cifar-10-batches-py).")]
+RecipeOpt = Annotated[
+    str, typer.Option("--recipe", "-r", help="Shipped recipe name (quickstart, ...) or a .toml path.")
+]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a recipe value: section.key=value (repeatable).")
+]
+DataOpt = Annotated[
+    Optional[Path], typer.Option("--data", help="Folder holding the dataset (CIFAR-10: cifar-10-batches-py).")
+]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Training device.")]
 
 
@@ -74,12 +80,20 @@ def search(
     run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<time>-<recipe>).")] = None,
     method: Annotated[Optional[Method], typer.Option(help="Search method (default: the recipe's).")] = None,
     device: DeviceOpt = Device.auto,
-    provider: Annotated[Optional[Provider], typer.Option(help="onnxruntime provider to search for (default: the recipe's).")] = None,
-    latency_batch: Annotated[Optional[int], typer.Option(help="Batch the budget is measured at (default: the recipe's).")] = None,
-    latency_table: Annotated[Optional[Path], typer.Option(help="Use a latency table from `flexslim profile` instead of measuring here.")] = None,
+    provider: Annotated[
+        Optional[Provider], typer.Option(help="onnxruntime provider to search for (default: the recipe's).")
+    ] = None,
+    latency_batch: Annotated[
+        Optional[int], typer.Option(help="Batch the budget is measured at (default: the recipe's).")
+    ] = None,
+    latency_table: Annotated[
+        Optional[Path], typer.Option(help="Use a latency table from `flexslim profile` instead of measuring here.")
+    ] = None,
     set_: SetOpt = None,
     retrain: Annotated[bool, typer.Option(help="Retrain the baked network from scratch after the search.")] = True,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run (runs/latest or --run-dir).")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted run (runs/latest or --run-dir).")
+    ] = False,
 ) -> None:
     """The main job: latency model -> FlexCHarts search -> bake -> trim to budget -> retrain."""
     with _exit_codes():
@@ -93,11 +107,24 @@ def search(
             overrides.append(f"latency.provider={provider.value}")
         if latency_batch is not None:
             overrides.append(f"latency.batch={latency_batch}")
-        res = search_job(latency_ms, recipe, overrides, data, run_dir, device.value, latency_table, retrain, resume,
-                         RichReporter(err))
+        res = search_job(
+            latency_ms,
+            recipe,
+            overrides,
+            data,
+            run_dir,
+            device.value,
+            latency_table,
+            retrain,
+            resume,
+            RichReporter(err),
+        )
         f = res.fitted
-        out.print(f"run {res.run_dir}: widths {f.widths}, measured p90 {f.measured_ms:.4f} ms/sample "
-                  f"(budget {latency_ms:g} ms, {f.provider})" + (f", test accuracy {res.test_acc:.4f}" if res.test_acc is not None else ""))
+        out.print(
+            f"run {res.run_dir}: widths {f.widths}, measured p90 {f.measured_ms:.4f} ms/sample "
+            f"(budget {latency_ms:g} ms, {f.provider})"
+            + (f", test accuracy {res.test_acc:.4f}" if res.test_acc is not None else "")
+        )
         out.print("next: flexslim export model.onnx" if retrain else f"next: flexslim train {res.run_dir}")
 
 
@@ -117,15 +144,22 @@ def profile(
         overrides = list(set_ or []) + ([f"latency.provider={provider.value}"] if provider else [])
         model = profile_job(recipe, overrides, out_path, data, RichReporter(err))
         e = model.error_summary()
-        out.print(f"wrote {out_path}: {len(model.fit_points)} fit + {len(model.holdout_points)} hold-out networks on "
-                  f"{model.provider} in {model.measure_seconds:.1f}s; floor {model.floor_ms:.4f} ms; hold-out error "
-                  f"median {e.get('median_pct', 0):.1f}% max {e.get('max_pct', 0):.1f}%")
+        out.print(
+            f"wrote {out_path}: {len(model.fit_points)} fit + {len(model.holdout_points)} hold-out networks on "
+            f"{model.provider} in {model.measure_seconds:.1f}s; floor {model.floor_ms:.4f} ms; hold-out error "
+            f"median {e.get('median_pct', 0):.1f}% max {e.get('max_pct', 0):.1f}%"
+        )
 
 
 @app.command()
 def train(
-    target: Annotated[Optional[Path], typer.Argument(help="A run directory or an arch.json; omitted: the recipe's own widths.")] = None,
-    recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe name or .toml path (default: the run's own, else quickstart).")] = None,
+    target: Annotated[
+        Optional[Path], typer.Argument(help="A run directory or an arch.json; omitted: the recipe's own widths.")
+    ] = None,
+    recipe: Annotated[
+        Optional[str],
+        typer.Option("--recipe", "-r", help="Recipe name or .toml path (default: the run's own, else quickstart)."),
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: the recipe's train.epochs).")] = None,
     data: DataOpt = None,
     device: DeviceOpt = Device.auto,
@@ -141,8 +175,16 @@ def train(
         run = open_train_run(target, recipe, set_ or [], data)
         err.print(f"run directory: {run.run_dir}  widths: {run.arch.widths}")
 
-        history = train_arch(run.arch, run.recipe, run.run_dir, run.dataset, pick_device(device.value), epochs,
-                             RichReporter(err), resume=resume)
+        history = train_arch(
+            run.arch,
+            run.recipe,
+            run.run_dir,
+            run.dataset,
+            pick_device(device.value),
+            epochs,
+            RichReporter(err),
+            resume=resume,
+        )
         last = history[-1]
         out.print(f"trained {run.run_dir / 'model.pt'}: test accuracy {last.test_acc:.4f} after {last.epoch} epochs")
 
@@ -159,8 +201,10 @@ def export(
         from flexslim.export import export_run
 
         result = export_run(output, run_dir, provider.value if provider else None, gate=validate)
-        out.print(f"wrote {result.export.path} ({result.export.size_bytes / 1e6:.2f} MB, opset {result.export.opset}); "
-                  f"parity max |onnx - torch| = {result.export.parity_max_abs:.2e}")
+        out.print(
+            f"wrote {result.export.path} ({result.export.size_bytes / 1e6:.2f} MB, opset {result.export.opset}); "
+            f"parity max |onnx - torch| = {result.export.parity_max_abs:.2e}"
+        )
         if result.report is None:
             out.print("no budget recorded for this run: gate skipped" if validate else "gate skipped (--no-validate)")
             return
@@ -172,15 +216,27 @@ def export(
 @app.command()
 def validate(
     model: Annotated[Path, typer.Argument(help="Any ONNX image classifier taking float32 NCHW images in [0, 1].")],
-    latency_ms: Annotated[Optional[float], typer.Option(help="Budget: per-sample latency in ms at the percentile.")] = None,
-    min_accuracy: Annotated[Optional[float], typer.Option(help="Minimum top-1 accuracy (fraction) on the test split.")] = None,
-    provider: Annotated[Provider, typer.Option(help="onnxruntime execution provider (auto = CUDA when usable).")] = Provider.auto,
-    batch: Annotated[Optional[int], typer.Option(help="Batch of each timed pass (default: from metadata, else 32).")] = None,
-    percentile: Annotated[Optional[float], typer.Option(help="Percentile of the timed runs the budget applies to.")] = None,
+    latency_ms: Annotated[
+        Optional[float], typer.Option(help="Budget: per-sample latency in ms at the percentile.")
+    ] = None,
+    min_accuracy: Annotated[
+        Optional[float], typer.Option(help="Minimum top-1 accuracy (fraction) on the test split.")
+    ] = None,
+    provider: Annotated[
+        Provider, typer.Option(help="onnxruntime execution provider (auto = CUDA when usable).")
+    ] = Provider.auto,
+    batch: Annotated[
+        Optional[int], typer.Option(help="Batch of each timed pass (default: from metadata, else 32).")
+    ] = None,
+    percentile: Annotated[
+        Optional[float], typer.Option(help="Percentile of the timed runs the budget applies to.")
+    ] = None,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (0 = runtime default).")] = None,
     runs: Annotated[int, typer.Option(help="Timed runs.")] = 50,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
-    dataset: Annotated[Optional[str], typer.Option(help="Dataset for accuracy: quickstart | cifar10 (default: from metadata).")] = None,
+    dataset: Annotated[
+        Optional[str], typer.Option(help="Dataset for accuracy: quickstart | cifar10 (default: from metadata).")
+    ] = None,
     data: DataOpt = None,
     report: Annotated[Optional[Path], typer.Option(help="Write the report as JSON here.")] = None,
     junit: Annotated[Optional[Path], typer.Option(help="Write the checks as JUnit XML here.")] = None,
@@ -189,9 +245,19 @@ def validate(
     with _exit_codes():
         from flexslim.validate import validate as run_validate
 
-        rep = run_validate(model, latency_ms=latency_ms, min_accuracy=min_accuracy, provider=provider.value,
-                           batch=batch, percentile=percentile, dataset=dataset, data=data, threads=threads,
-                           warmup=warmup, runs=runs)
+        rep = run_validate(
+            model,
+            latency_ms=latency_ms,
+            min_accuracy=min_accuracy,
+            provider=provider.value,
+            batch=batch,
+            percentile=percentile,
+            dataset=dataset,
+            data=data,
+            threads=threads,
+            warmup=warmup,
+            runs=runs,
+        )
         if report:
             rep.write_json(report)
         if junit:
@@ -204,11 +270,19 @@ def validate(
 @app.command()
 def bench(
     recipe: RecipeOpt = "bench-cpu",
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated: flexcharts,dmask-small,dmask-large,uniform.")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for bench.md, bench.csv, bench.png and the runs.")] = Path("bench"),
-    latency_ms: Annotated[Optional[float], typer.Option(help="Budget (default: the recipe's bench.latency_ms).")] = None,
+    methods: Annotated[
+        Optional[str], typer.Option(help="Comma-separated: flexcharts,dmask-small,dmask-large,uniform.")
+    ] = None,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for bench.md, bench.csv, bench.png and the runs.")
+    ] = Path("bench"),
+    latency_ms: Annotated[
+        Optional[float], typer.Option(help="Budget (default: the recipe's bench.latency_ms).")
+    ] = None,
     retrain: Annotated[Optional[bool], typer.Option(help="Retrain every result and report test accuracy.")] = None,
-    throughput: Annotated[bool, typer.Option("--throughput", help="Only time the search and retrain steps (images/s).")] = False,
+    throughput: Annotated[
+        bool, typer.Option("--throughput", help="Only time the search and retrain steps (images/s).")
+    ] = False,
     data: DataOpt = None,
     device: DeviceOpt = Device.auto,
     set_: SetOpt = None,
@@ -224,14 +298,25 @@ def bench(
             r = load_recipe(recipe, set_ or [])
             ds = load_dataset(r.data, data)
             t = measure_throughput(r, ds.input_shape, ds.num_classes, pick_device(device.value))
-            out.print(f"device {t['device']}: search: {t['search_images_per_s']:.0f} images/s   retrain: "
-                      f"{t['retrain_images_per_s']:.0f} images/s   masked supernet step / dense step at the same "
-                      f"allocated widths {t['allocated']}: {t['mask_overhead_ratio']:.2f}x")
+            out.print(
+                f"device {t['device']}: search: {t['search_images_per_s']:.0f} images/s   retrain: "
+                f"{t['retrain_images_per_s']:.0f} images/s   masked supernet step / dense step at the same "
+                f"allocated widths {t['allocated']}: {t['mask_overhead_ratio']:.2f}x"
+            )
             return
         from flexslim.bench import run_bench
 
-        rows = run_bench(recipe, methods.split(",") if methods else None, out_dir, latency_ms, retrain, set_ or [],
-                         data, device.value, log=lambda line: err.print(line, highlight=False))
+        rows = run_bench(
+            recipe,
+            methods.split(",") if methods else None,
+            out_dir,
+            latency_ms,
+            retrain,
+            set_ or [],
+            data,
+            device.value,
+            log=lambda line: err.print(line, highlight=False),
+        )
         out.print((out_dir / "bench.md").read_text())
         if any("error" in r for r in rows):
             raise typer.Exit(1)
@@ -248,17 +333,28 @@ def _render_report(rep) -> None:
     table.add_column("verdict")
     pct = f"p{t.percentile:g}"
     budget = rep.budget_ms
-    table.add_row(f"latency {pct} (ms/sample)", f"{rep.latency_ms:.4f}", "-" if budget is None else f"{budget:g}",
-                  _verdict(rep, "latency"))
+    table.add_row(
+        f"latency {pct} (ms/sample)",
+        f"{rep.latency_ms:.4f}",
+        "-" if budget is None else f"{budget:g}",
+        _verdict(rep, "latency"),
+    )
     table.add_row("latency p50 / p90 (ms/sample)", f"{t.p50_ms:.4f} / {t.p90_ms:.4f}", "", "")
     if rep.accuracy is not None:
         lim = "-" if rep.min_accuracy is None else f"{rep.min_accuracy:g}"
-        table.add_row(f"accuracy ({rep.dataset}, {rep.num_test} images)", f"{rep.accuracy:.4f}", lim, _verdict(rep, "accuracy"))
+        table.add_row(
+            f"accuracy ({rep.dataset}, {rep.num_test} images)", f"{rep.accuracy:.4f}", lim, _verdict(rep, "accuracy")
+        )
     out.print(table)
-    out.print(f"provider {t.provider} (asked: {rep.requested_provider}), batch {t.batch}, input {list(t.input_shape)}, "
-              f"threads {t.threads or 'default'}, {t.runs} timed runs after {t.warmup} warm-up, {t.runtime}")
-    out.print(("[green]PASS[/green]" if rep.passed else "[red]FAIL[/red]") + f" {rep.summary()[7:] if rep.checks else 'no budget or target given'}",
-              highlight=False)
+    out.print(
+        f"provider {t.provider} (asked: {rep.requested_provider}), batch {t.batch}, input {list(t.input_shape)}, "
+        f"threads {t.threads or 'default'}, {t.runs} timed runs after {t.warmup} warm-up, {t.runtime}"
+    )
+    out.print(
+        ("[green]PASS[/green]" if rep.passed else "[red]FAIL[/red]")
+        + f" {rep.summary()[7:] if rep.checks else 'no budget or target given'}",
+        highlight=False,
+    )
 
 
 def _verdict(rep, name: str) -> str:

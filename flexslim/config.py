@@ -153,7 +153,9 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     shipped = recipe_dir() / f"{name_or_path}.toml"
     if shipped.is_file():
         return shipped
-    raise BadInput(f"unknown recipe '{name_or_path}'; shipped recipes: {', '.join(shipped_recipes())} (or a .toml path)")
+    raise BadInput(
+        f"unknown recipe '{name_or_path}'; shipped recipes: {', '.join(shipped_recipes())} (or a .toml path)"
+    )
 
 
 def load_recipe(name_or_path: str = "quickstart", overrides: typing.Sequence[str] = ()) -> Recipe:

@@ -43,8 +43,16 @@ class Dataset:
         return tuple(self.train_x.shape[1:])
 
     def to(self, device: torch.device | str) -> Dataset:
-        return Dataset(self.name, self.train_x.to(device), self.train_y.to(device), self.test_x.to(device),
-                       self.test_y.to(device), self.num_classes, self.mean, self.std)
+        return Dataset(
+            self.name,
+            self.train_x.to(device),
+            self.train_y.to(device),
+            self.test_x.to(device),
+            self.test_y.to(device),
+            self.num_classes,
+            self.mean,
+            self.std,
+        )
 
 
 def load_dataset(cfg: DataConfig, data_dir: str | Path | None = None) -> Dataset:
@@ -106,7 +114,9 @@ def _cifar10(data_dir: str | Path | None) -> Dataset:
     return Dataset("cifar10", trx, try_, tex, tey, 10, CIFAR10_MEAN, CIFAR10_STD)
 
 
-def search_split(ds: Dataset, seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def search_split(
+    ds: Dataset, seed: int = 0
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """D_t (trains the weights) and D_s (trains the architecture): two disjoint random halves of train."""
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(ds.train_y), generator=g).to(ds.train_y.device)
@@ -122,8 +132,15 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 class Batches:
     """Iterates (x, y) batches of a tensor dataset; shuffled with its own generator when `shuffle`."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 seed: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         self.x, self.y, self.batch_size, self.shuffle, self.drop_last = x, y, batch_size, shuffle, drop_last
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -136,7 +153,7 @@ class Batches:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(self.y.device)
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield as_float(self.x[idx]), self.y[idx]
 
 
@@ -169,8 +186,8 @@ class Augment:
             padded = F.pad(x, (p, p, p, p))
             dy = torch.randint(0, 2 * p + 1, (n,), generator=g, device=dev)
             dx = torch.randint(0, 2 * p + 1, (n,), generator=g, device=dev)
-            rows = (dy[:, None] + torch.arange(h, device=dev)[None, :])  # n, h
-            cols = (dx[:, None] + torch.arange(w, device=dev)[None, :])  # n, w
+            rows = dy[:, None] + torch.arange(h, device=dev)[None, :]  # n, h
+            cols = dx[:, None] + torch.arange(w, device=dev)[None, :]  # n, w
             batch = torch.arange(n, device=dev)[:, None, None]
             # gather per-image windows: n, h, w, c -> n, c, h, w
             x = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)

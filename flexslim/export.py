@@ -47,8 +47,16 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], fast: bool = Fals
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             try:
-                torch.onnx.export(model, (sample,), buf, dynamo=False, input_names=[INPUT_NAME],
-                                  output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}}, opset_version=17)
+                torch.onnx.export(
+                    model,
+                    (sample,),
+                    buf,
+                    dynamo=False,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "batch"}},
+                    opset_version=17,
+                )
                 return buf.getvalue()
             except (TypeError, RuntimeError, ImportError):
                 pass  # no TorchScript exporter in this torch: fall through to dynamo
@@ -59,13 +67,22 @@ def _dynamo_proto(model: nn.Module, sample: torch.Tensor):
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (sample,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), optimize=True,
-                                    verbose=False)
+        program = torch.onnx.export(
+            model,
+            (sample,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            optimize=True,
+            verbose=False,
+        )
     return program.model_proto
 
 
-def provenance(arch: Arch, recipe_name: str, budget_ms: float | None = None, latency: dict | None = None) -> dict[str, str]:
+def provenance(
+    arch: Arch, recipe_name: str, budget_ms: float | None = None, latency: dict | None = None
+) -> dict[str, str]:
     """metadata_props for a flexslim model; `validate` reads the `flexslim.*` keys back."""
     from flexslim import __version__
 
@@ -87,8 +104,15 @@ def provenance(arch: Arch, recipe_name: str, budget_ms: float | None = None, lat
     return meta
 
 
-def export_model(model: nn.Module, arch: Arch, out: str | Path, metadata: dict[str, str],
-                 parity_batches: tuple[int, ...] = (1, 7), tol: float = PARITY_TOL, seed: int = 0) -> ExportResult:
+def export_model(
+    model: nn.Module,
+    arch: Arch,
+    out: str | Path,
+    metadata: dict[str, str],
+    parity_batches: tuple[int, ...] = (1, 7),
+    tol: float = PARITY_TOL,
+    seed: int = 0,
+) -> ExportResult:
     """Export, check (onnx.checker full), compare with torch on random inputs, then write atomically.
 
     Raises GateFailed (nothing written) when the max abs difference exceeds `tol`.
@@ -140,8 +164,9 @@ def read_run_info(run_dir: Path) -> dict:
         raise BadInput(f"{path} is not valid JSON: {err}") from None
 
 
-def export_run(output: str | Path, run_dir: str | Path | None = None, provider: str | None = None,
-               gate: bool = True) -> RunExport:
+def export_run(
+    output: str | Path, run_dir: str | Path | None = None, provider: str | None = None, gate: bool = True
+) -> RunExport:
     """Export runs/latest (or run_dir) to ONNX, then gate it against the run's budget when it has one."""
     from flexslim.config import load_recipe
     from flexslim.runs import resolve_run_dir
@@ -152,8 +177,15 @@ def export_run(output: str | Path, run_dir: str | Path | None = None, provider: 
     info = read_run_info(run)
     recipe = load_recipe(str(run / "recipe.toml")) if (run / "recipe.toml").is_file() else None
     lat = info.get("latency") or (
-        {"provider": recipe.latency.provider, "batch": recipe.latency.batch, "threads": recipe.latency.threads,
-         "percentile": recipe.latency.percentile} if recipe else None)
+        {
+            "provider": recipe.latency.provider,
+            "batch": recipe.latency.batch,
+            "threads": recipe.latency.threads,
+            "percentile": recipe.latency.percentile,
+        }
+        if recipe
+        else None
+    )
     budget = info.get("budget_ms")
     meta = provenance(arch, recipe.name if recipe else "unknown", budget, lat)
     result = export_model(model, arch, output, meta)

@@ -100,8 +100,13 @@ class LatencyModel:
     def key(self) -> dict:
         """What a table is only valid for: the structure it was measured on and the runtime settings."""
         s = self.settings
-        return {"structure": _structure(self.arch), "provider": self.provider, "batch": s.batch,
-                "threads": s.threads, "percentile": s.percentile}
+        return {
+            "structure": _structure(self.arch),
+            "provider": self.provider,
+            "batch": s.batch,
+            "threads": s.threads,
+            "percentile": s.percentile,
+        }
 
     def to_dict(self) -> dict:
         return {
@@ -134,13 +139,21 @@ class LatencyModel:
             d = json.loads(path.read_text())
             if d.get("version") != TABLE_VERSION:
                 raise ValueError(f"unsupported version {d.get('version')!r}")
-            model = cls(arch=Arch.from_dict(d["arch"], str(path)), settings=LatencyConfig(**d["settings"]),
-                        provider=d["key"]["provider"], runtime=d["runtime"], host=d["host"], terms=list(d["terms"]),
-                        coef=[float(c) for c in d["coef"]], intercept=float(d["intercept"]),
-                        region={k: list(v) for k, v in d["region"].items()},
-                        fit_points=[Point(**p) for p in d["fit_points"]],
-                        holdout_points=[Point(**p) for p in d["holdout_points"]], floor_ms=float(d["floor_ms"]),
-                        measure_seconds=float(d.get("measure_seconds", 0.0)))
+            model = cls(
+                arch=Arch.from_dict(d["arch"], str(path)),
+                settings=LatencyConfig(**d["settings"]),
+                provider=d["key"]["provider"],
+                runtime=d["runtime"],
+                host=d["host"],
+                terms=list(d["terms"]),
+                coef=[float(c) for c in d["coef"]],
+                intercept=float(d["intercept"]),
+                region={k: list(v) for k, v in d["region"].items()},
+                fit_points=[Point(**p) for p in d["fit_points"]],
+                holdout_points=[Point(**p) for p in d["holdout_points"]],
+                floor_ms=float(d["floor_ms"]),
+                measure_seconds=float(d.get("measure_seconds", 0.0)),
+            )
         except BadInput:
             raise
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
@@ -149,11 +162,15 @@ class LatencyModel:
 
     def check_compatible(self, arch: Arch, settings: LatencyConfig, where: str) -> None:
         if _structure(self.arch) != _structure(arch):
-            raise BadInput(f"{where} was measured on another network structure; profile this recipe "
-                           "(`flexslim profile --recipe ...`)")
+            raise BadInput(
+                f"{where} was measured on another network structure; profile this recipe "
+                "(`flexslim profile --recipe ...`)"
+            )
         if (self.settings.batch, self.settings.threads) != (settings.batch, settings.threads):
-            raise BadInput(f"{where} was measured at batch {self.settings.batch}, threads {self.settings.threads}; "
-                           f"the recipe asks batch {settings.batch}, threads {settings.threads}")
+            raise BadInput(
+                f"{where} was measured at batch {self.settings.batch}, threads {self.settings.threads}; "
+                f"the recipe asks batch {settings.batch}, threads {settings.threads}"
+            )
 
 
 def _structure(arch: Arch) -> dict:
@@ -174,8 +191,9 @@ def measure(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: i
     torch.manual_seed(seed)
     net = build_network(arch, widths).eval()
     session = make_session(onnx_bytes(net, arch.input_shape, fast=True), settings.provider, settings.threads)
-    return time_session(session, settings.batch, settings.warmup, settings.runs, settings.percentile,
-                        settings.threads, seed)
+    return time_session(
+        session, settings.batch, settings.warmup, settings.runs, settings.percentile, settings.threads, seed
+    )
 
 
 def _sample(rng: random.Random, region: dict[str, list[int]], round_to: int) -> dict[str, int]:
@@ -198,8 +216,15 @@ def _measure_points(arch, width_sets, settings, reporter, what) -> tuple[list[Po
     return points, provider, runtime
 
 
-def profile(arch: Arch, settings: LatencyConfig, min_width: int, round_to: int, hi: dict[str, int] | None = None,
-            seed: int = 0, reporter: Reporter | None = None) -> LatencyModel:
+def profile(
+    arch: Arch,
+    settings: LatencyConfig,
+    min_width: int,
+    round_to: int,
+    hi: dict[str, int] | None = None,
+    seed: int = 0,
+    reporter: Reporter | None = None,
+) -> LatencyModel:
     """Measure the narrowest network, the recipe's own, and random networks up to `hi` (default: twice the
     recipe's widths); fit on `settings.samples` of them and keep `settings.holdout` aside to report the error."""
     reporter = reporter or Reporter()
@@ -215,15 +240,30 @@ def profile(arch: Arch, settings: LatencyConfig, min_width: int, round_to: int, 
     t0 = time.perf_counter()
     fit_pts, provider, runtime = _measure_points(arch, fit_sets, settings, reporter, "latency: fit networks")
     hold_pts, _, _ = _measure_points(arch, hold_sets, settings, reporter, "latency: hold-out networks")
-    model = LatencyModel(arch=arch, settings=settings, provider=provider, runtime=runtime, host=platform.node(),
-                         region=region, fit_points=fit_pts, holdout_points=hold_pts, floor_ms=fit_pts[0].ms)
+    model = LatencyModel(
+        arch=arch,
+        settings=settings,
+        provider=provider,
+        runtime=runtime,
+        host=platform.node(),
+        region=region,
+        fit_points=fit_pts,
+        holdout_points=hold_pts,
+        floor_ms=fit_pts[0].ms,
+    )
     model.fit()
     model.measure_seconds = time.perf_counter() - t0
     return model
 
 
-def extend(model: LatencyModel, widths: dict[str, int], round_to: int, samples: int = 6, seed: int = 1,
-           reporter: Reporter | None = None) -> bool:
+def extend(
+    model: LatencyModel,
+    widths: dict[str, int],
+    round_to: int,
+    samples: int = 6,
+    seed: int = 1,
+    reporter: Reporter | None = None,
+) -> bool:
     """Grow the measured region to hold `widths` (with 25% headroom), measure there, refit. False if covered."""
     if model.covers(widths):
         return False
@@ -233,8 +273,12 @@ def extend(model: LatencyModel, widths: dict[str, int], round_to: int, samples: 
             hi = int(round_to * -(-int(w * 1.25) // round_to))
         model.region[s] = [min(lo, int(w)), hi]  # below the region too (a table measured with a larger min_width)
     rng = random.Random(seed + len(model.fit_points))
-    new_region = {s: [max(lo, min(hi, widths[s])), hi] if widths[s] > lo else [lo, hi] for s, (lo, hi) in model.region.items()}
-    sets = [{s: model.region[s][1] for s in model.region}] + [_sample(rng, new_region, round_to) for _ in range(samples - 1)]
+    new_region = {
+        s: [max(lo, min(hi, widths[s])), hi] if widths[s] > lo else [lo, hi] for s, (lo, hi) in model.region.items()
+    }
+    sets = [{s: model.region[s][1] for s in model.region}] + [
+        _sample(rng, new_region, round_to) for _ in range(samples - 1)
+    ]
     t0 = time.perf_counter()
     pts, _, _ = _measure_points(model.arch, sets, model.settings, reporter or Reporter(), "latency: extending")
     model.fit_points.extend(pts)

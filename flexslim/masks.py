@@ -18,8 +18,7 @@ from torch import nn
 
 
 class GaussianMask(nn.Module):
-    def __init__(self, mu: float, sigma: float, allocated: int, min_width: int = 8, step: int = 1,
-                 round_to: int = 8):
+    def __init__(self, mu: float, sigma: float, allocated: int, min_width: int = 8, step: int = 1, round_to: int = 8):
         super().__init__()
         if sigma <= 0 or step < 1 or min_width < 1:
             raise ValueError(f"need sigma > 0, step >= 1, min_width >= 1 (got {sigma}, {step}, {min_width})")

@@ -84,7 +84,9 @@ def resolve_run_dir(run_dir: str | Path | None, root: Path = RUNS_ROOT) -> Path:
     if run_dir is None:
         latest = root / "latest"
         if not latest.exists():
-            raise BadInput(f"no run found at {latest}; run `flexslim search` or `flexslim train` first, or pass --run-dir")
+            raise BadInput(
+                f"no run found at {latest}; run `flexslim search` or `flexslim train` first, or pass --run-dir"
+            )
         return latest.resolve()
     path = Path(run_dir)
     if not path.is_dir():

@@ -50,8 +50,10 @@ def provider_list(provider: str) -> list[str]:
         raise BadInput(f"unknown provider '{provider}'; valid: {', '.join(PROVIDERS)}")
     if provider == "cuda":
         if not cuda_usable():
-            raise BadInput("--provider cuda: onnxruntime's CUDA provider cannot run here (no GPU or no CUDA libraries); "
-                           "use --provider cpu or auto")
+            raise BadInput(
+                "--provider cuda: onnxruntime's CUDA provider cannot run here (no GPU or no CUDA libraries); "
+                "use --provider cpu or auto"
+            )
         return [_NAMES["cuda"], _NAMES["cpu"]]
     if provider == "auto" and cuda_usable():
         return [_NAMES["cuda"], _NAMES["cpu"]]
@@ -100,8 +102,9 @@ class Timing:
         return d
 
 
-def time_session(session, batch: int, warmup: int = 10, runs: int = 50, percentile: float = 90.0,
-                 threads: int = 0, seed: int = 0) -> Timing:
+def time_session(
+    session, batch: int, warmup: int = 10, runs: int = 50, percentile: float = 90.0, threads: int = 0, seed: int = 0
+) -> Timing:
     """Time `runs` forward passes on random [0, 1) inputs; per-sample = pass time / batch."""
     import onnxruntime as ort
 
@@ -124,9 +127,17 @@ def time_session(session, batch: int, warmup: int = 10, runs: int = 50, percenti
         samples.append((time.perf_counter() - t0) * 1e3 / batch)
     arr = np.asarray(samples)
     return Timing(
-        provider=provider, batch=batch, input_shape=tuple(shape), threads=threads, warmup=warmup, runs=runs,
-        percentile=percentile, p50_ms=float(np.percentile(arr, 50)), p90_ms=float(np.percentile(arr, 90)),
-        at_percentile_ms=float(np.percentile(arr, percentile)), mean_ms=float(statistics.fmean(samples)),
+        provider=provider,
+        batch=batch,
+        input_shape=tuple(shape),
+        threads=threads,
+        warmup=warmup,
+        runs=runs,
+        percentile=percentile,
+        p50_ms=float(np.percentile(arr, 50)),
+        p90_ms=float(np.percentile(arr, 90)),
+        at_percentile_ms=float(np.percentile(arr, percentile)),
+        mean_ms=float(statistics.fmean(samples)),
         runtime=f"onnxruntime {ort.__version__}",
     )
 

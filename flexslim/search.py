@@ -26,8 +26,8 @@ from flexslim.data import Augment, Batches, Dataset, search_split
 from flexslim.devices import autocast, prepare, to_device_batch
 from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel, extend
-from flexslim.runs import append_jsonl, atomic_torch_save
 from flexslim.masks import GaussianMask
+from flexslim.runs import append_jsonl, atomic_torch_save
 from flexslim.supernet import Supernet, make_masks
 from flexslim.train import make_sgd
 from flexslim.transplant import transplant_optimizer
@@ -77,12 +77,21 @@ def build_state(arch: Arch, recipe: Recipe, device: torch.device) -> SearchState
 
 
 def save_state(path: Path, st: SearchState) -> None:
-    atomic_torch_save(path, {
-        "epoch": st.epoch, "step": st.step, "multiplier": st.multiplier, "history": st.history,
-        "allocated": st.supernet.allocated(), "masks": st.supernet.masks.state_dict(),
-        "body": st.supernet.body.state_dict(), "w_opt": st.w_opt.state_dict(), "a_opt": st.a_opt.state_dict(),
-        "rng": torch.get_rng_state(),
-    })
+    atomic_torch_save(
+        path,
+        {
+            "epoch": st.epoch,
+            "step": st.step,
+            "multiplier": st.multiplier,
+            "history": st.history,
+            "allocated": st.supernet.allocated(),
+            "masks": st.supernet.masks.state_dict(),
+            "body": st.supernet.body.state_dict(),
+            "w_opt": st.w_opt.state_dict(),
+            "a_opt": st.a_opt.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+    )
 
 
 def load_state(path: Path, arch: Arch, recipe: Recipe, device: torch.device) -> SearchState:
@@ -104,14 +113,27 @@ def load_state(path: Path, arch: Arch, recipe: Recipe, device: torch.device) -> 
     return st
 
 
-def run_search(arch: Arch, recipe: Recipe, ds: Dataset, budget_ms: float, latency: LatencyModel, device: torch.device,
-               run_dir: Path | None = None, reporter: Reporter | None = None, resume: bool = False) -> SearchState:
+def run_search(
+    arch: Arch,
+    recipe: Recipe,
+    ds: Dataset,
+    budget_ms: float,
+    latency: LatencyModel,
+    device: torch.device,
+    run_dir: Path | None = None,
+    reporter: Reporter | None = None,
+    resume: bool = False,
+) -> SearchState:
     """Search per-stage widths for `budget_ms`; writes search.jsonl (+ search_state.pt for --resume) to run_dir."""
     cfg = recipe.search
     reporter = reporter or Reporter()
     target = budget_ms * (1.0 - cfg.budget_margin)
     ckpt = run_dir / "search_state.pt" if run_dir else None
-    st = load_state(ckpt, arch, recipe, device) if (resume and ckpt and ckpt.is_file()) else build_state(arch, recipe, device)
+    st = (
+        load_state(ckpt, arch, recipe, device)
+        if (resume and ckpt and ckpt.is_file())
+        else build_state(arch, recipe, device)
+    )
     if resume and st.epoch:
         reporter.log(f"resuming search after epoch {st.epoch}/{cfg.epochs}")
     (dt_x, dt_y), (ds_x, ds_y) = search_split(ds, recipe.data.split_seed)
@@ -131,7 +153,7 @@ def run_search(arch: Arch, recipe: Recipe, ds: Dataset, budget_ms: float, latenc
         sn.train()
         for m in sn.masks.values():
             if hasattr(m, "tau"):  # DMaskingNAS: anneal the Gumbel-softmax temperature per epoch
-                m.tau = cfg.tau0 * cfg.tau_decay ** epoch
+                m.tau = cfg.tau0 * cfg.tau_decay**epoch
         if hasattr(sn.body, "drop_path_prob"):  # DARTS family: drop-path grows linearly over the search
             sn.body.drop_path_prob = recipe.model.drop_path * epoch / cfg.epochs
         reporter.start(f"search {epoch + 1}/{cfg.epochs}", steps_per_epoch)
@@ -168,8 +190,11 @@ def run_search(arch: Arch, recipe: Recipe, ds: Dataset, budget_ms: float, latenc
             sums["w_loss"] += float(w_loss.detach())
             sums["a_ce"] += float(a_ce.detach())
             sums["lat"] += lat_ms
-            reporter.advance(f"loss {float(w_loss.detach()):.3f}  E[lat] {lat_ms:.4f}/{budget_ms:g} ms  "
-                             f"mult {st.multiplier:.2f}  E[w] " + " ".join(f"{float(m.expected_width().detach()):.0f}" for m in sn.masks.values()))
+            reporter.advance(
+                f"loss {float(w_loss.detach()):.3f}  E[lat] {lat_ms:.4f}/{budget_ms:g} ms  "
+                f"mult {st.multiplier:.2f}  E[w] "
+                + " ".join(f"{float(m.expected_width().detach()):.0f}" for m in sn.masks.values())
+            )
         reporter.stop()
         step_seconds = time.perf_counter() - t0
 
@@ -192,8 +217,10 @@ def run_search(arch: Arch, recipe: Recipe, ds: Dataset, budget_ms: float, latenc
         st.epoch = epoch + 1
         line = {
             "epoch": st.epoch,
-            "mu": {k: float(m.mu.detach()) if hasattr(m, "mu") else float(m.expected_width().detach())
-                   for k, m in sn.masks.items()},
+            "mu": {
+                k: float(m.mu.detach()) if hasattr(m, "mu") else float(m.expected_width().detach())
+                for k, m in sn.masks.items()
+            },
             "sigma": {k: getattr(m, "sigma", None) for k, m in sn.masks.items()},
             "allocated_before": before,
             "allocated": after,
@@ -215,9 +242,11 @@ def run_search(arch: Arch, recipe: Recipe, ds: Dataset, budget_ms: float, latenc
             "extend_seconds": extend_seconds,
         }
         st.history.append(line)
-        reporter.log(f"epoch {st.epoch:3d}/{cfg.epochs}  loss {line['weight_loss']:.3f}  E[lat] {e_lat:.4f} ms "
-                     f"(target {target:.4f})  mult {st.multiplier:.2f}  widths {line['final_widths']}  alloc {after}"
-                     + ("  [latency model extended]" if extended else ""))
+        reporter.log(
+            f"epoch {st.epoch:3d}/{cfg.epochs}  loss {line['weight_loss']:.3f}  E[lat] {e_lat:.4f} ms "
+            f"(target {target:.4f})  mult {st.multiplier:.2f}  widths {line['final_widths']}  alloc {after}"
+            + ("  [latency model extended]" if extended else "")
+        )
         if run_dir is not None:
             append_jsonl(run_dir / "search.jsonl", line)
             save_state(ckpt, st)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from flexslim.arch import Arch
-from flexslim.errors import BadInput
 from flexslim.config import ModelConfig, SearchConfig
+from flexslim.errors import BadInput
 from flexslim.masks import GaussianMask, GumbelMask, dmask_options, hard_mask
 from flexslim.spaces import build_network, cost_terms
 from flexslim.transplant import transplant_state
@@ -37,8 +37,14 @@ class MaskPoint(nn.Module):
 def gaussian_masks(arch: Arch, model: ModelConfig, search: SearchConfig) -> dict[str, GaussianMask]:
     """One GaussianMask per stage, mu at the recipe's width, kernels holding ceil(mu + k sigma) channels."""
     return {
-        s.name: GaussianMask(s.width, search.sigma, math.ceil(s.width + search.k_sigma * search.sigma),
-                             model.min_width, search.step, model.round_to)
+        s.name: GaussianMask(
+            s.width,
+            search.sigma,
+            math.ceil(s.width + search.k_sigma * search.sigma),
+            model.min_width,
+            search.step,
+            model.round_to,
+        )
         for s in arch.stages
     }
 
@@ -48,8 +54,10 @@ def gumbel_masks(arch: Arch, model: ModelConfig, search: SearchConfig) -> dict[s
     if search.dmask_range not in ("small", "large"):
         raise BadInput(f"search.dmask_range must be small or large, got '{search.dmask_range}'")
     low, high = search.dmask_small if search.dmask_range == "small" else search.dmask_large
-    return {s.name: GumbelMask(dmask_options(s.width, low, high, search.dmask_step, model.min_width), search.tau0)
-            for s in arch.stages}
+    return {
+        s.name: GumbelMask(dmask_options(s.width, low, high, search.dmask_step, model.min_width), search.tau0)
+        for s in arch.stages
+    }
 
 
 def make_masks(arch: Arch, model: ModelConfig, search: SearchConfig) -> dict[str, nn.Module]:
@@ -77,8 +85,9 @@ class Supernet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name, m in self.masks.items():
-            self._store[name] = (hard_mask(self._hard[name], m.allocated, x.device) if self._hard is not None
-                                 else m.mask())
+            self._store[name] = (
+                hard_mask(self._hard[name], m.allocated, x.device) if self._hard is not None else m.mask()
+            )
         return self.body(x)
 
     def arch_parameters(self) -> list[nn.Parameter]:

@@ -22,8 +22,9 @@ def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def measure_throughput(recipe, input_shape, num_classes: int, device: torch.device, steps: int = 10,
-                       warmup: int = 3) -> dict:
+def measure_throughput(
+    recipe, input_shape, num_classes: int, device: torch.device, steps: int = 10, warmup: int = 3
+) -> dict:
     from flexslim.arch import Arch
     from flexslim.devices import autocast, prepare
     from flexslim.spaces import build_network
@@ -31,8 +32,9 @@ def measure_throughput(recipe, input_shape, num_classes: int, device: torch.devi
     from flexslim.train import make_sgd
 
     torch.manual_seed(0)
-    arch = Arch.from_model(recipe.model, input_shape, num_classes, "synthetic", (0.5,) * input_shape[0],
-                           (0.25,) * input_shape[0])
+    arch = Arch.from_model(
+        recipe.model, input_shape, num_classes, "synthetic", (0.5,) * input_shape[0], (0.25,) * input_shape[0]
+    )
     bs = recipe.search.batch_size
     x = torch.rand(bs, *input_shape, device=device)
     y = torch.randint(0, num_classes, (bs,), device=device)
@@ -48,6 +50,7 @@ def measure_throughput(recipe, input_shape, num_classes: int, device: torch.devi
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
         return step
 
     sn = prepare(Supernet(arch, make_masks(arch, recipe.model, recipe.search)), device).train()

@@ -42,14 +42,15 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-             batch_size: int = 500) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 500
+) -> tuple[float, float]:
     """(mean cross-entropy, top-1 accuracy) on (x, y) without augmentation."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for i in range(0, len(y), batch_size):
-        xb = to_device_batch(as_float(x[i:i + batch_size]), device)
-        yb = y[i:i + batch_size].to(device)
+        xb = to_device_batch(as_float(x[i : i + batch_size]), device)
+        yb = y[i : i + batch_size].to(device)
         with autocast(device):
             logits = model(xb)
         loss_sum += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
@@ -57,9 +58,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.d
     return loss_sum / max(1, len(y)), correct / max(1, len(y))
 
 
-def train_one_epoch(model: nn.Module, batches: Batches, augment: Augment, optimizer: torch.optim.Optimizer,
-                    scheduler, cfg: TrainConfig, device: torch.device, reporter: Reporter,
-                    aux_weight: float = 0.0) -> tuple[float, float]:
+def train_one_epoch(
+    model: nn.Module,
+    batches: Batches,
+    augment: Augment,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: TrainConfig,
+    device: torch.device,
+    reporter: Reporter,
+    aux_weight: float = 0.0,
+) -> tuple[float, float]:
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for xb, yb in batches:
@@ -82,8 +91,15 @@ def train_one_epoch(model: nn.Module, batches: Batches, augment: Augment, optimi
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
-def fit(model: nn.Module, ds: Dataset, recipe: Recipe, device: torch.device, epochs: int | None = None,
-        reporter: Reporter | None = None, checkpoint: Path | None = None) -> list[EpochMetrics]:
+def fit(
+    model: nn.Module,
+    ds: Dataset,
+    recipe: Recipe,
+    device: torch.device,
+    epochs: int | None = None,
+    reporter: Reporter | None = None,
+    checkpoint: Path | None = None,
+) -> list[EpochMetrics]:
     """Train from the network's current weights for `epochs` (default: the recipe's), evaluating each epoch.
 
     With `checkpoint`, the full training state is saved there after every epoch and, if the file exists when
@@ -96,7 +112,9 @@ def fit(model: nn.Module, ds: Dataset, recipe: Recipe, device: torch.device, epo
     reporter = reporter or Reporter()
     torch.manual_seed(cfg.seed)
     model = prepare(model, device)
-    batches = Batches(ds.train_x, ds.train_y, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=len(ds.train_y) > cfg.batch_size)
+    batches = Batches(
+        ds.train_x, ds.train_y, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=len(ds.train_y) > cfg.batch_size
+    )
     augment = Augment(recipe.data, seed=cfg.seed)
     optimizer = make_sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, epochs * len(batches))
@@ -118,21 +136,30 @@ def fit(model: nn.Module, ds: Dataset, recipe: Recipe, device: torch.device, epo
         lr = optimizer.param_groups[0]["lr"]
         if hasattr(model, "drop_path_prob"):  # DARTS family: drop-path grows linearly to model.drop_path
             model.drop_path_prob = recipe.model.drop_path * epoch / epochs
-        tr_loss, tr_acc = train_one_epoch(model, batches, augment, optimizer, scheduler, cfg, device, reporter,
-                                          recipe.model.auxiliary_weight)
+        tr_loss, tr_acc = train_one_epoch(
+            model, batches, augment, optimizer, scheduler, cfg, device, reporter, recipe.model.auxiliary_weight
+        )
         te_loss, te_acc = evaluate(model, ds.test_x, ds.test_y, device)
         if not math.isfinite(tr_loss):
             raise BadInput(f"training diverged at epoch {epoch + 1} (loss {tr_loss}); lower train.lr")
         m = EpochMetrics(epoch + 1, tr_loss, tr_acc, te_loss, te_acc, lr, time.perf_counter() - t0)
         history.append(m)
-        reporter.log(f"epoch {m.epoch:3d}/{epochs}  loss {m.train_loss:.4f}  train acc {m.train_acc:.4f}  "
-                     f"test acc {m.test_acc:.4f}  lr {m.lr:.4f}  {m.seconds:.1f}s")
+        reporter.log(
+            f"epoch {m.epoch:3d}/{epochs}  loss {m.train_loss:.4f}  train acc {m.train_acc:.4f}  "
+            f"test acc {m.test_acc:.4f}  lr {m.lr:.4f}  {m.seconds:.1f}s"
+        )
         if checkpoint is not None:
-            atomic_torch_save(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "scheduler": scheduler.state_dict(),
-                                           "batch_rng": batches.generator.get_state(),
-                                           "augment_rng": augment.get_state(),
-                                           "history": [asdict(h) for h in history]})
+            atomic_torch_save(
+                checkpoint,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "batch_rng": batches.generator.get_state(),
+                    "augment_rng": augment.get_state(),
+                    "history": [asdict(h) for h in history],
+                },
+            )
     reporter.stop()
     return history
 
@@ -140,8 +167,12 @@ def fit(model: nn.Module, ds: Dataset, recipe: Recipe, device: torch.device, epo
 def save_model(path: Path, arch: Arch, model: nn.Module, recipe: Recipe, metrics: list[EpochMetrics] | dict) -> Path:
     # the auxiliary head only serves training: the saved network is the plain one
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("auxiliary.")}
-    payload = {"arch": arch.to_dict(), "state_dict": state, "recipe": recipe_to_toml(recipe),
-               "metrics": [asdict(m) for m in metrics] if isinstance(metrics, list) else metrics}
+    payload = {
+        "arch": arch.to_dict(),
+        "state_dict": state,
+        "recipe": recipe_to_toml(recipe),
+        "metrics": [asdict(m) for m in metrics] if isinstance(metrics, list) else metrics,
+    }
     return atomic_torch_save(path, payload)
 
 
@@ -160,12 +191,22 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Arch, nn
     except BadInput:
         raise
     except Exception as err:  # noqa: BLE001 - a corrupt or foreign checkpoint
-        raise BadInput(f"{path} is not a flexslim model.pt ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+        raise BadInput(
+            f"{path} is not a flexslim model.pt ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        ) from None
     return arch, model.to(device).eval(), payload
 
 
-def train_arch(arch: Arch, recipe: Recipe, run_dir: Path, ds: Dataset, device: torch.device,
-               epochs: int | None = None, reporter: Reporter | None = None, resume: bool = False) -> list[EpochMetrics]:
+def train_arch(
+    arch: Arch,
+    recipe: Recipe,
+    run_dir: Path,
+    ds: Dataset,
+    device: torch.device,
+    epochs: int | None = None,
+    reporter: Reporter | None = None,
+    resume: bool = False,
+) -> list[EpochMetrics]:
     """Retrain `arch` from scratch; writes run_dir/model.pt (and a per-epoch checkpoint for --resume)."""
     from flexslim.spaces import build_network
 
@@ -188,7 +229,9 @@ class TrainRun:
     dataset: Dataset
 
 
-def open_train_run(target: Path | None, recipe_name: str | None, overrides: list[str], data_dir: Path | None) -> TrainRun:
+def open_train_run(
+    target: Path | None, recipe_name: str | None, overrides: list[str], data_dir: Path | None
+) -> TrainRun:
     """Where `flexslim train` writes and what it trains.
 
     - a run directory: its arch.json, with its recipe.toml unless `--recipe` is given;
@@ -202,7 +245,9 @@ def open_train_run(target: Path | None, recipe_name: str | None, overrides: list
 
     if target is not None and target.is_dir():
         arch = load_arch(target / "arch.json")
-        recipe_src = recipe_name or (str(target / "recipe.toml") if (target / "recipe.toml").is_file() else "quickstart")
+        recipe_src = recipe_name or (
+            str(target / "recipe.toml") if (target / "recipe.toml").is_file() else "quickstart"
+        )
         recipe = load_recipe(recipe_src, overrides)
         run_dir = target
     else:
@@ -218,8 +263,10 @@ def open_train_run(target: Path | None, recipe_name: str | None, overrides: list
     if arch is None:
         arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
     if arch.input_shape != ds.input_shape or arch.dataset != ds.name:
-        raise BadInput(f"the arch is for {arch.dataset} {list(arch.input_shape)} but the recipe's data is {ds.name} "
-                       f"{list(ds.input_shape)}; pick the matching --recipe")
+        raise BadInput(
+            f"the arch is for {arch.dataset} {list(arch.input_shape)} but the recipe's data is {ds.name} "
+            f"{list(ds.input_shape)}; pick the matching --recipe"
+        )
     if run_dir is None:
         run_dir = new_run_dir(recipe.name)
         atomic_write_text(run_dir / "arch.json", arch_json(arch))

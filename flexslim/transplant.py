@@ -38,8 +38,11 @@ def copy_overlap(dst: torch.Tensor, src: torch.Tensor, chunks: dict[int, int] | 
 
 def chunk_map(module: nn.Module) -> dict[str, dict[int, int]]:
     """Parameter name -> {dim: blocks} for every layer that declares `in_chunks` > 1."""
-    return {f"{name}.weight" if name else "weight": {1: m.in_chunks}
-            for name, m in module.named_modules() if getattr(m, "in_chunks", 1) > 1}
+    return {
+        f"{name}.weight" if name else "weight": {1: m.in_chunks}
+        for name, m in module.named_modules()
+        if getattr(m, "in_chunks", 1) > 1
+    }
 
 
 @torch.no_grad()
@@ -55,8 +58,9 @@ def transplant_state(src: nn.Module, dst: nn.Module) -> int:
     return n
 
 
-def transplant_optimizer(src_opt: torch.optim.Optimizer, src: nn.Module, dst_opt: torch.optim.Optimizer,
-                         dst: nn.Module) -> int:
+def transplant_optimizer(
+    src_opt: torch.optim.Optimizer, src: nn.Module, dst_opt: torch.optim.Optimizer, dst: nn.Module
+) -> int:
     """Carry per-parameter optimizer state (e.g. SGD momentum) across a rebuild, matched by parameter name.
 
     Tensors shaped like the parameter are transplanted over the overlap (zeros elsewhere); scalars (step

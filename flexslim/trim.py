@@ -25,9 +25,18 @@ class Fitted:
     trims: list[dict] = field(default_factory=list)
 
 
-def fit_to_budget(arch: Arch, widths: dict[str, int], budget_ms: float, latency: LatencyModel, settings: LatencyConfig,
-                  min_width: int, round_to: int, margin: float = 0.03, max_trims: int = 200,
-                  reporter: Reporter | None = None) -> Fitted:
+def fit_to_budget(
+    arch: Arch,
+    widths: dict[str, int],
+    budget_ms: float,
+    latency: LatencyModel,
+    settings: LatencyConfig,
+    min_width: int,
+    round_to: int,
+    margin: float = 0.03,
+    max_trims: int = 200,
+    reporter: Reporter | None = None,
+) -> Fitted:
     reporter = reporter or Reporter()
     limit = budget_ms * (1.0 - margin)
     widths = dict(widths)
@@ -38,17 +47,28 @@ def fit_to_budget(arch: Arch, widths: dict[str, int], budget_ms: float, latency:
             return Fitted(widths, t.at_percentile_ms, t.p50_ms, t.provider, trims)
         choices = {s: w for s, w in widths.items() if w - round_to >= min_width}
         if not choices:
-            raise BadInput(f"every stage is at min_width {min_width} and the network still measures "
-                           f"{t.at_percentile_ms:.4f} ms > {limit:.4f} ms; raise --latency-ms or lower model.min_width")
+            raise BadInput(
+                f"every stage is at min_width {min_width} and the network still measures "
+                f"{t.at_percentile_ms:.4f} ms > {limit:.4f} ms; raise --latency-ms or lower model.min_width"
+            )
         base = float(latency.predict(widths))
 
-        def score(stage: str) -> float:
+        def score(stage: str, base: float = base) -> float:
             saved = base - float(latency.predict({**widths, stage: widths[stage] - round_to}))
             return saved / (round_to / widths[stage])
 
         stage = max(choices, key=score)
-        trims.append({"stage": stage, "from": widths[stage], "to": widths[stage] - round_to,
-                      "measured_ms": t.at_percentile_ms, "limit_ms": limit})
-        reporter.log(f"trim: {stage} {widths[stage]} -> {widths[stage] - round_to} "
-                     f"(measured {t.at_percentile_ms:.4f} ms > {limit:.4f} ms)")
+        trims.append(
+            {
+                "stage": stage,
+                "from": widths[stage],
+                "to": widths[stage] - round_to,
+                "measured_ms": t.at_percentile_ms,
+                "limit_ms": limit,
+            }
+        )
+        reporter.log(
+            f"trim: {stage} {widths[stage]} -> {widths[stage] - round_to} "
+            f"(measured {t.at_percentile_ms:.4f} ms > {limit:.4f} ms)"
+        )
         widths[stage] -= round_to

@@ -24,8 +24,16 @@ def scaled(widths: dict[str, int], m: float, min_width: int, round_to: int) -> d
     return {s: max(min_width, round_to * round(w * m / round_to)) for s, w in widths.items()}
 
 
-def uniform_scale(arch: Arch, budget_ms: float, settings: LatencyConfig, min_width: int, round_to: int,
-                  margin: float = 0.03, iters: int = 8, reporter: Reporter | None = None) -> UniformResult:
+def uniform_scale(
+    arch: Arch,
+    budget_ms: float,
+    settings: LatencyConfig,
+    min_width: int,
+    round_to: int,
+    margin: float = 0.03,
+    iters: int = 8,
+    reporter: Reporter | None = None,
+) -> UniformResult:
     """Largest multiplier m in [0, 4] whose scaled network measures <= budget * (1 - margin)."""
     from flexslim.latency import measure
 

@@ -60,7 +60,8 @@ class Report:
 
     def summary(self) -> str:
         parts = [f"{c.name}: {c.message}" for c in self.checks] or [
-            f"latency p{self.timing.percentile:g} {self.latency_ms:.4f} ms/sample (no budget)"]
+            f"latency p{self.timing.percentile:g} {self.latency_ms:.4f} ms/sample (no budget)"
+        ]
         return ("PASS" if self.passed else "FAIL") + " - " + "; ".join(parts)
 
     def to_dict(self) -> dict:
@@ -94,14 +95,20 @@ class Report:
         return atomic_write_json(path, self.to_dict())
 
     def write_junit(self, path: str | Path) -> Path:
-        suite = ET.Element("testsuite", name="flexslim.validate", tests=str(len(self.checks)),
-                           failures=str(sum(not c.passed for c in self.checks)), errors="0")
+        suite = ET.Element(
+            "testsuite",
+            name="flexslim.validate",
+            tests=str(len(self.checks)),
+            failures=str(sum(not c.passed for c in self.checks)),
+            errors="0",
+        )
         for c in self.checks:
             case = ET.SubElement(suite, "testcase", classname=f"flexslim.validate.{Path(self.model).name}", name=c.name)
             if not c.passed:
                 ET.SubElement(case, "failure", message=c.message, type="GateFailed").text = c.message
-            ET.SubElement(case, "system-out").text = json.dumps({"measured": c.measured, "limit": c.limit, "unit": c.unit,
-                                                                 "provider": self.timing.provider})
+            ET.SubElement(case, "system-out").text = json.dumps(
+                {"measured": c.measured, "limit": c.limit, "unit": c.unit, "provider": self.timing.provider}
+            )
         root = ET.Element("testsuites")
         root.append(suite)
         ET.indent(root)
@@ -126,10 +133,19 @@ def load_onnx(path: str | Path):
     return proto
 
 
-def validate(model: str | Path, latency_ms: float | None = None, min_accuracy: float | None = None,
-             provider: str = "auto", batch: int | None = None, percentile: float | None = None,
-             dataset: str | None = None, data: str | Path | None = None, threads: int | None = None,
-             warmup: int = 10, runs: int = 50) -> Report:
+def validate(
+    model: str | Path,
+    latency_ms: float | None = None,
+    min_accuracy: float | None = None,
+    provider: str = "auto",
+    batch: int | None = None,
+    percentile: float | None = None,
+    dataset: str | None = None,
+    data: str | Path | None = None,
+    threads: int | None = None,
+    warmup: int = 10,
+    runs: int = 50,
+) -> Report:
     """Measure an ONNX classifier and judge it against a latency budget and/or an accuracy target."""
     if latency_ms is not None and latency_ms <= 0:
         raise BadInput(f"--latency-ms must be positive, got {latency_ms}")
@@ -165,14 +181,32 @@ def validate(model: str | Path, latency_ms: float | None = None, min_accuracy: f
     checks = []
     if latency_ms is not None:
         ok = timing.at_percentile_ms <= latency_ms
-        checks.append(Check("latency", ok, timing.at_percentile_ms, latency_ms, "ms",
-                            f"p{percentile:g} {timing.at_percentile_ms:.4f} ms/sample {'<=' if ok else '>'} budget "
-                            f"{latency_ms:g} ms ({timing.provider}, batch {batch})"))
+        checks.append(
+            Check(
+                "latency",
+                ok,
+                timing.at_percentile_ms,
+                latency_ms,
+                "ms",
+                f"p{percentile:g} {timing.at_percentile_ms:.4f} ms/sample {'<=' if ok else '>'} budget "
+                f"{latency_ms:g} ms ({timing.provider}, batch {batch})",
+            )
+        )
     if min_accuracy is not None:
         ok = accuracy >= min_accuracy
-        checks.append(Check("accuracy", ok, accuracy, min_accuracy, "fraction",
-                            f"{accuracy:.4f} {'>=' if ok else '<'} {min_accuracy:g} on {dataset} test ({n_test} images)"))
-    return Report(str(model), provider, timing, latency_ms, dataset, accuracy, n_test, min_accuracy, tuple(checks), meta)
+        checks.append(
+            Check(
+                "accuracy",
+                ok,
+                accuracy,
+                min_accuracy,
+                "fraction",
+                f"{accuracy:.4f} {'>=' if ok else '<'} {min_accuracy:g} on {dataset} test ({n_test} images)",
+            )
+        )
+    return Report(
+        str(model), provider, timing, latency_ms, dataset, accuracy, n_test, min_accuracy, tuple(checks), meta
+    )
 
 
 def _input_dims(proto, path) -> list:
@@ -205,13 +239,12 @@ def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch) -> tupl
     step = fixed_batch or 256
     correct = 0
     for i in range(0, len(ds.test_y), step):
-        x = as_float(ds.test_x[i:i + step])
+        x = as_float(ds.test_x[i : i + step])
         if x.shape[2:] != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
         n = len(x)
         if fixed_batch and n < fixed_batch:
             x = torch.cat([x, x.new_zeros(fixed_batch - n, *x.shape[1:])])
         logits = session.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0][:n]
-        correct += int((logits.argmax(1) == ds.test_y[i:i + step].numpy()).sum())
+        correct += int((logits.argmax(1) == ds.test_y[i : i + step].numpy()).sum())
     return correct / len(ds.test_y), len(ds.test_y)
-

@@ -17,9 +17,11 @@ from flexslim.arch import Arch
 from flexslim.config import StageSpec
 
 TINY_STAGES = (StageSpec("stage1", 8, 1, 1), StageSpec("stage2", 16, 1, 2), StageSpec("stage3", 16, 1, 2))
-TINY_STAGE_TOML = ('[{ name = "stage1", width = 8, blocks = 1, stride = 1 }, '
-                   '{ name = "stage2", width = 16, blocks = 1, stride = 2 }, '
-                   '{ name = "stage3", width = 16, blocks = 1, stride = 2 }]')
+TINY_STAGE_TOML = (
+    '[{ name = "stage1", width = 8, blocks = 1, stride = 1 }, '
+    '{ name = "stage2", width = 16, blocks = 1, stride = 2 }, '
+    '{ name = "stage3", width = 16, blocks = 1, stride = 2 }]'
+)
 # --set overrides that turn the quickstart recipe into the tiny network below
 TINY_OVERRIDES = ("model.stem_width=8", f"model.stages={TINY_STAGE_TOML}")
 LATENCY_META = {"provider": "cpu", "batch": 4, "threads": 1, "percentile": 90.0}
@@ -66,8 +68,17 @@ def randomize_batchnorm():
 @pytest.fixture(scope="session")
 def tiny_arch() -> Arch:
     """Quickstart-shaped (1x16x16 digits, 10 classes) resnet: stem 8, widths 8/16/16."""
-    return Arch(family="resnet", stages=TINY_STAGES, input_shape=(1, 16, 16), num_classes=10, dataset="quickstart",
-                mean=(0.3,), std=(0.35,), stem_width=8, head_width=0)
+    return Arch(
+        family="resnet",
+        stages=TINY_STAGES,
+        input_shape=(1, 16, 16),
+        num_classes=10,
+        dataset="quickstart",
+        mean=(0.3,),
+        std=(0.35,),
+        stem_width=8,
+        head_width=0,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -112,8 +123,10 @@ def make_onnx(tmp_path):
     def make(name: str = "g.onnx", inputs=(("x", ["N", 3, 8, 8]),), elem_type=TensorProto.FLOAT) -> Path:
         ins = [helper.make_tensor_value_info(n, elem_type, shape) for n, shape in inputs]
         outs = [helper.make_tensor_value_info(f"{n}_out", elem_type, shape) for n, shape in inputs]
-        nodes = [helper.make_node("Relu" if elem_type == TensorProto.FLOAT else "Identity", [n], [f"{n}_out"])
-                 for n, _ in inputs]
+        nodes = [
+            helper.make_node("Relu" if elem_type == TensorProto.FLOAT else "Identity", [n], [f"{n}_out"])
+            for n, _ in inputs
+        ]
         model = helper.make_model(helper.make_graph(nodes, "g", ins, outs), opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         onnx.checker.check_model(model)

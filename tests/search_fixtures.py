@@ -18,9 +18,17 @@ SMALL_STAGES = (StageSpec("a", 8, 2, 1), StageSpec("b", 16, 1, 2), StageSpec("c"
 
 
 def small_arch(head_width: int = 0, input_shape=(1, 16, 16), stages=SMALL_STAGES) -> Arch:
-    return Arch(family="resnet", stages=tuple(stages), input_shape=tuple(input_shape), num_classes=10,
-                dataset="quickstart", mean=(0.3,) * input_shape[0], std=(0.35,) * input_shape[0], stem_width=8,
-                head_width=head_width)
+    return Arch(
+        family="resnet",
+        stages=tuple(stages),
+        input_shape=tuple(input_shape),
+        num_classes=10,
+        dataset="quickstart",
+        mean=(0.3,) * input_shape[0],
+        std=(0.35,) * input_shape[0],
+        stem_width=8,
+        head_width=head_width,
+    )
 
 
 SMALL_MODEL = ModelConfig(min_width=4, round_to=4)
@@ -30,12 +38,20 @@ SMALL_SEARCH = SearchConfig(sigma=2.0, k_sigma=3.0, step=1)
 FAST_LATENCY = LatencyConfig(provider="cpu", batch=8, threads=1, warmup=2, runs=10, samples=4, holdout=2)
 
 # --set overrides for the CLI: a tiny quickstart network and cheap latency measurements / search.
-TINY_STAGE_TOML = ('[{ name = "stage1", width = 8, blocks = 1, stride = 1 }, '
-                   '{ name = "stage2", width = 16, blocks = 1, stride = 2 }, '
-                   '{ name = "stage3", width = 16, blocks = 1, stride = 2 }]')
+TINY_STAGE_TOML = (
+    '[{ name = "stage1", width = 8, blocks = 1, stride = 1 }, '
+    '{ name = "stage2", width = 16, blocks = 1, stride = 2 }, '
+    '{ name = "stage3", width = 16, blocks = 1, stride = 2 }]'
+)
 TINY_SET = ("model.stem_width=8", f"model.stages={TINY_STAGE_TOML}")
-FAST_SET = ("latency.samples=5", "latency.holdout=2", "latency.runs=10", "latency.warmup=2",
-            "search.batch_size=128", "search.extend_samples=2")
+FAST_SET = (
+    "latency.samples=5",
+    "latency.holdout=2",
+    "latency.runs=10",
+    "latency.warmup=2",
+    "search.batch_size=128",
+    "search.extend_samples=2",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,8 +101,13 @@ def inputs(sn, n: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, *sn.arch.input_shape, generator=torch.Generator().manual_seed(seed))
 
 
-def hand_latency_model(arch: Arch, settings: LatencyConfig | None = None, ms_per_mmac: float = 0.05,
-                       intercept: float = 0.01, floor_ms: float | None = None):
+def hand_latency_model(
+    arch: Arch,
+    settings: LatencyConfig | None = None,
+    ms_per_mmac: float = 0.05,
+    intercept: float = 0.01,
+    floor_ms: float | None = None,
+):
     """A LatencyModel with known coefficients (no measuring): intercept + ms_per_mmac * (MACs in millions),
     valid over a huge region so the search never needs to extend it."""
     from flexslim.latency import LatencyModel
@@ -94,9 +115,17 @@ def hand_latency_model(arch: Arch, settings: LatencyConfig | None = None, ms_per
 
     terms = sorted(cost_terms(arch, arch.widths))
     coef = [ms_per_mmac if t.startswith("macs") else 0.0 for t in terms]
-    model = LatencyModel(arch=arch, settings=settings or LatencyConfig(), provider="cpu", runtime="hand-made",
-                         host="test", terms=terms, coef=coef, intercept=intercept,
-                         region={s: [1, 100_000] for s in arch.widths})
+    model = LatencyModel(
+        arch=arch,
+        settings=settings or LatencyConfig(),
+        provider="cpu",
+        runtime="hand-made",
+        host="test",
+        terms=terms,
+        coef=coef,
+        intercept=intercept,
+        region={s: [1, 100_000] for s in arch.widths},
+    )
     model.floor_ms = float(model.predict({s: 1 for s in arch.widths})) if floor_ms is None else floor_ms
     return model
 

@@ -30,10 +30,12 @@ def test_help(cli):
 
 def test_import_of_the_cli_stays_light():
     """`flexslim --help` must be fast: importing the CLI may not pull in torch, onnx or onnxruntime."""
-    code = ("import sys, flexslim.cli\n"
-            "heavy = [m for m in ('torch', 'onnxruntime', 'onnx', 'torchvision', 'sklearn', 'matplotlib') "
-            "if m in sys.modules]\n"
-            "print(','.join(heavy))\n")
+    code = (
+        "import sys, flexslim.cli\n"
+        "heavy = [m for m in ('torch', 'onnxruntime', 'onnx', 'torchvision', 'sklearn', 'matplotlib') "
+        "if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"imported at CLI import time: {proc.stdout.strip()}"
@@ -95,17 +97,20 @@ def test_train_export_validate_end_to_end(in_tmp, cli, monkeypatch):
     assert res.exit_code == 2 and ".onnx" in res.stderr
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["train", "--recipe", "nosuch-recipe"], "nosuch-recipe"),
-    (["train", "--set", "nosuch.key=1"], "nosuch"),
-    (["train", "--set", "train.nosuch=1"], "nosuch"),
-    (["train", "--set", "train.epochs=abc"], "train.epochs"),
-    (["train", "missing_arch.json"], "missing_arch.json"),
-    (["train", "--recipe", "missing.toml"], "missing.toml"),
-    (["export", "out.onnx"], "--run-dir"),  # no runs yet
-    (["export", "out.onnx", "--run-dir", "nowhere"], "nowhere"),
-    (["validate", "missing.onnx"], "missing.onnx"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "--recipe", "nosuch-recipe"], "nosuch-recipe"),
+        (["train", "--set", "nosuch.key=1"], "nosuch"),
+        (["train", "--set", "train.nosuch=1"], "nosuch"),
+        (["train", "--set", "train.epochs=abc"], "train.epochs"),
+        (["train", "missing_arch.json"], "missing_arch.json"),
+        (["train", "--recipe", "missing.toml"], "missing.toml"),
+        (["export", "out.onnx"], "--run-dir"),  # no runs yet
+        (["export", "out.onnx", "--run-dir", "nowhere"], "nowhere"),
+        (["validate", "missing.onnx"], "missing.onnx"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(in_tmp, cli, one_line_error, args, needle):
     res = cli.invoke(app, args)
     assert res.exit_code == 2, res.output
@@ -136,7 +141,12 @@ def test_corrupt_model_pt_exits_2(in_tmp, cli, one_line_error, tiny_arch):
 
 def test_flexslim_console_script_help():
     """The installed entry point answers --help (a fresh process, as a user runs it)."""
-    proc = subprocess.run([sys.executable, "-c", "from flexslim.cli import app; app()", "--help"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from flexslim.cli import app; app()", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "validate" in proc.stdout and "Traceback" not in proc.stderr

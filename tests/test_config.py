@@ -86,8 +86,9 @@ def test_round_trip_with_overrides_and_odd_strings(tmp_path):
 
 
 def test_override_int_float_bool_string():
-    r = load_recipe("quickstart", ["train.epochs=3", "train.lr=0.1", "data.flip=true", "latency.provider=cpu",
-                                   "search.sigma=4"])
+    r = load_recipe(
+        "quickstart", ["train.epochs=3", "train.lr=0.1", "data.flip=true", "latency.provider=cpu", "search.sigma=4"]
+    )
     assert r.train.epochs == 3 and type(r.train.epochs) is int
     assert r.train.lr == 0.1
     assert r.data.flip is True
@@ -102,8 +103,15 @@ def test_override_later_wins():
 
 
 def test_override_list_of_stage_tables():
-    r = load_recipe("quickstart", [('model.stages=[{ name = "s1", width = 8, blocks = 2, stride = 1 }, '
-                                   '{ name = "s2", width = 24, stride = 2 }]')])
+    r = load_recipe(
+        "quickstart",
+        [
+            (
+                'model.stages=[{ name = "s1", width = 8, blocks = 2, stride = 1 }, '
+                '{ name = "s2", width = 24, stride = 2 }]'
+            )
+        ],
+    )
     assert r.model.stages == (StageSpec("s1", 8, 2, 1), StageSpec("s2", 24, 1, 2))
     assert isinstance(r.model.stages, tuple)
     assert stage_widths(r.model) == {"s1": 8, "s2": 24}
@@ -133,16 +141,19 @@ def test_override_unknown_key_lists_valid_keys():
         assert f.name in msg
 
 
-@pytest.mark.parametrize("item, expected", [
-    ("train.epochs=abc", "int"),
-    ("train.epochs=1.5", "int"),
-    ("train.epochs=true", "int"),  # a bool is not an int here
-    ("train.lr=fast", "float"),
-    ("data.flip=1", "bool"),
-    ("data.dataset=3", "str"),
-    ("model.stages=3", "list"),
-    ('model.stages=[{ name = "s", width = "wide" }]', "int"),
-])
+@pytest.mark.parametrize(
+    "item, expected",
+    [
+        ("train.epochs=abc", "int"),
+        ("train.epochs=1.5", "int"),
+        ("train.epochs=true", "int"),  # a bool is not an int here
+        ("train.lr=fast", "float"),
+        ("data.flip=1", "bool"),
+        ("data.dataset=3", "str"),
+        ("model.stages=3", "list"),
+        ('model.stages=[{ name = "s", width = "wide" }]', "int"),
+    ],
+)
 def test_wrong_type_is_bad_input(item, expected):
     with pytest.raises(BadInput) as e:
         load_recipe("quickstart", [item])
@@ -152,7 +163,7 @@ def test_wrong_type_is_bad_input(item, expected):
 
 def test_unknown_section_in_file_lists_sections(tmp_path):
     path = tmp_path / "r.toml"
-    path.write_text('[nosuch]\nx = 1\n')
+    path.write_text("[nosuch]\nx = 1\n")
     with pytest.raises(BadInput) as e:
         load_recipe(str(path))
     assert "nosuch" in str(e.value)
@@ -161,7 +172,7 @@ def test_unknown_section_in_file_lists_sections(tmp_path):
 
 def test_unknown_key_in_file_lists_keys(tmp_path):
     path = tmp_path / "r.toml"
-    path.write_text('[model]\nwidth_mult = 2\n')
+    path.write_text("[model]\nwidth_mult = 2\n")
     with pytest.raises(BadInput) as e:
         load_recipe(str(path))
     for f in dataclasses.fields(ModelConfig):

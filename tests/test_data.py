@@ -185,8 +185,12 @@ def test_random_crop_is_a_window_of_the_padded_image():
     padded = F.pad(x, (p, p, p, p))
     offsets = []
     for i in range(n):
-        hits = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
-                if torch.equal(y[i], padded[i, :, dy:dy + h, dx:dx + w])]
+        hits = [
+            (dy, dx)
+            for dy in range(2 * p + 1)
+            for dx in range(2 * p + 1)
+            if torch.equal(y[i], padded[i, :, dy : dy + h, dx : dx + w])
+        ]
         assert len(hits) == 1, f"image {i}: {hits}"
         offsets.append(hits[0])
     assert len(set(offsets)) > 1 and any(o != (p, p) for o in offsets)  # content is really shifted
@@ -213,7 +217,7 @@ def test_cutout_zeroes_one_square_of_the_right_size():
     y = _aug(cutout=c)(x)
     interior = 0
     for i in range(n):
-        hole = (y[i] == 0)
+        hole = y[i] == 0
         assert torch.equal(hole[0], hole[1]) and torch.equal(hole[0], hole[2])  # same square in every channel
         assert torch.all(y[i][~hole] == 1)  # everything else untouched
         rows = hole[0].any(1).nonzero().view(-1)

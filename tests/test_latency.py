@@ -58,13 +58,16 @@ def _sum(terms, prefix):
 DEEP = (StageSpec("a", 8, 2, 1), StageSpec("b", 16, 3, 2), StageSpec("c", 24, 2, 2))
 
 
-@pytest.mark.parametrize("arch,widths", [
-    (small_arch(), {"a": 8, "b": 16, "c": 24}),
-    (small_arch(), {"a": 3, "b": 40, "c": 7}),
-    (small_arch(head_width=20), {"a": 16, "b": 8, "c": 32}),
-    (small_arch(input_shape=(3, 15, 11), stages=DEEP), {"a": 12, "b": 20, "c": 44}),
-    (small_arch(input_shape=(3, 15, 11), stages=DEEP, head_width=9), {"a": 5, "b": 8, "c": 13}),
-])
+@pytest.mark.parametrize(
+    "arch,widths",
+    [
+        (small_arch(), {"a": 8, "b": 16, "c": 24}),
+        (small_arch(), {"a": 3, "b": 40, "c": 7}),
+        (small_arch(head_width=20), {"a": 16, "b": 8, "c": 32}),
+        (small_arch(input_shape=(3, 15, 11), stages=DEEP), {"a": 12, "b": 20, "c": 44}),
+        (small_arch(input_shape=(3, 15, 11), stages=DEEP, head_width=9), {"a": 5, "b": 8, "c": 13}),
+    ],
+)
 def test_cost_terms_match_flop_counter(arch, widths):
     terms = cost_terms(arch, widths)
     assert _sum(terms, "macs@") == pytest.approx(counted_macs(arch, widths), rel=1e-9)
@@ -78,8 +81,11 @@ def test_cost_terms_are_grouped_by_resolution():
 
 def test_cost_terms_are_differentiable_and_agree_with_integer_widths():
     arch = small_arch()
-    w = {"a": torch.tensor(10.5, requires_grad=True), "b": torch.tensor(17.0, requires_grad=True),
-         "c": torch.tensor(23.25, requires_grad=True)}
+    w = {
+        "a": torch.tensor(10.5, requires_grad=True),
+        "b": torch.tensor(17.0, requires_grad=True),
+        "c": torch.tensor(23.25, requires_grad=True),
+    }
     terms = cost_terms(arch, w)
     total = sum(terms.values())
     grads = torch.autograd.grad(total, list(w.values()))
@@ -169,7 +175,8 @@ def test_predict_gradient_matches_finite_differences_of_a_known_model():
     # the value is intercept + sum coef * term
     terms = cost_terms(arch, base)
     assert float(model.predict(base)) == pytest.approx(
-        0.02 + sum(c * float(terms[t]) for t, c in zip(model.terms, model.coef)))
+        0.02 + sum(c * float(terms[t]) for t, c in zip(model.terms, model.coef))
+    )
 
 
 def test_fit_recovers_known_coefficients_from_exact_points():

@@ -51,9 +51,11 @@ def test_weights_follow_the_gaussian_not_a_temperature():
     # doubling sigma flattens the weights: the spread of the options grows
     narrow, wide = GaussianMask(30, 2, 60), GaussianMask(30, 6, 60)
     with torch.no_grad():
+
         def var(gm):
             f, w = gm.options(), gm.weights()
             return float((w * f * f).sum() - (w * f).sum() ** 2)
+
         assert var(wide) > 4 * var(narrow)
     # the weights are deterministic: no Gumbel noise between calls
     assert torch.equal(narrow.weights(), narrow.weights())
@@ -110,10 +112,21 @@ def test_expected_width_is_monotone_near_the_edges_too():
     assert 8.0 - 1e-5 <= min(ws) and max(ws) <= 40.0 + 1e-5  # E[f] stays within the options
 
 
-@pytest.mark.parametrize("mu,round_to,min_width,expected", [
-    (37.0, 8, 8, 40), (35.0, 8, 8, 32), (33.9, 8, 8, 32), (44.1, 8, 8, 48), (61.0, 4, 8, 60), (63.0, 4, 8, 64),
-    (3.0, 8, 8, 8), (-20.0, 8, 8, 8), (11.0, 8, 12, 12), (17.0, 1, 8, 17),
-])
+@pytest.mark.parametrize(
+    "mu,round_to,min_width,expected",
+    [
+        (37.0, 8, 8, 40),
+        (35.0, 8, 8, 32),
+        (33.9, 8, 8, 32),
+        (44.1, 8, 8, 48),
+        (61.0, 4, 8, 60),
+        (63.0, 4, 8, 64),
+        (3.0, 8, 8, 8),
+        (-20.0, 8, 8, 8),
+        (11.0, 8, 12, 12),
+        (17.0, 1, 8, 17),
+    ],
+)
 def test_final_width_rounds_to_round_to_and_respects_min_width(mu, round_to, min_width, expected):
     gm = GaussianMask(mu, 4.0, 64, min_width=min_width, round_to=round_to)
     assert gm.final_width() == expected

@@ -17,8 +17,17 @@ from flexslim.latency import LatencyModel
 
 SEARCH_EPOCHS = 2
 COMMON = sets(*TINY_SET, *FAST_SET, f"search.epochs={SEARCH_EPOCHS}")
-LINE_FIELDS = {"epoch", "mu", "sigma", "allocated", "expected_latency_ms", "multiplier", "weight_loss", "arch_ce",
-               "seconds"}
+LINE_FIELDS = {
+    "epoch",
+    "mu",
+    "sigma",
+    "allocated",
+    "expected_latency_ms",
+    "multiplier",
+    "weight_loss",
+    "arch_ce",
+    "seconds",
+}
 
 
 def _forbid(name):

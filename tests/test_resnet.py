@@ -12,8 +12,16 @@ from flexslim.spaces import build_network
 from flexslim.spaces.layers import Normalize
 from flexslim.spaces.resnet import BasicBlock, ResNet
 
-DEEP = Arch("resnet", (StageSpec("s1", 16, 2, 1), StageSpec("s2", 32, 3, 2), StageSpec("s3", 64, 2, 2)),
-            (3, 16, 16), 7, "cifar10", (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), stem_width=16)
+DEEP = Arch(
+    "resnet",
+    (StageSpec("s1", 16, 2, 1), StageSpec("s2", 32, 3, 2), StageSpec("s3", 64, 2, 2)),
+    (3, 16, 16),
+    7,
+    "cifar10",
+    (0.5, 0.4, 0.3),
+    (0.2, 0.25, 0.3),
+    stem_width=16,
+)
 
 
 def _units(block: BasicBlock):
@@ -44,12 +52,15 @@ def _check_widths(net: ResNet, arch: Arch, widths: dict[str, int]):
     assert net.classifier.out_features == arch.num_classes
 
 
-@pytest.mark.parametrize("widths", [
-    {"s1": 16, "s2": 32, "s3": 64},
-    {"s1": 8, "s2": 8, "s3": 8},
-    {"s1": 24, "s2": 16, "s3": 40},
-    {"s1": 1, "s2": 3, "s3": 5},
-])
+@pytest.mark.parametrize(
+    "widths",
+    [
+        {"s1": 16, "s2": 32, "s3": 64},
+        {"s1": 8, "s2": 8, "s3": 8},
+        {"s1": 24, "s2": 16, "s3": 40},
+        {"s1": 1, "s2": 3, "s3": 5},
+    ],
+)
 def test_builds_exactly_the_asked_widths(widths):
     net = build_network(DEEP, widths)
     _check_widths(net, DEEP, widths)
@@ -137,8 +148,9 @@ def test_hard_masked_network_equals_the_dense_network_at_the_cut_off(randomize_b
     masked = randomize_batchnorm(build_network(DEEP, wide, mask=lambda s: HardMask(wide[s], keep[s])), seed=1).eval()
     dense = build_network(DEEP, keep).eval()
     sd = {k: v for k, v in masked.state_dict().items() if not k.endswith(".m")}
-    sliced = {k: sd[k][tuple(slice(0, n) for n in v.shape)] if v.dim() else sd[k]
-              for k, v in dense.state_dict().items()}
+    sliced = {
+        k: sd[k][tuple(slice(0, n) for n in v.shape)] if v.dim() else sd[k] for k, v in dense.state_dict().items()
+    }
     dense.load_state_dict(sliced)
     x = torch.rand(4, *DEEP.input_shape)
     with torch.no_grad():
@@ -148,4 +160,3 @@ def test_hard_masked_network_equals_the_dense_network_at_the_cut_off(randomize_b
 def test_unknown_family():
     with pytest.raises(BadInput, match="family"):
         build_network(dataclasses.replace(DEEP, family="vgg"))
-

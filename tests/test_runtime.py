@@ -70,8 +70,16 @@ def test_percentile_50_is_p50(exported):
     assert t.at_percentile_ms == t.p50_ms
 
 
-@pytest.mark.parametrize("kw", [{"batch": 0}, {"batch": 2, "runs": 0}, {"batch": 2, "warmup": -1},
-                                {"batch": 2, "percentile": 0.0}, {"batch": 2, "percentile": 101.0}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"batch": 0},
+        {"batch": 2, "runs": 0},
+        {"batch": 2, "warmup": -1},
+        {"batch": 2, "percentile": 0.0},
+        {"batch": 2, "percentile": 101.0},
+    ],
+)
 def test_time_session_rejects_impossible_arguments(exported, kw):
     sess = make_session(exported.path, "cpu")
     with pytest.raises(BadInput):

@@ -18,8 +18,24 @@ from flexslim.supernet import Supernet
 
 CPU = torch.device("cpu")
 EPOCHS = 2
-FIELDS = {"epoch", "mu", "sigma", "allocated", "expected_latency_ms", "multiplier", "weight_loss", "arch_ce", "seconds",
-          "final_widths", "expected_widths", "budget_ms", "target_ms", "lr", "steps", "realloc_seconds"}
+FIELDS = {
+    "epoch",
+    "mu",
+    "sigma",
+    "allocated",
+    "expected_latency_ms",
+    "multiplier",
+    "weight_loss",
+    "arch_ce",
+    "seconds",
+    "final_widths",
+    "expected_widths",
+    "budget_ms",
+    "target_ms",
+    "lr",
+    "steps",
+    "realloc_seconds",
+}
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +207,12 @@ def test_checkpoint_round_trip(tiny_setup, tmp_path):
     assert ckpt.is_file()
 
     loaded = load_state(ckpt, arch, recipe1, CPU)
-    assert (loaded.epoch, loaded.step, loaded.multiplier, loaded.history) == (st.epoch, st.step, st.multiplier, st.history)
+    assert (loaded.epoch, loaded.step, loaded.multiplier, loaded.history) == (
+        st.epoch,
+        st.step,
+        st.multiplier,
+        st.history,
+    )
     assert loaded.supernet.allocated() == st.supernet.allocated()
     for a, b in ((loaded.supernet.masks, st.supernet.masks), (loaded.supernet.body, st.supernet.body)):
         sa, sb = a.state_dict(), b.state_dict()
@@ -199,8 +220,9 @@ def test_checkpoint_round_trip(tiny_setup, tmp_path):
     for p_new, p_old in zip(loaded.supernet.weight_parameters(), st.supernet.weight_parameters()):
         assert torch.equal(loaded.w_opt.state[p_new]["momentum_buffer"], st.w_opt.state[p_old]["momentum_buffer"])
     for p_new, p_old in zip(loaded.supernet.arch_parameters(), st.supernet.arch_parameters()):
-        assert all(torch.equal(loaded.a_opt.state[p_new][k], st.a_opt.state[p_old][k]) for k in ("exp_avg", "exp_avg_sq"))
-
+        assert all(
+            torch.equal(loaded.a_opt.state[p_new][k], st.a_opt.state[p_old][k]) for k in ("exp_avg", "exp_avg_sq")
+        )
 
 
 def _without_clock(history):

@@ -51,7 +51,9 @@ def test_arch_and_weight_parameters_are_disjoint_and_cover_everything():
     mus = [m.mu for m in sn.masks.values()]
     sn.reallocate({"a": 20, "b": 30, "c": 40})
     assert [id(p) for p in sn.arch_parameters()] == [id(p) for p in mus]
-    assert {id(p) for p in sn.arch_parameters()} | {id(p) for p in sn.weight_parameters()} == {id(p) for p in sn.parameters()}
+    assert {id(p) for p in sn.arch_parameters()} | {id(p) for p in sn.weight_parameters()} == {
+        id(p) for p in sn.parameters()
+    }
     assert not {id(p) for p in sn.arch_parameters()} & {id(p) for p in sn.weight_parameters()}
 
 
@@ -77,7 +79,8 @@ def test_expected_widths_and_cost_terms_are_differentiable_in_mu():
     terms = sn.expected_cost_terms()
     plain = cost_terms(sn.arch, {k: float(v.detach()) for k, v in ew.items()})
     assert {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()} == pytest.approx(
-        {k: float(v) for k, v in plain.items()})
+        {k: float(v) for k, v in plain.items()}
+    )
     total = sum(v for v in terms.values() if torch.is_tensor(v))
     grads = torch.autograd.grad(total, sn.arch_parameters())
     assert all(float(g) > 0 for g in grads)  # more channels, more MACs
@@ -128,12 +131,15 @@ def test_baked_equals_hard_after_train_mode_passes_changed_bn_statistics():
     assert _hard_vs_baked(sn) < 1e-5
 
 
-@pytest.mark.parametrize("widths", [
-    {"a": 5, "b": 11, "c": 13},  # not multiples of round_to
-    {"a": 14, "b": 22, "c": 30},  # the whole allocation
-    {"a": 4, "b": 4, "c": 4},
-    {"a": 1, "b": 20, "c": 7},
-])
+@pytest.mark.parametrize(
+    "widths",
+    [
+        {"a": 5, "b": 11, "c": 13},  # not multiples of round_to
+        {"a": 14, "b": 22, "c": 30},  # the whole allocation
+        {"a": 4, "b": 4, "c": 4},
+        {"a": 1, "b": 20, "c": 7},
+    ],
+)
 def test_baked_equals_hard_at_non_default_widths(widths):
     sn = make_supernet(head_width=6, seed=1, input_shape=(3, 15, 13))  # odd sizes: strides round up
     sn.train()
@@ -174,4 +180,5 @@ def test_bake_builds_a_plain_network_without_masks():
     assert not any(isinstance(m, MaskPoint) for m in dense.modules())
     assert type(dense) is type(build_network(arch))
     assert {k: v.shape for k, v in dense.state_dict().items()} == {
-        k: v.shape for k, v in build_network(arch).state_dict().items()}
+        k: v.shape for k, v in build_network(arch).state_dict().items()
+    }

@@ -37,8 +37,13 @@ def _fresh(arch, seed=0):
 
 
 def _subset(ds: Dataset, n_train: int, n_test: int) -> Dataset:
-    return dataclasses.replace(ds, train_x=ds.train_x[:n_train], train_y=ds.train_y[:n_train],
-                               test_x=ds.test_x[:n_test], test_y=ds.test_y[:n_test])
+    return dataclasses.replace(
+        ds,
+        train_x=ds.train_x[:n_train],
+        train_y=ds.train_y[:n_train],
+        test_x=ds.test_x[:n_test],
+        test_y=ds.test_y[:n_test],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +230,9 @@ def test_open_train_run_errors(tmp_path, monkeypatch, tiny_arch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(BadInput, match="neither a run directory nor an arch.json"):
         open_train_run(tmp_path / "nothing.json", None, [], None)
-    cifar_shaped = dataclasses.replace(tiny_arch, input_shape=(3, 32, 32), dataset="cifar10",
-                                       mean=(0.5,) * 3, std=(0.25,) * 3)
+    cifar_shaped = dataclasses.replace(
+        tiny_arch, input_shape=(3, 32, 32), dataset="cifar10", mean=(0.5,) * 3, std=(0.25,) * 3
+    )
     (tmp_path / "cifar.json").write_text(arch_json(cifar_shaped))
     with pytest.raises(BadInput, match="--recipe"):
         open_train_run(tmp_path / "cifar.json", "quickstart", [], None)

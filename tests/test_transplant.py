@@ -83,7 +83,7 @@ def test_growing_barely_changes_the_supernet_function(by):
         sn.reallocate(grown(sn, by))
         sn.eval()
         y1 = sn(x)
-        tail = max(float(m.mask()[m.allocated - by:].max()) for m in sn.masks.values())
+        tail = max(float(m.mask()[m.allocated - by :].max()) for m in sn.masks.values())
     assert tail < 2e-3, "the new channels should sit beyond mu + 3 sigma, where the mask is ~0"
     change = relative_change(y0, y1)
     assert change < REALLOC_REL_TOL, f"re-allocation moved the output by {change:.2e} of its scale"

@@ -58,8 +58,9 @@ def test_budget_between_floor_and_current_latency_trims_until_it_fits():
 def test_impossible_budget_is_bad_input_naming_min_width():
     arch = small_arch()
     with pytest.raises(BadInput, match=r"min_width 8") as err:
-        fit_to_budget(arch, {"a": 16, "b": 8, "c": 16}, 1e-6, hand_latency_model(arch), FAST_LATENCY, MIN_WIDTH,
-                      ROUND_TO, MARGIN)
+        fit_to_budget(
+            arch, {"a": 16, "b": 8, "c": 16}, 1e-6, hand_latency_model(arch), FAST_LATENCY, MIN_WIDTH, ROUND_TO, MARGIN
+        )
     assert "--latency-ms" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -74,8 +75,20 @@ def fake_clock(monkeypatch):
     def fake_measure(a, widths, settings, seed=0):
         ms = float(truth.predict(widths))
         calls.append(dict(widths))
-        return Timing("cpu", settings.batch, (settings.batch, *a.input_shape), settings.threads, settings.warmup,
-                      settings.runs, settings.percentile, ms * 0.9, ms, ms, ms, "fake")
+        return Timing(
+            "cpu",
+            settings.batch,
+            (settings.batch, *a.input_shape),
+            settings.threads,
+            settings.warmup,
+            settings.runs,
+            settings.percentile,
+            ms * 0.9,
+            ms,
+            ms,
+            ms,
+            "fake",
+        )
 
     monkeypatch.setattr("flexslim.trim.measure", fake_measure)
     return arch, truth, calls
@@ -96,8 +109,11 @@ def test_trims_the_stage_with_the_best_saving_per_relative_width(fake_clock):
     widths = dict(START)
     for t in res.trims:
         base = float(truth.predict(widths))
-        scores = {s: (base - float(truth.predict({**widths, s: w - ROUND_TO}))) * w / ROUND_TO
-                  for s, w in widths.items() if w - ROUND_TO >= MIN_WIDTH}
+        scores = {
+            s: (base - float(truth.predict({**widths, s: w - ROUND_TO}))) * w / ROUND_TO
+            for s, w in widths.items()
+            if w - ROUND_TO >= MIN_WIDTH
+        }
         assert scores[t["stage"]] == pytest.approx(max(scores.values()))
         widths[t["stage"]] = t["to"]
 
@@ -146,8 +162,9 @@ def test_reporter_hears_every_trim(fake_clock):
 
     arch, truth, _ = fake_clock
     log = Log()
-    res = fit_to_budget(arch, START, 0.5 * float(truth.predict(START)), truth, FAST_LATENCY, MIN_WIDTH, ROUND_TO,
-                        MARGIN, reporter=log)
+    res = fit_to_budget(
+        arch, START, 0.5 * float(truth.predict(START)), truth, FAST_LATENCY, MIN_WIDTH, ROUND_TO, MARGIN, reporter=log
+    )
     assert len(log.lines) == len(res.trims) > 0
     assert all(line.startswith("trim: ") for line in log.lines)
 

@@ -32,13 +32,15 @@ def test_library_call_returns_a_report(exported):
 
 def test_library_call_works_repeatedly_in_a_fresh_process(torchvision_onnx):
     """`flexslim.validate` is resolved lazily; once the submodule is imported, the name must still be callable."""
-    code = ("import flexslim, sys\n"
-            "for _ in range(2):\n"
-            f"    rep = flexslim.validate({str(torchvision_onnx)!r}, latency_ms=1e4, runs=2, warmup=0)\n"
-            "    assert rep.passed and rep.timing.provider == 'cpu'\n"
-            "import flexslim.validate\n"
-            f"assert flexslim.validate({str(torchvision_onnx)!r}, runs=1, warmup=0).checks == ()\n"
-            "print('ok')\n")
+    code = (
+        "import flexslim, sys\n"
+        "for _ in range(2):\n"
+        f"    rep = flexslim.validate({str(torchvision_onnx)!r}, latency_ms=1e4, runs=2, warmup=0)\n"
+        "    assert rep.passed and rep.timing.provider == 'cpu'\n"
+        "import flexslim.validate\n"
+        f"assert flexslim.validate({str(torchvision_onnx)!r}, runs=1, warmup=0).checks == ()\n"
+        "print('ok')\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
@@ -110,15 +112,18 @@ def test_junit_xml(tmp_path, exported):
     assert root.find("testsuite").get("failures") == "0" and not list(root.iter("failure"))
 
 
-@pytest.mark.parametrize("kw, needle", [
-    ({"latency_ms": 0.0}, "--latency-ms"),
-    ({"latency_ms": -1.0}, "--latency-ms"),
-    ({"min_accuracy": 1.5}, "--min-accuracy"),
-    ({"percentile": 0.0}, "percentile"),
-    ({"batch": 0}, "batch"),
-    ({"provider": "tpu"}, "tpu"),
-    ({"dataset": "imagenet"}, "imagenet"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"latency_ms": 0.0}, "--latency-ms"),
+        ({"latency_ms": -1.0}, "--latency-ms"),
+        ({"min_accuracy": 1.5}, "--min-accuracy"),
+        ({"percentile": 0.0}, "percentile"),
+        ({"batch": 0}, "batch"),
+        ({"provider": "tpu"}, "tpu"),
+        ({"dataset": "imagenet"}, "imagenet"),
+    ],
+)
 def test_impossible_arguments_are_bad_input(exported, kw, needle):
     with pytest.raises(BadInput, match=needle):
         validate(exported.path, **{**FAST, **kw})
@@ -168,8 +173,9 @@ def test_torchvision_model_cli_loose_and_impossible_budget(tmp_path, cli, torchv
     assert "PASS" in ok.stdout
 
     report = tmp_path / "r.json"
-    bad = cli.invoke(app, ["validate", str(torchvision_onnx), "--latency-ms", "1e-6", "--report", str(report),
-                           *FAST_ARGS])
+    bad = cli.invoke(
+        app, ["validate", str(torchvision_onnx), "--latency-ms", "1e-6", "--report", str(report), *FAST_ARGS]
+    )
     assert bad.exit_code == 1, bad.output
     measured = json.loads(report.read_text())["latency_ms"]
     assert "FAIL" in bad.stdout
@@ -181,8 +187,20 @@ def test_torchvision_model_cli_loose_and_impossible_budget(tmp_path, cli, torchv
 
 def test_cli_loose_budget_exit_0_and_files(tmp_path, cli, exported):
     report, junit = tmp_path / "out" / "r.json", tmp_path / "j.xml"
-    res = cli.invoke(app, ["validate", str(exported.path), "--latency-ms", "1000", "--report", str(report),
-                           "--junit", str(junit), *FAST_ARGS])
+    res = cli.invoke(
+        app,
+        [
+            "validate",
+            str(exported.path),
+            "--latency-ms",
+            "1000",
+            "--report",
+            str(report),
+            "--junit",
+            str(junit),
+            *FAST_ARGS,
+        ],
+    )
     assert res.exit_code == 0, res.output
     d = json.loads(report.read_text())
     assert d["passed"] and REPORT_KEYS <= set(d) and d["batch"] == 4 and d["accuracy"] is not None
@@ -192,8 +210,20 @@ def test_cli_loose_budget_exit_0_and_files(tmp_path, cli, exported):
 
 def test_cli_impossible_budget_exit_1_shows_measured_vs_budget(tmp_path, cli, exported):
     report, junit = tmp_path / "r.json", tmp_path / "j.xml"
-    res = cli.invoke(app, ["validate", str(exported.path), "--latency-ms", "0.000001", "--report", str(report),
-                           "--junit", str(junit), *FAST_ARGS])
+    res = cli.invoke(
+        app,
+        [
+            "validate",
+            str(exported.path),
+            "--latency-ms",
+            "0.000001",
+            "--report",
+            str(report),
+            "--junit",
+            str(junit),
+            *FAST_ARGS,
+        ],
+    )
     assert res.exit_code == 1, res.output
     d = json.loads(report.read_text())
     assert d["passed"] is False

@@ -7,7 +7,7 @@ wherever a stage's channels are produced: that is the supernet body.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -17,8 +17,9 @@ from flexslim.errors import BadInput
 MaskFactory = Callable[[str], nn.Module]
 
 
-def build_network(arch: Arch, widths: dict[str, int] | None = None, mask: MaskFactory | None = None,
-                  auxiliary: bool = False) -> nn.Module:
+def build_network(
+    arch: Arch, widths: dict[str, int] | None = None, mask: MaskFactory | None = None, auxiliary: bool = False
+) -> nn.Module:
     """`auxiliary` adds the DARTS family's training-only auxiliary head (its logits land in `.aux_logits`)."""
     widths = dict(arch.widths if widths is None else widths)
     if arch.family == "resnet":

@@ -25,11 +25,27 @@ Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
 
 # The published DARTS-V2 cells (Liu et al., second-order search on CIFAR-10).
 DARTS_V2 = Genotype(
-    normal=[("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),
-            ("sep_conv_3x3", 1), ("skip_connect", 0), ("skip_connect", 0), ("dil_conv_3x3", 2)],
+    normal=[
+        ("sep_conv_3x3", 0),
+        ("sep_conv_3x3", 1),
+        ("sep_conv_3x3", 0),
+        ("sep_conv_3x3", 1),
+        ("sep_conv_3x3", 1),
+        ("skip_connect", 0),
+        ("skip_connect", 0),
+        ("dil_conv_3x3", 2),
+    ],
     normal_concat=[2, 3, 4, 5],
-    reduce=[("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 1),
-            ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("max_pool_3x3", 1)],
+    reduce=[
+        ("max_pool_3x3", 0),
+        ("max_pool_3x3", 1),
+        ("skip_connect", 2),
+        ("max_pool_3x3", 1),
+        ("max_pool_3x3", 0),
+        ("skip_connect", 2),
+        ("skip_connect", 2),
+        ("max_pool_3x3", 1),
+    ],
     reduce_concat=[2, 3, 4, 5],
 )
 MULTIPLIER = 4  # nodes concatenated into a cell's output
@@ -80,14 +96,23 @@ def make_op(name: str, c: int, stride: int, mask) -> nn.Module:
     if name == "max_pool_3x3":
         return nn.MaxPool2d(3, stride, 1)
     if name == "skip_connect":
-        return nn.Identity() if stride == 1 else _masked(
-            mask, [nn.ReLU(inplace=False), nn.Conv2d(c, c, 1, stride, bias=False), nn.BatchNorm2d(c)])
+        return (
+            nn.Identity()
+            if stride == 1
+            else _masked(mask, [nn.ReLU(inplace=False), nn.Conv2d(c, c, 1, stride, bias=False), nn.BatchNorm2d(c)])
+        )
     raise ValueError(f"unknown op {name}")
 
 
 def relu_conv_bn(c_in: int, c_out: int, stride: int, in_chunks: int, mask) -> nn.Sequential:
-    return _masked(mask, [nn.ReLU(inplace=False), ChunkedConv2d(c_in, c_out, 1, stride, bias=False, in_chunks=in_chunks),
-                          nn.BatchNorm2d(c_out)])
+    return _masked(
+        mask,
+        [
+            nn.ReLU(inplace=False),
+            ChunkedConv2d(c_in, c_out, 1, stride, bias=False, in_chunks=in_chunks),
+            nn.BatchNorm2d(c_out),
+        ],
+    )
 
 
 def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -97,8 +122,9 @@ def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class Cell(nn.Module):
-    def __init__(self, c_pp: int, chunks_pp: int, c_p: int, chunks_p: int, c: int, reduction: bool,
-                 reduction_prev: bool, mask):
+    def __init__(
+        self, c_pp: int, chunks_pp: int, c_p: int, chunks_p: int, c: int, reduction: bool, reduction_prev: bool, mask
+    ):
         super().__init__()
         self.reduction = reduction
         self.preprocess0 = relu_conv_bn(c_pp, c, 2 if reduction_prev else 1, chunks_pp, mask)
@@ -127,9 +153,14 @@ class AuxiliaryHead(nn.Module):
     def __init__(self, c: int, chunks: int, num_classes: int):
         super().__init__()
         self.features = nn.Sequential(
-            nn.ReLU(inplace=False), nn.AdaptiveAvgPool2d(2),
-            ChunkedConv2d(c, 128, 1, bias=False, in_chunks=chunks), nn.BatchNorm2d(128), nn.ReLU(inplace=False),
-            nn.Conv2d(128, 768, 2, bias=False), nn.BatchNorm2d(768), nn.ReLU(inplace=False),
+            nn.ReLU(inplace=False),
+            nn.AdaptiveAvgPool2d(2),
+            ChunkedConv2d(c, 128, 1, bias=False, in_chunks=chunks),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(128, 768, 2, bias=False),
+            nn.BatchNorm2d(768),
+            nn.ReLU(inplace=False),
         )
         self.classifier = nn.Linear(768, num_classes)
 
@@ -142,7 +173,9 @@ class DartsNet(nn.Module):
         super().__init__()
         c_in = arch.input_shape[0]
         self.normalize = Normalize(arch.mean, arch.std)
-        self.stem = nn.Sequential(nn.Conv2d(c_in, arch.stem_width, 3, padding=1, bias=False), nn.BatchNorm2d(arch.stem_width))
+        self.stem = nn.Sequential(
+            nn.Conv2d(c_in, arch.stem_width, 3, padding=1, bias=False), nn.BatchNorm2d(arch.stem_width)
+        )
         c_pp, ch_pp, c_p, ch_p = arch.stem_width, 1, arch.stem_width, 1
         reduction_prev = False
         cells = []
@@ -160,12 +193,17 @@ class DartsNet(nn.Module):
                 self.aux_after = len(cells) - 1
                 aux_c = c_p
         self.cells = nn.ModuleList(cells)
-        self.auxiliary = AuxiliaryHead(aux_c, MULTIPLIER, arch.num_classes) if auxiliary and self.aux_after >= 0 else None
+        self.auxiliary = (
+            AuxiliaryHead(aux_c, MULTIPLIER, arch.num_classes) if auxiliary and self.aux_after >= 0 else None
+        )
         self.aux_logits: torch.Tensor | None = None
         if arch.head_width:
-            self.head = nn.Sequential(nn.ReLU(inplace=False),
-                                      ChunkedConv2d(c_p, arch.head_width, 1, bias=False, in_chunks=ch_p),
-                                      nn.BatchNorm2d(arch.head_width), nn.ReLU(inplace=False))
+            self.head = nn.Sequential(
+                nn.ReLU(inplace=False),
+                ChunkedConv2d(c_p, arch.head_width, 1, bias=False, in_chunks=ch_p),
+                nn.BatchNorm2d(arch.head_width),
+                nn.ReLU(inplace=False),
+            )
             self.classifier = nn.Linear(arch.head_width, arch.num_classes)
         else:
             self.head = nn.Identity()

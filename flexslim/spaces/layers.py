@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,8 +20,9 @@ class Normalize(nn.Module):
         return (x - self.mean) * self.inv_std
 
 
-def conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1,
-            mask: Callable[[], nn.Module] | None = None) -> nn.Sequential:
+def conv_bn(
+    c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1, mask: Callable[[], nn.Module] | None = None
+) -> nn.Sequential:
     """Conv (no bias) -> BN -> optional mask point; the mask multiplies the channels this unit produces."""
     layers: list[nn.Module] = [
         nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
