@@ -232,7 +232,8 @@ def validate(
         Optional[float], typer.Option(help="Percentile of the timed runs the budget applies to.")
     ] = None,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (0 = runtime default).")] = None,
-    runs: Annotated[int, typer.Option(help="Timed runs.")] = 50,
+    runs: Annotated[int, typer.Option(help="Minimum number of timed runs.")] = 50,
+    min_seconds: Annotated[float, typer.Option(help="Minimum seconds of timed runs (steadier p90).")] = 1.0,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
     dataset: Annotated[
         Optional[str], typer.Option(help="Dataset for accuracy: quickstart | cifar10 (default: from metadata).")
@@ -257,6 +258,7 @@ def validate(
             threads=threads,
             warmup=warmup,
             runs=runs,
+            min_seconds=min_seconds,
         )
         if report:
             rep.write_json(report)

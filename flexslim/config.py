@@ -105,7 +105,8 @@ class LatencyConfig:
     batch: int = 32  # latency is per sample: time of one batch / batch
     threads: int = 0  # intra-op threads of onnxruntime; 0 = the runtime's default
     warmup: int = 10  # untimed runs before timing
-    runs: int = 50  # timed runs; the gate reads a percentile of them
+    runs: int = 50  # at least this many timed runs; the gate reads a percentile of them
+    min_seconds: float = 1.0  # ... and at least this long (seconds) of timed runs
     percentile: float = 90.0
     samples: int = 16  # networks measured to fit the latency model
     holdout: int = 4  # further networks measured only to report the model's error

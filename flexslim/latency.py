@@ -192,7 +192,14 @@ def measure(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: i
     net = build_network(arch, widths).eval()
     session = make_session(onnx_bytes(net, arch.input_shape, fast=True), settings.provider, settings.threads)
     return time_session(
-        session, settings.batch, settings.warmup, settings.runs, settings.percentile, settings.threads, seed
+        session,
+        settings.batch,
+        settings.warmup,
+        settings.runs,
+        settings.percentile,
+        settings.threads,
+        seed,
+        settings.min_seconds,
     )
 
 

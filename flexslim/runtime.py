@@ -103,9 +103,19 @@ class Timing:
 
 
 def time_session(
-    session, batch: int, warmup: int = 10, runs: int = 50, percentile: float = 90.0, threads: int = 0, seed: int = 0
+    session,
+    batch: int,
+    warmup: int = 10,
+    runs: int = 50,
+    percentile: float = 90.0,
+    threads: int = 0,
+    seed: int = 0,
+    min_seconds: float = 0.0,
 ) -> Timing:
-    """Time `runs` forward passes on random [0, 1) inputs; per-sample = pass time / batch."""
+    """Time at least `runs` forward passes, and keep going until `min_seconds` of timed passes have been
+    collected; per-sample = pass time / batch. The time floor matters for small models: 50 passes of a
+    2 ms graph span 0.1 s, so one scheduler hiccup on a shared machine moves the p90; over a second of
+    passes it cannot."""
     import onnxruntime as ort
 
     if batch < 1 or runs < 1 or warmup < 0:
@@ -121,7 +131,8 @@ def time_session(
     for _ in range(warmup):
         run()
     samples = []
-    for _ in range(runs):
+    start = time.perf_counter()
+    while len(samples) < runs or (time.perf_counter() - start < min_seconds and len(samples) < 100_000):
         t0 = time.perf_counter()
         run()
         samples.append((time.perf_counter() - t0) * 1e3 / batch)
@@ -132,7 +143,7 @@ def time_session(
         input_shape=tuple(shape),
         threads=threads,
         warmup=warmup,
-        runs=runs,
+        runs=len(samples),
         percentile=percentile,
         p50_ms=float(np.percentile(arr, 50)),
         p90_ms=float(np.percentile(arr, 90)),

@@ -145,6 +145,7 @@ def validate(
     threads: int | None = None,
     warmup: int = 10,
     runs: int = 50,
+    min_seconds: float = 1.0,
 ) -> Report:
     """Measure an ONNX classifier and judge it against a latency budget and/or an accuracy target."""
     if latency_ms is not None and latency_ms <= 0:
@@ -173,7 +174,9 @@ def validate(
         raise
     except Exception as err:  # noqa: BLE001 - onnxruntime refuses graphs it cannot run
         raise BadInput(f"onnxruntime cannot load {model}: {str(err).splitlines()[0][:160]}") from None
-    timing = time_session(session, batch, warmup=warmup, runs=runs, percentile=percentile, threads=threads)
+    timing = time_session(
+        session, batch, warmup=warmup, runs=runs, percentile=percentile, threads=threads, min_seconds=min_seconds
+    )
 
     accuracy, n_test = None, 0
     if dataset is not None:

@@ -35,7 +35,9 @@ SMALL_MODEL = ModelConfig(min_width=4, round_to=4)
 SMALL_SEARCH = SearchConfig(sigma=2.0, k_sigma=3.0, step=1)
 
 # Latency settings small enough that one network takes ~0.1-0.3 s to export and time on a loaded 2-core CPU.
-FAST_LATENCY = LatencyConfig(provider="cpu", batch=8, threads=1, warmup=2, runs=10, samples=4, holdout=2)
+FAST_LATENCY = LatencyConfig(
+    provider="cpu", batch=8, threads=1, warmup=2, runs=10, samples=4, holdout=2, min_seconds=0.0
+)
 
 # --set overrides for the CLI: a tiny quickstart network and cheap latency measurements / search.
 TINY_STAGE_TOML = (
@@ -48,6 +50,7 @@ FAST_SET = (
     "latency.samples=5",
     "latency.holdout=2",
     "latency.runs=10",
+    "latency.min_seconds=0",
     "latency.warmup=2",
     "search.batch_size=128",
     "search.extend_samples=2",

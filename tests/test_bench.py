@@ -22,6 +22,7 @@ def test_bench_writes_the_table_csv_and_plot(tmp_path, monkeypatch):
         "latency.samples=4",
         "latency.holdout=1",
         "latency.runs=5",
+        "latency.min_seconds=0",
         "latency.warmup=1",
         "search.extend_samples=2",
         "search.batch_size=256",

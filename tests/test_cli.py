@@ -9,7 +9,7 @@ import pytest
 from flexslim.cli import app
 from flexslim.config import load_recipe, stage_widths
 
-FAST_ARGS = ["--runs", "5", "--warmup", "1"]
+FAST_ARGS = ["--runs", "5", "--warmup", "1", "--min-seconds", "0"]
 
 
 @pytest.fixture

@@ -193,6 +193,7 @@ def test_darts_smoke_recipe_searches_bakes_exports_and_validates(tmp_path, monke
         "latency.samples=5",
         "latency.holdout=2",
         "latency.runs=5",
+        "latency.min_seconds=0",
         "latency.warmup=1",
         "search.extend_samples=2",
         "search.batch_size=256",

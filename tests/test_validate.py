@@ -11,8 +11,8 @@ from flexslim.cli import app
 from flexslim.errors import BadInput
 from flexslim.validate import Report, validate
 
-FAST = {"runs": 5, "warmup": 1}
-FAST_ARGS = ["--runs", "5", "--warmup", "1"]
+FAST = {"runs": 5, "warmup": 1, "min_seconds": 0.0}
+FAST_ARGS = ["--runs", "5", "--warmup", "1", "--min-seconds", "0"]
 REPORT_KEYS = {"provider", "batch", "input_shape", "p50_ms", "p90_ms", "runtime", "timed_runs"}
 
 
@@ -247,3 +247,10 @@ def test_cli_impossible_argument_exit_2(cli, exported, one_line_error):
     res = cli.invoke(app, ["validate", str(exported.path), "--latency-ms", "-3", *FAST_ARGS])
     assert res.exit_code == 2
     assert "--latency-ms" in one_line_error(res)
+
+
+def test_min_seconds_keeps_timing_past_the_minimum_runs(exported):
+    rep = validate(exported.path, runs=5, warmup=1, min_seconds=0.3)
+    # each pass of this tiny graph takes well under a millisecond: 0.3 s of passes is far more than 5
+    assert rep.timing.runs > 5
+    assert rep.timing.runs * rep.timing.batch * rep.timing.mean_ms >= 0.3e3 * 0.9
