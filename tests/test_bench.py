@@ -6,11 +6,11 @@ import csv
 import json
 
 import pytest
+from search_fixtures import TINY_SET, sets
 from typer.testing import CliRunner
 
 from flexslim.bench import verdicts
 from flexslim.cli import app
-from tests.search_fixtures import TINY_SET, sets
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from search_fixtures import randomize_batchnorm, single_thread  # noqa: F401 (autouse fixture)
 from torch.utils.flop_counter import FlopCounterMode
 
 from flexslim.arch import Arch
@@ -13,7 +14,6 @@ from flexslim.spaces import build_network, cost_terms
 from flexslim.spaces.darts import ChunkedConv2d, DartsNet
 from flexslim.supernet import Supernet, gaussian_masks
 from flexslim.transplant import transplant_optimizer
-from tests.search_fixtures import randomize_batchnorm, single_thread  # noqa: F401 (autouse fixture)
 
 STAGES = tuple(StageSpec(f"c{i}", 6 + 2 * i, 1, 2 if i in (2, 4) else 1) for i in range(6))
 
@@ -180,10 +180,10 @@ def test_auxiliary_head_is_training_only_and_dropped_from_saved_state(tmp_path):
 
 
 def test_darts_smoke_recipe_searches_bakes_exports_and_validates(tmp_path, monkeypatch):
+    from search_fixtures import sets
     from typer.testing import CliRunner
 
     from flexslim.cli import app
-    from tests.search_fixtures import sets
 
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()

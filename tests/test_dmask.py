@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from search_fixtures import SMALL_MODEL, hand_latency_model, single_thread, small_arch  # noqa: F401
 
 from flexslim.config import SearchConfig
 from flexslim.masks import GumbelMask, dmask_options
 from flexslim.supernet import Supernet, gumbel_masks, make_masks
-from tests.search_fixtures import SMALL_MODEL, hand_latency_model, single_thread, small_arch  # noqa: F401
 
 
 def test_options_cover_the_range_on_the_step_grid():

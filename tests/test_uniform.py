@@ -1,7 +1,8 @@
 from __future__ import annotations
 
+from search_fixtures import FAST_LATENCY, single_thread, small_arch  # noqa: F401
+
 from flexslim.uniform import scaled, uniform_scale
-from tests.search_fixtures import FAST_LATENCY, single_thread, small_arch  # noqa: F401
 
 
 def test_scaled_rounds_and_respects_min_width():
