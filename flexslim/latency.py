@@ -183,23 +183,25 @@ def _structure(arch: Arch) -> dict:
 
 # -- measuring ------------------------------------------------------------------------------------
 def measure(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: int = 0):
-    """Export the dense network at `widths` and time it on the deployment runtime -> runtime.Timing."""
+    """Export the dense network at `widths` and time it on the deployment runtime, in the isolated timing
+    process (see runtime.isolated_pool) -> runtime.Timing."""
     from flexslim.export import onnx_bytes
-    from flexslim.runtime import make_session, time_session
+    from flexslim.runtime import time_isolated
     from flexslim.spaces import build_network
 
     torch.manual_seed(seed)
     net = build_network(arch, widths).eval()
-    session = make_session(onnx_bytes(net, arch.input_shape, fast=True), settings.provider, settings.threads)
-    return time_session(
-        session,
-        settings.batch,
-        settings.warmup,
-        settings.runs,
-        settings.percentile,
-        settings.threads,
+    s = settings
+    return time_isolated(
+        onnx_bytes(net, arch.input_shape, fast=True),
+        s.provider,
+        s.threads,
+        s.batch,
+        s.warmup,
+        s.runs,
+        s.percentile,
         seed,
-        settings.min_seconds,
+        s.min_seconds,
     )
 
 

@@ -23,7 +23,7 @@ from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel, profile
 from flexslim.memory import SearchMemory
 from flexslim.runs import atomic_write_json, atomic_write_text, mark_latest, new_run_dir, resolve_run_dir
-from flexslim.trim import Fitted, fit_to_budget
+from flexslim.trim import Fitted, fit_to_budget, round_to_budget
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,10 @@ def search_job(
         lat.save(run_dir / "latency.json")  # it may have been extended during the search
         plot_search(history, run_dir / "search.png", f"FlexCHarts search for {budget_ms:g} ms ({recipe.name})")
         searched = st.supernet.final_widths()
+        if recipe.search.method == "flexcharts":  # mu -> widths on the round_to grid, within the target
+            mus = {name: float(m.mu.detach()) for name, m in st.supernet.masks.items()}
+            target = budget_ms * (1.0 - recipe.search.budget_margin)
+            searched = round_to_budget(mus, lat, target, recipe.model.min_width, recipe.model.round_to)
         fitted = fit_to_budget(
             arch,
             searched,

@@ -41,12 +41,12 @@ def measure_throughput(
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
 
-    def weight_step_fn(net, params):
+    def weight_step_fn(net, params, xb=x, yb=y):
         opt = make_sgd(params, 0.01, 0.9, 3e-4)
 
         def step():
             with autocast(device):
-                loss = F.cross_entropy(net(x).float(), y)
+                loss = F.cross_entropy(net(xb).float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -75,16 +75,7 @@ def measure_throughput(
     x2 = torch.rand(bt, *input_shape, device=device)
     y2 = torch.randint(0, num_classes, (bt,), device=device)
 
-    opt = make_sgd(dense.parameters(), 0.01, 0.9, 3e-4)
-
-    def retrain_step():
-        with autocast(device):
-            loss = F.cross_entropy(dense(x2).float(), y2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    t_retrain = _time_steps(retrain_step, steps, warmup, device)
+    t_retrain = _time_steps(weight_step_fn(dense, dense.parameters(), x2, y2), steps, warmup, device)
     return {
         "device": str(device),
         "allocated": sn.allocated(),

@@ -16,6 +16,26 @@ from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel, measure
 
 
+def round_to_budget(mus: dict[str, float], latency: LatencyModel, target_ms: float, min_width: int,
+                    round_to: int) -> dict[str, int]:
+    """Round each stage's searched mean to a multiple of `round_to` without wasting the budget.
+
+    Nearest rounding of every stage alone ignores the budget: on narrow stages (mu 11 with round_to 8) it
+    can give up a third of a stage, or overshoot. Here every stage starts at its floor multiple; stages
+    are then rounded UP, largest fractional part first, while the predicted latency stays within
+    `target_ms`. The measured check and trimming follow.
+    """
+    floor = {s: max(min_width, round_to * int(mu // round_to)) for s, mu in mus.items()}
+    widths = dict(floor)
+    for s in sorted(mus, key=lambda s: (mus[s] - floor[s]) / round_to, reverse=True):
+        if mus[s] <= floor[s]:
+            continue
+        trial = {**widths, s: floor[s] + round_to}
+        if float(latency.predict(trial)) <= target_ms:
+            widths = trial
+    return widths
+
+
 @dataclass
 class Fitted:
     widths: dict[str, int]

@@ -16,8 +16,6 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from flexslim.errors import BadInput
 from flexslim.runs import atomic_write_bytes, atomic_write_json
 from flexslim.runtime import Timing, make_session, time_session
@@ -226,6 +224,7 @@ def _input_dims(proto, path) -> list:
 
 def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch) -> tuple[float, int]:
     """Top-1 accuracy on the dataset's test split, images in [0, 1] resized to the model's H, W if needed."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 

@@ -57,6 +57,27 @@ FAST_SET = (
 )
 
 
+# the fields every search.jsonl line documents
+HISTORY_FIELDS = {
+    "epoch",
+    "mu",
+    "sigma",
+    "allocated",
+    "expected_latency_ms",
+    "multiplier",
+    "weight_loss",
+    "arch_ce",
+    "seconds",
+    "final_widths",
+    "expected_widths",
+    "budget_ms",
+    "target_ms",
+    "lr",
+    "steps",
+    "realloc_seconds",
+}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
     """One intra-op torch thread for the module (restored after): these networks are tiny, and two OpenMP

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from search_fixtures import FAST_SET, TINY_SET, error_line, sets, single_thread  # noqa: F401
+from search_fixtures import FAST_SET, HISTORY_FIELDS, TINY_SET, error_line, sets, single_thread  # noqa: F401
 from typer.testing import CliRunner
 
 from flexslim.arch import load_arch
@@ -17,17 +17,7 @@ from flexslim.latency import LatencyModel
 
 SEARCH_EPOCHS = 2
 COMMON = sets(*TINY_SET, *FAST_SET, f"search.epochs={SEARCH_EPOCHS}")
-LINE_FIELDS = {
-    "epoch",
-    "mu",
-    "sigma",
-    "allocated",
-    "expected_latency_ms",
-    "multiplier",
-    "weight_loss",
-    "arch_ce",
-    "seconds",
-}
+LINE_FIELDS = HISTORY_FIELDS
 
 
 def _forbid(name):

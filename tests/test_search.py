@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from search_fixtures import TINY_SET, hand_latency_model, make_supernet, single_thread  # noqa: F401
+from search_fixtures import HISTORY_FIELDS, TINY_SET, hand_latency_model, make_supernet, single_thread  # noqa: F401
 
 from flexslim.arch import Arch
 from flexslim.config import load_recipe
@@ -18,24 +18,7 @@ from flexslim.supernet import Supernet
 
 CPU = torch.device("cpu")
 EPOCHS = 2
-FIELDS = {
-    "epoch",
-    "mu",
-    "sigma",
-    "allocated",
-    "expected_latency_ms",
-    "multiplier",
-    "weight_loss",
-    "arch_ce",
-    "seconds",
-    "final_widths",
-    "expected_widths",
-    "budget_ms",
-    "target_ms",
-    "lr",
-    "steps",
-    "realloc_seconds",
-}
+FIELDS = HISTORY_FIELDS
 
 
 @pytest.fixture(scope="module")

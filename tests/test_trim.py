@@ -174,3 +174,26 @@ def test_settings_are_passed_to_the_measurement(fake_clock):
     settings = dataclasses.replace(FAST_LATENCY, batch=3)
     res = fit_to_budget(arch, START, 1000.0, truth, settings, MIN_WIDTH, ROUND_TO, MARGIN)
     assert res.trims == [] and res.p50_ms == pytest.approx(0.9 * res.measured_ms)
+
+
+def test_round_to_budget_rounds_up_largest_fractions_first_within_the_target():
+    from search_fixtures import hand_latency_model, small_arch
+
+    from flexslim.trim import round_to_budget
+
+    arch = small_arch()
+    lat = hand_latency_model(arch)
+    mus = {"a": 11.0, "b": 21.5, "c": 30.0}  # fractions of 8: a 3/8, b 5.5/8, c 6/8
+    everything_up = {"a": 16, "b": 24, "c": 32}
+    floors = {"a": 8, "b": 16, "c": 24}
+    # a target that admits everything: all stages round up
+    assert round_to_budget(mus, lat, float(lat.predict(everything_up)), 4, 8) == everything_up
+    # a target at the floors: nothing rounds up
+    assert round_to_budget(mus, lat, float(lat.predict(floors)), 4, 8) == floors
+    # in between: c (largest fraction) first, then b, and a only if it still fits
+    target = float(lat.predict({"a": 8, "b": 24, "c": 32}))
+    got = round_to_budget(mus, lat, target, 4, 8)
+    assert got == {"a": 8, "b": 24, "c": 32}
+    assert float(lat.predict(got)) <= target
+    # never below min_width (as GaussianMask.final_width), and a stage exactly on the grid stays there
+    assert round_to_budget({"a": 2.0, "b": 16.0, "c": 24.0}, lat, 1e9, 4, 8) == {"a": 4, "b": 16, "c": 24}
