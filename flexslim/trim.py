@@ -16,8 +16,9 @@ from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel, measure
 
 
-def round_to_budget(mus: dict[str, float], latency: LatencyModel, target_ms: float, min_width: int,
-                    round_to: int) -> dict[str, int]:
+def round_to_budget(
+    mus: dict[str, float], latency: LatencyModel, target_ms: float, min_width: int, round_to: int
+) -> dict[str, int]:
     """Round each stage's searched mean to a multiple of `round_to` without wasting the budget.
 
     Nearest rounding of every stage alone ignores the budget: on narrow stages (mu 11 with round_to 8) it

@@ -100,7 +100,11 @@ def test_search_jsonl_has_one_documented_line_per_epoch(run):
         assert set(h["mu"]) == set(h["allocated"]) == set(h["sigma"]) == stages
         assert h["budget_ms"] == run.budget and h["expected_latency_ms"] > 0 and h["seconds"] > 0
     info = json.loads((run.run_dir / "run.json").read_text())
-    assert info["searched_widths"] == lines[-1]["final_widths"]
+    # budget-aware rounding: each stage is its mean rounded down or up to the grid (or min_width)
+    recipe = load_recipe(str(run.run_dir / "recipe.toml"))
+    for stage, width in info["searched_widths"].items():
+        mu, step = lines[-1]["mu"][stage], recipe.model.round_to
+        assert width == recipe.model.min_width or (width % step == 0 and abs(width - mu) < step)
 
 
 def test_search_png_is_a_png(run):
