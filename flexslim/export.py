@@ -196,12 +196,11 @@ def export_run(
 
 
 def gate_in_fresh_process(path: Path, budget_ms: float, provider: str):
-    """Run `validate` in a new interpreter, as CI would: right after an export, this process still has the
-    exporter's threads and heap churn, which showed up as p90 spikes of 2-3x on a 2-core machine."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
+    """Run `validate` in the isolated timing process (a fresh interpreter, as in CI): right after an export,
+    this process still has the exporter's threads and heap churn, which showed up as p90 spikes of 2-3x on
+    a 2-core machine."""
+    from flexslim.runtime import run_isolated
     from flexslim.validate import validate
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(validate, path, latency_ms=budget_ms, provider=provider).result()
+    # the helper process keeps the working directory it was started in: hand it an absolute path
+    return run_isolated(validate, Path(path).resolve(), latency_ms=budget_ms, provider=provider)

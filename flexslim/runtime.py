@@ -218,24 +218,18 @@ def isolated_pool():
     return _POOL
 
 
-def time_isolated(
-    model: bytes,
-    provider: str,
-    threads: int,
-    batch: int,
-    warmup: int,
-    runs: int,
-    percentile: float,
-    seed: int = 0,
-    min_seconds: float = 0.0,
-) -> Timing:
-    """`time_model_bytes` in the isolated helper process (BadInput and other errors come back as raised)."""
+def run_isolated(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in the isolated helper process; errors (BadInput included) are raised here."""
     global _POOL
     from concurrent.futures.process import BrokenProcessPool
 
-    args = (model, provider, threads, batch, warmup, runs, percentile, seed, min_seconds)
     try:
-        return isolated_pool().submit(time_model_bytes, *args).result()
-    except BrokenProcessPool:  # no spawnable __main__ (e.g. a script piped on stdin): time in this process
+        return isolated_pool().submit(fn, *args, **kwargs).result()
+    except BrokenProcessPool:  # no spawnable __main__ (e.g. a script piped on stdin): run in this process
         _POOL = None
-        return time_model_bytes(*args)
+        return fn(*args, **kwargs)
+
+
+def time_isolated(*args, **kwargs) -> Timing:
+    """`time_model_bytes` in the isolated helper process."""
+    return run_isolated(time_model_bytes, *args, **kwargs)
