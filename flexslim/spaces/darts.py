@@ -232,7 +232,6 @@ def cost_terms(arch: Arch, widths: dict) -> dict:
         terms[key] = terms.get(key, 0.0) + value
 
     c_pp = c_p = arch.stem_width  # channels (already multiplied by 4 for cell outputs)
-    reduction_prev = False
     for spec in arch.stages:
         c = widths[spec.name]
         for b in range(spec.blocks):
@@ -246,9 +245,7 @@ def cost_terms(arch: Arch, widths: dict) -> dict:
             else:
                 add(f"macs@{res}", hw * (11 * c * c + 99 * c))  # 5 sep convs (2 dw+pw each) + 1 dil conv
                 add(f"act@{res}", hw * 22 * c)
-            reduction_prev = reduction
             c_pp, c_p = c_p, MULTIPLIER * c
-    del reduction_prev
     if arch.head_width:
         add(f"macs@{h}x{w_}", h * w_ / 1e6 * c_p * arch.head_width)
     else:
