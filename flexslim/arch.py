@@ -15,9 +15,9 @@ from typing import Any
 
 from flexslim.config import ModelConfig, StageSpec
 from flexslim.errors import BadInput
+from flexslim.spaces import FAMILIES
 
 ARCH_VERSION = 1
-FAMILIES = ("resnet", "darts")
 
 
 @dataclass(frozen=True)

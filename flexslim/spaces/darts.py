@@ -221,6 +221,11 @@ class DartsNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.head(s1)), 1))
 
 
+def build(arch: Arch, widths: dict[str, int], mask=None, auxiliary: bool = False) -> DartsNet:
+    """The family's entry point (see `flexslim.spaces`)."""
+    return DartsNet(arch, widths, mask, auxiliary)
+
+
 def cost_terms(arch: Arch, widths: dict) -> dict:
     """Analytic MACs (millions per image) and conv output elements (millions) per resolution, differentiable
     in the widths. A cell's cost depends on its own width AND on the two previous stages' widths (its

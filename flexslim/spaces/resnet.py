@@ -94,3 +94,8 @@ def cost_terms(arch: Arch, widths: dict) -> dict[str, torch.Tensor | float]:
     else:
         add("macs@head", c_in * arch.num_classes / 1e6)
     return terms
+
+
+def build(arch: Arch, widths: dict[str, int], mask=None, auxiliary: bool = False) -> ResNet:
+    """The family's entry point (see `flexslim.spaces`); this family has no auxiliary head."""
+    return ResNet(arch, widths, mask)

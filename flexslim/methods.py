@@ -1,0 +1,63 @@
+"""The one table of search methods, and the one table of what `flexslim bench` compares.
+
+A search method names how a stage's option weights are made (its mask kind); the table resolves the
+name to the mask factory lazily (`module:function`), so the CLI reads the names without importing torch.
+
+    SEARCH_METHODS["flexcharts"]  -> GaussianMask per stage (this tool's method)
+    SEARCH_METHODS["dmask"]       -> GumbelMask per stage over a fixed range (DMaskingNAS baseline)
+
+Bench methods are recipe overrides on top of a search method, or `uniform` (no search: one width
+multiplier fitted to the measured latency).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flexslim.errors import BadInput
+
+SEARCH_METHODS: dict[str, str] = {
+    "flexcharts": "flexslim.masks:gaussian_masks",
+    "dmask": "flexslim.masks:gumbel_masks",
+}
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """One row of the bench: `search` is a SEARCH_METHODS name (None: uniform scaling, no search)."""
+
+    name: str
+    search: str | None
+    overrides: tuple[str, ...] = ()
+
+
+BENCH_METHODS: dict[str, BenchMethod] = {
+    m.name: m
+    for m in (
+        BenchMethod("flexcharts", "flexcharts"),
+        BenchMethod("dmask-small", "dmask", ("search.dmask_range=small",)),
+        BenchMethod("dmask-large", "dmask", ("search.dmask_range=large",)),
+        BenchMethod("uniform", None),
+    )
+}
+
+
+def check_search_method(name: str) -> str:
+    """`name` if it is a search method, else BadInput listing the valid ones."""
+    if name not in SEARCH_METHODS:
+        raise BadInput(f"unknown search.method '{name}'; valid: {', '.join(SEARCH_METHODS)}")
+    return name
+
+
+def mask_factory(name: str) -> Callable:
+    """The function (arch, model_cfg, search_cfg) -> {stage: mask} of search method `name`."""
+    module, _, attr = SEARCH_METHODS[check_search_method(name)].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def bench_method(name: str) -> BenchMethod:
+    if name not in BENCH_METHODS:
+        raise BadInput(f"unknown bench method '{name}'; valid: {', '.join(BENCH_METHODS)}")
+    return BENCH_METHODS[name]
