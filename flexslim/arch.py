@@ -22,6 +22,11 @@ ARCH_VERSION = 1
 
 @dataclass(frozen=True)
 class Arch:
+    """A network to rebuild: family, fixed parts, per-stage widths, and what it was made for.
+
+    Frozen: `with_widths` returns a new Arch. `to_dict`/`from_dict` are the versioned arch.json form.
+    """
+
     family: str
     stages: tuple[StageSpec, ...]
     input_shape: tuple[int, int, int]  # C, H, W of one image
@@ -37,6 +42,7 @@ class Arch:
         return {s.name: s.width for s in self.stages}
 
     def with_widths(self, widths: dict[str, int]) -> Arch:
+        """The same network with some stages at other widths (unknown stage names are BadInput)."""
         unknown = set(widths) - set(self.widths)
         if unknown:
             raise BadInput(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(self.widths)}")
@@ -45,6 +51,7 @@ class Arch:
 
     @classmethod
     def from_model(cls, model: ModelConfig, input_shape, num_classes: int, dataset: str, mean, std) -> Arch:
+        """The Arch of a recipe's [model] section for a dataset's shape, classes and normalisation."""
         return cls(
             family=model.family,
             stages=tuple(model.stages),
@@ -56,6 +63,14 @@ class Arch:
             stem_width=model.stem_width,
             head_width=model.head_width,
         )
+
+    @classmethod
+    def for_data(cls, model: ModelConfig, ds) -> Arch:
+        """The recipe's network (its initial widths) for a dataset: input shape, classes, name, normalisation.
+
+        `ds` is any object with `input_shape`, `num_classes`, `name`, `mean` and `std` (a `data.Dataset`).
+        """
+        return cls.from_model(model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +88,7 @@ class Arch:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "arch") -> Arch:
+        """Parse arch.json's object; anything malformed is BadInput naming `where` and the field."""
         try:
             if not isinstance(d, dict):
                 raise ValueError("expected a JSON object")
@@ -137,6 +153,7 @@ def _non_negative(value: Any, what: str) -> int:
 
 
 def load_arch(path: str | Path) -> Arch:
+    """Read and check an arch.json file (BadInput when missing or malformed)."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"arch file {path} does not exist")
@@ -148,4 +165,5 @@ def load_arch(path: str | Path) -> Arch:
 
 
 def arch_json(arch: Arch) -> str:
+    """The arch.json text of an Arch (versioned, indented)."""
     return json.dumps(arch.to_dict(), indent=2) + "\n"

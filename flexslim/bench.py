@@ -19,22 +19,15 @@ import sys
 import time
 from pathlib import Path
 
+from flexslim.budget import Budget
 from flexslim.errors import BadInput
 from flexslim.memory import SearchMemory
+from flexslim.methods import BenchMethod, bench_method
 from flexslim.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
-
-METHODS = ("flexcharts", "dmask-small", "dmask-large", "uniform")
-
-
-def _method_overrides(method: str) -> list[str]:
-    if method == "flexcharts":
-        return ["search.method=flexcharts", "search.trim=false"]
-    if method in ("dmask-small", "dmask-large"):
-        return ["search.method=dmask", f"search.dmask_range={method.split('-')[1]}", "search.trim=false"]
-    raise BadInput(f"unknown bench method '{method}'; valid: {', '.join(METHODS)}")
 
 
 def network_stats(arch) -> dict:
+    """MFLOPs (torch's FlopCounterMode, one image) and parameters (thousands) of the dense network."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -48,81 +41,90 @@ def network_stats(arch) -> dict:
 
 
 def worker(spec: dict) -> dict:
-    """One method, in this (fresh) process. Returns the row for the table."""
-
+    """One bench method, in this (fresh) process: search (or uniform scaling) -> the row for the table."""
     from flexslim.config import load_recipe
     from flexslim.data import load_dataset
     from flexslim.devices import pick_device
 
-    method, budget, out = spec["method"], spec["budget_ms"], Path(spec["out"])
+    method = bench_method(spec["method"])
     recipe = load_recipe(spec["recipe"], spec["overrides"])
     dev = pick_device(spec["device"])
-    ds = load_dataset(recipe.data, spec.get("data"))  # warm the data path so the baseline includes it
-    memory = SearchMemory(dev)  # uniform's "search" is its bisection; the others record their own loop
-    memory.start()
+    ds = load_dataset(recipe.data, spec.get("data"))  # warm the data path so the memory baseline includes it
     t0 = time.perf_counter()
-    row: dict = {"method": method, "budget_ms": budget}
-    if method == "uniform":
-        from flexslim.arch import Arch
-        from flexslim.latency import LatencyModel
-        from flexslim.uniform import uniform_scale
-
-        arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
-        LatencyModel.load(spec["latency_table"]).check_compatible(arch, recipe.latency, spec["latency_table"])
-        res = uniform_scale(
-            arch, budget, recipe.latency, recipe.model.min_width, recipe.model.round_to, recipe.search.trim_margin
-        )
-        baked = arch.with_widths(res.widths)
-        row.update(search_seconds=res.seconds, measured_ms=res.measured_ms, multiplier=res.multiplier, **memory.stop())
-        acc_supernet = None
-        run_dir = out / method
-        run_dir.mkdir(parents=True, exist_ok=True)
-        test_acc = None
-        if spec["retrain"]:
-            from flexslim.train import train_arch
-
-            test_acc = train_arch(baked, recipe, run_dir, ds, dev)[-1].test_acc
-    else:
-        from flexslim.pipeline import read_json, search_job
-
-        res = search_job(
-            budget,
-            spec["recipe"],
-            spec["overrides"] + _method_overrides(method),
-            spec.get("data"),
-            out / method,
-            spec["device"],
-            Path(spec["latency_table"]),
-            retrain=spec["retrain"],
-            mark=False,
-        )
-        baked = res.arch
-        row.update(
-            search_seconds=sum(h["seconds"] for h in res.history),
-            measured_ms=res.fitted.measured_ms,
-            allocated=res.history[-1]["allocated"] if res.history else None,
-        )
-        info = read_json(res.run_dir / "run.json")
-        row.update(info["memory"])
-        acc_supernet = info["supernet_test_acc"]
-        test_acc = res.test_acc
-    wall = time.perf_counter() - t0
+    run = _uniform_row if method.search is None else _search_row
+    row, baked = run(spec, method, recipe, ds, dev)
     row.update(
+        method=method.name,
+        budget_ms=spec["budget_ms"],
         widths=baked.widths,
-        budget_met=row["measured_ms"] <= budget,
-        wall_seconds=wall,
-        acc_supernet=acc_supernet,
-        acc_retrained=test_acc,
+        budget_met=row["measured_ms"] <= spec["budget_ms"],
+        wall_seconds=time.perf_counter() - t0,
         device=str(dev),
         **network_stats(baked),
     )
     return row
 
 
+def _search_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, object]:
+    """A searched method: the search job, untrimmed, on the bench's shared latency table."""
+    from flexslim.pipeline import search_job
+
+    res = search_job(
+        spec["budget_ms"],
+        recipe=spec["recipe"],
+        overrides=[*spec["overrides"], f"search.method={method.search}", *method.overrides, "search.trim=false"],
+        data_dir=spec.get("data"),
+        run_dir=Path(spec["out"]) / method.name,
+        device=spec["device"],
+        latency_table=Path(spec["latency_table"]),
+        retrain=spec["retrain"],
+        mark=False,
+    )
+    row = {
+        "search_seconds": res.search_seconds,
+        "measured_ms": res.fitted.measured_ms,
+        "allocated": res.history[-1]["allocated"] if res.history else None,
+        "acc_supernet": res.supernet_acc,
+        "acc_retrained": res.test_acc,
+        **(res.memory or {}),
+    }
+    return row, res.arch
+
+
+def _uniform_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, object]:
+    """Uniform scaling: one multiplier bisected on measured latency (its "search"), then optional retraining."""
+    from flexslim.arch import Arch
+    from flexslim.latency import LatencyModel
+    from flexslim.uniform import uniform_scale
+
+    memory = SearchMemory(dev)
+    memory.start()
+    arch = Arch.for_data(recipe.model, ds)
+    LatencyModel.load(spec["latency_table"]).check_compatible(arch, recipe.latency, spec["latency_table"])
+    res = uniform_scale(
+        arch,
+        budget=Budget.from_recipe(spec["budget_ms"], recipe.search),
+        settings=recipe.latency,
+        min_width=recipe.model.min_width,
+        round_to=recipe.model.round_to,
+    )
+    row = {"search_seconds": res.seconds, "measured_ms": res.measured_ms, "multiplier": res.multiplier}
+    row.update(memory.stop(), acc_supernet=None, acc_retrained=None)
+    baked = arch.with_widths(res.widths)
+    if spec["retrain"]:
+        from flexslim.train import train_arch
+
+        run_dir = Path(spec["out"]) / method.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        row["acc_retrained"] = train_arch(baked, recipe, run_dir, ds, dev)[-1].test_acc
+    return row, baked
+
+
 def run_bench(
     recipe_name: str,
-    methods: list[str] | None,
-    out: Path,
+    methods: list[str] | None = None,
+    out: Path = Path("bench"),
+    *,
     budget_ms: float | None = None,
     retrain: bool | None = None,
     overrides: list[str] | None = None,
@@ -130,24 +132,49 @@ def run_bench(
     device: str = "auto",
     log=print,
 ) -> list[dict]:
+    """Every method on one recipe, budget, latency table and seed, each in its own process -> bench.md/csv/json/png.
+
+    Args:
+        methods: names from `methods.BENCH_METHODS` (default: the recipe's bench.methods).
+        budget_ms: default the recipe's bench.latency_ms.
+        retrain: retrain every result and report its test accuracy (default: the recipe's bench.retrain).
+        log: called with one line per event.
+
+    Returns:
+        One row per method (a failed method's row has an "error").
+    """
     from flexslim.config import load_recipe
-    from flexslim.pipeline import profile_job
 
     overrides = list(overrides or [])
     recipe = load_recipe(recipe_name, overrides)
-    methods = list(methods or recipe.bench.methods)
-    for m in methods:
-        if m != "uniform":
-            _method_overrides(m)
+    methods = [bench_method(m).name for m in (methods or recipe.bench.methods)]
     budget = budget_ms if budget_ms is not None else recipe.bench.latency_ms
     if not budget or budget <= 0:
         raise BadInput(f"recipe {recipe.name} sets no bench.latency_ms; pass --latency-ms")
-    retrain = recipe.bench.retrain if retrain is None else retrain
     out.mkdir(parents=True, exist_ok=True)
-    table = out / "latency.json"
-    log(f"bench {recipe.name}: budget {budget:g} ms, methods {', '.join(methods)}; measuring the shared latency table")
+    _shared_latency_table(recipe_name, overrides, out / "latency.json", budget, data_dir, log)
+    base = {
+        "recipe": recipe_name,
+        "overrides": overrides,
+        "budget_ms": budget,
+        "out": str(out),
+        "latency_table": str(out / "latency.json"),
+        "retrain": recipe.bench.retrain if retrain is None else retrain,
+        "device": device,
+        "data": str(data_dir) if data_dir else None,
+    }
+    rows = [_run_method({**base, "method": m}, out, log) for m in methods]
+    write_outputs(rows, out, budget, recipe.name)
+    return rows
+
+
+def _shared_latency_table(recipe_name: str, overrides: list[str], table: Path, budget: float, data_dir, log) -> None:
+    """Measure the one latency table every method uses; a budget under the family's floor is refused."""
+    from flexslim.pipeline import profile_job
+
+    log(f"bench {recipe_name}: budget {budget:g} ms; measuring the shared latency table")
     t0 = time.perf_counter()
-    model = profile_job(recipe_name, overrides, table, data_dir)
+    model = profile_job(recipe_name, overrides, table, data_dir=data_dir)
     if budget < model.floor_ms:
         raise BadInput(
             f"--latency-ms {budget:g} is below the family's floor {model.floor_ms:.4f} ms on {model.provider}"
@@ -156,40 +183,29 @@ def run_bench(
         f"latency table: {time.perf_counter() - t0:.0f}s, hold-out error median "
         f"{model.error_summary().get('median_pct', 0):.1f}%, floor {model.floor_ms:.4f} ms"
     )
-    rows = []
-    for m in methods:
-        spec = {
-            "method": m,
-            "recipe": recipe_name,
-            "overrides": overrides,
-            "budget_ms": budget,
-            "out": str(out),
-            "latency_table": str(table),
-            "retrain": retrain,
-            "device": device,
-            "data": str(data_dir) if data_dir else None,
-        }
-        result = out / f"{m}.json"
-        result.unlink(missing_ok=True)
-        shutil.rmtree(out / m, ignore_errors=True)  # a fresh run directory per method
-        log(f"-> {m} (own process)")
-        proc = subprocess.run(
-            [sys.executable, "-m", "flexslim.bench", json.dumps(spec), str(result)], capture_output=True, text=True
-        )
-        if proc.returncode != 0 or not result.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            rows.append({"method": m, "error": " | ".join(tail)})
-            log(f"   {m} failed: {' | '.join(tail)}")
-            continue
-        row = json.loads(result.read_text())
-        rows.append(row)
-        log(
-            f"   {m}: widths {row['widths']}, {row['measured_ms']:.4f} ms "
-            f"({'met' if row['budget_met'] else 'MISSED'}), "
-            f"search {row['search_seconds']:.0f}s, peak {row['peak_mb']:.0f} MB"
-        )
-    write_outputs(rows, out, budget, recipe.name)
-    return rows
+
+
+def _run_method(spec: dict, out: Path, log) -> dict:
+    """One method in a fresh process (its peak memory is its own) -> its row, or a row with the error."""
+    m = spec["method"]
+    result = out / f"{m}.json"
+    result.unlink(missing_ok=True)
+    shutil.rmtree(out / m, ignore_errors=True)  # a fresh run directory per method
+    log(f"-> {m} (own process)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexslim.bench", json.dumps(spec), str(result)], capture_output=True, text=True
+    )
+    if proc.returncode != 0 or not result.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        log(f"   {m} failed: {' | '.join(tail)}")
+        return {"method": m, "error": " | ".join(tail)}
+    row = json.loads(result.read_text())
+    log(
+        f"   {m}: widths {row['widths']}, {row['measured_ms']:.4f} ms "
+        f"({'met' if row['budget_met'] else 'MISSED'}), "
+        f"search {row['search_seconds']:.0f}s, peak {row['peak_mb']:.0f} MB"
+    )
+    return row
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -253,6 +269,7 @@ def _fmt(key, v) -> str:
 
 
 def write_outputs(rows: list[dict], out: Path, budget: float, recipe: str) -> None:
+    """bench.md (table + verdicts), bench.csv, bench.json and bench.png (accuracy vs latency) into `out`."""
     ok = [r for r in rows if "error" not in r]
     head = "| " + " | ".join(title for _, title in COLUMNS) + " |"
     lines = [f"# flexslim bench: {recipe}, budget {budget:g} ms/sample", "", head, "|" + "---|" * len(COLUMNS)]

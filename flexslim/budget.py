@@ -16,6 +16,8 @@ from flexslim.errors import BadInput
 
 @dataclass(frozen=True)
 class Budget:
+    """A latency budget and its two derived lines (see the module docstring); frozen, checked on creation."""
+
     ms: float  # per-sample latency at the gate's percentile, milliseconds
     search_margin: float = 0.0  # fraction of ms the search keeps free for rounding and timing noise
     trim_margin: float = 0.0  # fraction of ms the measured network keeps free (the gate re-measures)

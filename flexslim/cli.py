@@ -14,6 +14,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from flexslim.devices import DEVICES
+from flexslim.methods import BENCH_METHODS, SEARCH_METHODS
+from flexslim.runtime import PROVIDERS
+
 app = typer.Typer(
     name="flexslim",
     help="Find per-stage channel widths that meet a latency budget (FlexCHarts), retrain, export to ONNX, gate.",
@@ -25,21 +29,14 @@ out = Console()
 err = Console(stderr=True)
 
 
-class Provider(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+def _choices(name: str, names) -> type[Enum]:
+    """A str Enum of the names of one table (typer shows and checks them as the option's choices)."""
+    return Enum(name, {n.replace("-", "_"): n for n in names}, type=str)
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Method(str, Enum):
-    flexcharts = "flexcharts"
-    dmask = "dmask"
+Provider = _choices("Provider", PROVIDERS)
+Device = _choices("Device", DEVICES)
+Method = _choices("Method", SEARCH_METHODS)
 
 
 RecipeOpt = Annotated[
@@ -109,15 +106,15 @@ def search(
             overrides.append(f"latency.batch={latency_batch}")
         res = search_job(
             latency_ms,
-            recipe,
-            overrides,
-            data,
-            run_dir,
-            device.value,
-            latency_table,
-            retrain,
-            resume,
-            RichReporter(err),
+            recipe=recipe,
+            overrides=overrides,
+            data_dir=data,
+            run_dir=run_dir,
+            device=device.value,
+            latency_table=latency_table,
+            retrain=retrain,
+            resume=resume,
+            reporter=RichReporter(err),
         )
         f = res.fitted
         out.print(
@@ -142,7 +139,7 @@ def profile(
         from flexslim.pipeline import profile_job
 
         overrides = list(set_ or []) + ([f"latency.provider={provider.value}"] if provider else [])
-        model = profile_job(recipe, overrides, out_path, data, RichReporter(err))
+        model = profile_job(recipe, overrides, out_path, data_dir=data, reporter=RichReporter(err))
         e = model.error_summary()
         out.print(
             f"wrote {out_path}: {len(model.fit_points)} fit + {len(model.holdout_points)} hold-out networks on "
@@ -198,9 +195,9 @@ def export(
 ) -> None:
     """Export the run's trained model to ONNX (checked, parity-tested), then gate it against the run's budget."""
     with _exit_codes():
-        from flexslim.export import export_run
+        from flexslim.export_job import export_run
 
-        result = export_run(output, run_dir, provider.value if provider else None, gate=validate)
+        result = export_run(output, run_dir, provider=provider.value if provider else None, gate=validate)
         out.print(
             f"wrote {result.export.path} ({result.export.size_bytes / 1e6:.2f} MB, opset {result.export.opset}); "
             f"parity max |onnx - torch| = {result.export.parity_max_abs:.2e}"
@@ -272,9 +269,7 @@ def validate(
 @app.command()
 def bench(
     recipe: RecipeOpt = "bench-cpu",
-    methods: Annotated[
-        Optional[str], typer.Option(help="Comma-separated: flexcharts,dmask-small,dmask-large,uniform.")
-    ] = None,
+    methods: Annotated[Optional[str], typer.Option(help=f"Comma-separated, from: {','.join(BENCH_METHODS)}.")] = None,
     out_dir: Annotated[
         Path, typer.Option("--out", help="Folder for bench.md, bench.csv, bench.png and the runs.")
     ] = Path("bench"),
@@ -312,11 +307,11 @@ def bench(
             recipe,
             methods.split(",") if methods else None,
             out_dir,
-            latency_ms,
-            retrain,
-            set_ or [],
-            data,
-            device.value,
+            budget_ms=latency_ms,
+            retrain=retrain,
+            overrides=set_ or [],
+            data_dir=data,
+            device=device.value,
             log=lambda line: err.print(line, highlight=False),
         )
         out.print((out_dir / "bench.md").read_text())

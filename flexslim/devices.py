@@ -1,17 +1,24 @@
-"""The training device and its fast path: CUDA when present (bf16 autocast, channels_last), else CPU."""
+"""The training device and its fast path: CUDA when present (bf16 autocast, channels_last), else CPU.
+
+torch is imported inside the functions, so the CLI reads DEVICES without loading it.
+"""
 
 from __future__ import annotations
 
 import contextlib
-
-import torch
+from typing import TYPE_CHECKING
 
 from flexslim.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    import torch
+
     if name not in DEVICES:
         raise BadInput(f"unknown device '{name}'; valid: {', '.join(DEVICES)}")
     if name == "cuda" and not torch.cuda.is_available():
@@ -24,12 +31,16 @@ def pick_device(name: str = "auto") -> torch.device:
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (the GPU fast path); full float32 on the CPU."""
     if device.type == "cuda":
+        import torch
+
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def prepare(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Move a network to the device; channels_last on CUDA, where convolutions run faster in NHWC."""
+    import torch
+
     module = module.to(device)
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
@@ -37,5 +48,7 @@ def prepare(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def to_device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    import torch
+
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x

@@ -1,5 +1,7 @@
 """torch -> ONNX with the dynamo exporter: dynamic batch axis, full checker, parity with torch, provenance.
 
+Conversion only: the export JOB (a run directory -> ONNX -> gate) is `export_job.py`.
+
 The exported graph takes float32 NCHW images in [0, 1]; normalisation is the network's first layer.
 """
 
@@ -25,6 +27,8 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 @dataclass(frozen=True)
 class ExportResult:
+    """What `export_model` wrote: the file, the parity it reached, the opset and the size."""
+
     path: Path
     parity_max_abs: float  # largest |onnxruntime - torch| over the parity batches
     parity_batches: tuple[int, ...]
@@ -145,62 +149,3 @@ def export_model(
     atomic_write_bytes(out, data)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ExportResult(out, worst, tuple(parity_batches), opset, len(data))
-
-
-@dataclass(frozen=True)
-class RunExport:
-    export: ExportResult
-    report: object | None  # validate.Report when the run has a budget and the gate ran
-
-
-def read_run_info(run_dir: Path) -> dict:
-    """run.json: what the search recorded about the run (budget, latency settings); {} when absent."""
-    path = run_dir / "run.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise BadInput(f"{path} is not valid JSON: {err}") from None
-
-
-def export_run(
-    output: str | Path, run_dir: str | Path | None = None, provider: str | None = None, gate: bool = True
-) -> RunExport:
-    """Export runs/latest (or run_dir) to ONNX, then gate it against the run's budget when it has one."""
-    from flexslim.config import load_recipe
-    from flexslim.runs import resolve_run_dir
-    from flexslim.train import load_model
-
-    run = resolve_run_dir(run_dir)
-    arch, model, payload = load_model(run / "model.pt")
-    info = read_run_info(run)
-    recipe = load_recipe(str(run / "recipe.toml")) if (run / "recipe.toml").is_file() else None
-    lat = info.get("latency") or (
-        {
-            "provider": recipe.latency.provider,
-            "batch": recipe.latency.batch,
-            "threads": recipe.latency.threads,
-            "percentile": recipe.latency.percentile,
-        }
-        if recipe
-        else None
-    )
-    budget = info.get("budget_ms")
-    meta = provenance(arch, recipe.name if recipe else "unknown", budget, lat)
-    result = export_model(model, arch, output, meta)
-    if not gate or budget is None:
-        return RunExport(result, None)
-    report = gate_in_fresh_process(result.path, budget, provider or (lat or {}).get("provider", "auto"))
-    return RunExport(result, report)
-
-
-def gate_in_fresh_process(path: Path, budget_ms: float, provider: str):
-    """Run `validate` in the isolated timing process (a fresh interpreter, as in CI): right after an export,
-    this process still has the exporter's threads and heap churn, which showed up as p90 spikes of 2-3x on
-    a 2-core machine."""
-    from flexslim.runtime import run_isolated
-    from flexslim.validate import validate
-
-    # the helper process keeps the working directory it was started in: hand it an absolute path
-    return run_isolated(validate, Path(path).resolve(), latency_ms=budget_ms, provider=provider)

@@ -33,6 +33,8 @@ TABLE_VERSION = 1
 
 @dataclass(frozen=True)
 class Point:
+    """One measured network: its widths and per-sample latency (ms) at the percentile and at p50."""
+
     widths: dict[str, int]
     ms: float  # per-sample latency at the settings' percentile
     p50_ms: float
@@ -40,6 +42,14 @@ class Point:
 
 @dataclass
 class LatencyModel:
+    """The measured latency model of one family on one runtime setting (provider, batch, threads, percentile).
+
+    latency_ms = intercept + sum_t coef_t * term_t(widths), fitted on `fit_points` and checked on
+    `holdout_points` (networks it did not see). `predict` takes int widths or (expected) width tensors,
+    so the search can differentiate it in mu. Saved as latency.json (`save`/`load`); `key()` says what a
+    table is valid for.
+    """
+
     arch: Arch  # the template: structure, input shape (its widths are not used)
     settings: LatencyConfig
     provider: str  # what actually ran
@@ -71,16 +81,19 @@ class LatencyModel:
         return [100.0 * abs(float(self.predict(p.widths)) - p.ms) / p.ms for p in pts]
 
     def error_summary(self) -> dict[str, float]:
+        """Hold-out error: {"holdout": n, "median_pct": ..., "max_pct": ...} ({"holdout": 0} without hold-out)."""
         e = self.errors()
         if not e:
             return {"holdout": 0}
         return {"holdout": len(e), "median_pct": statistics.median(e), "max_pct": max(e)}
 
     def covers(self, widths: dict[str, int]) -> bool:
+        """True when every stage's width lies in the measured region."""
         return all(self.region[s][0] <= w <= self.region[s][1] for s, w in widths.items())
 
     # -- fitting ----------------------------------------------------------------------------------
     def fit(self) -> None:
+        """Non-negative least squares of the relative error over the fit points (more channels never run faster)."""
         from scipy.optimize import nnls
 
         from flexslim.spaces import cost_terms
@@ -132,6 +145,7 @@ class LatencyModel:
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyModel:
+        """Read a latency.json; a missing, foreign or corrupt file is BadInput naming it."""
         path = Path(path)
         if not path.is_file():
             raise BadInput(f"latency table {path} does not exist")
@@ -161,6 +175,7 @@ class LatencyModel:
         return model
 
     def check_compatible(self, arch: Arch, settings: LatencyConfig, where: str) -> None:
+        """BadInput unless this table was measured on `arch`'s structure at the recipe's batch and threads."""
         if _structure(self.arch) != _structure(arch):
             raise BadInput(
                 f"{where} was measured on another network structure; profile this recipe "

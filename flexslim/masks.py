@@ -1,23 +1,116 @@
-"""Channel masks of a stage: architecture parameters -> option weights -> per-channel mask.
+"""Channel masks of a stage: architecture parameters -> option weights -> per-channel mask, and the mask kinds.
 
 `GaussianMask` (FlexCHarts): one trainable mean `mu` (in channels) per stage. Candidate widths f_k lie on
 a grid of `step` channels from `min_width` up to the stage's allocated width (which follows mu + k*sigma,
 so the grid covers the Gaussian's reach). alpha_k = exp(-0.5 ((f_k - mu) / sigma)^2), w_k = alpha_k / sum
 alpha, and channel c is kept with weight M(c) = sum_{f_k > c} w_k. No Gumbel noise, no temperature.
 
-Every mask exposes the same small interface, used by the supernet and the search loop:
-`mask()` (a vector over the allocated channels), `expected_width()`, `final_width()`, `allocated`.
+`GumbelMask` (DMaskingNAS baseline): free logits over a fixed option list, Gumbel-softmax weights.
+
+Every mask is a `Mask`: the small contract the supernet and the search loop use, so neither asks which kind
+it holds. The mask factories (`gaussian_masks`, `gumbel_masks`) are what `methods.SEARCH_METHODS` names.
 """
 
 from __future__ import annotations
 
+import abc
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from flexslim.errors import BadInput
 
-class GaussianMask(nn.Module):
+if TYPE_CHECKING:
+    from flexslim.arch import Arch
+    from flexslim.config import ModelConfig, SearchConfig
+
+
+class Mask(nn.Module, abc.ABC):
+    """One stage's architecture parameters and the channel mask they make (the contract of a mask kind).
+
+    A kind defines the option widths and their weights (`options`, `weights`), the differentiable
+    `expected_width` the latency term reads, and the `final_width` the search hands over. The search loop
+    drives it through four hooks whose defaults suit a fixed range of options:
+
+        start_epoch(epoch, epochs, cfg)      per-epoch schedule (e.g. a temperature); default: nothing
+        project()                            after each architecture step (e.g. clamp); default: nothing
+        next_allocation(k_sigma, hysteresis) kernel channels for the next epoch; default: keep `allocated`
+        record()                             {"mu": mean_width(), "sigma": float | None} for the epoch record
+
+    `arch_lr(cfg)` picks the kind's Adam learning rate from the recipe's [search] section. The checkpoint
+    state is the module's state_dict; `allocated` (channels the kernels hold) is saved by the supernet.
+
+    Example, a mask that always keeps its widest option (what `hard_mask` makes for a dense net)::
+
+        class Widest(Mask):
+            def options(self): return torch.tensor([float(self.allocated)])
+            def weights(self): return torch.ones(1)
+            def expected_width(self): return self.options()[0]
+            def final_width(self): return self.allocated
+    """
+
+    allocated: int  # channels the stage's kernels hold now
+
+    @staticmethod
+    def arch_lr(cfg: SearchConfig) -> float:
+        """The Adam learning rate of this kind's architecture parameters (default: search.arch_lr)."""
+        return cfg.arch_lr
+
+    @abc.abstractmethod
+    def options(self) -> torch.Tensor:
+        """Candidate widths f_k (float, increasing, the last one <= allocated)."""
+
+    @abc.abstractmethod
+    def weights(self) -> torch.Tensor:
+        """Option weights w_k (sum 1), differentiable in the architecture parameters."""
+
+    @abc.abstractmethod
+    def expected_width(self) -> torch.Tensor:
+        """E[f] as a 0-d tensor, differentiable: what the latency term of the architecture loss reads."""
+
+    @abc.abstractmethod
+    def final_width(self) -> int:
+        """The width the search hands over for this stage."""
+
+    def mask(self) -> torch.Tensor:
+        """M(c) for c = 0 .. allocated-1: the total weight of the options wider than c."""
+        f, w = self.options(), self.weights()
+        c = torch.arange(self.allocated, dtype=torch.float32, device=w.device)
+        return (f[None, :] > c[:, None]).to(w.dtype) @ w
+
+    def start_epoch(self, epoch: int, epochs: int, cfg: SearchConfig) -> None:
+        """Called before search epoch `epoch` (0-based) of `epochs`."""
+
+    def project(self) -> None:
+        """Called after every architecture (Adam) step: bring the parameters back into their domain."""
+
+    def next_allocation(self, k_sigma: float, hysteresis: float) -> int:
+        """Channels the kernels should hold in the next epoch (read at each epoch end)."""
+        return self.allocated
+
+    def mean_width(self) -> float:
+        """The centre of the width distribution, channels (default: the expected width)."""
+        return float(self.expected_width().detach())
+
+    def record(self) -> dict:
+        """What the epoch record shows of this stage: {"mu": mean_width(), "sigma": spread or None}."""
+        return {"mu": self.mean_width(), "sigma": None}
+
+
+class GaussianMask(Mask):
+    """FlexCHarts: option weights from a Gaussian over the widths, mean `mu` trained, `sigma` fixed.
+
+    Args:
+        mu: initial mean, channels.
+        sigma: the Gaussian's standard deviation, channels (a hyperparameter).
+        allocated: channels the kernels hold at first (dynamic allocation then follows mu + k sigma).
+        min_width: narrowest option and lower bound of mu (after each arch step).
+        step: option grid, channels.
+        round_to: the final width is mu rounded to a multiple of this.
+    """
+
     def __init__(self, mu: float, sigma: float, allocated: int, min_width: int = 8, step: int = 1, round_to: int = 8):
         super().__init__()
         if sigma <= 0 or step < 1 or min_width < 1:
@@ -36,12 +129,6 @@ class GaussianMask(nn.Module):
         f = self.options()
         return torch.softmax(-0.5 * ((f - self.mu) / self.sigma) ** 2, dim=0)
 
-    def mask(self) -> torch.Tensor:
-        """M(c) for c = 0 .. allocated-1: the total weight of the options wider than c."""
-        f, w = self.options(), self.weights()
-        c = torch.arange(self.allocated, dtype=torch.float32, device=w.device)
-        return (f[None, :] > c[:, None]).to(w.dtype) @ w
-
     def expected_width(self) -> torch.Tensor:
         """E[f] = sum_k w_k f_k (= the sum of the mask), differentiable in mu."""
         return (self.weights() * self.options()).sum()
@@ -56,8 +143,27 @@ class GaussianMask(nn.Module):
         """Channels the kernels must hold so the Gaussian's reach fits: ceil(mu + k * sigma)."""
         return max(self.final_width(), math.ceil(float(self.mu.detach()) + k_sigma * self.sigma))
 
+    def project(self) -> None:
+        """Clamp mu at min_width: options start there, a mean far below it would only slow the way back."""
+        with torch.no_grad():
+            self.mu.clamp_(min=float(self.min_width))
+
+    def next_allocation(self, k_sigma: float, hysteresis: float) -> int:
+        """Grow to ceil(mu + k sigma) at once; shrink to it only when the excess passes hysteresis * sigma."""
+        target = self.target_allocation(k_sigma)
+        if target > self.allocated or self.allocated - target > hysteresis * self.sigma:
+            return target
+        return self.allocated
+
+    def mean_width(self) -> float:
+        """mu itself (not rounded): what budget-aware rounding starts from."""
+        return float(self.mu.detach())
+
+    def record(self) -> dict:
+        return {"mu": self.mean_width(), "sigma": self.sigma}
+
     def extra_repr(self) -> str:
-        return f"mu={float(self.mu):.2f}, sigma={self.sigma:g}, allocated={self.allocated}, step={self.step}"
+        return f"mu={float(self.mu.detach()):.2f}, sigma={self.sigma:g}, allocated={self.allocated}, step={self.step}"
 
 
 def hard_mask(width: int, allocated: int, device=None) -> torch.Tensor:
@@ -67,11 +173,16 @@ def hard_mask(width: int, allocated: int, device=None) -> torch.Tensor:
     return m
 
 
-class GumbelMask(nn.Module):
+class GumbelMask(Mask):
     """DMaskingNAS (FBNetV2) baseline: independent logits over a FIXED list of options.
 
-    Training weights are Gumbel-softmax samples at temperature `tau` (annealed by the search loop);
-    the kernels always hold the widest option; the final width is the option with the largest logit.
+    Training weights are Gumbel-softmax samples at temperature `tau` (annealed per search epoch:
+    tau0 * tau_decay^epoch); the kernels always hold the widest option; the final width is the option with
+    the largest logit. Its Adam learning rate is search.dmask_lr.
+
+    Args:
+        options: increasing positive widths, channels.
+        tau: initial Gumbel-softmax temperature.
     """
 
     def __init__(self, options: list[int], tau: float = 5.0):
@@ -83,6 +194,10 @@ class GumbelMask(nn.Module):
         self.tau = float(tau)
         self.allocated = int(options[-1])
 
+    @staticmethod
+    def arch_lr(cfg: SearchConfig) -> float:
+        return cfg.dmask_lr
+
     def options(self) -> torch.Tensor:
         return self.option_widths
 
@@ -91,17 +206,16 @@ class GumbelMask(nn.Module):
             return torch.nn.functional.gumbel_softmax(self.alpha, tau=self.tau, hard=False)
         return torch.softmax(self.alpha / self.tau, dim=0)
 
-    def mask(self) -> torch.Tensor:
-        f, w = self.options(), self.weights()
-        c = torch.arange(self.allocated, dtype=torch.float32, device=w.device)
-        return (f[None, :] > c[:, None]).to(w.dtype) @ w
-
     def expected_width(self) -> torch.Tensor:
         """Deterministic (noise-free) expectation used by the latency term: sum softmax(alpha / tau) f."""
         return (torch.softmax(self.alpha / self.tau, dim=0) * self.options()).sum()
 
     def final_width(self) -> int:
         return int(self.options()[int(torch.argmax(self.alpha.detach()))])
+
+    def start_epoch(self, epoch: int, epochs: int, cfg: SearchConfig) -> None:
+        """Anneal the temperature: tau0 * tau_decay^epoch."""
+        self.tau = cfg.tau0 * cfg.tau_decay**epoch
 
     def extra_repr(self) -> str:
         return f"options={[int(v) for v in self.option_widths]}, tau={self.tau:g}"
@@ -112,3 +226,29 @@ def dmask_options(width: int, low: float, high: float, step: int, min_width: int
     start = max(min_width, step * max(1, round(low * width / step)))
     end = max(start, step * round(high * width / step))
     return list(range(start, end + 1, step))
+
+
+def gaussian_masks(arch: Arch, model: ModelConfig, search: SearchConfig) -> dict[str, GaussianMask]:
+    """FlexCHarts: one GaussianMask per stage, mu at the recipe's width, kernels holding ceil(mu + k sigma)."""
+    return {
+        s.name: GaussianMask(
+            s.width,
+            search.sigma,
+            math.ceil(s.width + search.k_sigma * search.sigma),
+            model.min_width,
+            search.step,
+            model.round_to,
+        )
+        for s in arch.stages
+    }
+
+
+def gumbel_masks(arch: Arch, model: ModelConfig, search: SearchConfig) -> dict[str, GumbelMask]:
+    """DMaskingNAS baseline: one GumbelMask per stage over the recipe's small or large fixed range."""
+    if search.dmask_range not in ("small", "large"):
+        raise BadInput(f"search.dmask_range must be small or large, got '{search.dmask_range}'")
+    low, high = search.dmask_small if search.dmask_range == "small" else search.dmask_large
+    return {
+        s.name: GumbelMask(dmask_options(s.width, low, high, search.dmask_step, model.min_width), search.tau0)
+        for s in arch.stages
+    }

@@ -58,6 +58,7 @@ def mask_factory(name: str) -> Callable:
 
 
 def bench_method(name: str) -> BenchMethod:
+    """The bench method `name`; BadInput listing the valid ones otherwise."""
     if name not in BENCH_METHODS:
         raise BadInput(f"unknown bench method '{name}'; valid: {', '.join(BENCH_METHODS)}")
     return BENCH_METHODS[name]

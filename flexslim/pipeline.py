@@ -1,11 +1,12 @@
-"""The `flexslim search` job: latency model -> search -> bake -> trim -> retrain, in one run directory.
+"""The `flexslim search` job as named stages over one run record: prepare the run -> latency model ->
+search (or reuse a finished one) -> bake and fit to the budget -> retrain (or reuse).
 
     runs/X/recipe.toml     resolved recipe
-    runs/X/run.json        budget, latency settings, status, measured latency, trims
+    runs/X/run.json        budget, latency settings, status, measured latency, trims (through RunRecord only)
     runs/X/latency.json    the latency model (reused by --resume; --latency-table brings another)
     runs/X/search.jsonl    one line per search epoch;  search.png  the trajectory
     runs/X/arch.json       the baked widths (after trimming);  model.pt  the retrained network
-Each step reads only what the previous one wrote, so an interrupted run continues with --resume.
+Each stage reads only what the previous one wrote, so an interrupted run continues with --resume.
 """
 
 from __future__ import annotations
@@ -16,55 +17,55 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexslim.arch import Arch, arch_json, load_arch
+from flexslim.budget import Budget
 from flexslim.config import Recipe, load_recipe, recipe_to_toml
 from flexslim.console import Reporter
-from flexslim.data import load_dataset
+from flexslim.data import Dataset, load_dataset
 from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel, profile
 from flexslim.memory import SearchMemory
-from flexslim.runs import atomic_write_json, atomic_write_text, mark_latest, new_run_dir, resolve_run_dir
+from flexslim.methods import check_search_method
+from flexslim.runs import RunRecord, atomic_write_text, mark_latest, new_run_dir, read_jsonl, resolve_run_dir
 from flexslim.trim import Fitted, fit_to_budget, round_to_budget
 
 
 @dataclass(frozen=True)
 class JobResult:
+    """What `search_job` hands back: the run, the baked architecture and every figure callers report.
+
+    `memory` and `supernet_acc` are None when a finished search was reused; `test_acc` is None without
+    retraining.
+    """
+
     run_dir: Path
     arch: Arch
     fitted: Fitted
     latency: LatencyModel
     history: list[dict]
     test_acc: float | None
+    memory: dict | None = None
+    supernet_acc: float | None = None
+
+    @property
+    def search_seconds(self) -> float:
+        return sum(h["seconds"] for h in self.history)
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+@dataclass(frozen=True)
+class Searched:
+    """The outcome of the search stage (fresh or reused)."""
 
-
-def latency_model_for(
-    arch: Arch, recipe: Recipe, run_dir: Path, table: Path | None, reporter: Reporter
-) -> LatencyModel:
-    """--latency-table, else the run's own latency.json (resume), else measure one here."""
-    cached = run_dir / "latency.json"
-    if table is not None:
-        model = LatencyModel.load(table)
-        model.check_compatible(arch, recipe.latency, str(table))
-        model.arch = arch
-    elif cached.is_file():
-        model = LatencyModel.load(cached)
-        model.check_compatible(arch, recipe.latency, str(cached))
-    else:
-        reporter.log(
-            f"measuring the latency model on {recipe.latency.provider} (batch {recipe.latency.batch}, "
-            f"threads {recipe.latency.threads or 'default'}, p{recipe.latency.percentile:g})"
-        )
-        model = profile(arch, recipe.latency, recipe.model.min_width, recipe.model.round_to, reporter=reporter)
-    model.save(cached)
-    return model
+    arch: Arch
+    fitted: Fitted
+    history: list[dict]
+    memory: dict | None = None
+    supernet_acc: float | None = None
 
 
 def search_job(
     budget_ms: float,
-    recipe_name: str = "quickstart",
+    *,
+    recipe: str = "quickstart",
     overrides: list[str] | None = None,
     data_dir: Path | None = None,
     run_dir: Path | None = None,
@@ -75,166 +76,295 @@ def search_job(
     reporter: Reporter | None = None,
     mark: bool = True,
 ) -> JobResult:
+    """The main job: search per-stage widths for `budget_ms`, bake, fit to the budget, retrain.
+
+    Args:
+        budget_ms: per-sample latency budget (ms) at the recipe's percentile on its provider.
+        recipe: shipped recipe name or .toml path (ignored with `resume`: the run's own recipe is used).
+        overrides: `section.key=value` strings applied to the recipe.
+        run_dir: the run directory (default `runs/<time>-<recipe>`; with `resume`, `runs/latest`).
+        latency_table: a latency.json from `flexslim profile` to use instead of measuring here.
+        retrain: retrain the baked network from scratch (model.pt).
+        resume: continue the interrupted (or finished) run in `run_dir`.
+        mark: point `runs/latest` at the run.
+
+    Returns:
+        JobResult. Raises BadInput for unusable input (exit 2), including a budget below the family's floor.
+
+    Example::
+
+        res = search_job(0.06, recipe="quickstart", retrain=False)
+        res.arch.widths, res.fitted.measured_ms
+    """
     from flexslim.devices import pick_device
-    from flexslim.plots import plot_search
-    from flexslim.search import run_search
-    from flexslim.train import evaluate, train_arch
 
     reporter = reporter or Reporter()
-    if budget_ms is None or not budget_ms > 0:
-        raise BadInput(f"--latency-ms must be a positive number of milliseconds, got {budget_ms}")
     dev = pick_device(device)
-    if latency_table is not None:
-        latency_table = Path(latency_table).resolve()  # before runs/latest moves
-        if not latency_table.is_file():
-            raise BadInput(f"latency table {latency_table} does not exist")
+    table = _checked_table(latency_table)
+    record, rcp = _prepare_run(budget_ms, recipe, overrides or [], run_dir, resume, mark, str(dev))
+    budget = Budget.from_recipe(budget_ms, rcp.search)
+    ds = load_dataset(rcp.data, data_dir)
+    arch = Arch.for_data(rcp.model, ds)
+    lat = _latency_stage(arch, rcp, record, table, budget, reporter)
+    done = _finished_search(record) if resume else None
+    if done is not None:
+        reporter.log(f"search already finished: widths {done.arch.widths}")
+    searched = done or _search_stage(arch, rcp, ds, budget, lat, record, dev, reporter, resume)
+    test_acc = _retrain_stage(searched.arch, rcp, ds, record, dev, reporter, resume) if retrain else None
+    return JobResult(
+        record.run_dir,
+        searched.arch,
+        searched.fitted,
+        lat,
+        searched.history,
+        test_acc,
+        searched.memory,
+        searched.supernet_acc,
+    )
+
+
+def _checked_table(latency_table: Path | None) -> Path | None:
+    if latency_table is None:
+        return None
+    path = Path(latency_table).resolve()  # before runs/latest moves
+    if not path.is_file():
+        raise BadInput(f"latency table {path} does not exist")
+    return path
+
+
+# -- stage 1: the run directory and its record ----------------------------------------------------------------
+def _prepare_run(
+    budget_ms: float, recipe_name: str, overrides: list[str], run_dir: Path | None, resume: bool, mark: bool, dev: str
+) -> tuple[RunRecord, Recipe]:
+    """Check the inputs, then create (or reopen) the run directory, write recipe.toml and start the record."""
+    Budget(budget_ms)  # a bad budget is refused before anything is created
     if resume:
         run_dir = resolve_run_dir(run_dir)
         if not (run_dir / "recipe.toml").is_file():
             raise BadInput(f"{run_dir} has no recipe.toml: nothing to resume")
-        recipe = load_recipe(str(run_dir / "recipe.toml"), overrides or [])
-        prior = read_json(run_dir / "run.json")
-        if prior.get("budget_ms") not in (None, budget_ms):
-            raise BadInput(f"{run_dir} was searched for {prior['budget_ms']} ms, not {budget_ms} ms; start a new run")
+        recipe = load_recipe(str(run_dir / "recipe.toml"), overrides)
     else:
-        recipe = load_recipe(recipe_name, overrides or [])
-        if run_dir is None:
-            run_dir = new_run_dir(recipe.name)
-        elif (run_dir / "run.json").exists():
+        recipe = load_recipe(recipe_name, overrides)
+    check_search_method(recipe.search.method)
+    if resume:
+        record = RunRecord.load(run_dir)
+        if record.get("budget_ms") not in (None, budget_ms):
+            raise BadInput(f"{run_dir} was searched for {record['budget_ms']} ms, not {budget_ms} ms; start a new run")
+    else:
+        if run_dir is not None and (run_dir / "run.json").exists():
             raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
+        run_dir = new_run_dir(recipe.name) if run_dir is None else run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.search.method not in ("flexcharts", "dmask"):
-        raise BadInput(f"unknown search.method '{recipe.search.method}'; valid: flexcharts, dmask")
+        record = RunRecord(run_dir)
     atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
     if mark:
         mark_latest(run_dir)
-    info = {
-        "budget_ms": budget_ms,
-        "recipe": recipe.name,
-        "method": recipe.search.method,
-        "status": "started",
-        "device": str(dev),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    prior = read_json(run_dir / "run.json") if resume else {}
-    finished = resume and (run_dir / "arch.json").is_file() and prior.get("status") in ("searched", "done")
-    if finished:  # keep what the finished search recorded (status, widths, measurement, trims)
-        info = {**prior, **info, "status": prior["status"]}
-    atomic_write_json(run_dir / "run.json", info)
+    started = {"status": "started", "device": dev, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if _search_finished(record):  # keep what the finished search recorded (status among it)
+        started.pop("status")
+    record.update(budget_ms=budget_ms, recipe=recipe.name, method=recipe.search.method, **started)
+    return record, recipe
 
-    ds = load_dataset(recipe.data, data_dir)
-    arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
-    lat = latency_model_for(arch, recipe, run_dir, latency_table, reporter)
+
+# -- stage 2: the latency model -------------------------------------------------------------------------------
+def latency_model_for(
+    arch: Arch, recipe: Recipe, run_dir: Path, table: Path | None, reporter: Reporter
+) -> LatencyModel:
+    """--latency-table, else the run's own latency.json (resume), else measure one here; saved in the run."""
+    cached = run_dir / "latency.json"
+    if table is not None:
+        model = LatencyModel.load(table)
+        model.check_compatible(arch, recipe.latency, str(table))
+        model.arch = arch
+    elif cached.is_file():
+        model = LatencyModel.load(cached)
+        model.check_compatible(arch, recipe.latency, str(cached))
+    else:
+        s = recipe.latency
+        reporter.log(
+            f"measuring the latency model on {s.provider} (batch {s.batch}, "
+            f"threads {s.threads or 'default'}, p{s.percentile:g})"
+        )
+        model = profile(arch, s, recipe.model.min_width, recipe.model.round_to, reporter=reporter)
+    model.save(cached)
+    return model
+
+
+def _latency_stage(
+    arch: Arch, recipe: Recipe, record: RunRecord, table: Path | None, budget: Budget, reporter: Reporter
+) -> LatencyModel:
+    """The latency model, recorded in run.json; a budget the narrowest network cannot meet is refused."""
+    lat = latency_model_for(arch, recipe, record.run_dir, table, reporter)
     err = lat.error_summary()
     reporter.log(
         f"latency model: floor {lat.floor_ms:.4f} ms (all stages at {recipe.model.min_width}), hold-out error "
         f"median {err.get('median_pct', float('nan')):.1f}% max {err.get('max_pct', float('nan')):.1f}% "
         f"over {err['holdout']} networks, provider {lat.provider}"
     )
-    info["latency"] = {
-        "provider": lat.provider,
-        "batch": recipe.latency.batch,
-        "threads": recipe.latency.threads,
-        "percentile": recipe.latency.percentile,
-        "floor_ms": lat.floor_ms,
-        "error": err,
-    }
-    if budget_ms * (1.0 - recipe.search.trim_margin) < lat.floor_ms:
-        atomic_write_json(run_dir / "run.json", {**info, "status": "impossible budget"})
+    s = recipe.latency
+    settings = {"provider": lat.provider, "batch": s.batch, "threads": s.threads, "percentile": s.percentile}
+    if not _search_finished(record):  # a finished search keeps what it recorded
+        record.update(latency={**settings, "floor_ms": lat.floor_ms, "error": err})
+    if budget.limit_ms < lat.floor_ms:
+        record.update(status="impossible budget")
         raise BadInput(
-            f"--latency-ms {budget_ms:g} is below the floor of this family on {lat.provider}: the narrowest "
+            f"--latency-ms {budget.ms:g} is below the floor of this family on {lat.provider}: the narrowest "
             f"network (every stage at min_width {recipe.model.min_width}) measures {lat.floor_ms:.4f} ms; "
             f"raise the budget or lower model.min_width"
         )
-
-    # search (or reuse a finished one)
-    if finished:
-        baked = load_arch(run_dir / "arch.json")
-        fitted = Fitted(
-            baked.widths, prior["measured_ms"], prior.get("measured_p50_ms", 0.0), lat.provider, prior.get("trims", [])
-        )
-        history = [line for line in _read_jsonl(run_dir / "search.jsonl")]
-        reporter.log(f"search already finished: widths {baked.widths}")
-    else:
-        if not resume:
-            (run_dir / "search.jsonl").unlink(missing_ok=True)
-        memory = SearchMemory(dev)
-        memory.start()
-        st = run_search(arch, recipe, ds.to(dev), budget_ms, lat, dev, run_dir, reporter, resume=resume)
-        memory_info = memory.stop()
-        history = st.history
-        supernet_acc = evaluate(st.supernet, ds.test_x, ds.test_y, dev)[1]  # reported only, never searched on
-        atomic_write_text(run_dir / "search.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-        lat.save(run_dir / "latency.json")  # it may have been extended during the search
-        plot_search(history, run_dir / "search.png", f"FlexCHarts search for {budget_ms:g} ms ({recipe.name})")
-        searched = st.supernet.final_widths()
-        if recipe.search.method == "flexcharts":  # mu -> widths on the round_to grid, within the target
-            mus = {name: float(m.mu.detach()) for name, m in st.supernet.masks.items()}
-            target = budget_ms * (1.0 - recipe.search.budget_margin)
-            searched = round_to_budget(mus, lat, target, recipe.model.min_width, recipe.model.round_to)
-        fitted = fit_to_budget(
-            arch,
-            searched,
-            budget_ms,
-            lat,
-            recipe.latency,
-            recipe.model.min_width,
-            recipe.model.round_to,
-            recipe.search.trim_margin,
-            max_trims=200 if recipe.search.trim else 0,
-            reporter=reporter,
-        )
-        baked = arch.with_widths(fitted.widths)
-        atomic_write_text(run_dir / "arch.json", arch_json(baked))
-        _, dense = st.supernet.bake(fitted.widths)  # the searched weights, for users who skip retraining
-        from flexslim.train import save_model
-
-        save_model(run_dir / "supernet_baked.pt", baked, dense, recipe, {"note": "weights sliced from the supernet"})
-        info.update(
-            status="searched",
-            searched_widths=searched,
-            widths=fitted.widths,
-            measured_ms=fitted.measured_ms,
-            measured_p50_ms=fitted.p50_ms,
-            budget_met=fitted.measured_ms <= budget_ms,
-            trims=fitted.trims,
-            memory=memory_info,
-            supernet_test_acc=supernet_acc,
-            search_seconds=sum(h["seconds"] for h in history),
-        )
-        atomic_write_json(run_dir / "run.json", info)
-        (run_dir / "search_state.pt").unlink(missing_ok=True)
-        reporter.log(
-            f"searched widths {searched} -> baked {fitted.widths}: measured p{recipe.latency.percentile:g} "
-            f"{fitted.measured_ms:.4f} ms vs budget {budget_ms:g} ms"
-            + (f" after {len(fitted.trims)} trim(s)" if fitted.trims else "")
-        )
-
-    test_acc = None
-    if retrain and finished and prior.get("status") == "done" and (run_dir / "model.pt").is_file():
-        test_acc = prior.get("test_acc")
-        reporter.log(f"retraining already finished: {run_dir / 'model.pt'}")
-    elif retrain:
-        history_train = train_arch(baked, recipe, run_dir, ds, dev, reporter=reporter, resume=resume)
-        test_acc = history_train[-1].test_acc
-        info = read_json(run_dir / "run.json")
-        info.update(status="done", test_acc=test_acc)
-        atomic_write_json(run_dir / "run.json", info)
-    return JobResult(run_dir, baked, fitted, lat, history, test_acc)
+    return lat
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+# -- stage 3: search (or reuse a finished one) and bake -------------------------------------------------------
+def _search_finished(record: RunRecord) -> bool:
+    return (record.run_dir / "arch.json").is_file() and record.get("status") in ("searched", "done")
 
 
+def _finished_search(record: RunRecord) -> Searched | None:
+    """The finished search of a resumed run (arch.json written, status searched or done), else None."""
+    if not _search_finished(record):
+        return None
+    baked = load_arch(record.run_dir / "arch.json")
+    fitted = Fitted(
+        baked.widths,
+        record["measured_ms"],
+        record.get("measured_p50_ms", 0.0),
+        record["latency"]["provider"],
+        record.get("trims", []),
+    )
+    return Searched(baked, fitted, read_jsonl(record.run_dir / "search.jsonl"))
+
+
+def _search_stage(
+    arch: Arch,
+    recipe: Recipe,
+    ds: Dataset,
+    budget: Budget,
+    lat: LatencyModel,
+    record: RunRecord,
+    dev,
+    reporter,
+    resume: bool,
+) -> Searched:
+    """Run the search, write search.jsonl and search.png, bake and fit the widths, record it all."""
+    from flexslim.search import run_search
+    from flexslim.train import evaluate
+
+    run_dir = record.run_dir
+    if not resume:
+        (run_dir / "search.jsonl").unlink(missing_ok=True)
+    memory = SearchMemory(dev)
+    memory.start()
+    st = run_search(
+        arch,
+        recipe,
+        ds.to(dev),
+        budget=budget,
+        latency=lat,
+        device=dev,
+        run_dir=run_dir,
+        reporter=reporter,
+        resume=resume,
+    )
+    memory_info = memory.stop()
+    supernet_acc = evaluate(st.supernet, ds.test_x, ds.test_y, dev)[1]  # reported only, never searched on
+    _write_search_outputs(st.history, lat, run_dir, f"FlexCHarts search for {budget.ms:g} ms ({recipe.name})")
+    searched, fitted = _bake(st.supernet, arch, recipe, budget, lat, reporter)
+    baked = arch.with_widths(fitted.widths)
+    atomic_write_text(run_dir / "arch.json", arch_json(baked))
+    _save_searched_weights(st.supernet, baked, recipe, run_dir)
+    record.update(
+        status="searched",
+        searched_widths=searched,
+        widths=fitted.widths,
+        measured_ms=fitted.measured_ms,
+        measured_p50_ms=fitted.p50_ms,
+        budget_met=fitted.measured_ms <= budget.ms,
+        trims=fitted.trims,
+        memory=memory_info,
+        supernet_test_acc=supernet_acc,
+        search_seconds=sum(h["seconds"] for h in st.history),
+    )
+    (run_dir / "search_state.pt").unlink(missing_ok=True)
+    reporter.log(
+        f"searched widths {searched} -> baked {fitted.widths}: measured p{recipe.latency.percentile:g} "
+        f"{fitted.measured_ms:.4f} ms vs budget {budget.ms:g} ms"
+        + (f" after {len(fitted.trims)} trim(s)" if fitted.trims else "")
+    )
+    return Searched(baked, fitted, st.history, memory_info, supernet_acc)
+
+
+def _write_search_outputs(history: list[dict], lat: LatencyModel, run_dir: Path, title: str) -> None:
+    """search.jsonl (whole, once more: resumed runs append), latency.json (it may have been extended), search.png."""
+    from flexslim.plots import plot_search
+
+    atomic_write_text(run_dir / "search.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    lat.save(run_dir / "latency.json")
+    plot_search(history, run_dir / "search.png", title)
+
+
+def _bake(supernet, arch: Arch, recipe: Recipe, budget: Budget, lat: LatencyModel, reporter) -> tuple[dict, Fitted]:
+    """Searched widths (budget-aware rounding of mu for FlexCHarts, the masks' own choice otherwise), then the
+    measured fit to the budget (trimming unless the recipe turns it off)."""
+    searched = supernet.final_widths()
+    if recipe.search.method == "flexcharts":  # mu -> widths on the round_to grid, within the target
+        mus = {name: float(w) for name, w in supernet.mean_widths().items()}
+        searched = round_to_budget(mus, lat, budget.target_ms, recipe.model.min_width, recipe.model.round_to)
+    fitted = fit_to_budget(
+        arch,
+        searched,
+        budget=budget,
+        latency=lat,
+        settings=recipe.latency,
+        min_width=recipe.model.min_width,
+        round_to=recipe.model.round_to,
+        max_trims=200 if recipe.search.trim else 0,
+        reporter=reporter,
+    )
+    return searched, fitted
+
+
+def _save_searched_weights(supernet, baked: Arch, recipe: Recipe, run_dir: Path) -> None:
+    """supernet_baked.pt: the searched weights sliced to the baked widths, for users who skip retraining."""
+    from flexslim.train import save_model
+
+    _, dense = supernet.bake(baked.widths)
+    save_model(run_dir / "supernet_baked.pt", baked, dense, recipe, {"note": "weights sliced from the supernet"})
+
+
+# -- stage 4: retrain (or reuse) ------------------------------------------------------------------------------
+def _retrain_stage(
+    baked: Arch, recipe: Recipe, ds: Dataset, record: RunRecord, dev, reporter: Reporter, resume: bool
+) -> float:
+    """Retrain the baked network from scratch into model.pt (a finished retraining is reused on resume)."""
+    from flexslim.train import train_arch
+
+    if resume and record.get("status") == "done" and (record.run_dir / "model.pt").is_file():
+        reporter.log(f"retraining already finished: {record.run_dir / 'model.pt'}")
+        return record.get("test_acc")
+    history = train_arch(baked, recipe, record.run_dir, ds, dev, reporter=reporter, resume=resume)
+    record.update(status="done", test_acc=history[-1].test_acc)
+    return history[-1].test_acc
+
+
+# -- `flexslim profile` ---------------------------------------------------------------------------------------
 def profile_job(
-    recipe_name: str, overrides: list[str], out: Path, data_dir: Path | None = None, reporter: Reporter | None = None
+    recipe_name: str,
+    overrides: list[str],
+    out: Path,
+    *,
+    data_dir: Path | None = None,
+    reporter: Reporter | None = None,
 ) -> LatencyModel:
+    """Measure and fit a recipe's latency model on this machine and save it to `out` (for --latency-table)."""
     recipe = load_recipe(recipe_name, overrides)
     ds = load_dataset(recipe.data, data_dir)
-    arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
-    model = profile(arch, recipe.latency, recipe.model.min_width, recipe.model.round_to, reporter=reporter)
+    model = profile(
+        Arch.for_data(recipe.model, ds),
+        recipe.latency,
+        recipe.model.min_width,
+        recipe.model.round_to,
+        reporter=reporter,
+    )
     model.save(out)
     return model

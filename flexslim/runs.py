@@ -20,6 +20,7 @@ RUNS_ROOT = Path("runs")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temp file in the same folder, fsync, os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -36,14 +37,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write_bytes` of UTF-8 text."""
     return atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """`atomic_write_bytes` of indented JSON."""
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+    """`torch.save` into memory, then `atomic_write_bytes` (a crash never leaves half a checkpoint)."""
     import torch
 
     buf = io.BytesIO()
@@ -60,6 +64,7 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
 
 
 def new_run_dir(recipe_name: str, root: Path = RUNS_ROOT) -> Path:
+    """A new, empty `root/<time>-<recipe>` folder (suffixed -2, -3, ... when the name is taken)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = root / f"{stamp}-{recipe_name}"
     n = 1
@@ -81,6 +86,7 @@ def mark_latest(run_dir: Path, root: Path = RUNS_ROOT) -> None:
 
 
 def resolve_run_dir(run_dir: str | Path | None, root: Path = RUNS_ROOT) -> Path:
+    """`run_dir`, or the run `root/latest` points at; BadInput when there is none."""
     if run_dir is None:
         latest = root / "latest"
         if not latest.exists():
@@ -92,3 +98,67 @@ def resolve_run_dir(run_dir: str | Path | None, root: Path = RUNS_ROOT) -> Path:
     if not path.is_dir():
         raise BadInput(f"run directory {path} does not exist")
     return path
+
+
+class RunRecord:
+    """The one owner of a run directory's `run.json`: load it once, update it in memory, save atomically.
+
+    Every stage of a job updates the record it was handed (`record.update(status="searched", ...)` saves at
+    once), so nothing reads `run.json` back while it is in memory. Example::
+
+        record = RunRecord.load(run_dir)          # {} when the run has none yet
+        record.update(budget_ms=0.06, status="started")
+        record["budget_ms"]                        # 0.06
+    """
+
+    FILE = "run.json"
+
+    def __init__(self, run_dir: Path, data: dict[str, Any] | None = None):
+        self.run_dir = Path(run_dir)
+        self.data: dict[str, Any] = dict(data or {})
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / self.FILE
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunRecord:
+        """The record of `run_dir` (empty when it has no run.json); a corrupt file is BadInput naming it."""
+        path = Path(run_dir) / cls.FILE
+        if not path.is_file():
+            return cls(Path(run_dir))
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadInput(f"{path} is not valid JSON ({err}); delete the run or start a new one") from None
+        if not isinstance(data, dict):
+            raise BadInput(f"{path} is not a flexslim run record (expected a JSON object)")
+        return cls(Path(run_dir), data)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    def update(self, **fields: Any) -> RunRecord:
+        """Merge `fields` into the record and save it."""
+        self.data.update(fields)
+        return self.save()
+
+    def save(self) -> RunRecord:
+        atomic_write_json(self.path, self.data)
+        return self
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The lines of a JSON-lines file written by `append_jsonl` ([] when absent)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -11,7 +11,6 @@ only past a hysteresis band; weights, BN statistics and SGD momentum are transpl
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from flexslim.arch import Arch
-from flexslim.config import Recipe
+from flexslim.budget import Budget
+from flexslim.config import Recipe, SearchConfig
 from flexslim.console import Reporter
 from flexslim.data import Augment, Batches, Dataset, search_split
 from flexslim.devices import autocast, prepare, to_device_batch
 from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel, extend
-from flexslim.masks import GaussianMask
 from flexslim.runs import append_jsonl, atomic_torch_save
+from flexslim.schedules import cosine_lr, drop_path_at
 from flexslim.supernet import Supernet, make_masks
 from flexslim.train import make_sgd
 from flexslim.transplant import transplant_optimizer
@@ -35,7 +35,16 @@ from flexslim.transplant import transplant_optimizer
 
 @dataclass
 class SearchState:
-    """Everything the loop carries from one epoch to the next (and what --resume restores)."""
+    """Everything the loop carries from one epoch to the next (and what --resume restores).
+
+    Attributes:
+        supernet: the supernet (masks + body at the current allocation).
+        w_opt: SGD over the body's weights (rebuilt, momentum transplanted, at each re-allocation).
+        a_opt: Adam over the masks' architecture parameters.
+        multiplier: the budget controller's Lagrange multiplier (negative when under the budget).
+        epoch: epochs finished; step: weight steps finished (the cosine schedule's position).
+        history: one record (dict, plain JSON) per finished epoch, as written to search.jsonl.
+    """
 
     supernet: Supernet
     w_opt: torch.optim.Optimizer
@@ -46,37 +55,43 @@ class SearchState:
     history: list[dict] = field(default_factory=list)
 
 
-def cosine_lr(base: float, step: int, total: int) -> float:
-    return 0.5 * base * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+@dataclass(frozen=True)
+class SearchLoop:
+    """What every step of one search reads and never changes: settings, budget, latency model, device."""
+
+    recipe: Recipe
+    budget: Budget
+    latency: LatencyModel
+    device: torch.device
+    reporter: Reporter
+    steps_per_epoch: int
+
+    @property
+    def cfg(self) -> SearchConfig:
+        return self.recipe.search
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
 
 
-def next_allocation(sn: Supernet, k_sigma: float, hysteresis: float) -> dict[str, int]:
-    """Grow to ceil(mu + k sigma) at once; shrink to it only when the excess passes hysteresis * sigma.
-    Masks over a fixed range (DMaskingNAS) keep their allocation."""
-    out = {}
-    for name, m in sn.masks.items():
-        if not isinstance(m, GaussianMask):
-            out[name] = m.allocated
-            continue
-        target = m.target_allocation(k_sigma)
-        if target > m.allocated or m.allocated - target > hysteresis * m.sigma:
-            out[name] = target
-        else:
-            out[name] = m.allocated
-    return out
+def weight_sgd(sn: Supernet, cfg: SearchConfig) -> torch.optim.SGD:
+    """The weights' optimizer over the supernet's current body."""
+    return make_sgd(sn.weight_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
 
 
 def build_state(arch: Arch, recipe: Recipe, device: torch.device) -> SearchState:
+    """A fresh search: seeded supernet with the recipe's masks, SGD for the weights, Adam for the masks."""
     cfg = recipe.search
     torch.manual_seed(cfg.seed)
     sn = prepare(Supernet(arch, make_masks(arch, recipe.model, cfg)), device)
-    w_opt = make_sgd(sn.weight_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    arch_lr = cfg.arch_lr if cfg.method == "flexcharts" else cfg.dmask_lr
-    a_opt = torch.optim.Adam(sn.arch_parameters(), lr=arch_lr, betas=(cfg.arch_beta1, cfg.arch_beta2), weight_decay=0.0)
-    return SearchState(sn, w_opt, a_opt, cfg.init_multiplier)
+    betas = (cfg.arch_beta1, cfg.arch_beta2)
+    a_opt = torch.optim.Adam(sn.arch_parameters(), lr=sn.arch_lr(cfg), betas=betas, weight_decay=0.0)
+    return SearchState(sn, weight_sgd(sn, cfg), a_opt, cfg.init_multiplier)
 
 
 def save_state(path: Path, st: SearchState) -> None:
+    """Write the checkpoint --resume reads (atomically): counters, allocation, weights, optimizers, torch RNG."""
     atomic_torch_save(
         path,
         {
@@ -95,6 +110,7 @@ def save_state(path: Path, st: SearchState) -> None:
 
 
 def load_state(path: Path, arch: Arch, recipe: Recipe, device: torch.device) -> SearchState:
+    """The SearchState saved by `save_state`; BadInput if the file is unreadable or from another setup."""
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
         st = build_state(arch, recipe, device)
@@ -102,8 +118,7 @@ def load_state(path: Path, arch: Arch, recipe: Recipe, device: torch.device) -> 
         st.supernet.masks.load_state_dict(d["masks"])
         st.supernet.body.load_state_dict(d["body"])
         prepare(st.supernet, device)
-        cfg = recipe.search
-        st.w_opt = make_sgd(st.supernet.weight_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+        st.w_opt = weight_sgd(st.supernet, recipe.search)
         st.w_opt.load_state_dict(d["w_opt"])
         st.a_opt.load_state_dict(d["a_opt"])
         torch.set_rng_state(d["rng"])
@@ -113,140 +128,198 @@ def load_state(path: Path, arch: Arch, recipe: Recipe, device: torch.device) -> 
     return st
 
 
+def search_batches(ds: Dataset, recipe: Recipe, epochs_done: int) -> tuple[Batches, Batches]:
+    """The D_t and D_s batch streams, fast-forwarded past `epochs_done` epochs (a resumed run sees the same
+    batches); BadInput if a batch is larger than a half of the training set."""
+    cfg = recipe.search
+    (dt_x, dt_y), (ds_x, ds_y) = search_split(ds, recipe.data.split_seed)
+    bt = Batches(dt_x, dt_y, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
+    bs = Batches(ds_x, ds_y, cfg.batch_size, shuffle=True, seed=cfg.seed + 1, drop_last=True)
+    if min(len(bt), len(bs)) == 0:
+        raise BadInput(f"search.batch_size {cfg.batch_size} is larger than half the training set ({len(dt_y)})")
+    for _ in range(epochs_done):  # replay the shuffles of finished epochs
+        torch.randperm(len(dt_y), generator=bt.generator), torch.randperm(len(ds_y), generator=bs.generator)
+    return bt, bs
+
+
+def weight_step(st: SearchState, loop: SearchLoop, augment: Augment, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One SGD step on a D_t batch at the cosine lr of st.step (grad-norm clipped); returns the CE loss."""
+    sn, cfg = st.supernet, loop.cfg
+    for g in st.w_opt.param_groups:
+        g["lr"] = cosine_lr(cfg.lr, st.step, loop.total_steps)
+    x, y = augment(to_device_batch(x, loop.device)), y.to(loop.device)
+    with autocast(loop.device):
+        loss = F.cross_entropy(sn(x).float(), y)
+    st.w_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(sn.weight_parameters(), cfg.grad_clip)
+    st.w_opt.step()
+    return float(loss.detach())
+
+
+def arch_step(
+    st: SearchState, loop: SearchLoop, augment: Augment, x: torch.Tensor, y: torch.Tensor
+) -> tuple[float, float]:
+    """One Adam step of the masks on a D_s batch with loss = CE + multiplier * E[latency] / target, then the
+    masks' projection; returns (CE, E[latency] in ms)."""
+    sn = st.supernet
+    x, y = augment(to_device_batch(x, loop.device)), y.to(loop.device)
+    with autocast(loop.device):
+        ce = F.cross_entropy(sn(x).float(), y)
+    lat = loop.latency.predict(sn.expected_widths())
+    loss = ce + st.multiplier * lat / loop.budget.target_ms
+    params = sn.arch_parameters()
+    for p, g in zip(params, torch.autograd.grad(loss, params)):
+        p.grad = g
+    st.a_opt.step()
+    sn.project()
+    return float(ce.detach()), float(lat.detach())
+
+
+def train_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, epoch: int) -> dict[str, float]:
+    """Search epoch `epoch` (0-based) up to, not including, re-allocation: per-epoch updates, then a weights
+    step, an architecture step and a controller update per batch pair. Returns the epoch's mean losses."""
+    cfg, sn = loop.cfg, st.supernet
+    augment = Augment(loop.recipe.data, seed=cfg.seed * 1000 + epoch)  # one stream per epoch: resumed runs match
+    sn.train()
+    sn.start_epoch(epoch, cfg.epochs, cfg)
+    sn.set_drop_path(drop_path_at(loop.recipe.model.drop_path, epoch, cfg.epochs))
+    loop.reporter.start(f"search {epoch + 1}/{cfg.epochs}", loop.steps_per_epoch)
+    sums = {"weight_loss": 0.0, "arch_ce": 0.0, "mean_step_latency_ms": 0.0}
+    for (xt, yt), (xs, ys) in zip(bt, bs):
+        w_loss = weight_step(st, loop, augment, xt, yt)
+        a_ce, lat_ms = arch_step(st, loop, augment, xs, ys)
+        st.multiplier += cfg.dual_lr * (lat_ms / loop.budget.target_ms - 1.0)  # dual ascent
+        st.step += 1
+        for key, v in zip(sums, (w_loss, a_ce, lat_ms)):
+            sums[key] += v
+        loop.reporter.advance(
+            f"loss {w_loss:.3f}  E[lat] {lat_ms:.4f}/{loop.budget.ms:g} ms  mult {st.multiplier:.2f}  E[w] "
+            + " ".join(f"{float(w.detach()):.0f}" for w in sn.expected_widths().values())
+        )
+    loop.reporter.stop()
+    return {key: v / loop.steps_per_epoch for key, v in sums.items()}
+
+
+def reallocate(st: SearchState, cfg: SearchConfig) -> tuple[dict[str, int], dict[str, int]]:
+    """End of epoch: dynamic channel allocation. Rebuilds the body (and the SGD, momentum transplanted) where
+    the masks ask for other widths; returns (allocation before, allocation after)."""
+    sn = st.supernet
+    before = sn.allocated()
+    after = sn.next_allocation(cfg.k_sigma, cfg.hysteresis)
+    if after != before:
+        old_body, old_opt = sn.reallocate(after), st.w_opt
+        st.w_opt = weight_sgd(sn, cfg)
+        transplant_optimizer(old_opt, old_body, st.w_opt, sn.body)
+    return before, after
+
+
+def extend_latency(latency: LatencyModel, widths: dict[str, int], recipe: Recipe, reporter: Reporter) -> bool:
+    """Measure more networks when `widths` leave the latency model's region (refits it in place); True if so.
+
+    Kept apart so the in-search extension can be moved out of the loop later.
+    """
+    return extend(latency, widths, recipe.model.round_to, recipe.search.extend_samples, reporter=reporter)
+
+
+def epoch_record(st: SearchState, loop: SearchLoop, alloc: tuple[dict, dict], means: dict[str, float]) -> dict:
+    """The search.jsonl line of the epoch just finished (st.epoch), without the timings: the masks (Mask.record),
+    allocation (before, after), expected and final widths, expected latency vs budget, controller, mean losses
+    (from `train_epoch`), lr."""
+    sn = st.supernet
+    with torch.no_grad():
+        expected = {k: float(v) for k, v in sn.expected_widths().items()}
+        e_lat = float(loop.latency.predict(expected))
+    return {
+        "epoch": st.epoch,
+        **sn.records(),
+        "allocated_before": alloc[0],
+        "allocated": alloc[1],
+        "expected_widths": expected,
+        "final_widths": sn.final_widths(),
+        "expected_latency_ms": e_lat,
+        "budget_ms": loop.budget.ms,
+        "target_ms": loop.budget.target_ms,
+        "multiplier": st.multiplier,
+        "weight_loss": means["weight_loss"],
+        "arch_ce": means["arch_ce"],
+        "mean_step_latency_ms": means["mean_step_latency_ms"],
+        "lr": cosine_lr(loop.cfg.lr, st.step, loop.total_steps),
+        "steps": loop.steps_per_epoch,
+    }
+
+
+def search_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, epoch: int) -> dict:
+    """Search epoch `epoch` in full (train, re-allocate, extend the latency model, record); returns the record,
+    also appended to st.history."""
+    t0 = time.perf_counter()
+    means = train_epoch(st, loop, bt, bs, epoch)
+    t1 = time.perf_counter()
+    alloc = reallocate(st, loop.cfg)
+    t2 = time.perf_counter()
+    extended = extend_latency(loop.latency, alloc[1], loop.recipe, loop.reporter)
+    t3 = time.perf_counter()
+    st.epoch = epoch + 1
+    line = epoch_record(st, loop, alloc, means) | {
+        "seconds": time.perf_counter() - t0,
+        "step_seconds": t1 - t0,
+        "realloc_seconds": t2 - t1,
+        "latency_extended": extended,
+        "extend_seconds": t3 - t2,
+    }
+    st.history.append(line)
+    return line
+
+
+def epoch_summary(line: dict, epochs: int) -> str:
+    """The one log line of a finished search epoch."""
+    return (
+        f"epoch {line['epoch']:3d}/{epochs}  loss {line['weight_loss']:.3f}  E[lat] {line['expected_latency_ms']:.4f}"
+        f" ms (target {line['target_ms']:.4f})  mult {line['multiplier']:.2f}  widths {line['final_widths']}  "
+        f"alloc {line['allocated']}" + ("  [latency model extended]" if line["latency_extended"] else "")
+    )
+
+
 def run_search(
     arch: Arch,
     recipe: Recipe,
     ds: Dataset,
-    budget_ms: float,
+    *,
+    budget: Budget,
     latency: LatencyModel,
     device: torch.device,
     run_dir: Path | None = None,
     reporter: Reporter | None = None,
     resume: bool = False,
 ) -> SearchState:
-    """Search per-stage widths for `budget_ms`; writes search.jsonl (+ search_state.pt for --resume) to run_dir."""
-    cfg = recipe.search
-    reporter = reporter or Reporter()
-    target = budget_ms * (1.0 - cfg.budget_margin)
+    """Search the per-stage widths of `arch` that fit `budget` (Algorithm 1 with dynamic channel allocation).
+
+    Args:
+        arch: the starting network (family, stages at the recipe's widths, data shape).
+        recipe: [search] drives the loop, [model] the masks and drop path, [data] the split and augmentation.
+        ds: the dataset; only its training set is used (split into D_t for weights and D_s for the masks).
+        budget: the latency budget; the controller steers E[latency] to budget.target_ms.
+        latency: the latency model E[latency] is predicted with (extended in place if the widths leave it).
+        device: the training device.
+        run_dir: if given, each epoch appends its record to run_dir/search.jsonl and saves search_state.pt.
+        reporter: progress and log output (default: a silent Reporter).
+        resume: continue from run_dir/search_state.pt when it exists (the same trajectory, bit for bit on CPU).
+
+    Returns:
+        The final SearchState: `state.supernet.final_widths()` / `to_arch()` are the result,
+        `state.history` the per-epoch records.
+    """
+    cfg, reporter = recipe.search, reporter or Reporter()
     ckpt = run_dir / "search_state.pt" if run_dir else None
-    st = (
-        load_state(ckpt, arch, recipe, device)
-        if (resume and ckpt and ckpt.is_file())
-        else build_state(arch, recipe, device)
-    )
+    resuming = bool(resume and ckpt and ckpt.is_file())
+    st = load_state(ckpt, arch, recipe, device) if resuming else build_state(arch, recipe, device)
     if resume and st.epoch:
         reporter.log(f"resuming search after epoch {st.epoch}/{cfg.epochs}")
-    (dt_x, dt_y), (ds_x, ds_y) = search_split(ds, recipe.data.split_seed)
-    bt = Batches(dt_x, dt_y, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
-    bs = Batches(ds_x, ds_y, cfg.batch_size, shuffle=True, seed=cfg.seed + 1, drop_last=True)
-    steps_per_epoch = min(len(bt), len(bs))
-    if steps_per_epoch == 0:
-        raise BadInput(f"search.batch_size {cfg.batch_size} is larger than half the training set ({len(dt_y)})")
-    for _ in range(st.epoch):  # replay the shuffles of finished epochs so a resumed run sees the same batches
-        torch.randperm(len(dt_y), generator=bt.generator), torch.randperm(len(ds_y), generator=bs.generator)
-    total = cfg.epochs * steps_per_epoch
-    sn = st.supernet
-
+    bt, bs = search_batches(ds, recipe, st.epoch)
+    loop = SearchLoop(recipe, budget, latency, device, reporter, min(len(bt), len(bs)))
     for epoch in range(st.epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        augment = Augment(recipe.data, seed=cfg.seed * 1000 + epoch)  # one stream per epoch: resumed runs match
-        sn.train()
-        for m in sn.masks.values():
-            if hasattr(m, "tau"):  # DMaskingNAS: anneal the Gumbel-softmax temperature per epoch
-                m.tau = cfg.tau0 * cfg.tau_decay**epoch
-        if hasattr(sn.body, "drop_path_prob"):  # DARTS family: drop-path grows linearly over the search
-            sn.body.drop_path_prob = recipe.model.drop_path * epoch / cfg.epochs
-        reporter.start(f"search {epoch + 1}/{cfg.epochs}", steps_per_epoch)
-        sums = {"w_loss": 0.0, "a_ce": 0.0, "lat": 0.0}
-        for (xt, yt), (xs, ys) in zip(bt, bs):
-            lr = cosine_lr(cfg.lr, st.step, total)
-            for g in st.w_opt.param_groups:
-                g["lr"] = lr
-            # weights step on a D_t batch
-            xt, yt = augment(to_device_batch(xt, device)), yt.to(device)
-            with autocast(device):
-                w_loss = F.cross_entropy(sn(xt).float(), yt)
-            st.w_opt.zero_grad(set_to_none=True)
-            w_loss.backward()
-            torch.nn.utils.clip_grad_norm_(sn.weight_parameters(), cfg.grad_clip)
-            st.w_opt.step()
-            # architecture step on a D_s batch: CE + multiplier * E[latency] / target
-            xs, ys = augment(to_device_batch(xs, device)), ys.to(device)
-            with autocast(device):
-                a_ce = F.cross_entropy(sn(xs).float(), ys)
-            lat = latency.predict(sn.expected_widths())
-            a_loss = a_ce + st.multiplier * lat / target
-            params = sn.arch_parameters()
-            for p, g in zip(params, torch.autograd.grad(a_loss, params)):
-                p.grad = g
-            st.a_opt.step()
-            with torch.no_grad():  # options start at min_width: a mean far below it would only slow the way back
-                for m in sn.masks.values():
-                    if isinstance(m, GaussianMask):
-                        m.mu.clamp_(min=float(m.min_width))
-            lat_ms = float(lat.detach())
-            st.multiplier += cfg.dual_lr * (lat_ms / target - 1.0)
-            st.step += 1
-            sums["w_loss"] += float(w_loss.detach())
-            sums["a_ce"] += float(a_ce.detach())
-            sums["lat"] += lat_ms
-            reporter.advance(
-                f"loss {float(w_loss.detach()):.3f}  E[lat] {lat_ms:.4f}/{budget_ms:g} ms  "
-                f"mult {st.multiplier:.2f}  E[w] "
-                + " ".join(f"{float(m.expected_width().detach()):.0f}" for m in sn.masks.values())
-            )
-        reporter.stop()
-        step_seconds = time.perf_counter() - t0
-
-        # end of epoch: dynamic channel allocation
-        t1 = time.perf_counter()
-        before = sn.allocated()
-        after = next_allocation(sn, cfg.k_sigma, cfg.hysteresis)
-        if after != before:
-            old_body, old_opt = sn.reallocate(after), st.w_opt
-            st.w_opt = make_sgd(sn.weight_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-            transplant_optimizer(old_opt, old_body, st.w_opt, sn.body)
-            del old_body, old_opt
-        realloc_seconds = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        extended = extend(latency, after, recipe.model.round_to, cfg.extend_samples, reporter=reporter)
-        extend_seconds = time.perf_counter() - t2
-        with torch.no_grad():
-            expected = {k: float(v) for k, v in sn.expected_widths().items()}
-            e_lat = float(latency.predict(expected))
-        st.epoch = epoch + 1
-        line = {
-            "epoch": st.epoch,
-            "mu": {
-                k: float(m.mu.detach()) if hasattr(m, "mu") else float(m.expected_width().detach())
-                for k, m in sn.masks.items()
-            },
-            "sigma": {k: getattr(m, "sigma", None) for k, m in sn.masks.items()},
-            "allocated_before": before,
-            "allocated": after,
-            "expected_widths": expected,
-            "final_widths": sn.final_widths(),
-            "expected_latency_ms": e_lat,
-            "budget_ms": budget_ms,
-            "target_ms": target,
-            "multiplier": st.multiplier,
-            "weight_loss": sums["w_loss"] / steps_per_epoch,
-            "arch_ce": sums["a_ce"] / steps_per_epoch,
-            "mean_step_latency_ms": sums["lat"] / steps_per_epoch,
-            "lr": cosine_lr(cfg.lr, st.step, total),
-            "steps": steps_per_epoch,
-            "seconds": time.perf_counter() - t0,
-            "step_seconds": step_seconds,
-            "realloc_seconds": realloc_seconds,
-            "latency_extended": extended,
-            "extend_seconds": extend_seconds,
-        }
-        st.history.append(line)
-        reporter.log(
-            f"epoch {st.epoch:3d}/{cfg.epochs}  loss {line['weight_loss']:.3f}  E[lat] {e_lat:.4f} ms "
-            f"(target {target:.4f})  mult {st.multiplier:.2f}  widths {line['final_widths']}  alloc {after}"
-            + ("  [latency model extended]" if extended else "")
-        )
+        line = search_epoch(st, loop, bt, bs, epoch)
+        reporter.log(epoch_summary(line, cfg.epochs))
         if run_dir is not None:
             append_jsonl(run_dir / "search.jsonl", line)
             save_state(ckpt, st)

@@ -7,15 +7,15 @@ The masks live outside the rebuilt body, so re-allocation swaps the body and kee
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import nn
 
+from flexslim import methods
 from flexslim.arch import Arch
 from flexslim.config import ModelConfig, SearchConfig
-from flexslim.errors import BadInput
-from flexslim.masks import GaussianMask, GumbelMask, dmask_options, hard_mask
+from flexslim.masks import Mask, gaussian_masks, gumbel_masks, hard_mask  # noqa: F401 (factories re-exported)
+from flexslim.schedules import set_drop_path
 from flexslim.spaces import build_network, cost_terms
 from flexslim.transplant import transplant_state
 
@@ -34,42 +34,24 @@ class MaskPoint(nn.Module):
         return self.stage
 
 
-def gaussian_masks(arch: Arch, model: ModelConfig, search: SearchConfig) -> dict[str, GaussianMask]:
-    """One GaussianMask per stage, mu at the recipe's width, kernels holding ceil(mu + k sigma) channels."""
-    return {
-        s.name: GaussianMask(
-            s.width,
-            search.sigma,
-            math.ceil(s.width + search.k_sigma * search.sigma),
-            model.min_width,
-            search.step,
-            model.round_to,
-        )
-        for s in arch.stages
-    }
-
-
-def gumbel_masks(arch: Arch, model: ModelConfig, search: SearchConfig) -> dict[str, GumbelMask]:
-    """DMaskingNAS baseline: one GumbelMask per stage over the recipe's small or large fixed range."""
-    if search.dmask_range not in ("small", "large"):
-        raise BadInput(f"search.dmask_range must be small or large, got '{search.dmask_range}'")
-    low, high = search.dmask_small if search.dmask_range == "small" else search.dmask_large
-    return {
-        s.name: GumbelMask(dmask_options(s.width, low, high, search.dmask_step, model.min_width), search.tau0)
-        for s in arch.stages
-    }
-
-
-def make_masks(arch: Arch, model: ModelConfig, search: SearchConfig) -> dict[str, nn.Module]:
-    if search.method == "flexcharts":
-        return gaussian_masks(arch, model, search)
-    if search.method == "dmask":
-        return gumbel_masks(arch, model, search)
-    raise BadInput(f"unknown search.method '{search.method}'; valid: flexcharts, dmask")
+def make_masks(arch: Arch, model: ModelConfig, search: SearchConfig) -> dict[str, Mask]:
+    """One mask per stage of `arch`, of the kind search.method names (BadInput for an unknown method)."""
+    return methods.mask_factory(search.method)(arch, model, search)
 
 
 class Supernet(nn.Module):
-    def __init__(self, arch: Arch, masks: dict[str, nn.Module]):
+    """A family network at the masks' allocated widths, with every stage's channels scaled by its mask.
+
+    Args:
+        arch: the family, stages and data shape; its stage widths are not used (the masks' are).
+        masks: one `Mask` per stage name of `arch` (all of one kind, see `make_masks`).
+
+    `arch_parameters()` (the masks') and `weight_parameters()` (the body's) are disjoint and cover all
+    parameters. `reallocate` rebuilds the body at new widths; `hard()` and `bake()` give the dense network at
+    the final widths.
+    """
+
+    def __init__(self, arch: Arch, masks: dict[str, Mask]):
         super().__init__()
         self.arch = arch
         self.masks = nn.ModuleDict(masks)
@@ -81,6 +63,7 @@ class Supernet(nn.Module):
         return build_network(self.arch, widths, mask=lambda stage: MaskPoint(stage, self._store))
 
     def allocated(self) -> dict[str, int]:
+        """Channels each stage's kernels hold now."""
         return {name: m.allocated for name, m in self.masks.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,8 +79,19 @@ class Supernet(nn.Module):
     def weight_parameters(self) -> list[nn.Parameter]:
         return list(self.body.parameters())
 
+    def arch_lr(self, cfg: SearchConfig) -> float:
+        """The architecture optimizer's learning rate: the masks' kind picks it from [search]."""
+        lrs = {m.arch_lr(cfg) for m in self.masks.values()}
+        if len(lrs) != 1:
+            raise ValueError(f"the masks disagree on the architecture learning rate: {sorted(lrs)}")
+        return lrs.pop()
+
     def expected_widths(self) -> dict[str, torch.Tensor]:
         return {name: m.expected_width() for name, m in self.masks.items()}
+
+    def mean_widths(self) -> dict[str, float]:
+        """Each stage's Mask.mean_width() (mu for FlexCHarts), channels."""
+        return {name: m.mean_width() for name, m in self.masks.items()}
 
     def final_widths(self) -> dict[str, int]:
         return {name: m.final_width() for name, m in self.masks.items()}
@@ -106,7 +100,31 @@ class Supernet(nn.Module):
         return cost_terms(self.arch, self.expected_widths())
 
     def to_arch(self) -> Arch:
+        """The arch at the final widths."""
         return self.arch.with_widths(self.final_widths())
+
+    def start_epoch(self, epoch: int, epochs: int, cfg: SearchConfig) -> None:
+        """Before search epoch `epoch` (0-based) of `epochs`: every mask's per-epoch update (e.g. a temperature)."""
+        for m in self.masks.values():
+            m.start_epoch(epoch, epochs, cfg)
+
+    def set_drop_path(self, p: float) -> None:
+        """Drop-path probability of the body (families without drop path ignore it); reset by `reallocate`."""
+        set_drop_path(self.body, p)
+
+    def project(self) -> None:
+        """After an architecture step: every mask back into its domain."""
+        for m in self.masks.values():
+            m.project()
+
+    def next_allocation(self, k_sigma: float, hysteresis: float) -> dict[str, int]:
+        """Channels per stage for the next epoch, as the masks ask (dynamic allocation, or fixed)."""
+        return {name: m.next_allocation(k_sigma, hysteresis) for name, m in self.masks.items()}
+
+    def records(self) -> dict[str, dict[str, dict]]:
+        """{"mu": {stage: ...}, "sigma": {stage: ...}} for the epoch record (see Mask.record)."""
+        recs = {name: m.record() for name, m in self.masks.items()}
+        return {key: {name: r[key] for name, r in recs.items()} for key in ("mu", "sigma")}
 
     @contextlib.contextmanager
     def hard(self, widths: dict[str, int] | None = None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,10 +19,14 @@ from flexslim.data import Augment, Batches, Dataset, as_float
 from flexslim.devices import autocast, prepare, to_device_batch
 from flexslim.errors import BadInput
 from flexslim.runs import atomic_torch_save
+from flexslim.schedules import cosine_lr, drop_path_at, set_drop_path
 
 
 @dataclass(frozen=True)
 class EpochMetrics:
+    """One retraining epoch: train loss/accuracy (augmented, as trained), test loss/accuracy, the lr at the
+    epoch's first step, and wall-clock seconds."""
+
     epoch: int
     train_loss: float
     train_acc: float
@@ -33,12 +37,8 @@ class EpochMetrics:
 
 
 def make_sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with momentum and weight decay, the optimizer of the search's weights and of retraining."""
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Cosine annealing stepped once per batch, from the optimiser's lr down to 0 at the last step."""
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps), eta_min=0.0)
 
 
 @torch.no_grad()
@@ -58,21 +58,61 @@ def evaluate(
     return loss_sum / max(1, len(y)), correct / max(1, len(y))
 
 
+@dataclass
+class TrainState:
+    """What retraining carries from epoch to epoch, and what its checkpoint holds.
+
+    Attributes:
+        model: the network being trained (on the training device).
+        optimizer: SGD over all its parameters; the lr is set per step from `schedules.cosine_lr`.
+        batches, augment: the shuffled training batches and the augmentation, with their random streams.
+        total_steps: steps of the whole run (the cosine schedule's length); step: steps finished.
+        history: one EpochMetrics per finished epoch.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: Batches
+    augment: Augment
+    total_steps: int
+    step: int = 0
+    history: list[EpochMetrics] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        """Write the resume checkpoint (atomically)."""
+        atomic_torch_save(
+            path,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "batch_rng": self.batches.generator.get_state(),
+                "augment_rng": self.augment.get_state(),
+                "history": [asdict(h) for h in self.history],
+            },
+        )
+
+    def restore(self, path: Path, device: torch.device) -> None:
+        """Load a checkpoint written by `save` (or by the older scheduler-based fit: its step count)."""
+        state = torch.load(path, map_location=device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"] if "step" in state else state["scheduler"]["last_epoch"])
+        self.batches.generator.set_state(state["batch_rng"])
+        self.augment.set_state(state.get("augment_rng", {}))
+        self.history = [EpochMetrics(**m) for m in state["history"]]
+
+
 def train_one_epoch(
-    model: nn.Module,
-    batches: Batches,
-    augment: Augment,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    cfg: TrainConfig,
-    device: torch.device,
-    reporter: Reporter,
-    aux_weight: float = 0.0,
+    ts: TrainState, cfg: TrainConfig, device: torch.device, reporter: Reporter, aux_weight: float = 0.0
 ) -> tuple[float, float]:
+    """One pass over ts.batches: SGD steps at the cosine lr of each step (grad-norm clipped), plus the
+    auxiliary head's loss times `aux_weight` when the model has one. Returns (mean loss, accuracy)."""
+    model, optimizer = ts.model, ts.optimizer
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    for xb, yb in batches:
-        xb, yb = augment(to_device_batch(xb, device)), yb.to(device)
+    for xb, yb in ts.batches:
+        xb, yb = ts.augment(to_device_batch(xb, device)), yb.to(device)
         with autocast(device):
             logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
@@ -82,13 +122,30 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for g in optimizer.param_groups:
+            g["lr"] = cosine_lr(cfg.lr, ts.step, ts.total_steps)
         optimizer.step()
-        scheduler.step()
+        ts.step += 1
         loss_sum += float(loss.detach()) * len(yb)
         correct += int((logits.argmax(1) == yb).sum())
         seen += len(yb)
         reporter.advance(f"loss {float(loss.detach()):.3f}")
     return loss_sum / max(1, seen), correct / max(1, seen)
+
+
+def fit_epoch(ts: TrainState, ds: Dataset, recipe: Recipe, device: torch.device, reporter: Reporter, epochs: int):
+    """Train and evaluate the next epoch of `epochs`; appends and returns its EpochMetrics (BadInput if the
+    loss diverged)."""
+    epoch, t0 = len(ts.history), time.perf_counter()
+    lr = cosine_lr(recipe.train.lr, ts.step, ts.total_steps)
+    set_drop_path(ts.model, drop_path_at(recipe.model.drop_path, epoch, epochs))
+    tr_loss, tr_acc = train_one_epoch(ts, recipe.train, device, reporter, recipe.model.auxiliary_weight)
+    te_loss, te_acc = evaluate(ts.model, ds.test_x, ds.test_y, device)
+    if not math.isfinite(tr_loss):
+        raise BadInput(f"training diverged at epoch {epoch + 1} (loss {tr_loss}); lower train.lr")
+    m = EpochMetrics(epoch + 1, tr_loss, tr_acc, te_loss, te_acc, lr, time.perf_counter() - t0)
+    ts.history.append(m)
+    return m
 
 
 def fit(
@@ -102,8 +159,14 @@ def fit(
 ) -> list[EpochMetrics]:
     """Train from the network's current weights for `epochs` (default: the recipe's), evaluating each epoch.
 
-    With `checkpoint`, the full training state is saved there after every epoch and, if the file exists when
-    fit starts, training resumes from it (same schedule, same data order).
+    Args:
+        model: the network (moved to `device` in place); ds: train set to fit, test set to evaluate.
+        recipe: [train] gives the SGD, cosine lr and batches, [model] the drop-path ramp and auxiliary weight.
+        checkpoint: if given, the full training state is saved there after every epoch and, if the file exists
+            when fit starts, training resumes from it (same schedule, same data order).
+
+    Returns:
+        One EpochMetrics per epoch, the resumed ones included.
     """
     cfg = recipe.train
     epochs = cfg.epochs if epochs is None else epochs
@@ -112,56 +175,24 @@ def fit(
     reporter = reporter or Reporter()
     torch.manual_seed(cfg.seed)
     model = prepare(model, device)
-    batches = Batches(
-        ds.train_x, ds.train_y, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=len(ds.train_y) > cfg.batch_size
-    )
-    augment = Augment(recipe.data, seed=cfg.seed)
+    drop_last = len(ds.train_y) > cfg.batch_size
+    batches = Batches(ds.train_x, ds.train_y, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=drop_last)
     optimizer = make_sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    scheduler = cosine_schedule(optimizer, epochs * len(batches))
-    history: list[EpochMetrics] = []
-    start = 0
+    ts = TrainState(model, optimizer, batches, Augment(recipe.data, seed=cfg.seed), epochs * len(batches))
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        batches.generator.set_state(state["batch_rng"])
-        augment.set_state(state.get("augment_rng", {}))
-        history = [EpochMetrics(**m) for m in state["history"]]
-        start = len(history)
-        reporter.log(f"resuming training at epoch {start + 1}/{epochs} from {checkpoint}")
-    reporter.start("train", (epochs - start) * len(batches))
-    for epoch in range(start, epochs):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        if hasattr(model, "drop_path_prob"):  # DARTS family: drop-path grows linearly to model.drop_path
-            model.drop_path_prob = recipe.model.drop_path * epoch / epochs
-        tr_loss, tr_acc = train_one_epoch(
-            model, batches, augment, optimizer, scheduler, cfg, device, reporter, recipe.model.auxiliary_weight
-        )
-        te_loss, te_acc = evaluate(model, ds.test_x, ds.test_y, device)
-        if not math.isfinite(tr_loss):
-            raise BadInput(f"training diverged at epoch {epoch + 1} (loss {tr_loss}); lower train.lr")
-        m = EpochMetrics(epoch + 1, tr_loss, tr_acc, te_loss, te_acc, lr, time.perf_counter() - t0)
-        history.append(m)
+        ts.restore(checkpoint, device)
+        reporter.log(f"resuming training at epoch {len(ts.history) + 1}/{epochs} from {checkpoint}")
+    reporter.start("train", (epochs - len(ts.history)) * len(batches))
+    while len(ts.history) < epochs:
+        m = fit_epoch(ts, ds, recipe, device, reporter, epochs)
         reporter.log(
             f"epoch {m.epoch:3d}/{epochs}  loss {m.train_loss:.4f}  train acc {m.train_acc:.4f}  "
             f"test acc {m.test_acc:.4f}  lr {m.lr:.4f}  {m.seconds:.1f}s"
         )
         if checkpoint is not None:
-            atomic_torch_save(
-                checkpoint,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "batch_rng": batches.generator.get_state(),
-                    "augment_rng": augment.get_state(),
-                    "history": [asdict(h) for h in history],
-                },
-            )
+            ts.save(checkpoint)
     reporter.stop()
-    return history
+    return ts.history
 
 
 def save_model(path: Path, arch: Arch, model: nn.Module, recipe: Recipe, metrics: list[EpochMetrics] | dict) -> Path:
@@ -207,7 +238,17 @@ def train_arch(
     reporter: Reporter | None = None,
     resume: bool = False,
 ) -> list[EpochMetrics]:
-    """Retrain `arch` from scratch; writes run_dir/model.pt (and a per-epoch checkpoint for --resume)."""
+    """Retrain `arch` from scratch (seeded init, then `fit`) and write run_dir/model.pt.
+
+    Args:
+        arch: the network to build (with the auxiliary head if recipe.model.auxiliary_weight > 0).
+        recipe: the training settings; run_dir: where model.pt and the per-epoch train_state.pt go.
+        ds: moved to `device` for training; epochs: default the recipe's.
+        resume: continue from run_dir/train_state.pt if it exists (else it is discarded).
+
+    Returns:
+        The per-epoch metrics (also stored in model.pt); the resume checkpoint is removed at the end.
+    """
     from flexslim.spaces import build_network
 
     torch.manual_seed(recipe.train.seed)

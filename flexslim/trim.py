@@ -7,13 +7,16 @@ than 8 of 128), then re-measures. Every trim is recorded for the run log.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flexslim.arch import Arch
+from flexslim.budget import Budget
 from flexslim.config import LatencyConfig
 from flexslim.console import Reporter
 from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel, measure
+from flexslim.runtime import Timing
 
 
 def round_to_budget(
@@ -39,6 +42,8 @@ def round_to_budget(
 
 @dataclass
 class Fitted:
+    """The widths fitted to the budget by measurement, with the last measurement and every trim made."""
+
     widths: dict[str, int]
     measured_ms: float  # the gate's statistic, last measurement
     p50_ms: float
@@ -46,50 +51,73 @@ class Fitted:
     trims: list[dict] = field(default_factory=list)
 
 
+Measure = Callable[[Arch, dict[str, int], LatencyConfig], Timing]
+
+
 def fit_to_budget(
     arch: Arch,
     widths: dict[str, int],
-    budget_ms: float,
+    *,
+    budget: Budget,
     latency: LatencyModel,
     settings: LatencyConfig,
     min_width: int,
     round_to: int,
-    margin: float = 0.03,
     max_trims: int = 200,
+    measure: Measure = measure,
     reporter: Reporter | None = None,
 ) -> Fitted:
+    """Measure the network at `widths`; while it is over `budget.limit_ms`, trim `round_to` channels from the
+    stage with the best predicted saving per relative width lost, and measure again.
+
+    Args:
+        latency: ranks the trims (prediction only; every verdict is a measurement).
+        settings: the timing settings (provider, batch, threads, percentile) handed to `measure`.
+        max_trims: 0 only measures.
+        measure: (arch, widths, settings) -> runtime.Timing; the real one exports and times in the isolated
+            timing process.
+
+    Returns:
+        Fitted. Raises BadInput when every stage is at min_width and the network is still over the limit.
+    """
     reporter = reporter or Reporter()
-    limit = budget_ms * (1.0 - margin)
     widths = dict(widths)
     trims: list[dict] = []
     while True:
         t = measure(arch, widths, settings)
-        if t.at_percentile_ms <= limit or len(trims) >= max_trims:  # max_trims=0: just measure
+        if t.at_percentile_ms <= budget.limit_ms or len(trims) >= max_trims:  # max_trims=0: just measure
             return Fitted(widths, t.at_percentile_ms, t.p50_ms, t.provider, trims)
-        choices = {s: w for s, w in widths.items() if w - round_to >= min_width}
-        if not choices:
+        stage = _best_trim(widths, latency, min_width, round_to)
+        if stage is None:
             raise BadInput(
                 f"every stage is at min_width {min_width} and the network still measures "
-                f"{t.at_percentile_ms:.4f} ms > {limit:.4f} ms; raise --latency-ms or lower model.min_width"
+                f"{t.at_percentile_ms:.4f} ms > {budget.limit_ms:.4f} ms; raise --latency-ms or lower model.min_width"
             )
-        base = float(latency.predict(widths))
-
-        def score(stage: str, base: float = base) -> float:
-            saved = base - float(latency.predict({**widths, stage: widths[stage] - round_to}))
-            return saved / (round_to / widths[stage])
-
-        stage = max(choices, key=score)
+        new = widths[stage] - round_to
         trims.append(
             {
                 "stage": stage,
                 "from": widths[stage],
-                "to": widths[stage] - round_to,
+                "to": new,
                 "measured_ms": t.at_percentile_ms,
-                "limit_ms": limit,
+                "limit_ms": budget.limit_ms,
             }
         )
         reporter.log(
-            f"trim: {stage} {widths[stage]} -> {widths[stage] - round_to} "
-            f"(measured {t.at_percentile_ms:.4f} ms > {limit:.4f} ms)"
+            f"trim: {stage} {widths[stage]} -> {new} (measured {t.at_percentile_ms:.4f} ms > {budget.limit_ms:.4f} ms)"
         )
-        widths[stage] -= round_to
+        widths[stage] = new
+
+
+def _best_trim(widths: dict[str, int], latency: LatencyModel, min_width: int, round_to: int) -> str | None:
+    """The stage whose trim saves the most predicted time per relative width lost (None: all at min_width)."""
+    choices = [s for s, w in widths.items() if w - round_to >= min_width]
+    if not choices:
+        return None
+    base = float(latency.predict(widths))
+
+    def score(stage: str) -> float:
+        saved = base - float(latency.predict({**widths, stage: widths[stage] - round_to}))
+        return saved / (round_to / widths[stage])
+
+    return max(choices, key=score)

@@ -7,12 +7,16 @@ import time
 from dataclasses import dataclass
 
 from flexslim.arch import Arch
+from flexslim.budget import Budget
 from flexslim.config import LatencyConfig
 from flexslim.console import Reporter
+from flexslim.trim import Measure
 
 
 @dataclass(frozen=True)
 class UniformResult:
+    """The fitted multiplier, its widths and measured latency, the bisection's time and number of networks measured."""
+
     multiplier: float
     widths: dict[str, int]
     measured_ms: float
@@ -21,24 +25,31 @@ class UniformResult:
 
 
 def scaled(widths: dict[str, int], m: float, min_width: int, round_to: int) -> dict[str, int]:
+    """Every width times m, on the round_to grid, never below min_width."""
     return {s: max(min_width, round_to * round(w * m / round_to)) for s, w in widths.items()}
 
 
 def uniform_scale(
     arch: Arch,
-    budget_ms: float,
+    *,
+    budget: Budget,
     settings: LatencyConfig,
     min_width: int,
     round_to: int,
-    margin: float = 0.03,
     iters: int = 8,
+    measure: Measure | None = None,
     reporter: Reporter | None = None,
 ) -> UniformResult:
-    """Largest multiplier m in [0, 4] whose scaled network measures <= budget * (1 - margin)."""
-    from flexslim.latency import measure
+    """Largest multiplier m in [0, 4] of the recipe's widths whose scaled network MEASURES <= budget.limit_ms.
 
+    Args:
+        iters: bisection steps on m.
+        measure: (arch, widths, settings) -> runtime.Timing (default: export and time on the runtime).
+    """
+    from flexslim.latency import measure as measure_on_runtime
+
+    measure = measure or measure_on_runtime
     reporter = reporter or Reporter()
-    limit = budget_ms * (1.0 - margin)
     t0 = time.perf_counter()
     cache: dict[tuple, float] = {}
 
@@ -55,7 +66,7 @@ def uniform_scale(
     for _ in range(iters):
         mid = (lo + hi) / 2
         w, ms = lat(mid)
-        if ms <= limit:
+        if ms <= budget.limit_ms:
             lo, best = mid, (w, ms)
         else:
             hi = mid

@@ -112,7 +112,8 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
 
 def make_supernet(head_width: int = 0, seed: int = 0, input_shape=(1, 16, 16)):
     """A supernet of small_arch with Gaussian masks (sigma 2, k 3) and random BN statistics."""
-    from flexslim.supernet import Supernet, gaussian_masks
+    from flexslim.masks import gaussian_masks
+    from flexslim.supernet import Supernet
 
     arch = small_arch(head_width, input_shape)
     torch.manual_seed(seed)

@@ -7,8 +7,8 @@ import torch
 from search_fixtures import SMALL_MODEL, hand_latency_model, single_thread, small_arch  # noqa: F401
 
 from flexslim.config import SearchConfig
-from flexslim.masks import GumbelMask, dmask_options
-from flexslim.supernet import Supernet, gumbel_masks, make_masks
+from flexslim.masks import GumbelMask, dmask_options, gumbel_masks
+from flexslim.supernet import Supernet, make_masks
 
 
 def test_options_cover_the_range_on_the_step_grid():
@@ -51,6 +51,7 @@ def test_final_width_is_the_argmax_option():
 
 
 def test_temperature_anneals_per_epoch_in_the_search():
+    from flexslim.budget import Budget
     from flexslim.config import Recipe
     from flexslim.data import Dataset
     from flexslim.search import run_search
@@ -70,7 +71,7 @@ def test_temperature_anneals_per_epoch_in_the_search():
     search = SearchConfig(method="dmask", epochs=3, batch_size=32, tau0=5.0, tau_decay=0.5, dmask_range="small")
     recipe = Recipe(model=SMALL_MODEL, search=search)
     lat = hand_latency_model(arch)
-    st = run_search(arch, recipe, ds, budget_ms=1.0, latency=lat, device=torch.device("cpu"))
+    st = run_search(arch, recipe, ds, budget=Budget(1.0), latency=lat, device=torch.device("cpu"))
     taus = {m.tau for m in st.supernet.masks.values()}
     assert taus == {5.0 * 0.5**2}  # the temperature of the last epoch
     # fixed range: allocation never moves, and final widths are options of the range

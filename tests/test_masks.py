@@ -7,7 +7,8 @@ import pytest
 import torch
 from search_fixtures import single_thread  # noqa: F401
 
-from flexslim.masks import GaussianMask, hard_mask
+from flexslim.config import SearchConfig
+from flexslim.masks import GaussianMask, GumbelMask, Mask, hard_mask
 
 CASES = [  # mu, sigma, step, allocated, min_width
     (20.0, 4.0, 1, 32, 8),
@@ -168,3 +169,28 @@ def test_allocated_can_grow_past_anything_initial():
 def test_hard_mask():
     m = hard_mask(5, 9)
     assert m.tolist() == [1.0] * 5 + [0.0] * 4
+
+
+# -- the Mask contract the search loop drives ---------------------------------------------------------------
+def test_gaussian_hooks_clamp_grow_and_record():
+    m = GaussianMask(20.0, 2.0, 26, min_width=8, round_to=4)
+    assert isinstance(m, Mask) and m.arch_lr(SearchConfig(arch_lr=0.3, dmask_lr=0.7)) == 0.3
+    m.start_epoch(3, 10, SearchConfig())  # nothing to anneal
+    assert m.record() == {"mu": 20.0, "sigma": 2.0} and m.mean_width() == 20.0
+    with torch.no_grad():
+        m.mu.fill_(-3.0)
+    m.project()
+    assert float(m.mu.detach()) == 8.0  # clamped at min_width
+    assert m.next_allocation(3.0, 0.5) == m.target_allocation(3.0) == 14  # 26 - 14 > 0.5 sigma: shrinks
+
+
+def test_gumbel_hooks_anneal_and_keep_the_fixed_range():
+    m = GumbelMask([4, 8, 12, 16], tau=5.0)
+    assert isinstance(m, Mask) and m.arch_lr(SearchConfig(arch_lr=0.3, dmask_lr=0.7)) == 0.7
+    m.start_epoch(2, 10, SearchConfig(tau0=5.0, tau_decay=0.5))
+    assert m.tau == 5.0 * 0.5**2
+    alpha = m.alpha.detach().clone()
+    m.project()
+    assert torch.equal(m.alpha.detach(), alpha)
+    assert m.next_allocation(3.0, 0.5) == 16
+    assert m.record() == {"mu": pytest.approx(10.0), "sigma": None}  # the expected width of uniform logits

@@ -90,3 +90,26 @@ def test_resolve_explicit_run_dir(tmp_path):
     assert resolve_run_dir(tmp_path) == tmp_path
     with pytest.raises(BadInput, match="does not exist"):
         resolve_run_dir(tmp_path / "missing")
+
+
+def test_run_record_updates_in_memory_and_saves_atomically(tmp_path):
+    from flexslim.runs import RunRecord
+
+    record = RunRecord.load(tmp_path)
+    assert not record.exists() and record.get("status") is None
+    record.update(budget_ms=0.06, status="started")
+    assert json.loads((tmp_path / "run.json").read_text()) == {"budget_ms": 0.06, "status": "started"}
+    record.update(status="searched")
+    again = RunRecord.load(tmp_path)
+    assert again["budget_ms"] == 0.06 and again["status"] == "searched" and "status" in again
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_a_corrupt_run_record_is_bad_input_naming_the_file(tmp_path, text):
+    from flexslim.runs import RunRecord
+
+    (tmp_path / "run.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(BadInput, match="run.json") as err:
+        RunRecord.load(tmp_path)
+    assert "\n" not in str(err.value)

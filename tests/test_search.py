@@ -11,9 +11,11 @@ import torch
 from search_fixtures import HISTORY_FIELDS, TINY_SET, hand_latency_model, make_supernet, single_thread  # noqa: F401
 
 from flexslim.arch import Arch
+from flexslim.budget import Budget
 from flexslim.config import load_recipe
 from flexslim.data import load_dataset
-from flexslim.search import cosine_lr, load_state, next_allocation, run_search
+from flexslim.schedules import cosine_lr
+from flexslim.search import load_state, run_search
 from flexslim.supernet import Supernet
 
 CPU = torch.device("cpu")
@@ -21,11 +23,18 @@ EPOCHS = 2
 FIELDS = HISTORY_FIELDS
 
 
+def search(arch, recipe, ds, budget_ms, latency, **kw):
+    """run_search for `budget_ms` with the recipe's margins."""
+    return run_search(
+        arch, recipe, ds, budget=Budget.from_recipe(budget_ms, recipe.search), latency=latency, device=CPU, **kw
+    )
+
+
 @pytest.fixture(scope="module")
 def setup():
     recipe = load_recipe("quickstart", [f"search.epochs={EPOCHS}", "search.batch_size=128"])
     ds = load_dataset(recipe.data)
-    arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
+    arch = Arch.for_data(recipe.model, ds)
     init_ms = float(hand_latency_model(arch).predict(arch.widths))
     return recipe, ds, arch, init_ms
 
@@ -37,7 +46,7 @@ def searches(setup):
     out = {}
     for name, factor in (("tight", 0.4), ("loose", 2.5)):
         model = hand_latency_model(arch)
-        out[name] = (run_search(arch, recipe, ds, factor * init_ms, model, CPU), model, factor * init_ms)
+        out[name] = (search(arch, recipe, ds, factor * init_ms, model), model, factor * init_ms)
     return out
 
 
@@ -62,30 +71,42 @@ def test_next_allocation_grows_at_once():
     sn = make_supernet()  # sigma 2, allocated a 14, b 22, c 30
     _set_mu(sn, a=8.5, b=16.0, c=24.0)
     # a: ceil(8.5 + 6) = 15 > 14: grows by a single channel right away; b, c: exactly at target
-    assert next_allocation(sn, 3.0, 0.5) == {"a": 15, "b": 22, "c": 30}
+    assert sn.next_allocation(3.0, 0.5) == {"a": 15, "b": 22, "c": 30}
     _set_mu(sn, a=40.2)
-    assert next_allocation(sn, 3.0, 0.5)["a"] == math.ceil(40.2 + 6)
-    assert next_allocation(sn, 1.0, 0.5)["a"] == math.ceil(40.2 + 2)  # k from the recipe
+    assert sn.next_allocation(3.0, 0.5)["a"] == math.ceil(40.2 + 6)
+    assert sn.next_allocation(1.0, 0.5)["a"] == math.ceil(40.2 + 2)  # k from the recipe
 
 
 def test_next_allocation_shrinks_only_past_hysteresis():
     sn = make_supernet()  # sigma 2: hysteresis 0.5 -> shrink only when the excess is more than 1 channel
     _set_mu(sn, a=7.0, b=15.0, c=19.5)
     # a: target 13, excess 1 = 0.5 sigma: kept; b: target 21, excess 1: kept; c: target 26, excess 4: shrinks
-    assert next_allocation(sn, 3.0, 0.5) == {"a": 14, "b": 22, "c": 26}
+    assert sn.next_allocation(3.0, 0.5) == {"a": 14, "b": 22, "c": 26}
     _set_mu(sn, a=6.9)  # target still 13
-    assert next_allocation(sn, 3.0, 0.5)["a"] == 14
+    assert sn.next_allocation(3.0, 0.5)["a"] == 14
     _set_mu(sn, a=6.0)  # target 12, excess 2 > 1
-    assert next_allocation(sn, 3.0, 0.5)["a"] == 12
-    assert next_allocation(sn, 3.0, 2.0) == {"a": 14, "b": 22, "c": 30}  # a wide band keeps everything
-    assert next_allocation(sn, 3.0, 0.0) == {"a": 12, "b": 21, "c": 26}  # no band: follow the target exactly
+    assert sn.next_allocation(3.0, 0.5)["a"] == 12
+    assert sn.next_allocation(3.0, 2.0) == {"a": 14, "b": 22, "c": 30}  # a wide band keeps everything
+    assert sn.next_allocation(3.0, 0.0) == {"a": 12, "b": 21, "c": 26}  # no band: follow the target exactly
 
 
 def test_next_allocation_never_below_the_final_width():
     sn = make_supernet()
     _set_mu(sn, a=-50.0, b=-50.0, c=-50.0)
-    alloc = next_allocation(sn, 3.0, 0.5)
+    alloc = sn.next_allocation(3.0, 0.5)
     assert all(alloc[k] >= sn.masks[k].final_width() >= sn.masks[k].min_width for k in alloc)
+
+
+def test_the_loop_asks_no_mask_its_type():
+    """The search loop and the supernet drive masks through the Mask contract only (issue 7)."""
+    import inspect
+
+    import flexslim.search
+    import flexslim.supernet
+
+    for module in (flexslim.search, flexslim.supernet):
+        src = inspect.getsource(module)
+        assert "hasattr(" not in src and "isinstance(" not in src, module.__name__
 
 
 # -- whole searches ---------------------------------------------------------------------------------------
@@ -176,14 +197,14 @@ def test_state_after_search_is_the_reallocated_supernet(searches, which):
 def tiny_setup(setup):
     _, ds, _, _ = setup
     recipe = load_recipe("quickstart", [*TINY_SET, "search.epochs=1", "search.batch_size=128"])
-    arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
+    arch = Arch.for_data(recipe.model, ds)
     return recipe, ds, arch
 
 
 def test_checkpoint_round_trip(tiny_setup, tmp_path):
     recipe1, ds, arch = tiny_setup
     budget = 0.5 * float(hand_latency_model(arch).predict(arch.widths))
-    st = run_search(arch, recipe1, ds, budget, hand_latency_model(arch), CPU, run_dir=tmp_path)
+    st = search(arch, recipe1, ds, budget, hand_latency_model(arch), run_dir=tmp_path)
     lines = (tmp_path / "search.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0]) == st.history[0]
     ckpt = tmp_path / "search_state.pt"
@@ -221,7 +242,7 @@ def test_an_interrupted_search_resumes_exactly(tiny_setup, tmp_path):
     recipe = dataclasses.replace(recipe1, search=dataclasses.replace(recipe1.search, epochs=2))
     assert recipe.data.crop_padding > 0  # augmentation is on: its random stream must survive the interruption
     budget = 0.5 * float(hand_latency_model(arch).predict(arch.widths))
-    whole = run_search(arch, recipe, ds, budget, hand_latency_model(arch), CPU)
+    whole = search(arch, recipe, ds, budget, hand_latency_model(arch))
 
     class CtrlC(Reporter):
         def start(self, description, total):
@@ -229,9 +250,9 @@ def test_an_interrupted_search_resumes_exactly(tiny_setup, tmp_path):
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_search(arch, recipe, ds, budget, hand_latency_model(arch), CPU, run_dir=tmp_path, reporter=CtrlC())
+        search(arch, recipe, ds, budget, hand_latency_model(arch), run_dir=tmp_path, reporter=CtrlC())
     assert len((tmp_path / "search.jsonl").read_text().splitlines()) == 1
-    resumed = run_search(arch, recipe, ds, budget, hand_latency_model(arch), CPU, run_dir=tmp_path, resume=True)
+    resumed = search(arch, recipe, ds, budget, hand_latency_model(arch), run_dir=tmp_path, resume=True)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     assert len((tmp_path / "search.jsonl").read_text().splitlines()) == 2
     assert _without_clock(resumed.history) == _without_clock(whole.history)
@@ -246,4 +267,4 @@ def test_batch_larger_than_the_split_is_bad_input(tiny_setup):
     recipe, ds, arch = tiny_setup
     big = dataclasses.replace(recipe, search=dataclasses.replace(recipe.search, batch_size=10_000))
     with pytest.raises(BadInput, match="batch_size"):
-        run_search(arch, big, ds, 1.0, hand_latency_model(arch), CPU)
+        search(arch, big, ds, 1.0, hand_latency_model(arch))

@@ -12,13 +12,12 @@ from flexslim.config import load_recipe, recipe_to_toml, stage_widths
 from flexslim.console import Reporter
 from flexslim.data import Dataset
 from flexslim.errors import BadInput
+from flexslim.schedules import cosine_lr, drop_path_at
 from flexslim.spaces import build_network
 from flexslim.train import (
-    cosine_schedule,
     evaluate,
     fit,
     load_model,
-    make_sgd,
     open_train_run,
     save_model,
     train_arch,
@@ -28,7 +27,7 @@ CPU = torch.device("cpu")
 
 
 def _arch_for(recipe, ds) -> Arch:
-    return Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
+    return Arch.for_data(recipe.model, ds)
 
 
 def _fresh(arch, seed=0):
@@ -119,16 +118,15 @@ def test_fit_rejects_zero_epochs(tiny_recipe, quickstart):
 
 
 def test_cosine_schedule_reaches_zero():
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = make_sgd([p], lr=0.1, momentum=0.9, weight_decay=3e-4)
-    sched = cosine_schedule(opt, 10)
-    lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[0] == 0.1 and lrs[5] == pytest.approx(0.05) and opt.param_groups[0]["lr"] == pytest.approx(0.0)
+    """The per-step schedule fit sets (schedules.cosine_lr, shared with the search): base -> 0 over the run."""
+    lrs = [cosine_lr(0.1, step, 10) for step in range(10)]
+    assert lrs[0] == 0.1 and lrs[5] == pytest.approx(0.05) and cosine_lr(0.1, 10, 10) == pytest.approx(0.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_drop_path_ramps_linearly_from_zero():
+    assert drop_path_at(0.2, 0, 10) == 0.0 and drop_path_at(0.2, 5, 10) == pytest.approx(0.1)
+    assert drop_path_at(0.2, 3, 0) == pytest.approx(0.6)  # no division by zero
 
 
 def test_train_arch_writes_model_pt(tmp_path, tiny_recipe, quickstart):

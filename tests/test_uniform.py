@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from search_fixtures import FAST_LATENCY, single_thread, small_arch  # noqa: F401
 
+from flexslim.budget import Budget
 from flexslim.uniform import scaled, uniform_scale
 
 
@@ -17,7 +18,7 @@ def test_bisection_meets_a_budget_between_floor_and_start():
     start = measure(arch, arch.widths, FAST_LATENCY).at_percentile_ms
     big = measure(arch, scaled(arch.widths, 3.0, 4, 4), FAST_LATENCY).at_percentile_ms
     budget = (start + big) / 2  # between the recipe widths and 3x: the multiplier must land above 1
-    res = uniform_scale(arch, budget, FAST_LATENCY, 4, 4, margin=0.0, iters=6)
+    res = uniform_scale(arch, budget=Budget(budget), settings=FAST_LATENCY, min_width=4, round_to=4, iters=6)
     assert res.measured_ms <= budget
     assert res.multiplier > 0.5
     assert set(res.widths) == set(arch.widths)
