@@ -31,6 +31,7 @@ class Arch:
     std: tuple[float, ...]
     stem_width: int = 16
     head_width: int = 0
+    class_names: tuple[str, ...] = ()  # index -> name when the dataset names its classes; optional in arch.json
 
     @property
     def widths(self) -> dict[str, int]:
@@ -44,7 +45,9 @@ class Arch:
         return dataclasses.replace(self, stages=stages)
 
     @classmethod
-    def from_model(cls, model: ModelConfig, input_shape, num_classes: int, dataset: str, mean, std) -> Arch:
+    def from_model(
+        cls, model: ModelConfig, input_shape, num_classes: int, dataset: str, mean, std, class_names=()
+    ) -> Arch:
         return cls(
             family=model.family,
             stages=tuple(model.stages),
@@ -55,10 +58,11 @@ class Arch:
             std=tuple(float(v) for v in std),
             stem_width=model.stem_width,
             head_width=model.head_width,
+            class_names=tuple(str(c) for c in class_names),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": ARCH_VERSION,
             "family": self.family,
             "widths": self.widths,
@@ -70,6 +74,9 @@ class Arch:
             "dataset": self.dataset,
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
         }
+        if self.class_names:  # optional: files without it (older, or unnamed classes) read as before
+            d["class_names"] = list(self.class_names)
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "arch") -> Arch:
@@ -107,16 +114,21 @@ class Arch:
             mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
             if len(mean) != shape[0] or len(std) != shape[0] or min(std) <= 0:
                 raise ValueError("normalization needs one mean and one positive std per input channel")
+            class_names = tuple(str(c) for c in d.get("class_names", ()))
+            num_classes = _positive(d["num_classes"], "num_classes")
+            if class_names and len(class_names) != num_classes:
+                raise ValueError(f"class_names has {len(class_names)} names for {num_classes} classes")
             return cls(
                 family=d["family"],
                 stages=tuple(stages),
                 input_shape=shape,
-                num_classes=_positive(d["num_classes"], "num_classes"),
+                num_classes=num_classes,
                 dataset=str(d["dataset"]),
                 mean=mean,
                 std=std,
                 stem_width=_positive(d.get("stem_width", 16), "stem_width"),
                 head_width=_non_negative(d.get("head_width", 0), "head_width"),
+                class_names=class_names,
             )
         except KeyError as err:
             raise BadInput(f"{where}: missing field {err}") from None

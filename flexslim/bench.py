@@ -67,7 +67,7 @@ def worker(spec: dict) -> dict:
         from flexslim.latency import LatencyModel
         from flexslim.uniform import uniform_scale
 
-        arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
+        arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std, ds.class_names)
         LatencyModel.load(spec["latency_table"]).check_compatible(arch, recipe.latency, spec["latency_table"])
         res = uniform_scale(
             arch, budget, recipe.latency, recipe.model.min_width, recipe.model.round_to, recipe.search.trim_margin

@@ -123,7 +123,7 @@ def search_job(
     atomic_write_json(run_dir / "run.json", info)
 
     ds = load_dataset(recipe.data, data_dir)
-    arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
+    arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std, ds.class_names)
     lat = latency_model_for(arch, recipe, run_dir, latency_table, reporter)
     err = lat.error_summary()
     reporter.log(
@@ -234,7 +234,7 @@ def profile_job(
 ) -> LatencyModel:
     recipe = load_recipe(recipe_name, overrides)
     ds = load_dataset(recipe.data, data_dir)
-    arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
+    arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std, ds.class_names)
     model = profile(arch, recipe.latency, recipe.model.min_width, recipe.model.round_to, reporter=reporter)
     model.save(out)
     return model

@@ -261,7 +261,7 @@ def open_train_run(
         run_dir = None
     ds = load_dataset(recipe.data, data_dir)
     if arch is None:
-        arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
+        arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std, ds.class_names)
     if arch.input_shape != ds.input_shape or arch.dataset != ds.name:
         raise BadInput(
             f"the arch is for {arch.dataset} {list(arch.input_shape)} but the recipe's data is {ds.name} "
