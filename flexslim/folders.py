@@ -81,13 +81,13 @@ def scan(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted sub-folders) and (path, index) samples, by torchvision's ImageFolder rules."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+    classes, index = find_classes(str(split_dir)) if any(p.is_dir() for p in split_dir.iterdir()) else ([], {})
+    if not classes:
+        raise BadInput(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>, one folder per class")
     try:
-        classes, index = find_classes(str(split_dir))
         samples = make_dataset(str(split_dir), index, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as err:  # no class folder at all, or a class folder without images
-        raise BadInput(
-            f"{split_dir}: {str(err).strip().splitlines()[0]} (expected one sub-folder of images per class)"
-        ) from None
+    except FileNotFoundError as err:  # a class folder without a single image file
+        raise BadInput(f"{split_dir}: {str(err).strip().splitlines()[0]}") from None
     return classes, samples
 
 
@@ -99,7 +99,7 @@ def decode(
     loader = torch.utils.data.DataLoader(
         _Images(samples, size),
         batch_size=64,
-        num_workers=workers if len(samples) > 256 else 0,
+        num_workers=workers if len(samples) > 2048 else 0,  # starting workers costs more than a few images
         collate_fn=_keep,
     )
     xs, ys, greys = [], [], []

@@ -69,7 +69,12 @@ def next_allocation(sn: Supernet, k_sigma: float, hysteresis: float) -> dict[str
 def build_state(arch: Arch, recipe: Recipe, device: torch.device) -> SearchState:
     cfg = recipe.search
     torch.manual_seed(cfg.seed)
-    sn = prepare(Supernet(arch, make_masks(arch, recipe.model, cfg)), device)
+    sn = Supernet(arch, make_masks(arch, recipe.model, cfg))
+    if recipe.model.pretrained:
+        from flexslim.pretrained import load_pretrained
+
+        load_pretrained(sn.body, recipe.model.pretrained)
+    sn = prepare(sn, device)
     w_opt = make_sgd(sn.weight_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     arch_lr = cfg.arch_lr if cfg.method == "flexcharts" else cfg.dmask_lr
     a_opt = torch.optim.Adam(sn.arch_parameters(), lr=arch_lr, betas=(cfg.arch_beta1, cfg.arch_beta2), weight_decay=0.0)

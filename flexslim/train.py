@@ -212,6 +212,10 @@ def train_arch(
 
     torch.manual_seed(recipe.train.seed)
     model = build_network(arch, auxiliary=recipe.model.auxiliary_weight > 0)
+    if recipe.model.pretrained:  # a user's backbone: retrain (fine-tune) from it, not from scratch
+        from flexslim.pretrained import load_pretrained
+
+        load_pretrained(model, recipe.model.pretrained)
     ckpt = run_dir / "train_state.pt"
     if not resume:
         ckpt.unlink(missing_ok=True)
