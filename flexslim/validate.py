@@ -177,7 +177,9 @@ def validate(
     )
 
     accuracy, n_test = None, 0
-    if dataset is not None:
+    # a folder dataset can only be read where --data names it (export's gate has none): then no accuracy check
+    unreadable = dataset == "folder" and data is None and min_accuracy is None
+    if dataset is not None and not unreadable:
         names = json.loads(meta.get("flexslim.class_names", "[]"))
         accuracy, n_test = _accuracy(session, dataset, data, timing.input_shape, fixed_batch, names)
     checks = []
