@@ -36,6 +36,7 @@ class Arch:
     std: tuple[float, ...]
     stem_width: int = 16
     head_width: int = 0
+    class_names: tuple[str, ...] = ()  # index -> name when the dataset names its classes; optional in arch.json
 
     @property
     def widths(self) -> dict[str, int]:
@@ -50,8 +51,10 @@ class Arch:
         return dataclasses.replace(self, stages=stages)
 
     @classmethod
-    def from_model(cls, model: ModelConfig, input_shape, num_classes: int, dataset: str, mean, std) -> Arch:
-        """The Arch of a recipe's [model] section for a dataset's shape, classes and normalisation."""
+    def from_model(
+        cls, model: ModelConfig, input_shape, num_classes: int, dataset: str, mean, std, class_names=()
+    ) -> Arch:
+        """The Arch of a recipe's [model] section for a dataset's shape, classes, normalisation and class names."""
         return cls(
             family=model.family,
             stages=tuple(model.stages),
@@ -62,18 +65,21 @@ class Arch:
             std=tuple(float(v) for v in std),
             stem_width=model.stem_width,
             head_width=model.head_width,
+            class_names=tuple(str(c) for c in class_names),
         )
 
     @classmethod
     def for_data(cls, model: ModelConfig, ds) -> Arch:
         """The recipe's network (its initial widths) for a dataset: input shape, classes, name, normalisation.
 
-        `ds` is any object with `input_shape`, `num_classes`, `name`, `mean` and `std` (a `data.Dataset`).
+        `ds` is any object with `input_shape`, `num_classes`, `name`, `mean`, `std` and optionally `class_names`
+        (a `data.Dataset`).
         """
-        return cls.from_model(model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
+        names = getattr(ds, "class_names", ())
+        return cls.from_model(model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std, names)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": ARCH_VERSION,
             "family": self.family,
             "widths": self.widths,
@@ -85,6 +91,9 @@ class Arch:
             "dataset": self.dataset,
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
         }
+        if self.class_names:  # optional: files without it (older, or unnamed classes) read as before
+            d["class_names"] = list(self.class_names)
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "arch") -> Arch:
@@ -123,16 +132,21 @@ class Arch:
             mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
             if len(mean) != shape[0] or len(std) != shape[0] or min(std) <= 0:
                 raise ValueError("normalization needs one mean and one positive std per input channel")
+            class_names = tuple(str(c) for c in d.get("class_names", ()))
+            num_classes = _positive(d["num_classes"], "num_classes")
+            if class_names and len(class_names) != num_classes:
+                raise ValueError(f"class_names has {len(class_names)} names for {num_classes} classes")
             return cls(
                 family=d["family"],
                 stages=tuple(stages),
                 input_shape=shape,
-                num_classes=_positive(d["num_classes"], "num_classes"),
+                num_classes=num_classes,
                 dataset=str(d["dataset"]),
                 mean=mean,
                 std=std,
                 stem_width=_positive(d.get("stem_width", 16), "stem_width"),
                 head_width=_non_negative(d.get("head_width", 0), "head_width"),
+                class_names=class_names,
             )
         except KeyError as err:
             raise BadInput(f"{where}: missing field {err}") from None

@@ -46,7 +46,11 @@ SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a recipe value: section.key=value (repeatable).")
 ]
 DataOpt = Annotated[
-    Optional[Path], typer.Option("--data", help="Folder holding the dataset (CIFAR-10: cifar-10-batches-py).")
+    Optional[Path],
+    typer.Option(
+        "--data",
+        help="Dataset folder (CIFAR-10: cifar-10-batches-py; folder: train/ and val/ of class sub-folders).",
+    ),
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Training device.")]
 
@@ -233,7 +237,7 @@ def validate(
     min_seconds: Annotated[float, typer.Option(help="Minimum seconds of timed runs (steadier p90).")] = 1.0,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
     dataset: Annotated[
-        Optional[str], typer.Option(help="Dataset for accuracy: quickstart | cifar10 (default: from metadata).")
+        Optional[str], typer.Option(help="Dataset for accuracy: quickstart | cifar10 | folder (default: metadata).")
     ] = None,
     data: DataOpt = None,
     report: Annotated[Optional[Path], typer.Option(help="Write the report as JSON here.")] = None,

@@ -31,17 +31,22 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | quickstart
+    dataset: str = "cifar10"  # cifar10 | quickstart | folder (--data DIR with train/ and val/ of class folders)
     image_size: int = 32  # pixels; quickstart's 8x8 digits are resized to this, CIFAR-10 is 32 already
     crop_padding: int = 4  # pixels of zero padding for the random crop; 0 disables it
     flip: bool = True  # random horizontal flip (off for digits: a mirrored 3 is not a 3)
     cutout: int = 16  # side of the cutout square in pixels; 0 disables it
     split_seed: int = 0  # seeds the D_t/D_s split (and quickstart's train/test split)
+    resized_crop: float = 0.0  # ImageNet-style random-resized-crop, smallest area fraction (0.08); 0 = pad-crop
+    channels: int = 0  # folder: 0 = as the images are (all grey: 1, all colour: 3, mixed: refused); 1 or 3 converts
+    mean: tuple[float, ...] = ()  # folder: per-channel normalisation; empty = computed from the training images
+    std: tuple[float, ...] = ()
+    max_in_memory_mb: int = 4096  # folder: decoded train + test images above this size are refused (see folders.py)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str = "resnet"  # resnet | darts
+    family: str = "resnet"  # resnet | darts | resnet18 | resnet50 | mobilenet_v2
     stem_width: int = 16  # fixed, not searched
     head_width: int = 0  # 1x1 conv before pooling (0 = none); fixed, not searched
     stages: tuple[StageSpec, ...] = (
@@ -53,6 +58,8 @@ class ModelConfig:
     round_to: int = 8  # final widths are multiples of this (hardware-friendly)
     drop_path: float = 0.0  # DARTS family: drop-path probability at the end of training
     auxiliary_weight: float = 0.0  # DARTS family: auxiliary head loss weight in retraining (paper 0.4)
+    pretrained: str = ""  # state_dict at the family's torchvision widths: the supernet and the retrained net start from
+    # it (overlapping channels copied, a classifier of another class count skipped); "" = random init
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,18 @@
 - `quickstart`: scikit-learn's bundled handwritten digits (1,797 real 8x8 images, no download), resized
   to `image_size`, split 80/20 into train/test with a fixed seed, stratified by class.
 - `cifar10`: torchvision's CIFAR-10, read from `--data DIR` or downloaded into a cache folder.
+- `folder`: the user's images, `--data DIR` with train/ and val/ (or test/) of class folders (see `folders.py`).
 
 Images are kept as uint8 (CIFAR-10) or float32 in [0, 1] (quickstart); `Batches` turns them into float32
 batches in [0, 1]. Normalisation lives inside the network (`spaces.layers.Normalize`), so the ONNX
 export takes [0, 1] images too. Augmentation runs on whole batches on the device: random crop with zero
-padding, horizontal flip, cutout.
+padding (or ImageNet-style random-resized-crop), horizontal flip, cutout.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from flexslim.config import DataConfig
 from flexslim.errors import BadInput
 
-DATASETS = ("quickstart", "cifar10")
+DATASETS = ("quickstart", "cifar10", "folder")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -37,21 +40,19 @@ class Dataset:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    class_names: tuple[str, ...] = ()  # index -> name, when the data names its classes (folder)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])
 
     def to(self, device: torch.device | str) -> Dataset:
-        return Dataset(
-            self.name,
-            self.train_x.to(device),
-            self.train_y.to(device),
-            self.test_x.to(device),
-            self.test_y.to(device),
-            self.num_classes,
-            self.mean,
-            self.std,
+        return dataclasses.replace(
+            self,
+            train_x=self.train_x.to(device),
+            train_y=self.train_y.to(device),
+            test_x=self.test_x.to(device),
+            test_y=self.test_y.to(device),
         )
 
 
@@ -60,6 +61,10 @@ def load_dataset(cfg: DataConfig, data_dir: str | Path | None = None) -> Dataset
         return _quickstart(cfg)
     if cfg.dataset == "cifar10":
         return _cifar10(data_dir)
+    if cfg.dataset == "folder":
+        from flexslim.folders import load_folder
+
+        return load_folder(cfg, data_dir)
     raise BadInput(f"unknown dataset '{cfg.dataset}'; valid: {', '.join(DATASETS)}")
 
 
@@ -157,11 +162,29 @@ class Batches:
             yield as_float(self.x[idx]), self.y[idx]
 
 
+def random_resized_crop(x: torch.Tensor, min_area: float, g: torch.Generator) -> torch.Tensor:
+    """Per image: a crop of [min_area, 1] of the area at aspect ratio in [3/4, 4/3] (log-uniform), resized back to
+    the batch's H x W (bilinear); torchvision's RandomResizedCrop, batched on the device."""
+    n, dev = x.shape[0], x.device
+    area = min_area + (1.0 - min_area) * torch.rand(n, generator=g, device=dev)
+    log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(n, generator=g, device=dev)
+    sx = (area * log_r.exp()).sqrt().clamp(max=1.0)  # crop width / image width
+    sy = (area / log_r.exp()).sqrt().clamp(max=1.0)
+    cx = (1.0 - sx) * (2 * torch.rand(n, generator=g, device=dev) - 1)  # centre, so the crop stays inside
+    cy = (1.0 - sy) * (2 * torch.rand(n, generator=g, device=dev) - 1)
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class Augment:
-    """Random crop (zero padding), horizontal flip and cutout on a whole float batch, on its own device."""
+    """Random crop (zero padding) or random-resized-crop, horizontal flip and cutout on a whole float batch, on its
+    own device."""
 
     def __init__(self, cfg: DataConfig, seed: int = 0):
         self.pad, self.flip, self.cutout = cfg.crop_padding, cfg.flip, cfg.cutout
+        self.resized_crop = cfg.resized_crop
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
 
@@ -181,7 +204,9 @@ class Augment:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         g, dev = self._gen(x.device), x.device
-        if self.pad:
+        if self.resized_crop:
+            x = random_resized_crop(x, self.resized_crop, g)
+        elif self.pad:
             p = self.pad
             padded = F.pad(x, (p, p, p, p))
             dy = torch.randint(0, 2 * p + 1, (n,), generator=g, device=dev)

@@ -100,6 +100,8 @@ def provenance(
         "flexslim.normalization": json.dumps({"mean": list(arch.mean), "std": list(arch.std)}),
         "flexslim.recipe": recipe_name,
     }
+    if arch.class_names:
+        meta["flexslim.class_names"] = json.dumps(list(arch.class_names))
     if budget_ms is not None:
         meta["flexslim.budget_ms"] = repr(float(budget_ms))
     for key in ("provider", "batch", "threads", "percentile"):

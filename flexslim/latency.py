@@ -193,6 +193,7 @@ def _structure(arch: Arch) -> dict:
     d.pop("widths")
     d.pop("dataset")
     d.pop("normalization")
+    d.pop("class_names", None)
     return d
 
 

@@ -84,7 +84,12 @@ def build_state(arch: Arch, recipe: Recipe, device: torch.device) -> SearchState
     """A fresh search: seeded supernet with the recipe's masks, SGD for the weights, Adam for the masks."""
     cfg = recipe.search
     torch.manual_seed(cfg.seed)
-    sn = prepare(Supernet(arch, make_masks(arch, recipe.model, cfg)), device)
+    sn = Supernet(arch, make_masks(arch, recipe.model, cfg))
+    if recipe.model.pretrained:
+        from flexslim.pretrained import load_pretrained
+
+        load_pretrained(sn.body, recipe.model.pretrained)
+    sn = prepare(sn, device)
     betas = (cfg.arch_beta1, cfg.arch_beta2)
     a_opt = torch.optim.Adam(sn.arch_parameters(), lr=sn.arch_lr(cfg), betas=betas, weight_decay=0.0)
     return SearchState(sn, weight_sgd(sn, cfg), a_opt, cfg.init_multiplier)

@@ -253,6 +253,10 @@ def train_arch(
 
     torch.manual_seed(recipe.train.seed)
     model = build_network(arch, auxiliary=recipe.model.auxiliary_weight > 0)
+    if recipe.model.pretrained:  # a user's backbone: retrain (fine-tune) from it, not from scratch
+        from flexslim.pretrained import load_pretrained
+
+        load_pretrained(model, recipe.model.pretrained)
     ckpt = run_dir / "train_state.pt"
     if not resume:
         ckpt.unlink(missing_ok=True)
@@ -302,7 +306,7 @@ def open_train_run(
         run_dir = None
     ds = load_dataset(recipe.data, data_dir)
     if arch is None:
-        arch = Arch.from_model(recipe.model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std)
+        arch = Arch.for_data(recipe.model, ds)
     if arch.input_shape != ds.input_shape or arch.dataset != ds.name:
         raise BadInput(
             f"the arch is for {arch.dataset} {list(arch.input_shape)} but the recipe's data is {ds.name} "

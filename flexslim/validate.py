@@ -164,7 +164,7 @@ def validate(
     elif fixed_batch and batch != fixed_batch:
         raise BadInput(f"{model} has a fixed batch of {fixed_batch}; drop --batch or pass --batch {fixed_batch}")
     if min_accuracy is not None and dataset is None:
-        raise BadInput("--min-accuracy needs a dataset: pass --dataset quickstart|cifar10 (the model names none)")
+        raise BadInput("--min-accuracy needs a dataset: pass --dataset (quickstart, cifar10, folder)")
     del proto
     try:
         session = make_session(model, provider, threads)
@@ -177,8 +177,11 @@ def validate(
     )
 
     accuracy, n_test = None, 0
-    if dataset is not None:
-        accuracy, n_test = _accuracy(session, dataset, data, timing.input_shape, fixed_batch)
+    # a folder dataset can only be read where --data names it (export's gate has none): then no accuracy check
+    unreadable = dataset == "folder" and data is None and min_accuracy is None
+    if dataset is not None and not unreadable:
+        names = json.loads(meta.get("flexslim.class_names", "[]"))
+        accuracy, n_test = _accuracy(session, dataset, data, timing.input_shape, fixed_batch, names)
     checks = []
     if latency_ms is not None:
         ok = timing.at_percentile_ms <= latency_ms
@@ -222,8 +225,11 @@ def _input_dims(proto, path) -> list:
     return dims
 
 
-def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch) -> tuple[float, int]:
-    """Top-1 accuracy on the dataset's test split, images in [0, 1] resized to the model's H, W if needed."""
+def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch, class_names=()) -> tuple[float, int]:
+    """Top-1 accuracy on the dataset's test split, images in [0, 1] resized to the model's H, W if needed.
+
+    `folder`: the images under --data (a split of class folders, or a root with val/), labelled by `class_names`.
+    """
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -234,19 +240,25 @@ def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch) -> tupl
     if dataset not in DATASETS:
         raise BadInput(f"unknown dataset '{dataset}'; valid: {', '.join(DATASETS)}")
     _, c, h, w = input_shape
-    ds = load_dataset(DataConfig(dataset=dataset, image_size=h), data_dir)
-    if ds.input_shape[0] != c:
-        raise BadInput(f"the model takes {c}-channel images but {dataset} has {ds.input_shape[0]}")
+    if dataset == "folder":
+        from flexslim.folders import load_eval_folder
+
+        test_x, test_y = load_eval_folder(data_dir, h, c, class_names)
+    else:
+        ds = load_dataset(DataConfig(dataset=dataset, image_size=h), data_dir)
+        if ds.input_shape[0] != c:
+            raise BadInput(f"the model takes {c}-channel images but {dataset} has {ds.input_shape[0]}")
+        test_x, test_y = ds.test_x, ds.test_y
     name = session.get_inputs()[0].name
     step = fixed_batch or 256
     correct = 0
-    for i in range(0, len(ds.test_y), step):
-        x = as_float(ds.test_x[i : i + step])
+    for i in range(0, len(test_y), step):
+        x = as_float(test_x[i : i + step])
         if x.shape[2:] != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
         n = len(x)
         if fixed_batch and n < fixed_batch:
             x = torch.cat([x, x.new_zeros(fixed_batch - n, *x.shape[1:])])
         logits = session.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0][:n]
-        correct += int((logits.argmax(1) == ds.test_y[i : i + step].numpy()).sum())
-    return correct / len(ds.test_y), len(ds.test_y)
+        correct += int((logits.argmax(1) == test_y[i : i + step].numpy()).sum())
+    return correct / len(test_y), len(test_y)

@@ -32,6 +32,9 @@ MaskFactory = Callable[[str], "nn.Module"]
 FAMILIES: dict[str, str] = {
     "resnet": "flexslim.spaces.resnet",
     "darts": "flexslim.spaces.darts",
+    "resnet18": "flexslim.spaces.torchvision_resnet",
+    "resnet50": "flexslim.spaces.torchvision_resnet",
+    "mobilenet_v2": "flexslim.spaces.torchvision_mobilenet",
 }
 
 
