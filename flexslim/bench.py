@@ -1,11 +1,14 @@
-"""`flexslim bench`: every method on the same recipe, data, budget, latency table and seed, each in its
-own process (so peak memory is its own), then a table shaped like the paper's Table 1, a CSV and an
-accuracy-vs-latency PNG.
+"""`flexslim bench`: every method on the same recipe, data, budget, latency table and seeds, each run in its own
+process (so peak memory is its own), then a table shaped like the paper's Table 1 (mean +- std over the seeds),
+a CSV, the per-run JSON and an accuracy-vs-latency PNG.
 
 Methods: flexcharts | dmask-small | dmask-large (DMaskingNAS over the recipe's small / large fixed range) |
-uniform (one width multiplier, bisection on measured latency). Searches are NOT trimmed here: the table
-shows what each method found. Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the
-process's peak resident set (ru_maxrss) and its rise over the resident set just before the search.
+uniform (one width multiplier, bisection on measured latency). Every row carries the same two latency figures:
+the shared latency table's prediction and one measurement on the deployment runtime (the gate's statistic).
+Search time is the search loop alone (latency measurement made during the search is reported apart). Memory:
+`tensor_peak_mb`, the peak bytes of live tensors over a window of search steps at the widest allocation the
+search used (torch.profiler memory events on the CPU, max_memory_allocated on CUDA; see memory.tensor_peak),
+next to the process's peak resident set. `--seeds N` runs every method with search.seed = train.seed = base + i.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +29,9 @@ from flexslim.errors import BadInput
 from flexslim.memory import SearchMemory
 from flexslim.methods import BenchMethod, bench_method
 from flexslim.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from flexslim.synthetic import is_synthetic
+
+WINDOW_STEPS = 3  # search steps in the tensor-memory window (after one unmeasured step)
 
 
 def network_stats(arch) -> dict:
@@ -41,54 +49,139 @@ def network_stats(arch) -> dict:
 
 
 def worker(spec: dict) -> dict:
-    """One bench method, in this (fresh) process: search (or uniform scaling) -> the row for the table."""
+    """One bench run (a method at one seed), in this (fresh) process: search (or uniform scaling) -> its row."""
     from flexslim.config import load_recipe
     from flexslim.data import load_dataset
     from flexslim.devices import pick_device
+    from flexslim.latency import LatencyModel
 
     method = bench_method(spec["method"])
-    recipe = load_recipe(spec["recipe"], spec["overrides"])
+    recipe = load_recipe(spec["recipe"], run_overrides(spec, method))
     dev = pick_device(spec["device"])
     ds = load_dataset(recipe.data, spec.get("data"))  # warm the data path so the memory baseline includes it
     t0 = time.perf_counter()
     run = _uniform_row if method.search is None else _search_row
     row, baked = run(spec, method, recipe, ds, dev)
+    table = LatencyModel.load(spec["latency_table"])
     row.update(
         method=method.name,
+        seed=recipe.search.seed,
+        dataset=ds.name,
         budget_ms=spec["budget_ms"],
         widths=baked.widths,
+        predicted_ms=float(table.predict(baked.widths)),
         budget_met=row["measured_ms"] <= spec["budget_ms"],
         wall_seconds=time.perf_counter() - t0,
         device=str(dev),
         **network_stats(baked),
     )
+    if method.search == "dmask":
+        row["range_ms"] = _range_ms(recipe, table)
     return row
 
 
+def run_overrides(spec: dict, method: BenchMethod) -> list[str]:
+    """The recipe overrides of one run: the bench's, the method's, the run's seed (search and retraining)."""
+    seed = [f"search.seed={spec['seed']}", f"train.seed={spec['seed']}"] if spec.get("seed") is not None else []
+    searched = [f"search.method={method.search}", *method.overrides] if method.search else []
+    return [*spec["overrides"], *searched, *seed]
+
+
+def _range_ms(recipe, table) -> list[float]:
+    """Predicted latency of a DMask range's narrowest and widest networks (every stage at its first / last option)."""
+    from flexslim.masks import dmask_options
+
+    cfg = recipe.search
+    low, high = cfg.dmask_small if cfg.dmask_range == "small" else cfg.dmask_large
+    opts = {
+        s.name: dmask_options(s.width, low, high, cfg.dmask_step, recipe.model.min_width) for s in recipe.model.stages
+    }
+    return [
+        float(table.predict({k: o[0] for k, o in opts.items()})),
+        float(table.predict({k: o[-1] for k, o in opts.items()})),
+    ]
+
+
 def _search_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, object]:
-    """A searched method: the search job, untrimmed, on the bench's shared latency table."""
+    """A searched method: the search job on the bench's shared latency table (untrimmed), then the tensor-memory
+    window at the widest allocation the search used."""
     from flexslim.pipeline import search_job
 
     res = search_job(
         spec["budget_ms"],
         recipe=spec["recipe"],
-        overrides=[*spec["overrides"], f"search.method={method.search}", *method.overrides, "search.trim=false"],
+        overrides=[*run_overrides(spec, method), "search.trim=false"],
         data_dir=spec.get("data"),
-        run_dir=Path(spec["out"]) / method.name,
+        run_dir=Path(spec["out"]) / spec["run"],
         device=spec["device"],
         latency_table=Path(spec["latency_table"]),
         retrain=spec["retrain"],
         mark=False,
     )
+    history = res.history or []
+    in_search_latency = sum(h.get("extend_seconds", 0.0) for h in history)  # measuring inside the loop (if any)
+    search_seconds = sum(h["seconds"] for h in history) - in_search_latency
     row = {
-        "search_seconds": res.search_seconds,
+        "search_seconds": search_seconds,
+        "latency_seconds": getattr(res, "latency_seconds", None) or in_search_latency,
+        "epochs": len(history),
+        "seconds_per_epoch": search_seconds / len(history) if history else None,
         "measured_ms": res.fitted.measured_ms,
-        "allocated": res.history[-1]["allocated"] if res.history else None,
+        "allocated": history[-1]["allocated"] if history else None,
+        "peak_allocated": widest_allocation(history),
         "acc_supernet": res.supernet_acc,
         "acc_retrained": res.test_acc,
         **(res.memory or {}),
     }
+    row.update(search_window_memory(spec, recipe, ds, dev, row["peak_allocated"]))
     return row, res.arch
+
+
+def widest_allocation(history: list[dict]) -> dict[str, int] | None:
+    """Per stage, the most channels the kernels held in any epoch of the search (None without a history)."""
+    if not history:
+        return None
+    allocs = [h["allocated_before"] for h in history] + [h["allocated"] for h in history]
+    return {k: max(a[k] for a in allocs) for k in allocs[0]}
+
+
+def search_window_memory(spec: dict, recipe, ds, dev, allocation: dict[str, int] | None) -> dict:
+    """memory.tensor_peak over WINDOW_STEPS steps of the search loop (flexslim.search's own step functions) on a
+    fresh supernet of this method at `allocation` (the widest the search used; default: the starting one)."""
+    from flexslim.arch import Arch
+    from flexslim.console import Reporter
+    from flexslim.data import Augment
+    from flexslim.latency import LatencyModel
+    from flexslim.memory import tensor_peak
+    from flexslim.search import SearchLoop, arch_step, build_state, search_batches, weight_sgd, weight_step
+
+    arch = Arch.for_data(recipe.model, ds)
+    latency = LatencyModel.load(spec["latency_table"])
+    latency.arch = arch
+    st = build_state(arch, recipe, dev)
+    if allocation and allocation != st.supernet.allocated():
+        st.supernet.reallocate(allocation)
+        st.w_opt = weight_sgd(st.supernet, recipe.search)
+    ds = ds.to(dev)
+    bt, bs = search_batches(ds, recipe, 0)
+    loop = SearchLoop(recipe, Budget(spec["budget_ms"]), latency, dev, Reporter(), min(len(bt), len(bs)))
+    augment = Augment(recipe.data, seed=recipe.search.seed)
+    st.supernet.train()
+    st.supernet.start_epoch(0, recipe.search.epochs, recipe.search)
+
+    def pairs():
+        while True:
+            yield from zip(bt, bs)
+
+    batches = pairs()
+
+    def step() -> None:
+        (xt, yt), (xs, ys) = next(batches)
+        weight_step(st, loop, augment, xt, yt)
+        arch_step(st, loop, augment, xs, ys)
+        st.step += 1
+
+    return tensor_peak(step, dev, steps=WINDOW_STEPS, holders=(st.supernet, st.w_opt, st.a_opt))
 
 
 def _uniform_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, object]:
@@ -100,24 +193,34 @@ def _uniform_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict
     memory = SearchMemory(dev)
     memory.start()
     arch = Arch.for_data(recipe.model, ds)
-    LatencyModel.load(spec["latency_table"]).check_compatible(arch, recipe.latency, spec["latency_table"])
+    table = LatencyModel.load(spec["latency_table"])
+    table.check_compatible(arch, recipe.latency, spec["latency_table"])
     res = uniform_scale(
         arch,
-        budget=Budget.from_recipe(spec["budget_ms"], recipe.search),
+        budget=_budget(spec["budget_ms"], recipe, table),
         settings=recipe.latency,
         min_width=recipe.model.min_width,
-        round_to=recipe.model.round_to,
+        round_to=recipe.model.round_to or getattr(table, "block", 8),
+        measure=spec.get("measure"),
     )
-    row = {"search_seconds": res.seconds, "measured_ms": res.measured_ms, "multiplier": res.multiplier}
-    row.update(memory.stop(), acc_supernet=None, acc_retrained=None)
+    # its "search" is all latency measurement: no training, no tensor memory to speak of
+    row = {"search_seconds": 0.0, "latency_seconds": res.seconds, "measured_ms": res.measured_ms}
+    row.update(memory.stop(), multiplier=res.multiplier, acc_supernet=None, acc_retrained=None)
     baked = arch.with_widths(res.widths)
     if spec["retrain"]:
         from flexslim.train import train_arch
 
-        run_dir = Path(spec["out"]) / method.name
+        run_dir = Path(spec["out"]) / spec["run"]
         run_dir.mkdir(parents=True, exist_ok=True)
         row["acc_retrained"] = train_arch(baked, recipe, run_dir, ds, dev)[-1].test_acc
     return row, baked
+
+
+def _budget(ms: float, recipe, table) -> Budget:
+    """The Budget the job would use for `ms` (noise-based headroom when budget.py offers it)."""
+    if hasattr(Budget, "for_noise"):
+        return Budget.for_noise(ms, table.noise(), getattr(recipe.latency, "confidence", 2.0))
+    return Budget.from_recipe(ms, recipe.search)
 
 
 def run_bench(
@@ -130,18 +233,27 @@ def run_bench(
     overrides: list[str] | None = None,
     data_dir: Path | None = None,
     device: str = "auto",
+    seeds: int = 1,
     log=print,
 ) -> list[dict]:
-    """Every method on one recipe, budget, latency table and seed, each in its own process -> bench.md/csv/json/png.
+    """Every method on one recipe, budget and latency table, `seeds` times, each run in its own process ->
+    bench.md/csv/json/png.
 
     Args:
         methods: names from `methods.BENCH_METHODS` (default: the recipe's bench.methods).
         budget_ms: default the recipe's bench.latency_ms.
         retrain: retrain every result and report its test accuracy (default: the recipe's bench.retrain).
+        seeds: runs per method; run i sets search.seed and train.seed to the recipe's search.seed + i
+            (1: the recipe's seeds as they are).
         log: called with one line per event.
 
     Returns:
-        One row per method (a failed method's row has an "error").
+        One row per run (a failed run's row has an "error").
+
+    Example::
+
+        rows = run_bench("bench-cpu", ["flexcharts", "dmask-large"], Path("b"), seeds=3)
+        summarize(rows)["flexcharts"]["search_seconds"]   # (mean, std) over the three seeds
     """
     from flexslim.config import load_recipe
 
@@ -151,6 +263,8 @@ def run_bench(
     budget = budget_ms if budget_ms is not None else recipe.bench.latency_ms
     if not budget or budget <= 0:
         raise BadInput(f"recipe {recipe.name} sets no bench.latency_ms; pass --latency-ms")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise BadInput(f"--seeds must be a whole number >= 1, got {seeds}")
     out.mkdir(parents=True, exist_ok=True)
     _shared_latency_table(recipe_name, overrides, out / "latency.json", budget, data_dir, log)
     base = {
@@ -163,7 +277,12 @@ def run_bench(
         "device": device,
         "data": str(data_dir) if data_dir else None,
     }
-    rows = [_run_method({**base, "method": m}, out, log) for m in methods]
+    rows = []
+    for i in range(seeds):
+        seed = recipe.search.seed + i if seeds > 1 else None
+        for m in methods:
+            run = m if seed is None else f"{m}-seed{seed}"
+            rows.append(_run_method({**base, "method": m, "seed": seed, "run": run}, out, log))
     write_outputs(rows, out, budget, recipe.name)
     return rows
 
@@ -186,112 +305,276 @@ def _shared_latency_table(recipe_name: str, overrides: list[str], table: Path, b
 
 
 def _run_method(spec: dict, out: Path, log) -> dict:
-    """One method in a fresh process (its peak memory is its own) -> its row, or a row with the error."""
-    m = spec["method"]
-    result = out / f"{m}.json"
+    """One run in a fresh process (its peak memory is its own) -> its row, or a row with the error."""
+    m, run = spec["method"], spec["run"]
+    result = out / f"{run}.json"
     result.unlink(missing_ok=True)
-    shutil.rmtree(out / m, ignore_errors=True)  # a fresh run directory per method
-    log(f"-> {m} (own process)")
+    shutil.rmtree(out / run, ignore_errors=True)  # a fresh run directory per run
+    log(f"-> {run} (own process)")
     proc = subprocess.run(
         [sys.executable, "-m", "flexslim.bench", json.dumps(spec), str(result)], capture_output=True, text=True
     )
     if proc.returncode != 0 or not result.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        log(f"   {m} failed: {' | '.join(tail)}")
-        return {"method": m, "error": " | ".join(tail)}
+        log(f"   {run} failed: {' | '.join(tail)}")
+        return {"method": m, "seed": spec.get("seed"), "error": " | ".join(tail)}
     row = json.loads(result.read_text())
+    tensor = row.get("tensor_peak_mb")
     log(
-        f"   {m}: widths {row['widths']}, {row['measured_ms']:.4f} ms "
-        f"({'met' if row['budget_met'] else 'MISSED'}), "
-        f"search {row['search_seconds']:.0f}s, peak {row['peak_mb']:.0f} MB"
+        f"   {run}: widths {row['widths']}, {row['measured_ms']:.4f} ms measured / {row['predicted_ms']:.4f} "
+        f"predicted ({'met' if row['budget_met'] else 'MISSED'}), search {row['search_seconds']:.0f}s, "
+        + (f"tensors {tensor:.1f} MB, " if tensor is not None else "")
+        + f"peak RSS {row['peak_mb']:.0f} MB"
     )
     return row
 
 
+# -- summary over seeds -------------------------------------------------------------------------------------
+STATS = (
+    "measured_ms",
+    "predicted_ms",
+    "search_seconds",
+    "seconds_per_epoch",
+    "latency_seconds",
+    "tensor_peak_mb",
+    "cuda_max_allocated_mb",
+    "peak_mb",
+    "search_mb",
+    "acc_supernet",
+    "acc_retrained",
+    "mflops",
+    "params_k",
+)
+
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    """(mean, sample std; 0 for one value) of the values that are numbers, None when there are none."""
+    v = [float(x) for x in values if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
+    if not v:
+        return None
+    return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+
+
+def summarize(rows: list[dict]) -> dict[str, dict]:
+    """Per method: {"runs", "failed", "met", "widths" (one per run), "dataset", and (mean, std) per STATS key}."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        s = out.setdefault(r["method"], {"runs": 0, "failed": 0, "met": 0, "widths": [], "dataset": None, "_rows": []})
+        if "error" in r:
+            s["failed"] += 1
+            continue
+        s["runs"] += 1
+        s["met"] += bool(r["budget_met"])
+        s["widths"].append(r["widths"])
+        s["dataset"] = r.get("dataset")
+        s["range_ms"] = r.get("range_ms")
+        s["_rows"].append(r)
+    for s in out.values():
+        for key in STATS:
+            s[key] = mean_std([r.get(key) for r in s["_rows"]])
+        del s["_rows"]
+    return out
+
+
+def inside_noise(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool | None:
+    """True when |mean_a - mean_b| < sqrt(std_a^2 + std_b^2) (None when a spread is unknown: one run each)."""
+    if a is None or b is None or (a[1] == 0 and b[1] == 0):
+        return None
+    return abs(a[0] - b[0]) < math.hypot(a[1], b[1])
+
+
+def _pm(ms: tuple[float, float] | None, fmt: str = ".1f") -> str:
+    if ms is None:
+        return "-"
+    return f"{ms[0]:{fmt}}" + (f" ± {ms[1]:{fmt}}" if ms[1] else "")
+
+
+def _noise_note(a, b) -> str:
+    noise = inside_noise(a, b)
+    if noise is None:
+        return " (one run each: spread unknown, use --seeds)"
+    return " - INSIDE the noise (|diff| < combined std)" if noise else " - outside the noise"
+
+
+def _ratio_line(label: str, key: str, fc: dict, dl: dict, unit: str, better: str) -> str | None:
+    a, b = dl.get(key), fc.get(key)
+    if not a or not b or not b[0]:
+        return None
+    r = a[0] / b[0]
+    return (
+        f"{label}: DMask-large / FlexCHarts = {r:.2f}x ({_pm(a)} vs {_pm(b)} {unit}; "
+        f"{'FlexCHarts ' + better if r > 1 else 'FlexCHarts NOT ' + better}){_noise_note(a, b)}."
+    )
+
+
 def verdicts(rows: list[dict]) -> list[str]:
-    """The paper's claims, checked on this run, each said plainly."""
-    by = {r["method"]: r for r in rows if "error" not in r}
+    """The paper's claims, checked on this bench (means over the seeds), each said plainly, with the noise."""
+    by = summarize(rows)
+    fc, dl, ds, un = by.get("flexcharts"), by.get("dmask-large"), by.get("dmask-small"), by.get("uniform")
     lines = []
-    fc, dl, ds = by.get("flexcharts"), by.get("dmask-large"), by.get("dmask-small")
-    if fc:
-        lines.append(f"FlexCHarts {'meets' if fc['budget_met'] else 'MISSES'} the budget ({fc['measured_ms']:.4f} ms).")
-    if fc and dl:
-        t = dl["search_seconds"] / fc["search_seconds"]
-        lines.append(
-            f"Search time: DMask-large / FlexCHarts = {t:.2f}x "
-            f"({'FlexCHarts faster' if t > 1 else 'FlexCHarts NOT faster'})."
-        )
-        key = "search_mb" if fc.get("search_mb") is not None else "peak_mb"
-        if fc.get(key) and dl.get(key):
-            m = dl[key] / fc[key]
-            lines.append(
-                f"Search memory ({'rise over baseline RSS' if key == 'search_mb' else 'peak'}): DMask-large / "
-                f"FlexCHarts = {m:.2f}x ({'FlexCHarts lower' if m > 1 else 'FlexCHarts NOT lower'}); "
-                f"peak: {dl['peak_mb']:.0f} vs {fc['peak_mb']:.0f} MB."
+
+    def met(name: str, s: dict) -> str:
+        n = s["runs"]
+        word = "meets" if s["met"] == n else ("MISSES" if s["met"] == 0 else "meets only sometimes")
+        return f"{name} {word} the budget in {s['met']}/{n} run(s) (p90 {_pm(s['measured_ms'], '.4f')} ms)"
+
+    if fc and fc["runs"]:
+        lines.append(met("FlexCHarts", fc) + ".")
+    if fc and dl and fc["runs"] and dl["runs"]:
+        for line in (
+            _ratio_line("Search time", "search_seconds", fc, dl, "s", "faster"),
+            _ratio_line("Tensor memory of the search", "tensor_peak_mb", fc, dl, "MB", "lower"),
+            _ratio_line("GPU memory (max allocated)", "cuda_max_allocated_mb", fc, dl, "MB", "lower"),
+            _ratio_line("Peak resident set", "peak_mb", fc, dl, "MB", "lower"),
+        ):
+            if line:
+                lines.append(line)
+    if dl and dl["runs"]:
+        lines.append(met("DMask-large", dl) + ".")
+    if ds and ds["runs"]:
+        line = met("DMask-small", ds)
+        rng, budget = ds.get("range_ms"), _budget_of(rows)
+        if ds["met"] < ds["runs"] and rng and budget and rng[0] > budget:
+            line += (
+                f": its range cannot reach the budget - the narrowest network of its range is predicted "
+                f"{rng[0]:.4f} ms > {budget:g} ms"
             )
-    if dl:
-        lines.append(
-            f"DMask-large {'meets' if dl['budget_met'] else 'MISSES'} the budget ({dl['measured_ms']:.4f} ms)."
-        )
-    if ds:
-        lines.append(
-            f"DMask-small {'misses' if not ds['budget_met'] else 'MEETS'} the budget ({ds['measured_ms']:.4f} ms)"
-            + (" - its range cannot reach the widths the budget needs." if not ds["budget_met"] else ".")
-        )
+        elif rng:
+            line += f"; its range spans {rng[0]:.4f} - {rng[1]:.4f} ms predicted"
+        lines.append(line + ".")
+    if fc and un and fc["runs"] and un["runs"]:
+        lines.append(_accuracy_line(fc, un))
     return lines
 
 
-COLUMNS = [
-    ("method", "method"),
+def _budget_of(rows: list[dict]) -> float | None:
+    return next((r["budget_ms"] for r in rows if "budget_ms" in r), None)
+
+
+def _accuracy_line(fc: dict, un: dict) -> str:
+    if is_synthetic(fc.get("dataset") or ""):
+        return "Accuracy vs uniform: n/a (synthetic data: accuracies are meaningless)."
+    a, b = fc.get("acc_retrained"), un.get("acc_retrained")
+    if a is None or b is None:
+        return "Accuracy vs uniform: not measured (uniform has no supernet; pass --retrain)."
+    d = a[0] - b[0]
+    return (
+        f"Accuracy vs uniform (retrained): FlexCHarts {_pm(a, '.4f')} vs uniform {_pm(b, '.4f')}, "
+        f"difference {d:+.4f}{_noise_note(a, b)}."
+    )
+
+
+SUMMARY_COLUMNS = [
     ("widths", "widths"),
     ("measured_ms", "latency p90 (ms)"),
-    ("budget_met", "budget met"),
+    ("predicted_ms", "predicted (ms)"),
+    ("met", "budget met"),
     ("mflops", "MFLOPs"),
     ("params_k", "params (K)"),
     ("search_seconds", "search time (s)"),
-    ("peak_mb", "peak memory (MB)"),
-    ("search_mb", "search memory (MB)"),
+    ("seconds_per_epoch", "s / epoch"),
+    ("latency_seconds", "latency measuring (s)"),
+    ("tensor_peak_mb", "tensor peak (MB)"),
+    ("cuda_max_allocated_mb", "GPU max allocated (MB)"),
+    ("peak_mb", "peak RSS (MB)"),
     ("acc_supernet", "acc, supernet"),
     ("acc_retrained", "acc, retrained"),
 ]
+RUN_COLUMNS = [
+    ("method", "method"),
+    ("seed", "seed"),
+    ("widths", "widths"),
+    ("measured_ms", "latency p90 (ms)"),
+    ("predicted_ms", "predicted (ms)"),
+    ("budget_met", "budget met"),
+    ("search_seconds", "search time (s)"),
+    ("latency_seconds", "latency measuring (s)"),
+    ("tensor_peak_mb", "tensor peak (MB)"),
+    ("peak_mb", "peak RSS (MB)"),
+    ("search_mb", "RSS rise (MB)"),
+    ("acc_supernet", "acc, supernet"),
+    ("acc_retrained", "acc, retrained"),
+]
+FOUR_DIGITS = ("measured_ms", "predicted_ms", "acc_supernet", "acc_retrained")
 
 
-def _fmt(key, v) -> str:
+def _widths(w: dict) -> str:
+    return "/".join(str(x) for x in w.values())
+
+
+def _summary_cell(key: str, s: dict) -> str:
+    synthetic = is_synthetic(s.get("dataset") or "")
+    if key.startswith("acc_") and synthetic:
+        return "n/a (synthetic)"
+    if key == "widths":
+        distinct = list(dict.fromkeys(_widths(w) for w in s["widths"]))
+        return ", ".join(distinct) or "-"
+    if key == "met":
+        return f"{s['met']}/{s['runs']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
+    return _pm(s.get(key), ".4f" if key in FOUR_DIGITS else ".1f")
+
+
+def _run_cell(key: str, r: dict) -> str:
+    v = r.get(key)
+    if key.startswith("acc_") and is_synthetic(r.get("dataset") or ""):
+        return "n/a (synthetic)"
     if v is None:
         return "-"
     if key == "budget_met":
         return "yes" if v else "NO"
     if key == "widths":
-        return "/".join(str(x) for x in v.values())
+        return _widths(v)
     if isinstance(v, float):
-        return f"{v:.4f}" if key in ("measured_ms", "acc_supernet", "acc_retrained") else f"{v:.1f}"
+        return f"{v:.4f}" if key in FOUR_DIGITS else f"{v:.1f}"
     return str(v)
 
 
 def write_outputs(rows: list[dict], out: Path, budget: float, recipe: str) -> None:
-    """bench.md (table + verdicts), bench.csv, bench.json and bench.png (accuracy vs latency) into `out`."""
+    """bench.md (summary table over seeds, per-run table, verdicts), bench.csv (one line per run), bench.json and
+    bench.png (accuracy vs latency) into `out`."""
     ok = [r for r in rows if "error" not in r]
-    head = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [f"# flexslim bench: {recipe}, budget {budget:g} ms/sample", "", head, "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in ok]
-    lines += [f"| {r['method']} | failed: {r['error']} |" for r in rows if "error" in r]
-    kind = ok[0].get("kind", "") if ok else ""
+    summary = summarize(rows)
+    seeds = sorted({r.get("seed") for r in rows}, key=lambda s: (s is None, s))
+    dataset = next((r.get("dataset") for r in ok), None)
+    device = next((r.get("device") for r in ok), "?")
+    lines = [
+        f"# flexslim bench: {recipe}, budget {budget:g} ms/sample",
+        "",
+        f"Dataset {dataset}{' (random images: accuracy is meaningless)' if is_synthetic(dataset or '') else ''}; "
+        f"training device {device}; {len(seeds)} seed(s) per method; mean ± std over the seeds.",
+        "",
+        "| method | " + " | ".join(title for _, title in SUMMARY_COLUMNS) + " |",
+        "|" + "---|" * (len(SUMMARY_COLUMNS) + 1),
+    ]
+    lines += [
+        f"| {m} | " + " | ".join(_summary_cell(k, s) for k, _ in SUMMARY_COLUMNS) + " |"
+        for m, s in summary.items()
+        if s["runs"]
+    ]
+    lines += ["", "## Runs", "", "| " + " | ".join(t for _, t in RUN_COLUMNS) + " |", "|" + "---|" * len(RUN_COLUMNS)]
+    lines += ["| " + " | ".join(_run_cell(k, r) for k, _ in RUN_COLUMNS) + " |" for r in ok]
+    lines += [f"| {r['method']} | {r.get('seed')} | failed: {r['error']} |" for r in rows if "error" in r]
+    source = next((r.get("tensor_source") for r in ok if r.get("tensor_source")), "n/a")
     lines += [
         "",
-        f"Memory: {kind}; on the CPU, search memory = rise of the peak resident set over its level just "
-        "before the search loop (each method in a fresh process). Search time: the search loop (uniform: its "
-        "bisection). Latency: the gate's statistic (p90 per sample) of the searched, untrimmed widths. "
-        "acc, supernet: the searched supernet (soft masks) on the test split, after the search; "
-        "acc, retrained: the dense network retrained from scratch (--retrain).",
+        "Latency: the gate's statistic (p90 per sample), measured once on the deployment runtime, of the searched "
+        "widths as the search hands them over (untrimmed), next to the shared latency table's prediction. Search "
+        "time: the search loop, without latency measurement (shown apart; uniform's bisection is all measurement). "
+        f"Tensor peak: live tensors (parameters, buffers, optimizer state + the peak of one window of "
+        f"{WINDOW_STEPS} search steps' activations and gradients) at the widest allocation the search used, from "
+        f"{source}; the dataset in memory is not counted. Peak RSS: the process's peak resident set (allocator "
+        "caches, oneDNN and onnxruntime buffers included). acc, supernet: the searched supernet (its own masks) on "
+        "the test split; acc, retrained: the dense network retrained from scratch (--retrain).",
         "",
     ]
     lines += [f"- {v}" for v in verdicts(rows)]
     atomic_write_text(out / "bench.md", "\n".join(lines) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow([k for k, _ in COLUMNS])
+    keys = [k for k, _ in RUN_COLUMNS] + ["seconds_per_epoch", "cuda_max_allocated_mb", "mflops", "params_k", "dataset"]
+    w.writerow(keys)
     for r in ok:
-        w.writerow([json.dumps(r.get(k)) if isinstance(r.get(k), dict) else r.get(k) for k, _ in COLUMNS])
+        w.writerow([json.dumps(r.get(k)) if isinstance(r.get(k), dict) else r.get(k) for k in keys])
     atomic_write_text(out / "bench.csv", buf.getvalue())
     atomic_write_json(out / "bench.json", rows)
     if ok:
@@ -305,17 +588,26 @@ def _plot(rows: list[dict], path: Path, budget: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, r in enumerate(rows):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for r in rows:
         acc = r.get("acc_retrained") if r.get("acc_retrained") is not None else r.get("acc_supernet")
+        if is_synthetic(r.get("dataset") or ""):
+            acc = 0.0  # meaningless: the plot only shows latency
         if acc is None:
             continue
+        i = methods.index(r["method"])
+        first = r is next(x for x in rows if x["method"] == r["method"])
         ax.scatter(
             r["measured_ms"],
             acc,
             s=60,
             color=f"C{i}",
             marker="o" if r["budget_met"] else "x",
-            label=f"{r['method']} ({'retrained' if r.get('acc_retrained') is not None else 'supernet weights'})",
+            label=(
+                f"{r['method']} ({'retrained' if r.get('acc_retrained') is not None else 'supernet weights'})"
+                if first
+                else None
+            ),
         )
     ax.axvline(budget, color="r", ls="--", label="budget")
     ax.set_xlabel("latency p90 (ms / sample)")

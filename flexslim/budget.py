@@ -1,9 +1,13 @@
-"""The latency budget as one value: the milliseconds a user asked for and the two lines derived from it.
+"""The latency budget as one value: the milliseconds a user asked for, the window the delivered network should
+land in, and the headroom kept for timing noise.
 
-    target_ms  what the search steers the expected latency to   = ms * (1 - search_margin)
-    limit_ms   what the baked network must MEASURE at or under  = ms * (1 - trim_margin)
+    ms          the budget: the gate fails a network whose percentile latency exceeds it
+    limit_ms    what the search steers E[latency] to and the baked network must MEASURE at or under
+                = ms * (1 - headroom); the headroom is `confidence` timing spreads of the deployment runtime
+                (measured by the latency model), not a fixed constant
+    low_ms      the bottom of the window the delivered network should land in = ms * (1 - window)
 
-Every place that needs either line asks the Budget; nowhere else multiplies by (1 - margin).
+Every place that needs one of these lines asks the Budget; nowhere else multiplies by (1 - margin).
 """
 
 from __future__ import annotations
@@ -13,32 +17,51 @@ from dataclasses import dataclass
 
 from flexslim.errors import BadInput
 
+WINDOW = 0.10  # the delivered network should use at least 90% of the budget
+MIN_HEADROOM = 0.02  # even a quiet runtime re-measures a little differently in the gate's fresh process
+
 
 @dataclass(frozen=True)
 class Budget:
-    """A latency budget and its two derived lines (see the module docstring); frozen, checked on creation."""
+    """A latency budget (ms per sample at the gate's percentile) with its derived lines; checked on creation.
 
-    ms: float  # per-sample latency at the gate's percentile, milliseconds
-    search_margin: float = 0.0  # fraction of ms the search keeps free for rounding and timing noise
-    trim_margin: float = 0.0  # fraction of ms the measured network keeps free (the gate re-measures)
+    Example::
+
+        b = Budget.for_noise(0.06, noise=0.012, confidence=2.0)   # headroom max(2%, 2 x 1.2%) = 2.4%
+        b.limit_ms, b.low_ms                                       # 0.05856, 0.054
+    """
+
+    ms: float
+    headroom: float = 0.0  # fraction of ms kept free under the budget for timing noise
+    window: float = WINDOW
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.ms, (int, float)) and math.isfinite(self.ms) and self.ms > 0):
+        if (
+            isinstance(self.ms, bool)
+            or not isinstance(self.ms, (int, float))
+            or not (math.isfinite(self.ms) and self.ms > 0)
+        ):
             raise BadInput(f"--latency-ms must be a finite positive number of milliseconds, got {self.ms}")
-        for name in ("search_margin", "trim_margin"):
-            v = getattr(self, name)
-            if not 0 <= v < 1:
-                raise BadInput(f"budget {name.replace('_', ' ')} must be in [0, 1), got {v}")
+        if not 0 <= self.headroom < 1 or not 0 < self.window < 1:
+            raise BadInput(
+                f"budget headroom and window must be fractions in [0, 1), got {self.headroom}, {self.window}"
+            )
 
     @classmethod
-    def from_recipe(cls, ms: float, search) -> Budget:
-        """The budget with the margins of a recipe's [search] section."""
-        return cls(ms, search.budget_margin, search.trim_margin)
-
-    @property
-    def target_ms(self) -> float:
-        return self.ms * (1.0 - self.search_margin)
+    def for_noise(cls, ms: float, noise: float, confidence: float) -> Budget:
+        """The budget whose headroom is `confidence` x the runtime's timing spread `noise` (a fraction), at least
+        MIN_HEADROOM and at most half the window (so the aim stays inside the window)."""
+        return cls(ms, min(WINDOW / 2, max(MIN_HEADROOM, confidence * noise)))
 
     @property
     def limit_ms(self) -> float:
-        return self.ms * (1.0 - self.trim_margin)
+        return self.ms * (1.0 - self.headroom)
+
+    @property
+    def target_ms(self) -> float:
+        """What the search's controller steers E[latency] to: the measured limit."""
+        return self.limit_ms
+
+    @property
+    def low_ms(self) -> float:
+        return self.ms * (1.0 - self.window)

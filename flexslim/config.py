@@ -55,7 +55,8 @@ class ModelConfig:
         StageSpec("stage3", 128, 2, 2),
     )
     min_width: int = 8  # no searched stage goes below this many channels
-    round_to: int = 8  # final widths are multiples of this (hardware-friendly)
+    round_to: int = 0  # final widths are multiples of this; 0 = the runtime's channel block found by the latency
+    # probe (at least 8): a width between two blocks costs what the next block costs
     drop_path: float = 0.0  # DARTS family: drop-path probability at the end of training
     auxiliary_weight: float = 0.0  # DARTS family: auxiliary head loss weight in retraining (paper 0.4)
     pretrained: str = ""  # state_dict at the family's torchvision widths: the supernet and the retrained net start from
@@ -91,10 +92,9 @@ class SearchConfig:
     hysteresis: float = 0.5  # shrink only when the allocation exceeds its target by more than this many sigmas
     dual_lr: float = 0.5  # budget controller: multiplier += dual_lr * (E[lat] / target - 1) per arch step
     init_multiplier: float = 0.0
-    budget_margin: float = 0.05  # the search aims at budget * (1 - margin); rounding and timing noise use the rest
-    trim_margin: float = 0.03  # after baking, trim until the measured latency is <= budget * (1 - trim_margin)
-    extend_samples: int = 6  # networks measured when allocation moves past the latency model's region
-    trim: bool = True  # trim the baked widths until the measured latency passes (bench turns it off)
+    average_last: float = 0.3  # mu handed to the bake = its mean over this last fraction of the search's steps
+    trim: bool = True  # the measured bake: trim until the network measures within the budget, then grow stages
+    # back while they fit (off: the rounded widths are only measured)
     # DMaskingNAS baseline (method = "dmask"): fixed option ranges, as multiples of the recipe's widths
     dmask_range: str = "large"  # small | large
     dmask_small: tuple[float, float] = (0.75, 1.5)
@@ -115,8 +115,12 @@ class LatencyConfig:
     runs: int = 50  # at least this many timed runs; the gate reads a percentile of them
     min_seconds: float = 1.0  # ... and at least this long (seconds) of timed runs
     percentile: float = 90.0
-    samples: int = 16  # networks measured to fit the latency model
-    holdout: int = 4  # further networks measured only to report the model's error
+    samples: int = 16  # networks measured across the width box to fit the latency model
+    holdout: int = 4  # further networks, measured only to report the model's error (without a budget)
+    repeats: int = 3  # fresh sessions per measured network (min_seconds split among them); a point is their median
+    probe: bool = True  # find the runtime's channel block first (a sweep of one width shared by every stage)
+    near: int = 4  # fit networks measured near each budget (predicted within 12%), plus one held out
+    confidence: float = 2.0  # the measured network must sit this many timing spreads under the budget
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,28 @@
-"""On-device latency model: measure whole dense networks on the deployment runtime, fit, predict
-differentiably from (expected) widths, and report the model's own error on networks it did not fit.
+"""On-device latency model: probe the runtime's channel blocking, measure whole dense networks where the
+search and the budget are, fit, predict differentiably from (expected) widths, and report the model's own
+error on networks it did not fit and the spread of repeated timings.
 
-Model: latency_ms = b + sum_t c_t * term_t(widths), where the terms are the family's analytic cost terms
-(MACs and output elements per feature-map resolution, see `spaces.cost_terms`). Coefficients come from a
-non-negative least-squares fit of the relative error (more channels never make a network faster). Every
-point is the gate's own statistic: the percentile of per-sample latency of the exported network on the
-chosen onnxruntime provider, batch and thread count. When the search allocates past the measured region,
-`extend` measures networks out there and refits.
+Model: latency_ms = b + sum_t c_t * term_t(eff(widths)), where the terms are the family's analytic cost terms
+(MACs and output elements per feature-map resolution, see `spaces.cost_terms`) and eff(w) = block * ceil(w /
+block) charges a width at the runtime's channel block (onnxruntime's CPU convolutions work on blocks of
+channels: with a block of 16, 24 channels cost what 32 cost). The block is found by a probe, not assumed.
+Coefficients come from a non-negative least-squares fit of the relative error (more channels never make a
+network faster). Every point is the gate's own statistic, the percentile of per-sample latency on the
+chosen onnxruntime provider, batch and thread count, as the median over `repeats` fresh sessions. In the
+search the prediction is the expectation over each stage's option distribution (as FBNetV2 takes it over
+its options): exact at whole widths, smooth in mu in between.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,26 +34,38 @@ from flexslim.console import Reporter
 from flexslim.errors import BadInput
 from flexslim.runs import atomic_write_json
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2
+BLOCK_CANDIDATES = (1, 2, 4, 8, 16, 32)
+NEAR = 0.12  # "near a budget": predicted within +-12% of it
 
 
 @dataclass(frozen=True)
 class Point:
-    """One measured network: its widths and per-sample latency (ms) at the percentile and at p50."""
+    """One measured network: its widths and per-sample latency (ms) at the percentile and at p50.
+
+    `ms` is the median over `repeats` (the percentile in each fresh session)."""
 
     widths: dict[str, int]
-    ms: float  # per-sample latency at the settings' percentile
+    ms: float
     p50_ms: float
+    repeats: tuple[float, ...] = ()
+
+    def spread(self) -> float | None:
+        """Largest relative deviation of one session from the median (None with fewer than two sessions)."""
+        if len(self.repeats) < 2:
+            return None
+        return max(abs(r - self.ms) for r in self.repeats) / self.ms
 
 
 @dataclass
 class LatencyModel:
     """The measured latency model of one family on one runtime setting (provider, batch, threads, percentile).
 
-    latency_ms = intercept + sum_t coef_t * term_t(widths), fitted on `fit_points` and checked on
-    `holdout_points` (networks it did not see). `predict` takes int widths or (expected) width tensors,
-    so the search can differentiate it in mu. Saved as latency.json (`save`/`load`); `key()` says what a
-    table is valid for.
+    latency_ms = intercept + sum_t coef_t * term_t(eff(widths)), fitted on `fit_points` and checked on
+    `holdout_points` (networks it did not see, chosen near the budgets it was made for). `predict` takes
+    whole widths or (expected, already effective) width tensors; `predict_expected` takes each stage's option
+    distribution, so the search can differentiate it in mu. Saved as latency.json (`save`/`load`); `key()` says
+    what a table is valid for.
     """
 
     arch: Arch  # the template: structure, input shape (its widths are not used)
@@ -55,21 +73,39 @@ class LatencyModel:
     provider: str  # what actually ran
     runtime: str
     host: str
+    block: int = 1  # channel block of the runtime (probe); widths are charged at block * ceil(w / block)
+    probe: dict[str, float] = field(default_factory=dict)  # the probe's timings: width -> ms
     terms: list[str] = field(default_factory=list)
     coef: list[float] = field(default_factory=list)
     intercept: float = 0.0
-    region: dict[str, list[int]] = field(default_factory=dict)  # stage -> [lo, hi] measured widths
+    region: dict[str, list[int]] = field(default_factory=dict)  # stage -> [lo, hi] sampled widths
     fit_points: list[Point] = field(default_factory=list)
     holdout_points: list[Point] = field(default_factory=list)
     floor_ms: float = 0.0  # measured latency of the narrowest network (every stage at min_width)
     measure_seconds: float = 0.0
+    budgets: list[float] = field(default_factory=list)  # the budgets its samples were concentrated at
 
-    # -- prediction -------------------------------------------------------------------------------
+    # -- prediction -------------------------------------------------------------------------------------------
+    def effective(self, widths: dict) -> dict:
+        """Whole (int) widths charged at the runtime's block; floats and tensors (expectations, e.g. from the
+        search) are continuous values and are used as they are."""
+        b = self.block
+        return {s: b * math.ceil(w / b) if isinstance(w, int) else w for s, w in widths.items()}
+
     def predict(self, widths: dict) -> torch.Tensor | float:
         """Predicted per-sample latency (ms); differentiable when the widths are tensors."""
+        return self._linear(self.effective(widths))
+
+    def predict_expected(self, distributions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Prediction at the expected effective width of each stage, E[eff(f)] = sum_k w_k eff(f_k), from
+        (options f_k, weights w_k) per stage: differentiable in whatever made the weights (mu)."""
+        b = self.block
+        return self._linear({s: (w * torch.ceil(f / b) * b).sum() for s, (f, w) in distributions.items()})
+
+    def _linear(self, eff_widths: dict) -> torch.Tensor | float:
         from flexslim.spaces import cost_terms
 
-        t = cost_terms(self.arch, widths)
+        t = cost_terms(self.arch, eff_widths)
         total = self.intercept
         for name, c in zip(self.terms, self.coef):
             total = total + c * t.get(name, 0.0)
@@ -80,36 +116,51 @@ class LatencyModel:
         pts = self.holdout_points if points is None else points
         return [100.0 * abs(float(self.predict(p.widths)) - p.ms) / p.ms for p in pts]
 
+    def noise(self) -> float:
+        """Typical session-to-session spread of one network's timing (fraction): the median over measured points
+        of each point's largest deviation from its median. It sets the budget's headroom."""
+        spreads = [s for p in self.fit_points + self.holdout_points if (s := p.spread()) is not None]
+        return statistics.median(spreads) if spreads else 0.0
+
     def error_summary(self) -> dict[str, float]:
-        """Hold-out error: {"holdout": n, "median_pct": ..., "max_pct": ...} ({"holdout": 0} without hold-out)."""
+        """Hold-out error {"holdout": n, "median_pct", "max_pct"}, the same over the hold-out networks near the
+        table's budgets ("near_*"), and the timing spread "noise_pct"."""
         e = self.errors()
-        if not e:
-            return {"holdout": 0}
-        return {"holdout": len(e), "median_pct": statistics.median(e), "max_pct": max(e)}
+        out: dict[str, float] = {"holdout": len(e), "noise_pct": 100.0 * self.noise()}
+        if e:
+            out.update(median_pct=statistics.median(e), max_pct=max(e))
+        near = [p for p in self.holdout_points if any(abs(p.ms / b - 1) <= NEAR for b in self.budgets)]
+        if near:
+            en = self.errors(near)
+            out.update(near_holdout=len(en), near_median_pct=statistics.median(en), near_max_pct=max(en))
+        return out
 
     def covers(self, widths: dict[str, int]) -> bool:
-        """True when every stage's width lies in the measured region."""
+        """True when every stage's width lies in the sampled region (the fit interpolates there)."""
         return all(self.region[s][0] <= w <= self.region[s][1] for s, w in widths.items())
 
-    # -- fitting ----------------------------------------------------------------------------------
+    def near(self, budget_ms: float) -> list[Point]:
+        """Fit points whose measured latency lies within NEAR of `budget_ms`."""
+        return [p for p in self.fit_points if abs(p.ms / budget_ms - 1) <= NEAR]
+
+    # -- fitting ----------------------------------------------------------------------------------------------
     def fit(self) -> None:
         """Non-negative least squares of the relative error over the fit points (more channels never run faster)."""
         from scipy.optimize import nnls
 
         from flexslim.spaces import cost_terms
 
-        rows = [cost_terms(self.arch, p.widths) for p in self.fit_points]
+        rows = [cost_terms(self.arch, self.effective(p.widths)) for p in self.fit_points]
         self.terms = sorted({k for r in rows for k in r})
         x = np.array([[1.0] + [float(r.get(k, 0.0)) for k in self.terms] for r in rows])
         y = np.array([p.ms for p in self.fit_points])
         scale = np.abs(x).max(axis=0)
         scale[scale == 0] = 1.0
-        # relative error: divide each row by its target
-        sol, _ = nnls((x / scale) / y[:, None], np.ones_like(y))
+        sol, _ = nnls((x / scale) / y[:, None], np.ones_like(y))  # relative error: each row over its target
         sol = sol / scale
         self.intercept, self.coef = float(sol[0]), [float(v) for v in sol[1:]]
 
-    # -- persistence ------------------------------------------------------------------------------
+    # -- persistence ------------------------------------------------------------------------------------------
     def key(self) -> dict:
         """What a table is only valid for: the structure it was measured on and the runtime settings."""
         s = self.settings
@@ -122,20 +173,14 @@ class LatencyModel:
         }
 
     def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("arch", "settings", "fit_points", "holdout_points")}
         return {
             "version": TABLE_VERSION,
             "key": self.key(),
-            "host": self.host,
-            "runtime": self.runtime,
+            **d,
             "settings": asdict(self.settings),
             "arch": self.arch.to_dict(),
-            "terms": self.terms,
-            "coef": self.coef,
-            "intercept": self.intercept,
-            "region": self.region,
-            "floor_ms": self.floor_ms,
             "error": self.error_summary(),
-            "measure_seconds": self.measure_seconds,
             "fit_points": [asdict(p) for p in self.fit_points],
             "holdout_points": [asdict(p) for p in self.holdout_points],
         }
@@ -145,34 +190,36 @@ class LatencyModel:
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyModel:
-        """Read a latency.json; a missing, foreign or corrupt file is BadInput naming it."""
+        """Read a latency.json; a missing, foreign, old or corrupt file is BadInput naming it."""
         path = Path(path)
         if not path.is_file():
             raise BadInput(f"latency table {path} does not exist")
         try:
             d = json.loads(path.read_text())
             if d.get("version") != TABLE_VERSION:
-                raise ValueError(f"unsupported version {d.get('version')!r}")
-            model = cls(
+                raise ValueError(f"version {d.get('version')!r}, this flexslim reads {TABLE_VERSION}: re-profile")
+            return cls(
                 arch=Arch.from_dict(d["arch"], str(path)),
                 settings=LatencyConfig(**d["settings"]),
-                provider=d["key"]["provider"],
+                provider=d["provider"],
                 runtime=d["runtime"],
                 host=d["host"],
+                block=_positive_int(d["block"]),
+                probe={str(k): float(v) for k, v in d["probe"].items()},
                 terms=list(d["terms"]),
                 coef=[float(c) for c in d["coef"]],
                 intercept=float(d["intercept"]),
-                region={k: list(v) for k, v in d["region"].items()},
-                fit_points=[Point(**p) for p in d["fit_points"]],
-                holdout_points=[Point(**p) for p in d["holdout_points"]],
+                region={k: [int(v[0]), int(v[1])] for k, v in d["region"].items()},
+                fit_points=[_point(p) for p in d["fit_points"]],
+                holdout_points=[_point(p) for p in d["holdout_points"]],
                 floor_ms=float(d["floor_ms"]),
                 measure_seconds=float(d.get("measure_seconds", 0.0)),
+                budgets=[float(b) for b in d.get("budgets", [])],
             )
         except BadInput:
             raise
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as err:
             raise BadInput(f"{path} is not a flexslim latency table ({type(err).__name__}: {err})") from None
-        return model
 
     def check_compatible(self, arch: Arch, settings: LatencyConfig, where: str) -> None:
         """BadInput unless this table was measured on `arch`'s structure at the recipe's batch and threads."""
@@ -190,123 +237,210 @@ class LatencyModel:
 
 def _structure(arch: Arch) -> dict:
     d = arch.to_dict()
-    d.pop("widths")
-    d.pop("dataset")
-    d.pop("normalization")
-    d.pop("class_names", None)
+    for key in ("widths", "dataset", "normalization", "class_names"):
+        d.pop(key, None)
     return d
 
 
-# -- measuring ------------------------------------------------------------------------------------
+def _point(d: dict) -> Point:
+    return Point({k: int(v) for k, v in d["widths"].items()}, float(d["ms"]), float(d["p50_ms"]),
+                 tuple(float(r) for r in d.get("repeats", ())))  # fmt: skip
+
+
+def _positive_int(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"block must be a positive integer, got {v!r}")
+    return v
+
+
+def with_grid(recipe, latency: LatencyModel):
+    """The recipe with `model.round_to` resolved: 0 (auto) becomes the runtime's channel block, at least 8."""
+    if recipe.model.round_to:
+        return recipe
+    model = replace(recipe.model, round_to=max(8, latency.block))
+    return replace(recipe, model=model)
+
+
+# -- measuring ----------------------------------------------------------------------------------------------
 def measure(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: int = 0):
-    """Export the dense network at `widths` and time it on the deployment runtime, in the isolated timing
-    process (see runtime.isolated_pool) -> runtime.Timing."""
+    """Export the dense network at `widths` and time it on the deployment runtime in the isolated timing
+    process, in `settings.repeats` fresh sessions of `min_seconds / repeats` each -> the runtime.Timing of the
+    median session (its `at_percentile_ms` is the median of the sessions' percentiles)."""
+    return measure_sessions(arch, widths, settings, seed)[0]
+
+
+def measure_sessions(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: int = 0):
+    """(Timing of the median session, every session's percentile) for one network; see `measure`."""
     from flexslim.export import onnx_bytes
     from flexslim.runtime import time_isolated
     from flexslim.spaces import build_network
 
     torch.manual_seed(seed)
-    net = build_network(arch, widths).eval()
-    s = settings
-    return time_isolated(
-        onnx_bytes(net, arch.input_shape, fast=True),
-        s.provider,
-        s.threads,
-        s.batch,
-        s.warmup,
-        s.runs,
-        s.percentile,
-        seed,
-        s.min_seconds,
-    )
+    model = onnx_bytes(build_network(arch, widths).eval(), arch.input_shape, fast=True)
+    s, n = settings, max(1, settings.repeats)
+    timings = [
+        time_isolated(model, s.provider, s.threads, s.batch, s.warmup, s.runs, s.percentile, seed, s.min_seconds / n)
+        for _ in range(n)
+    ]
+    timings.sort(key=lambda t: t.at_percentile_ms)
+    return timings[(n - 1) // 2], tuple(t.at_percentile_ms for t in timings)
 
 
-def _sample(rng: random.Random, region: dict[str, list[int]], round_to: int) -> dict[str, int]:
-    out = {}
-    for stage, (lo, hi) in region.items():
-        lo_k, hi_k = -(-lo // round_to), hi // round_to
-        out[stage] = max(lo, round_to * rng.randint(lo_k, max(lo_k, hi_k)))
-    return out
+Measurer = Callable[[Arch, dict[str, int], LatencyConfig, int], tuple]
 
 
-def _measure_points(arch, width_sets, settings, reporter, what) -> tuple[list[Point], str, str]:
+def _measure_points(arch, width_sets, settings, reporter, what, measurer: Measurer) -> tuple[list[Point], str, str]:
     points, provider, runtime = [], "cpu", ""
     reporter.start(what, len(width_sets))
     for i, w in enumerate(width_sets):
-        t = measure(arch, w, settings, seed=i)
-        points.append(Point(dict(w), t.at_percentile_ms, t.p50_ms))
+        t, repeats = measurer(arch, w, settings, i)
+        points.append(Point(dict(w), t.at_percentile_ms, t.p50_ms, repeats))
         provider, runtime = t.provider, t.runtime
         reporter.advance(f"{t.at_percentile_ms:.4f} ms  {w}")
     reporter.stop()
     return points, provider, runtime
 
 
+# -- the probe: which channel block the runtime charges ---------------------------------------------------------
+def detect_block(timings: dict[int, float], candidates: Sequence[int] = BLOCK_CANDIDATES) -> int:
+    """The channel block that explains `timings` (width -> ms of one network whose every stage has that width).
+
+    For each candidate block B the timings are fitted by a + b x + c x^2 with x = B * ceil(w / B) (a network's
+    cost grows with the square of a shared width); the smallest B whose residual is within 10% of the best one
+    wins, so a runtime without blocking (a smooth curve) gets the smallest block the probe's grid can tell.
+    """
+    widths = sorted(timings)
+    y = np.array([timings[w] for w in widths])
+    rss = {}
+    for b in candidates:
+        x = np.array([b * math.ceil(w / b) for w in widths], dtype=float)
+        design = np.stack([np.ones_like(x), x, x * x], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        rss[b] = float(((design @ coef - y) ** 2).sum())
+    best = min(rss.values())
+    return min(b for b in candidates if rss[b] <= 1.1 * best + 1e-18)
+
+
+def probe_block(
+    arch: Arch, settings: LatencyConfig, min_width: int, measurer: Measurer, reporter: Reporter, step: int = 4
+) -> tuple[int, dict[str, float]]:
+    """Time the family with every stage at w = step, 2 step, ... up to max(64, 2 x the widest recipe stage),
+    and detect the block (see `detect_block`)."""
+    top = max(64, 2 * max(arch.widths.values()))
+    grid = list(range(max(step, min_width - min_width % step), top + 1, step))
+    sets = [{s: w for s in arch.widths} for w in grid]
+    quick = replace(settings, min_seconds=settings.min_seconds / 3)
+    points, _, _ = _measure_points(arch, sets, quick, reporter, "latency: probing channel blocks", measurer)
+    timings = {w: p.ms for w, p in zip(grid, points)}
+    return detect_block(timings), {str(w): ms for w, ms in timings.items()}
+
+
+# -- sampling where the search and the budgets are ---------------------------------------------------------------
+def _sample(rng: random.Random, region: dict[str, list[int]], grid: int) -> dict[str, int]:
+    out = {}
+    for stage, (lo, hi) in region.items():
+        lo_k, hi_k = -(-lo // grid), hi // grid
+        out[stage] = max(lo, grid * rng.randint(lo_k, max(lo_k, hi_k)))
+    return out
+
+
+def near_budget_sets(
+    model: LatencyModel, budget_ms: float, n: int, grid: int, rng: random.Random, exclude: Sequence[dict] = ()
+) -> list[dict]:
+    """`n` distinct grid networks of the region whose predicted latency is within NEAR of the budget, spread
+    over that band (the ones the bake will choose among), none already measured or in `exclude`."""
+    seen = {
+        tuple(sorted(w.items())) for w in [p.widths for p in model.fit_points + model.holdout_points] + list(exclude)
+    }
+    pool: dict[tuple, float] = {}
+    for _ in range(4000):
+        w = _sample(rng, model.region, grid)
+        key = tuple(sorted(w.items()))
+        if key not in seen and key not in pool:
+            ratio = float(model.predict(w)) / budget_ms
+            if abs(ratio - 1) <= NEAR:
+                pool[key] = ratio
+    ranked = sorted(pool.items(), key=lambda kv: kv[1])
+    if len(ranked) <= n:
+        return [dict(k) for k, _ in ranked]
+    picks = [ranked[round(i * (len(ranked) - 1) / max(1, n - 1))][0] for i in range(n)]
+    return [dict(k) for k in dict.fromkeys(picks)]
+
+
 def profile(
     arch: Arch,
     settings: LatencyConfig,
     min_width: int,
-    round_to: int,
+    round_to: int = 0,
+    *,
+    budgets: Sequence[float] = (),
     hi: dict[str, int] | None = None,
     seed: int = 0,
     reporter: Reporter | None = None,
+    measurer: Measurer = measure_sessions,
 ) -> LatencyModel:
-    """Measure the narrowest network, the recipe's own, and random networks up to `hi` (default: twice the
-    recipe's widths); fit on `settings.samples` of them and keep `settings.holdout` aside to report the error."""
+    """Probe the channel block, measure the narrowest network, the recipe's own, the top of the region (default
+    twice the recipe's widths) and random networks on the grid; fit; then, for each of `budgets`, measure
+    networks predicted near it (`settings.near` to fit, one more held out) and refit.
+
+    Args:
+        round_to: the width grid to sample on (0: the detected block, at least 8).
+        measurer: (arch, widths, settings, seed) -> (Timing, session percentiles); tests pass a fake.
+    """
     reporter = reporter or Reporter()
     if settings.samples < 3:
         raise BadInput(f"latency.samples must be >= 3 to fit a model, got {settings.samples}")
-    hi = hi or {s: max(2 * w, min_width + round_to) for s, w in arch.widths.items()}
+    t0 = time.perf_counter()
+    block, probe = (1, {})
+    if settings.probe:
+        block, probe = probe_block(arch, settings, min_width, measurer, reporter)
+    grid = round_to or max(8, block)
+    hi = hi or {s: max(2 * w, min_width + grid) for s, w in arch.widths.items()}
     region = {s: [min_width, int(hi[s])] for s in arch.widths}
     rng = random.Random(seed)
-    floor = {s: min_width for s in arch.widths}
-    fit_sets = [floor, dict(arch.widths), {s: region[s][1] for s in region}]
-    fit_sets += [_sample(rng, region, round_to) for _ in range(max(0, settings.samples - len(fit_sets)))]
-    hold_sets = [_sample(rng, region, round_to) for _ in range(settings.holdout)]
-    t0 = time.perf_counter()
-    fit_pts, provider, runtime = _measure_points(arch, fit_sets, settings, reporter, "latency: fit networks")
-    hold_pts, _, _ = _measure_points(arch, hold_sets, settings, reporter, "latency: hold-out networks")
-    model = LatencyModel(
-        arch=arch,
-        settings=settings,
-        provider=provider,
-        runtime=runtime,
-        host=platform.node(),
-        region=region,
-        fit_points=fit_pts,
-        holdout_points=hold_pts,
-        floor_ms=fit_pts[0].ms,
-    )
+    fit_sets = [{s: min_width for s in arch.widths}, dict(arch.widths), {s: region[s][1] for s in region}]
+    fit_sets += [_sample(rng, region, grid) for _ in range(max(0, settings.samples - len(fit_sets)))]
+    fit_pts, provider, runtime = _measure_points(arch, fit_sets, settings, reporter, "latency: fit networks", measurer)
+    model = LatencyModel(arch, settings, provider, runtime, platform.node(), block, probe, region=region,
+                         fit_points=fit_pts, floor_ms=fit_pts[0].ms)  # fmt: skip
     model.fit()
+    hold = [_sample(rng, region, grid) for _ in range(settings.holdout if not budgets else 0)]
+    model.holdout_points, _, _ = _measure_points(arch, hold, settings, reporter, "latency: hold-out", measurer)
+    refine(model, budgets, grid=grid, seed=seed + 1, reporter=reporter, measurer=measurer)
     model.measure_seconds = time.perf_counter() - t0
     return model
 
 
-def extend(
+def refine(
     model: LatencyModel,
-    widths: dict[str, int],
-    round_to: int,
-    samples: int = 6,
+    budgets: Sequence[float],
+    *,
+    grid: int,
     seed: int = 1,
     reporter: Reporter | None = None,
+    measurer: Measurer = measure_sessions,
 ) -> bool:
-    """Grow the measured region to hold `widths` (with 25% headroom), measure there, refit. False if covered."""
-    if model.covers(widths):
+    """Concentrate the table at `budgets`: for each budget with fewer than `settings.near` measured fit points
+    near it, measure networks predicted near it (and one more held out per budget), then refit. The search
+    runs on the refined table, unchanged (deterministic); returns False when nothing had to be measured."""
+    reporter = reporter or Reporter()
+    s, rng, t0 = model.settings, random.Random(seed + len(model.fit_points)), time.perf_counter()
+    new_fit: list[dict] = []
+    new_hold: list[dict] = []
+    for b in budgets:
+        missing = s.near - len(model.near(b))
+        if missing > 0:
+            sets = near_budget_sets(model, b, missing + 1, grid, rng, exclude=new_fit + new_hold)
+            if len(sets) > 1:
+                new_hold.append(sets.pop(len(sets) // 2))
+            new_fit += sets
+    model.budgets = sorted(set(model.budgets) | {float(b) for b in budgets})
+    if not new_fit:
         return False
-    for s, w in widths.items():
-        lo, hi = model.region[s]
-        if w > hi:
-            hi = int(round_to * -(-int(w * 1.25) // round_to))
-        model.region[s] = [min(lo, int(w)), hi]  # below the region too (a table measured with a larger min_width)
-    rng = random.Random(seed + len(model.fit_points))
-    new_region = {
-        s: [max(lo, min(hi, widths[s])), hi] if widths[s] > lo else [lo, hi] for s, (lo, hi) in model.region.items()
-    }
-    sets = [{s: model.region[s][1] for s in model.region}] + [
-        _sample(rng, new_region, round_to) for _ in range(samples - 1)
-    ]
-    t0 = time.perf_counter()
-    pts, _, _ = _measure_points(model.arch, sets, model.settings, reporter or Reporter(), "latency: extending")
-    model.fit_points.extend(pts)
+    fit_pts, _, _ = _measure_points(model.arch, new_fit, s, reporter, "latency: near the budget", measurer)
+    hold_pts, _, _ = _measure_points(model.arch, new_hold, s, reporter, "latency: hold-out near it", measurer)
+    model.fit_points.extend(fit_pts)
+    model.holdout_points.extend(hold_pts)
     model.fit()
     model.measure_seconds += time.perf_counter() - t0
     return True

@@ -90,6 +90,10 @@ class Mask(nn.Module, abc.ABC):
         """Channels the kernels should hold in the next epoch (read at each epoch end)."""
         return self.allocated
 
+    def width_distribution(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(options f_k, weights w_k) the latency term takes its expectation over (deterministic: no noise)."""
+        return self.options(), self.weights()
+
     def mean_width(self) -> float:
         """The centre of the width distribution, channels (default: the expected width)."""
         return float(self.expected_width().detach())
@@ -173,12 +177,32 @@ def hard_mask(width: int, allocated: int, device=None) -> torch.Tensor:
     return m
 
 
+ALPHA_INIT_STD = 1e-3  # DMask logits ~ N(0, ALPHA_INIT_STD^2): DARTS/FBNet's small random init (1e-3 * randn)
+FBNET_TAU0, FBNET_TAU_DECAY, FBNET_EPOCHS = 5.0, 0.956, 90  # FBNet/FBNetV2: tau 5.0, x exp(-0.045) per epoch, 90 epochs
+
+
+def final_temperature(cfg: SearchConfig) -> float:
+    """The Gumbel temperature of the last search epoch: search.tau_final, else FBNet's (5.0 * 0.956^89 = 0.09)."""
+    final = getattr(cfg, "tau_final", None)
+    return float(final) if final is not None else FBNET_TAU0 * FBNET_TAU_DECAY ** (FBNET_EPOCHS - 1)
+
+
+def temperature(epoch: int, epochs: int, tau0: float, tau_final: float) -> float:
+    """Temperature of search epoch `epoch` (0-based) of `epochs`: tau0 at the first, tau_final at the last,
+    geometric in between (FBNet's constant per-epoch decay, stretched to the epoch count)."""
+    if epochs <= 1:
+        return tau_final
+    return tau0 * (tau_final / tau0) ** (min(epoch, epochs - 1) / (epochs - 1))
+
+
 class GumbelMask(Mask):
     """DMaskingNAS (FBNetV2) baseline: independent logits over a FIXED list of options.
 
-    Training weights are Gumbel-softmax samples at temperature `tau` (annealed per search epoch:
-    tau0 * tau_decay^epoch); the kernels always hold the widest option; the final width is the option with
-    the largest logit. Its Adam learning rate is search.dmask_lr.
+    Training weights are Gumbel-softmax samples at temperature `tau`, annealed geometrically from search.tau0
+    at the first epoch to the final temperature at the LAST epoch, whatever the epoch count (`temperature`);
+    the kernels always hold the widest option; the final width is the option with the largest logit. The
+    logits start random and small (`ALPHA_INIT_STD`, drawn from torch's global generator, which the search
+    seeds), as DARTS/FBNet initialise theirs. Its Adam learning rate is search.dmask_lr.
 
     Args:
         options: increasing positive widths, channels.
@@ -190,7 +214,7 @@ class GumbelMask(Mask):
         if not options or sorted(set(options)) != list(options) or options[0] < 1:
             raise ValueError(f"options must be increasing positive widths, got {options}")
         self.register_buffer("option_widths", torch.tensor(options, dtype=torch.float32), persistent=False)
-        self.alpha = nn.Parameter(torch.zeros(len(options)))
+        self.alpha = nn.Parameter(ALPHA_INIT_STD * torch.randn(len(options)))
         self.tau = float(tau)
         self.allocated = int(options[-1])
 
@@ -210,12 +234,16 @@ class GumbelMask(Mask):
         """Deterministic (noise-free) expectation used by the latency term: sum softmax(alpha / tau) f."""
         return (torch.softmax(self.alpha / self.tau, dim=0) * self.options()).sum()
 
+    def width_distribution(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The options with the noise-free weights softmax(alpha / tau) (the latency term's expectation)."""
+        return self.options(), torch.softmax(self.alpha / self.tau, dim=0)
+
     def final_width(self) -> int:
         return int(self.options()[int(torch.argmax(self.alpha.detach()))])
 
     def start_epoch(self, epoch: int, epochs: int, cfg: SearchConfig) -> None:
-        """Anneal the temperature: tau0 * tau_decay^epoch."""
-        self.tau = cfg.tau0 * cfg.tau_decay**epoch
+        """Anneal the temperature: geometric from tau0 (first epoch) to the final temperature (last epoch)."""
+        self.tau = temperature(epoch, epochs, cfg.tau0, final_temperature(cfg))
 
     def extra_repr(self) -> str:
         return f"options={[int(v) for v in self.option_widths]}, tau={self.tau:g}"

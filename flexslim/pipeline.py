@@ -17,16 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexslim.arch import Arch, arch_json, load_arch
+from flexslim.bake import Fitted, bake
 from flexslim.budget import Budget
 from flexslim.config import Recipe, load_recipe, recipe_to_toml
 from flexslim.console import Reporter
 from flexslim.data import Dataset, load_dataset
 from flexslim.errors import BadInput
-from flexslim.latency import LatencyModel, profile
+from flexslim.latency import LatencyModel, profile, refine, with_grid
 from flexslim.memory import SearchMemory
 from flexslim.methods import check_search_method
 from flexslim.runs import RunRecord, atomic_write_text, mark_latest, new_run_dir, read_jsonl, resolve_run_dir
-from flexslim.trim import Fitted, fit_to_budget, round_to_budget
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,10 @@ def search_job(
     dev = pick_device(device)
     table = _checked_table(latency_table)
     record, rcp = _prepare_run(budget_ms, recipe, overrides or [], run_dir, resume, mark, str(dev))
-    budget = Budget.from_recipe(budget_ms, rcp.search)
     ds = load_dataset(rcp.data, data_dir)
     arch = Arch.for_data(rcp.model, ds)
-    lat = _latency_stage(arch, rcp, record, table, budget, reporter)
+    lat, budget = _latency_stage(arch, rcp, record, table, budget_ms, reporter)
+    rcp = with_grid(rcp, lat)
     done = _finished_search(record) if resume else None
     if done is not None:
         reporter.log(f"search already finished: widths {done.arch.widths}")
@@ -168,9 +168,10 @@ def _prepare_run(
 
 # -- stage 2: the latency model -------------------------------------------------------------------------------
 def latency_model_for(
-    arch: Arch, recipe: Recipe, run_dir: Path, table: Path | None, reporter: Reporter
+    arch: Arch, recipe: Recipe, run_dir: Path, table: Path | None, reporter: Reporter, budgets: list[float]
 ) -> LatencyModel:
-    """--latency-table, else the run's own latency.json (resume), else measure one here; saved in the run."""
+    """--latency-table, else the run's own latency.json (resume), else measure one here; then measured where
+    `budgets` need it (`latency.refine`), and saved in the run before the search reads it."""
     cached = run_dir / "latency.json"
     if table is not None:
         model = LatencyModel.load(table)
@@ -185,16 +186,20 @@ def latency_model_for(
             f"measuring the latency model on {s.provider} (batch {s.batch}, "
             f"threads {s.threads or 'default'}, p{s.percentile:g})"
         )
-        model = profile(arch, s, recipe.model.min_width, recipe.model.round_to, reporter=reporter)
+        model = profile(arch, s, recipe.model.min_width, recipe.model.round_to, budgets=budgets, reporter=reporter)
+    refine(model, budgets, grid=with_grid(recipe, model).model.round_to, reporter=reporter)
     model.save(cached)
     return model
 
 
 def _latency_stage(
-    arch: Arch, recipe: Recipe, record: RunRecord, table: Path | None, budget: Budget, reporter: Reporter
-) -> LatencyModel:
-    """The latency model, recorded in run.json; a budget the narrowest network cannot meet is refused."""
-    lat = latency_model_for(arch, recipe, record.run_dir, table, reporter)
+    arch: Arch, recipe: Recipe, record: RunRecord, table: Path | None, budget_ms: float, reporter: Reporter
+) -> tuple[LatencyModel, Budget]:
+    """The latency model and the budget its timing spread gives, both recorded in run.json; a budget the
+    narrowest network cannot meet is refused."""
+    t0 = time.perf_counter()
+    lat = latency_model_for(arch, recipe, record.run_dir, table, reporter, [budget_ms])
+    budget = Budget.for_noise(budget_ms, lat.noise(), recipe.latency.confidence)
     err = lat.error_summary()
     reporter.log(
         f"latency model: floor {lat.floor_ms:.4f} ms (all stages at {recipe.model.min_width}), hold-out error "
@@ -204,7 +209,11 @@ def _latency_stage(
     s = recipe.latency
     settings = {"provider": lat.provider, "batch": s.batch, "threads": s.threads, "percentile": s.percentile}
     if not _search_finished(record):  # a finished search keeps what it recorded
-        record.update(latency={**settings, "floor_ms": lat.floor_ms, "error": err})
+        record.update(
+            latency={**settings, "floor_ms": lat.floor_ms, "error": err, "block": lat.block},
+            budget={"ms": budget.ms, "limit_ms": budget.limit_ms, "low_ms": budget.low_ms, "headroom": budget.headroom},
+            latency_seconds=time.perf_counter() - t0,
+        )
     if budget.limit_ms < lat.floor_ms:
         record.update(status="impossible budget")
         raise BadInput(
@@ -212,7 +221,7 @@ def _latency_stage(
             f"network (every stage at min_width {recipe.model.min_width}) measures {lat.floor_ms:.4f} ms; "
             f"raise the budget or lower model.min_width"
         )
-    return lat
+    return lat, budget
 
 
 # -- stage 3: search (or reuse a finished one) and bake -------------------------------------------------------
@@ -231,6 +240,8 @@ def _finished_search(record: RunRecord) -> Searched | None:
         record.get("measured_p50_ms", 0.0),
         record["latency"]["provider"],
         record.get("trims", []),
+        record.get("bake", []),
+        record.get("window_note", ""),
     )
     return Searched(baked, fitted, read_jsonl(record.run_dir / "search.jsonl"))
 
@@ -268,60 +279,58 @@ def _search_stage(
     )
     memory_info = memory.stop()
     supernet_acc = evaluate(st.supernet, ds.test_x, ds.test_y, dev)[1]  # reported only, never searched on
-    _write_search_outputs(st.history, lat, run_dir, f"FlexCHarts search for {budget.ms:g} ms ({recipe.name})")
-    searched, fitted = _bake(st.supernet, arch, recipe, budget, lat, reporter)
-    baked = arch.with_widths(fitted.widths)
-    atomic_write_text(run_dir / "arch.json", arch_json(baked))
-    _save_searched_weights(st.supernet, baked, recipe, run_dir)
-    record.update(
-        status="searched",
-        searched_widths=searched,
-        widths=fitted.widths,
-        measured_ms=fitted.measured_ms,
-        measured_p50_ms=fitted.p50_ms,
-        budget_met=fitted.measured_ms <= budget.ms,
-        trims=fitted.trims,
-        memory=memory_info,
-        supernet_test_acc=supernet_acc,
-        search_seconds=sum(h["seconds"] for h in st.history),
-    )
-    (run_dir / "search_state.pt").unlink(missing_ok=True)
-    reporter.log(
-        f"searched widths {searched} -> baked {fitted.widths}: measured p{recipe.latency.percentile:g} "
-        f"{fitted.measured_ms:.4f} ms vs budget {budget.ms:g} ms"
-        + (f" after {len(fitted.trims)} trim(s)" if fitted.trims else "")
-    )
-    return Searched(baked, fitted, st.history, memory_info, supernet_acc)
-
-
-def _write_search_outputs(history: list[dict], lat: LatencyModel, run_dir: Path, title: str) -> None:
-    """search.jsonl (whole, once more: resumed runs append), latency.json (it may have been extended), search.png."""
-    from flexslim.plots import plot_search
-
-    atomic_write_text(run_dir / "search.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    lat.save(run_dir / "latency.json")
-    plot_search(history, run_dir / "search.png", title)
-
-
-def _bake(supernet, arch: Arch, recipe: Recipe, budget: Budget, lat: LatencyModel, reporter) -> tuple[dict, Fitted]:
-    """Searched widths (budget-aware rounding of mu for FlexCHarts, the masks' own choice otherwise), then the
-    measured fit to the budget (trimming unless the recipe turns it off)."""
-    searched = supernet.final_widths()
-    if recipe.search.method == "flexcharts":  # mu -> widths on the round_to grid, within the target
-        mus = {name: float(w) for name, w in supernet.mean_widths().items()}
-        searched = round_to_budget(mus, lat, budget.target_ms, recipe.model.min_width, recipe.model.round_to)
-    fitted = fit_to_budget(
+    _write_search_outputs(st.history, run_dir, f"{recipe.search.method} search for {budget.ms:g} ms ({recipe.name})")
+    centers = st.averaged_widths() or st.supernet.mean_widths()
+    fitted = bake(
         arch,
-        searched,
+        centers,
         budget=budget,
         latency=lat,
         settings=recipe.latency,
         min_width=recipe.model.min_width,
-        round_to=recipe.model.round_to,
-        max_trims=200 if recipe.search.trim else 0,
+        grid=recipe.model.round_to,
+        fit=recipe.search.trim,
         reporter=reporter,
     )
-    return searched, fitted
+    baked = arch.with_widths(fitted.widths)
+    atomic_write_text(run_dir / "arch.json", arch_json(baked))
+    _save_searched_weights(st.supernet, baked, recipe, run_dir)
+    _record_search(record, centers, fitted, budget, st.history, memory=memory_info, supernet_test_acc=supernet_acc)
+    (run_dir / "search_state.pt").unlink(missing_ok=True)
+    reporter.log(
+        f"searched widths { ({k: round(v, 1) for k, v in centers.items()}) } -> baked {fitted.widths}: measured "
+        f"p{recipe.latency.percentile:g} {fitted.measured_ms:.4f} ms = {fitted.measured_ms / budget.ms:.3f} x budget "
+        f"{budget.ms:g} ms ({fitted.measurements} networks measured)" + (f"; {fitted.note}" if fitted.note else "")
+    )
+    return Searched(baked, fitted, st.history, memory_info, supernet_acc)
+
+
+def _record_search(record: RunRecord, centers: dict, fitted: Fitted, budget: Budget, history: list[dict], **extra):
+    """What the search and the bake hand on, in run.json (search time without any latency measurement)."""
+    record.update(
+        status="searched",
+        searched_widths=centers,
+        widths=fitted.widths,
+        measured_ms=fitted.measured_ms,
+        measured_p50_ms=fitted.p50_ms,
+        budget_met=fitted.measured_ms <= budget.ms,
+        in_window=budget.low_ms <= fitted.measured_ms <= budget.ms,
+        window_note=fitted.note,
+        trims=fitted.trims,
+        bake=fitted.steps,
+        bake_seconds=fitted.seconds,
+        search_seconds=sum(h["seconds"] for h in history),
+        latency_seconds=record.get("latency_seconds", 0.0) + fitted.seconds,
+        **extra,
+    )
+
+
+def _write_search_outputs(history: list[dict], run_dir: Path, title: str) -> None:
+    """search.jsonl (whole, once more: resumed runs append) and search.png."""
+    from flexslim.plots import plot_search
+
+    atomic_write_text(run_dir / "search.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    plot_search(history, run_dir / "search.png", title)
 
 
 def _save_searched_weights(supernet, baked: Arch, recipe: Recipe, run_dir: Path) -> None:
@@ -353,18 +362,17 @@ def profile_job(
     overrides: list[str],
     out: Path,
     *,
+    budgets: list[float] | None = None,
     data_dir: Path | None = None,
     reporter: Reporter | None = None,
 ) -> LatencyModel:
-    """Measure and fit a recipe's latency model on this machine and save it to `out` (for --latency-table)."""
+    """Measure and fit a recipe's latency model on this machine and save it to `out` (for --latency-table).
+
+    With `budgets`, the table is also measured near each of them (what `sweep` shares among its searches)."""
     recipe = load_recipe(recipe_name, overrides)
     ds = load_dataset(recipe.data, data_dir)
-    model = profile(
-        Arch.for_data(recipe.model, ds),
-        recipe.latency,
-        recipe.model.min_width,
-        recipe.model.round_to,
-        reporter=reporter,
-    )
+    arch = Arch.for_data(recipe.model, ds)
+    s, m = recipe.latency, recipe.model
+    model = profile(arch, s, m.min_width, m.round_to, budgets=budgets or (), reporter=reporter)
     model.save(out)
     return model

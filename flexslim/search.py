@@ -11,6 +11,7 @@ only past a hysteresis band; weights, BN statistics and SGD momentum are transpl
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from flexslim.console import Reporter
 from flexslim.data import Augment, Batches, Dataset, search_split
 from flexslim.devices import autocast, prepare, to_device_batch
 from flexslim.errors import BadInput
-from flexslim.latency import LatencyModel, extend
+from flexslim.latency import LatencyModel, with_grid
 from flexslim.runs import append_jsonl, atomic_torch_save
 from flexslim.schedules import cosine_lr, drop_path_at
 from flexslim.supernet import Supernet, make_masks
@@ -44,6 +45,8 @@ class SearchState:
         multiplier: the budget controller's Lagrange multiplier (negative when under the budget).
         epoch: epochs finished; step: weight steps finished (the cosine schedule's position).
         history: one record (dict, plain JSON) per finished epoch, as written to search.jsonl.
+        mu_sum, mu_steps: the running sum of the masks' mean widths over the averaged last steps (the bake reads
+            their mean: mu at the last step is a noisy iterate).
     """
 
     supernet: Supernet
@@ -53,6 +56,12 @@ class SearchState:
     epoch: int = 0  # epochs finished
     step: int = 0  # weight steps finished
     history: list[dict] = field(default_factory=list)
+    mu_sum: dict[str, float] = field(default_factory=dict)  # sum of each stage's mean width over averaged steps
+    mu_steps: int = 0  # steps in mu_sum
+
+    def averaged_widths(self) -> dict[str, float] | None:
+        """Each stage's mean width averaged over the last `search.average_last` of the steps (None before)."""
+        return {k: v / self.mu_steps for k, v in self.mu_sum.items()} if self.mu_steps else None
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,11 @@ class SearchLoop:
     @property
     def total_steps(self) -> int:
         return self.cfg.epochs * self.steps_per_epoch
+
+    @property
+    def average_from(self) -> int:
+        """The first step whose mean widths enter the average the bake reads."""
+        return self.total_steps - max(1, math.ceil(self.cfg.average_last * self.total_steps))
 
 
 def weight_sgd(sn: Supernet, cfg: SearchConfig) -> torch.optim.SGD:
@@ -110,6 +124,8 @@ def save_state(path: Path, st: SearchState) -> None:
             "w_opt": st.w_opt.state_dict(),
             "a_opt": st.a_opt.state_dict(),
             "rng": torch.get_rng_state(),
+            "mu_sum": st.mu_sum,
+            "mu_steps": st.mu_steps,
         },
     )
 
@@ -130,6 +146,7 @@ def load_state(path: Path, arch: Arch, recipe: Recipe, device: torch.device) -> 
     except (OSError, KeyError, RuntimeError, ValueError) as err:
         raise BadInput(f"cannot resume from {path} ({type(err).__name__}); start a new run without --resume") from None
     st.epoch, st.step, st.multiplier, st.history = d["epoch"], d["step"], d["multiplier"], list(d["history"])
+    st.mu_sum, st.mu_steps = dict(d.get("mu_sum", {})), int(d.get("mu_steps", 0))
     return st
 
 
@@ -171,7 +188,7 @@ def arch_step(
     x, y = augment(to_device_batch(x, loop.device)), y.to(loop.device)
     with autocast(loop.device):
         ce = F.cross_entropy(sn(x).float(), y)
-    lat = loop.latency.predict(sn.expected_widths())
+    lat = loop.latency.predict_expected(sn.width_distributions())
     loss = ce + st.multiplier * lat / loop.budget.target_ms
     params = sn.arch_parameters()
     for p, g in zip(params, torch.autograd.grad(loss, params)):
@@ -195,6 +212,10 @@ def train_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, epo
         w_loss = weight_step(st, loop, augment, xt, yt)
         a_ce, lat_ms = arch_step(st, loop, augment, xs, ys)
         st.multiplier += cfg.dual_lr * (lat_ms / loop.budget.target_ms - 1.0)  # dual ascent
+        if st.step >= loop.average_from:
+            for k, v in sn.mean_widths().items():
+                st.mu_sum[k] = st.mu_sum.get(k, 0.0) + v
+            st.mu_steps += 1
         st.step += 1
         for key, v in zip(sums, (w_loss, a_ce, lat_ms)):
             sums[key] += v
@@ -219,14 +240,6 @@ def reallocate(st: SearchState, cfg: SearchConfig) -> tuple[dict[str, int], dict
     return before, after
 
 
-def extend_latency(latency: LatencyModel, widths: dict[str, int], recipe: Recipe, reporter: Reporter) -> bool:
-    """Measure more networks when `widths` leave the latency model's region (refits it in place); True if so.
-
-    Kept apart so the in-search extension can be moved out of the loop later.
-    """
-    return extend(latency, widths, recipe.model.round_to, recipe.search.extend_samples, reporter=reporter)
-
-
 def epoch_record(st: SearchState, loop: SearchLoop, alloc: tuple[dict, dict], means: dict[str, float]) -> dict:
     """The search.jsonl line of the epoch just finished (st.epoch), without the timings: the masks (Mask.record),
     allocation (before, after), expected and final widths, expected latency vs budget, controller, mean losses
@@ -234,10 +247,11 @@ def epoch_record(st: SearchState, loop: SearchLoop, alloc: tuple[dict, dict], me
     sn = st.supernet
     with torch.no_grad():
         expected = {k: float(v) for k, v in sn.expected_widths().items()}
-        e_lat = float(loop.latency.predict(expected))
+        e_lat = float(loop.latency.predict_expected(sn.width_distributions()))
     return {
         "epoch": st.epoch,
         **sn.records(),
+        "mu_avg": st.averaged_widths(),
         "allocated_before": alloc[0],
         "allocated": alloc[1],
         "expected_widths": expected,
@@ -255,22 +269,18 @@ def epoch_record(st: SearchState, loop: SearchLoop, alloc: tuple[dict, dict], me
 
 
 def search_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, epoch: int) -> dict:
-    """Search epoch `epoch` in full (train, re-allocate, extend the latency model, record); returns the record,
-    also appended to st.history."""
+    """Search epoch `epoch` in full (train, re-allocate, record); returns the record, also appended to
+    st.history. Nothing is measured here: the latency model is fixed for the whole search (deterministic)."""
     t0 = time.perf_counter()
     means = train_epoch(st, loop, bt, bs, epoch)
     t1 = time.perf_counter()
     alloc = reallocate(st, loop.cfg)
     t2 = time.perf_counter()
-    extended = extend_latency(loop.latency, alloc[1], loop.recipe, loop.reporter)
-    t3 = time.perf_counter()
     st.epoch = epoch + 1
     line = epoch_record(st, loop, alloc, means) | {
         "seconds": time.perf_counter() - t0,
         "step_seconds": t1 - t0,
         "realloc_seconds": t2 - t1,
-        "latency_extended": extended,
-        "extend_seconds": t3 - t2,
     }
     st.history.append(line)
     return line
@@ -281,7 +291,7 @@ def epoch_summary(line: dict, epochs: int) -> str:
     return (
         f"epoch {line['epoch']:3d}/{epochs}  loss {line['weight_loss']:.3f}  E[lat] {line['expected_latency_ms']:.4f}"
         f" ms (target {line['target_ms']:.4f})  mult {line['multiplier']:.2f}  widths {line['final_widths']}  "
-        f"alloc {line['allocated']}" + ("  [latency model extended]" if line["latency_extended"] else "")
+        f"alloc {line['allocated']}"
     )
 
 
@@ -304,7 +314,7 @@ def run_search(
         recipe: [search] drives the loop, [model] the masks and drop path, [data] the split and augmentation.
         ds: the dataset; only its training set is used (split into D_t for weights and D_s for the masks).
         budget: the latency budget; the controller steers E[latency] to budget.target_ms.
-        latency: the latency model E[latency] is predicted with (extended in place if the widths leave it).
+        latency: the latency model E[latency] is predicted with (read only: the search measures nothing).
         device: the training device.
         run_dir: if given, each epoch appends its record to run_dir/search.jsonl and saves search_state.pt.
         reporter: progress and log output (default: a silent Reporter).
@@ -314,6 +324,7 @@ def run_search(
         The final SearchState: `state.supernet.final_widths()` / `to_arch()` are the result,
         `state.history` the per-epoch records.
     """
+    recipe = with_grid(recipe, latency)  # model.round_to = 0: the runtime's channel block
     cfg, reporter = recipe.search, reporter or Reporter()
     ckpt = run_dir / "search_state.pt" if run_dir else None
     resuming = bool(resume and ckpt and ckpt.is_file())

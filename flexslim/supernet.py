@@ -89,6 +89,10 @@ class Supernet(nn.Module):
     def expected_widths(self) -> dict[str, torch.Tensor]:
         return {name: m.expected_width() for name, m in self.masks.items()}
 
+    def width_distributions(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each stage's (options, weights) for the latency term (Mask.width_distribution)."""
+        return {name: m.width_distribution() for name, m in self.masks.items()}
+
     def mean_widths(self) -> dict[str, float]:
         """Each stage's Mask.mean_width() (mu for FlexCHarts), channels."""
         return {name: m.mean_width() for name, m in self.masks.items()}

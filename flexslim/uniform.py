@@ -7,10 +7,10 @@ import time
 from dataclasses import dataclass
 
 from flexslim.arch import Arch
+from flexslim.bake import Measure
 from flexslim.budget import Budget
 from flexslim.config import LatencyConfig
 from flexslim.console import Reporter
-from flexslim.trim import Measure
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,17 @@ SMALL_SEARCH = SearchConfig(sigma=2.0, k_sigma=3.0, step=1)
 
 # Latency settings small enough that one network takes ~0.1-0.3 s to export and time on a loaded 2-core CPU.
 FAST_LATENCY = LatencyConfig(
-    provider="cpu", batch=8, threads=1, warmup=2, runs=10, samples=4, holdout=2, min_seconds=0.0
+    provider="cpu",
+    batch=8,
+    threads=1,
+    warmup=2,
+    runs=10,
+    samples=4,
+    holdout=2,
+    min_seconds=0.0,
+    repeats=1,
+    probe=False,
+    near=1,
 )
 
 # --set overrides for the CLI: a tiny quickstart network and cheap latency measurements / search.
@@ -52,14 +62,17 @@ FAST_SET = (
     "latency.runs=10",
     "latency.min_seconds=0",
     "latency.warmup=2",
+    "latency.repeats=1",
+    "latency.probe=false",
+    "latency.near=1",
     "search.batch_size=128",
-    "search.extend_samples=2",
 )
 
 
 # the fields every search.jsonl line documents
 HISTORY_FIELDS = {
     "epoch",
+    "mu_avg",
     "mu",
     "sigma",
     "allocated",

@@ -196,7 +196,9 @@ def test_darts_smoke_recipe_searches_bakes_exports_and_validates(tmp_path, monke
         "latency.runs=5",
         "latency.min_seconds=0",
         "latency.warmup=1",
-        "search.extend_samples=2",
+        "latency.repeats=1",
+        "latency.probe=false",
+        "latency.near=1",
         "search.batch_size=256",
         "train.batch_size=256",
     )

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flexslim.config import StageSpec
 from flexslim.errors import BadInput
-from flexslim.latency import LatencyModel, extend, measure, profile
+from flexslim.latency import LatencyModel, measure, profile
 from flexslim.spaces import build_network, cost_terms
 
 MIN_WIDTH, ROUND_TO = 8, 8
@@ -231,42 +231,115 @@ def test_load_rejects_what_is_not_a_table(tmp_path):
             LatencyModel.load(bad)
 
 
-# -- extension past the measured region -----------------------------------------------------------------
-def test_extend_grows_the_region_and_adds_measured_points(profiled):
+# -- the probe: the runtime's channel block --------------------------------------------------------------------
+def _stepped(block: int, widths, noise: float = 0.0):
+    """A fake runtime whose cost steps every `block` channels (width charged at the next block), quadratic."""
+    import random
+
+    rng = random.Random(0)
+    return {w: (0.01 + 1e-5 * (block * math.ceil(w / block)) ** 2) * (1 + noise * rng.uniform(-1, 1)) for w in widths}
+
+
+@pytest.mark.parametrize("block", [8, 16, 32])
+def test_detect_block_finds_a_step_every_block_channels(block):
+    from flexslim.latency import detect_block
+
+    widths = range(8, 129, 4)
+    assert detect_block(_stepped(block, widths)) == block
+    assert detect_block(_stepped(block, widths, noise=0.01)) == block  # 1% timing noise does not hide it
+
+
+def test_detect_block_of_a_smooth_runtime_is_the_probe_step():
+    from flexslim.latency import detect_block
+
+    smooth = {w: 0.01 + 1e-5 * w * w for w in range(8, 129, 4)}
+    assert detect_block(smooth) <= 4
+
+
+def test_probe_block_times_every_stage_at_one_width_and_detects_16():
+    from flexslim.latency import probe_block
+    from flexslim.runtime import Timing
+
+    seen = []
+
+    def fake(arch, widths, settings, seed):
+        assert len(set(widths.values())) == 1  # every stage at the same width
+        seen.append(next(iter(widths.values())))
+        ms = _stepped(16, [seen[-1]])[seen[-1]]
+        return Timing("cpu", 8, (8, 1, 16, 16), 1, 0, 1, 90.0, ms, ms, ms, ms, "fake"), (ms,)
+
+    from flexslim.console import Reporter
+
+    block, table = probe_block(small_arch(), FAST_LATENCY, MIN_WIDTH, fake, Reporter())
+    assert block == 16 and seen == sorted(seen) and seen[0] == MIN_WIDTH and seen[-1] >= 64
+    assert set(table) == {str(w) for w in seen}
+
+
+def test_effective_widths_charge_the_next_block_and_expectation_is_exact_at_whole_widths(profiled):
+    m = copy.deepcopy(profiled)
+    m.block = 16
+    assert m.effective({"a": 8, "b": 17, "c": 32}) == {"a": 16, "b": 32, "c": 32}
+    assert float(m.predict({"a": 24, "b": 24, "c": 40})) == float(m.predict({"a": 32, "b": 32, "c": 48}))
+    # a point mass on one option: the expectation is the prediction at that width
+    dist = {s: (torch.tensor([8.0, 24.0, 40.0]), torch.tensor([0.0, 1.0, 0.0])) for s in ("a", "b", "c")}
+    assert float(m.predict_expected(dist)) == pytest.approx(float(m.predict({"a": 24, "b": 24, "c": 24})))
+    # and it is differentiable in whatever made the weights
+    mu = torch.tensor(20.0, requires_grad=True)
+    f = torch.arange(8.0, 49.0)
+    w = torch.softmax(-0.5 * ((f - mu) / 4.0) ** 2, dim=0)
+    lat = m.predict_expected({"a": (f, w), "b": (f, w), "c": (f, w)})
+    (g,) = torch.autograd.grad(lat, [mu])
+    assert math.isfinite(float(g)) and float(g) > 0
+
+
+# -- measuring where the budget is -------------------------------------------------------------------------------
+def test_refine_measures_networks_predicted_near_the_budget_and_saves_them_in_the_table(profiled):
+    from flexslim.latency import NEAR, refine
+
     m = copy.deepcopy(profiled)
     n_fit, n_hold = len(m.fit_points), len(m.holdout_points)
-    wide = {"a": 30, "b": 20, "c": 70}  # a and c outside [8, 16] / [8, 48]
-    assert not m.covers(wide)
-    assert extend(m, wide, ROUND_TO, samples=2) is True
-    assert m.covers(wide)
-    assert m.region["a"][1] >= 30 and m.region["c"][1] >= 70 and m.region["b"] == [8, 32]
-    assert all(hi % ROUND_TO == 0 for _, hi in m.region.values())
-    assert len(m.fit_points) == n_fit + 2 and len(m.holdout_points) == n_hold
-    new = m.fit_points[n_fit:]
-    assert new[0].widths == {s: m.region[s][1] for s in m.region}  # the new top corner is measured
-    assert all(m.covers(p.widths) and p.ms > 0 for p in new)
-    assert all(math.isfinite(c) and c >= 0 for c in m.coef)
-    assert m.measure_seconds > profiled.measure_seconds
-    # covered now: nothing more to measure
-    assert extend(m, wide, ROUND_TO, samples=2) is False
-    assert len(m.fit_points) == n_fit + 2
-    # the original is untouched (deepcopy), and it is a different fit now
-    assert len(profiled.fit_points) == n_fit
+    budget = float(m.predict({"a": 16, "b": 24, "c": 32}))
+    settings = dataclasses.replace(m.settings, near=3)
+    m.settings = settings
+    assert refine(m, [budget], grid=ROUND_TO) is True
+    new_fit, new_hold = m.fit_points[n_fit:], m.holdout_points[n_hold:]
+    assert 1 <= len(new_fit) <= 3 and len(new_hold) == 1
+    for p in new_fit + new_hold:
+        assert p.ms > 0
+        assert all(w % ROUND_TO == 0 or w == MIN_WIDTH for w in p.widths.values())
+    assert budget in m.budgets
+    widths = [tuple(sorted(p.widths.items())) for p in m.fit_points + m.holdout_points]
+    assert len(widths) == len(set(widths)), "no network measured twice"
+    # enough points near it now (by measurement): a second call measures nothing unless they missed the band
+    near = [p for p in new_fit if abs(p.ms / budget - 1) <= NEAR]
+    if len(m.near(budget)) >= settings.near:
+        assert refine(m, [budget], grid=ROUND_TO) is False
+    assert near or new_fit  # the picks were predicted near it; the runtime decides where they land
 
 
-def test_extend_does_nothing_inside_the_region(profiled):
-    m = copy.deepcopy(profiled)
-    assert extend(m, {"a": 16, "b": 8, "c": 40}, ROUND_TO, samples=2) is False
-    assert m.to_dict() == profiled.to_dict()
+def test_points_keep_their_sessions_and_the_model_its_timing_spread():
+    from flexslim.latency import Point
+
+    m = hand_latency_model(small_arch())
+    m.fit_points = [Point({"a": 8}, 1.0, 0.9, (0.98, 1.0, 1.03)), Point({"a": 16}, 2.0, 1.8, (1.9, 2.0, 2.02))]
+    assert m.fit_points[0].spread() == pytest.approx(0.03) and m.fit_points[1].spread() == pytest.approx(0.05)
+    assert m.noise() == pytest.approx(0.04)
+    assert Point({"a": 8}, 1.0, 0.9).spread() is None
 
 
-def test_extend_also_covers_widths_below_the_region(profiled):
-    """A table measured with a larger min_width (e.g. brought with --latency-table) must not make every epoch
-    re-measure: after one extension the narrower widths are covered."""
-    m = copy.deepcopy(profiled)
-    m.region = {s: [16, hi] for s, (_, hi) in m.region.items()}
-    narrow = {"a": 8, "b": 16, "c": 24}
-    assert not m.covers(narrow)
-    assert extend(m, narrow, ROUND_TO, samples=2) is True
-    assert m.covers(narrow)
-    assert extend(m, narrow, ROUND_TO, samples=2) is False
+def test_measure_takes_the_median_session(monkeypatch):
+    from flexslim.latency import measure_sessions
+
+    settings = dataclasses.replace(FAST_LATENCY, repeats=3, min_seconds=0.0)
+    t, sessions = measure_sessions(small_arch(), {"a": 8, "b": 8, "c": 8}, settings)
+    assert len(sessions) == 3 and list(sessions) == sorted(sessions)
+    assert t.at_percentile_ms == sessions[1]
+
+
+def test_a_version_1_table_is_refused_with_the_fix(tmp_path, profiled):
+    d = profiled.to_dict()
+    d["version"] = 1
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(BadInput, match="re-profile"):
+        LatencyModel.load(path)

@@ -1,0 +1,229 @@
+"""The measured bake: from the searched (averaged) widths to the network that is delivered.
+
+1. choose   every stage's searched width rounded down or up to the grid (all combinations for a few stages, a
+            beam over the stages for many), ranked by the latency model: the most latency under the limit first;
+2. measure  the best few; keep the one that measures highest within the limit (or the lowest, when all are over);
+3. trim     while over the limit: `grid` channels off the stage with the best predicted saving per relative width;
+4. fill     while a stage can grow: the most relative width per predicted millisecond first, kept when it
+            MEASURES within the limit;
+5. report   whether the result lands in the budget's window [low, ms], and otherwise the two neighbouring networks
+            that straddle it, with their measured latencies.
+
+Every verdict is a measurement (the latency model only ranks), and every measurement is logged in `Fitted.steps`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flexslim.arch import Arch
+from flexslim.budget import Budget
+from flexslim.config import LatencyConfig
+from flexslim.console import Reporter
+from flexslim.errors import BadInput
+from flexslim.latency import LatencyModel, measure
+from flexslim.runtime import Timing
+
+Measure = Callable[[Arch, dict[str, int], LatencyConfig], Timing]
+ENUMERATE_UP_TO = 10  # stages; more than that: a beam over the stages
+BEAM = 32
+MEASURE_FIRST = 3  # rounded neighbours measured before trimming or filling
+
+
+@dataclass
+class Fitted:
+    """The delivered widths, their last measurement, and every step of the bake.
+
+    `steps`: {"step": choose | trim | grow | grow-rejected, "widths", "predicted_ms", "measured_ms"} in order;
+    `trims`: the trims alone ({"stage", "from", "to", "measured_ms", "limit_ms"}); `note`: why the network lands
+    below the window, when it does.
+    """
+
+    widths: dict[str, int]
+    measured_ms: float  # the gate's statistic, last measurement of `widths`
+    p50_ms: float
+    provider: str
+    trims: list[dict] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)
+    note: str = ""
+    seconds: float = 0.0  # wall time of the bake's measurements
+
+    @property
+    def measurements(self) -> int:
+        return len(self.steps)
+
+
+class _Desk:
+    """The bake's measuring desk: measures, logs each step, remembers what it measured (no network twice)."""
+
+    def __init__(self, arch: Arch, settings: LatencyConfig, latency: LatencyModel, measure_fn: Measure, reporter):
+        self.arch, self.settings, self.latency = arch, settings, latency
+        self.measure_fn, self.reporter = measure_fn, reporter
+        self.cache: dict[tuple, Timing] = {}
+        self.steps: list[dict] = []
+
+    def __call__(self, widths: dict[str, int], step: str) -> Timing:
+        key = tuple(sorted(widths.items()))
+        if key not in self.cache:
+            self.cache[key] = self.measure_fn(self.arch, dict(widths), self.settings)
+        t = self.cache[key]
+        pred = float(self.latency.predict(widths))
+        ms = t.at_percentile_ms
+        self.steps.append({"step": step, "widths": dict(widths), "predicted_ms": pred, "measured_ms": ms})
+        self.reporter.log(f"bake {step}: {widths} predicted {pred:.4f} ms, measured {t.at_percentile_ms:.4f} ms")
+        return t
+
+
+def rounded_neighbours(
+    centers: dict[str, float], grid: int, min_width: int, latency: LatencyModel, limit_ms: float
+) -> list[dict[str, int]]:
+    """Each stage's width rounded down and up to the grid (never below min_width), combined over the stages: all
+    combinations for up to ENUMERATE_UP_TO stages, else a beam of BEAM partial choices ranked by the prediction of
+    their completion (the remaining stages rounded to nearest). Sorted best first: predicted within `limit_ms` and
+    highest, then the rest lowest first."""
+    opts = {
+        s: sorted({max(min_width, grid * math.floor(c / grid)), max(min_width, grid * math.ceil(c / grid))})
+        for s, c in centers.items()
+    }
+    stages = list(opts)
+    if len(stages) <= ENUMERATE_UP_TO:
+        combos = [dict(zip(stages, ws)) for ws in itertools.product(*(opts[s] for s in stages))]
+    else:
+        nearest = {s: min(opts[s], key=lambda w: abs(w - centers[s])) for s in stages}
+        beam: list[dict] = [{}]
+        for s in stages:
+            grown = [{**b, s: w} for b in beam for w in opts[s]]
+            beam = sorted(grown, key=lambda b: _rank(float(latency.predict({**nearest, **b})), limit_ms))[:BEAM]
+        combos = beam
+    return sorted(combos, key=lambda w: _rank(float(latency.predict(w)), limit_ms))
+
+
+def _rank(pred: float, limit: float) -> tuple:
+    return (0, -pred) if pred <= limit else (1, pred)
+
+
+def bake(
+    arch: Arch,
+    centers: dict[str, float],
+    *,
+    budget: Budget,
+    latency: LatencyModel,
+    settings: LatencyConfig,
+    min_width: int,
+    grid: int,
+    fit: bool = True,
+    max_measures: int = 16,
+    measure: Measure = measure,
+    reporter: Reporter | None = None,
+) -> Fitted:
+    """The delivered widths for searched widths `centers` (channels, e.g. mu averaged over the end of the search).
+
+    Args:
+        budget: the measured limit (`limit_ms`) and the window [`low_ms`, `ms`] the result should land in.
+        latency: ranks choices (prediction only); settings: what `measure` times (provider, batch, threads, ...).
+        grid: the width grid (round_to); min_width: the floor of every stage.
+        fit: trim and fill by measurement; False measures the best rounded neighbour only (the bench's "no bake").
+        max_measures: the most networks measured (the first MEASURE_FIRST included).
+        measure: (arch, widths, settings) -> runtime.Timing; tests pass a fake clock.
+
+    Returns:
+        Fitted. Raises BadInput when every stage is at min_width and the network still measures over the limit.
+    """
+    t0 = time.perf_counter()
+    desk = _Desk(arch, settings, latency, measure, reporter or Reporter())
+    choices = rounded_neighbours(centers, grid, min_width, latency, budget.limit_ms)[: MEASURE_FIRST if fit else 1]
+    timed = [(w, desk(w, "choose")) for w in choices]
+    within = [(w, t) for w, t in timed if t.at_percentile_ms <= budget.limit_ms]
+    widths, t = (
+        max(within, key=lambda wt: wt[1].at_percentile_ms)
+        if within
+        else min(timed, key=lambda wt: wt[1].at_percentile_ms)
+    )
+    trims: list[dict] = []
+    if fit:
+        widths, t, trims = _trim(widths, t, desk, budget, min_width, grid, max_measures)
+        widths, t = _fill(widths, t, desk, budget, grid, max_measures)
+    fitted = Fitted(dict(widths), t.at_percentile_ms, t.p50_ms, t.provider, trims, desk.steps)
+    fitted.note = _window_note(fitted, desk, budget) if fit else ""
+    fitted.seconds = time.perf_counter() - t0
+    return fitted
+
+
+def _trim(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
+    trims: list[dict] = []
+    while t.at_percentile_ms > budget.limit_ms and len(desk.steps) < max_measures:
+        stage = _best_trim(widths, desk.latency, min_width, grid)
+        if stage is None:
+            raise BadInput(
+                f"every stage is at min_width {min_width} and the network still measures "
+                f"{t.at_percentile_ms:.4f} ms > {budget.limit_ms:.4f} ms; raise --latency-ms or lower model.min_width"
+            )
+        new = max(min_width, widths[stage] - grid)
+        trims.append(
+            {
+                "stage": stage,
+                "from": widths[stage],
+                "to": new,
+                "measured_ms": t.at_percentile_ms,
+                "limit_ms": budget.limit_ms,
+            }
+        )
+        widths = {**widths, stage: new}
+        t = desk(widths, "trim")
+    return widths, t, trims
+
+
+def _best_trim(widths: dict[str, int], latency: LatencyModel, min_width: int, grid: int) -> str | None:
+    """The stage whose trim saves the most predicted time per relative width lost (None: all at min_width)."""
+    choices = [s for s, w in widths.items() if w > min_width]
+    if not choices:
+        return None
+    base = float(latency.predict(widths))
+
+    def score(stage: str) -> float:
+        new = max(min_width, widths[stage] - grid)
+        saved = base - float(latency.predict({**widths, stage: new}))
+        return saved / ((widths[stage] - new) / widths[stage])
+
+    return max(choices, key=score)
+
+
+def _fill(widths, t: Timing, desk: _Desk, budget: Budget, grid: int, max_measures: int):
+    """Grow stages while they measure within the limit: the most relative width per predicted ms first; a stage
+    whose growth measured over the limit is not tried again."""
+    blocked: set[str] = set()
+    while len(desk.steps) < max_measures:
+        base = float(desk.latency.predict(widths))
+        options = []
+        for s, w in widths.items():
+            grown = {**widths, s: grid * (w // grid) + grid}
+            pred = float(desk.latency.predict(grown))
+            if s not in blocked and pred <= budget.limit_ms:
+                options.append(((grown[s] - w) / w / max(pred - base, 1e-9), s, grown))
+        if not options:
+            return widths, t
+        _, stage, grown = max(options, key=lambda o: o[0])
+        tg = desk(grown, "grow")
+        if tg.at_percentile_ms <= budget.limit_ms:
+            widths, t = grown, tg
+        else:
+            desk.steps[-1]["step"] = "grow-rejected"
+            blocked.add(stage)
+    return widths, t
+
+
+def _window_note(fitted: Fitted, desk: _Desk, budget: Budget) -> str:
+    """Empty when the result lands in [low_ms, ms]; else which neighbours straddle the window."""
+    if budget.low_ms <= fitted.measured_ms <= budget.ms:
+        return ""
+    over = [s for s in desk.steps if s["measured_ms"] > budget.limit_ms]
+    nxt = min(over, key=lambda s: s["measured_ms"]) if over else None
+    return (
+        f"no network on the grid lands in [{budget.low_ms:.4f}, {budget.ms:.4f}] ms by measurement: "
+        f"{fitted.widths} measures {fitted.measured_ms:.4f} ms"
+        + (f", the next step up {nxt['widths']} measures {nxt['measured_ms']:.4f} ms" if nxt else "")
+    )

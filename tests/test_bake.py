@@ -1,0 +1,171 @@
+"""The measured bake: rounded neighbours of the searched widths, measured; trim while over the limit; fill (grow
+stages back) while they measure within it; say when the grid cannot land in the window. A fake clock (a known
+latency model) stands in for the runtime, so every step is deterministic; one test measures for real."""
+
+from __future__ import annotations
+
+import pytest
+from search_fixtures import FAST_LATENCY, hand_latency_model, single_thread, small_arch  # noqa: F401
+
+from flexslim.bake import bake, rounded_neighbours
+from flexslim.budget import Budget
+from flexslim.errors import BadInput
+from flexslim.runtime import Timing
+
+MIN_WIDTH, GRID = 8, 8
+
+
+def clock(truth, scale: float = 1.0):
+    """A measuring function whose 'measurement' is `scale` x the known model; records what it measured."""
+    calls: list[dict] = []
+
+    def measure(arch, widths, settings):
+        ms = scale * float(truth.predict(widths))
+        calls.append(dict(widths))
+        s = settings
+        return Timing("cpu", s.batch, (s.batch, *arch.input_shape), s.threads, s.warmup, s.runs, s.percentile,
+                      0.9 * ms, ms, ms, ms, "fake")  # fmt: skip
+
+    measure.calls = calls
+    return measure
+
+
+def run(centers, budget_ms, truth, measure, **kw):
+    return bake(
+        small_arch(), centers, budget=Budget(budget_ms, headroom=0.02), latency=truth, settings=FAST_LATENCY,
+        min_width=MIN_WIDTH, grid=GRID, measure=measure, **kw,
+    )  # fmt: skip
+
+
+def test_rounded_neighbours_are_floor_and_ceil_of_every_stage_best_first():
+    truth = hand_latency_model(small_arch())
+    combos = rounded_neighbours({"a": 11.0, "b": 16.0, "c": 30.5}, GRID, MIN_WIDTH, truth, 1e9)
+    assert {tuple(sorted(c.items())) for c in combos} == {
+        (("a", a), ("b", 16), ("c", c)) for a in (8, 16) for c in (24, 32)
+    }
+    assert combos[0] == {"a": 16, "b": 16, "c": 32}  # everything fits: the most latency first
+    tight = float(truth.predict({"a": 8, "b": 16, "c": 32}))
+    first = rounded_neighbours({"a": 11.0, "b": 16.0, "c": 30.5}, GRID, MIN_WIDTH, truth, tight)[0]
+    assert float(truth.predict(first)) <= tight and first == {"a": 8, "b": 16, "c": 32}
+    # never below min_width, even for a mean far under it
+    assert all(c["a"] == 8 for c in rounded_neighbours({"a": 2.0, "b": 16.0, "c": 24.0}, GRID, 8, truth, 1e9))
+
+
+def test_rounded_neighbours_beam_over_many_stages_stays_on_the_neighbours():
+    from flexslim.bake import BEAM
+
+    truth = hand_latency_model(small_arch())
+    centers = {"a": 12.0, "b": 20.0, "c": 28.0}
+    # with ENUMERATE_UP_TO forced below the stage count the beam runs; its choices are still neighbours
+    import flexslim.bake as bake_mod
+
+    old = bake_mod.ENUMERATE_UP_TO
+    bake_mod.ENUMERATE_UP_TO = 1
+    try:
+        combos = rounded_neighbours(centers, GRID, MIN_WIDTH, truth, 1e9)
+    finally:
+        bake_mod.ENUMERATE_UP_TO = old
+    assert 0 < len(combos) <= BEAM
+    assert all(
+        c[s] in (GRID * int(v // GRID), GRID * int(v // GRID) + GRID) for c in combos for s, v in centers.items()
+    )
+
+
+def test_fill_grows_a_stage_when_the_prediction_leaves_room_and_stops_when_it_does_not():
+    truth = hand_latency_model(small_arch(), ms_per_mmac=0.05, intercept=0.01)
+    start = {"a": 8, "b": 16, "c": 24}
+    budget = 1.6 * float(truth.predict(start))
+    measure = clock(truth)
+    res = run({"a": 8.0, "b": 16.0, "c": 24.0}, budget, truth, measure)
+    grown = [s for s in res.steps if s["step"] == "grow"]
+    assert grown, "room under the limit: the fill must grow a stage"
+    assert res.measured_ms <= budget * 0.98
+    assert all(res.widths[s] >= w for s, w in start.items()) and res.widths != start
+    # it stops because no stage can grow within the limit by prediction (nothing measured over it here)
+    for s, w in res.widths.items():
+        assert float(truth.predict({**res.widths, s: w + GRID})) > budget * 0.98
+    assert not [s for s in res.steps if s["step"] == "grow-rejected"]
+    assert len(measure.calls) == len({tuple(sorted(c.items())) for c in measure.calls})  # nothing measured twice
+
+
+def test_fill_order_is_most_relative_width_per_predicted_ms():
+    truth = hand_latency_model(small_arch(), ms_per_mmac=0.05, intercept=0.01)
+    start = {"a": 8, "b": 16, "c": 24}
+    budget = float(truth.predict(start)) * 1.05  # room for exactly the cheapest relative growth, at most
+    res = run({"a": 8.0, "b": 16.0, "c": 24.0}, budget, truth, clock(truth))
+    base = float(truth.predict(start))
+    best = max(start, key=lambda s: (GRID / start[s]) / (float(truth.predict({**start, s: start[s] + GRID})) - base))
+    grows = [s for s in res.steps if s["step"] in ("grow", "grow-rejected")]
+    if grows:
+        first = grows[0]["widths"]
+        assert [s for s in start if first[s] != start[s]] == [best]
+
+
+def test_a_growth_that_measures_over_the_limit_is_rejected_and_not_retried():
+    truth = hand_latency_model(small_arch(), ms_per_mmac=0.05, intercept=0.01)
+    start = {"a": 8, "b": 16, "c": 24}
+    base = float(truth.predict(start))
+    budget = base * 1.3
+
+    def measure(arch, widths, settings):  # the runtime charges more than predicted for any growth
+        t = clock(truth)(arch, widths, settings)
+        over = 1.0 if widths == start else 1.5
+        ms = t.at_percentile_ms * over
+        return Timing("cpu", 8, t.input_shape, 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+
+    res = bake(small_arch(), {"a": 8.0, "b": 16.0, "c": 24.0}, budget=Budget(budget, headroom=0.02), latency=truth,
+               settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure)  # fmt: skip
+    assert res.widths == start
+    rejected = [s for s in res.steps if s["step"] == "grow-rejected"]
+    assert rejected and all(s["measured_ms"] > budget * 0.98 for s in rejected)
+    stages = [next(k for k in start if s["widths"][k] != start[k]) for s in rejected]
+    assert len(stages) == len(set(stages))  # each stage tried once
+    assert res.note and "next step up" in res.note  # under the window: the note names both neighbours
+
+
+def test_trims_when_every_neighbour_measures_over_and_logs_each_trim():
+    truth = hand_latency_model(small_arch(), ms_per_mmac=0.05, intercept=0.01)
+    centers = {"a": 40.0, "b": 64.0, "c": 96.0}
+    budget = 0.5 * float(truth.predict({"a": 40, "b": 64, "c": 96}))
+    res = run(centers, budget, truth, clock(truth, scale=1.3))  # the runtime is 30% slower than predicted
+    assert res.trims and res.measured_ms <= budget * 0.98
+    widths = dict(next(s["widths"] for s in res.steps if s["step"] == "trim" or s["step"] == "choose"))
+    assert all(t["measured_ms"] > t["limit_ms"] for t in res.trims)
+    assert all(t["to"] == t["from"] - GRID for t in res.trims)
+    assert all(w >= MIN_WIDTH and w % GRID == 0 for w in res.widths.values()), widths
+
+
+def test_no_fit_measures_the_best_neighbour_only():
+    truth = hand_latency_model(small_arch())
+    measure = clock(truth, scale=2.0)
+    res = run({"a": 12.0, "b": 20.0, "c": 28.0}, 1e9, truth, measure, fit=False)
+    assert len(measure.calls) == 1 and res.trims == [] and res.note == ""
+    assert res.widths == {"a": 16, "b": 24, "c": 32}
+
+
+def test_impossible_budget_is_bad_input_naming_min_width():
+    truth = hand_latency_model(small_arch())
+    with pytest.raises(BadInput, match=r"min_width 8") as err:
+        run({"a": 16.0, "b": 8.0, "c": 16.0}, 1e-6, truth, clock(truth))
+    assert "--latency-ms" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_lands_in_the_window_on_a_fine_grid():
+    """With the runtime as predicted, the bake fills up to the limit: inside [0.90, 1.00] x budget."""
+    truth = hand_latency_model(small_arch(), ms_per_mmac=0.05, intercept=0.01)
+    floor = float(truth.predict({"a": 8, "b": 8, "c": 8}))
+    for budget in (1.5 * floor, 3 * floor, 6 * floor):
+        res = run({"a": 8.0, "b": 8.0, "c": 8.0}, budget, truth, clock(truth), max_measures=40)
+        assert 0.9 * budget <= res.measured_ms <= budget, (budget, res.widths, res.measured_ms, res.note)
+        assert res.note == ""
+
+
+def test_real_measurement_meets_a_loose_budget():
+    """One real bake on onnxruntime's CPU provider: a budget far above the network changes nothing but fills."""
+    from flexslim.latency import measure
+
+    arch = small_arch()
+    truth = hand_latency_model(arch)
+    res = bake(arch, {"a": 8.0, "b": 16.0, "c": 24.0}, budget=Budget(1000.0), latency=truth,
+               settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure, max_measures=4)  # fmt: skip
+    assert res.provider == "cpu" and 0 < res.measured_ms <= 1000.0 and res.measurements <= 4
