@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flexslim import checks
-from flexslim.checks import check_output_path  # noqa: F401 - the CLI checks --report / --junit through here too
 from flexslim.config import DATASETS
 from flexslim.errors import BadInput
 from flexslim.runs import atomic_write_bytes, atomic_write_json

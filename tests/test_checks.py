@@ -53,7 +53,9 @@ def test_threads(value):
 
 
 def test_threads_zero_is_the_runtime_default():
-    assert checks.threads(0, "--threads") == 0 and checks.threads("4", "--threads") == 4 and checks.threads(2.0, "t") == 2
+    assert (
+        checks.threads(0, "--threads") == 0 and checks.threads("4", "--threads") == 4 and checks.threads(2.0, "t") == 2
+    )
 
 
 def test_caps_are_named():
