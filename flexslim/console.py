@@ -1,9 +1,16 @@
 """Progress display for long loops (rich), kept out of the loops themselves.
 
 Loops take a `Reporter`; the CLI passes a `RichReporter`, tests and library users the silent default.
+On a terminal the RichReporter draws a progress bar; without one (a pipe, a CI log) it prints plain lines:
+one per `log()` (the loops log once per epoch), never wrapped; progress itself (`start`/`advance`) is silent.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+CI_ENV = ("CI", "GITHUB_ACTIONS", "GITLAB_CI", "BUILDKITE", "JENKINS_URL", "TF_BUILD")
 
 
 class Reporter:
@@ -18,15 +25,29 @@ class Reporter:
     def stop(self) -> None: ...
 
 
+def in_ci(environ: Mapping[str, str] | None = None) -> bool:
+    """True when a CI system's environment variable is set (to anything but '', '0' or 'false')."""
+    env = os.environ if environ is None else environ
+    return any(env.get(k, "").strip().lower() not in ("", "0", "false") for k in CI_ENV)
+
+
 class RichReporter(Reporter):
-    def __init__(self, console=None):
+    """Rich progress bar on a terminal; plain, unwrapped lines in a pipe or CI (`plain` forces either)."""
+
+    def __init__(self, console=None, plain: bool | None = None):
         from rich.console import Console
 
         self.console = console or Console(stderr=True)
+        if plain is None:
+            plain = not self.console.is_terminal or self.console.is_dumb_terminal or in_ci()
+        self.plain = plain
         self.progress = None
         self.task = None
 
     def start(self, description: str, total: int) -> None:
+        self.stop()
+        if self.plain:
+            return
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -36,7 +57,6 @@ class RichReporter(Reporter):
             TimeRemainingColumn,
         )
 
-        self.stop()
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -55,7 +75,10 @@ class RichReporter(Reporter):
             self.progress.update(self.task, advance=1, info=info)
 
     def log(self, line: str) -> None:
-        (self.progress.console if self.progress is not None else self.console).print(line, highlight=False)
+        if self.plain:  # one physical line, whatever the console's width; no markup read into dicts or lists
+            self.console.print(line, highlight=False, markup=False, emoji=False, soft_wrap=True)
+        else:
+            (self.progress.console if self.progress is not None else self.console).print(line, highlight=False)
 
     def stop(self) -> None:
         if self.progress is not None:

@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flexslim.config import DataConfig
+from flexslim.config import DATASETS, DataConfig  # the dataset table lives in config (torch-free)
 from flexslim.errors import BadInput
 
-DATASETS = ("quickstart", "cifar10", "folder")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 

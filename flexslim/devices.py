@@ -6,6 +6,7 @@ torch is imported inside the functions, so the CLI reads DEVICES without loading
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from flexslim.errors import BadInput
@@ -52,3 +53,37 @@ def to_device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+# oneDNN (torch 2.14.1, this CPU) was seen to stall in the backward pass of convs with 4 channels; the native
+# kernels never did. Nets with a stage narrower than this train on the native kernels (2-3x slower steps);
+# wider nets keep oneDNN. See `cpu_training_kernels`.
+NARROW_CHANNELS = 8
+
+
+def needs_native_kernels(device: torch.device | str, widths: Iterable[int]) -> bool:
+    """True on the CPU when any width (stage, stem or head channels) is under NARROW_CHANNELS."""
+    import torch
+
+    return torch.device(device).type == "cpu" and any(0 < int(w) < NARROW_CHANNELS for w in widths)
+
+
+@contextlib.contextmanager
+def cpu_training_kernels(device: torch.device | str, widths: Iterable[int]) -> Iterator[bool]:
+    """Run training steps (forward AND backward) inside this: on the CPU, a net with any width under 8 channels
+    runs with oneDNN off, so narrow convs use torch's native kernels. Yields whether oneDNN was turned off;
+    the previous setting is restored on exit.
+
+        with cpu_training_kernels(device, [arch.stem_width, *widths.values()]):
+            for x, y in batches: ...step...
+    """
+    import torch
+
+    native = needs_native_kernels(device, widths)
+    before = torch.backends.mkldnn.enabled
+    if native:
+        torch.backends.mkldnn.enabled = False
+    try:
+        yield native
+    finally:
+        torch.backends.mkldnn.enabled = before

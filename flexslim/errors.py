@@ -1,4 +1,21 @@
-"""The two ways a flexslim command can fail on purpose: bad input (exit 2) and a failed gate (exit 1)."""
+"""The error taxonomy and its exit codes: what CI reads as a verdict.
+
+    EXIT_OK          0    done / gate passed
+    EXIT_GATE        1    gate failed (over budget, under accuracy, parity)       GateFailed
+    EXIT_BAD_INPUT   2    bad input (file, key, value, path); one line + fix      BadInput
+    EXIT_INTERNAL    3    internal error: a bug, or the machinery itself failed   InternalError (and any
+                          (e.g. the isolated timing process died)                 unexpected exception)
+    EXIT_INTERRUPTED 130  Ctrl-C / SIGTERM
+
+A crash must never exit 1: CI would read it as a slow model. `flexslim.exits` maps an exception to its
+code and one line.
+"""
+
+EXIT_OK = 0
+EXIT_GATE = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 
 class BadInput(Exception):
@@ -11,3 +28,12 @@ class BadInput(Exception):
 
 class GateFailed(Exception):
     """A model was checked and did not pass (latency over budget, accuracy under target, parity). Exit 1."""
+
+
+class InternalError(Exception):
+    """flexslim itself failed, not the input and not the model: exit 3 with one line."""
+
+
+class TimingFailed(InternalError):
+    """The isolated timing process died (killed, out of memory, could not start). flexslim does not re-time in
+    the main process, which measures up to 40% slow, so the measurement is lost: exit 3."""

@@ -14,7 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flexslim.errors import BadInput
+from flexslim import checks
+from flexslim.errors import BadInput, TimingFailed
 
 PROVIDERS = ("auto", "cpu", "cuda")
 _NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -117,12 +118,15 @@ def time_session(
     import numpy as np
     import onnxruntime as ort
 
-    if batch < 1 or runs < 1 or warmup < 0:
-        raise BadInput(f"batch and runs must be >= 1 and warmup >= 0 (got batch={batch}, runs={runs}, warmup={warmup})")
-    if not 0 < percentile <= 100:
-        raise BadInput(f"percentile must be in (0, 100], got {percentile}")
+    runs = checks.runs(runs, "timing runs")
+    warmup = checks.warmup(warmup, "timing warm-up")
+    min_seconds = checks.min_seconds(min_seconds, "timing min_seconds")
+    percentile = checks.percentile(percentile, "timing percentile")
+    threads = checks.threads(threads, "timing threads")
     inp = session.get_inputs()[0]
-    shape = [batch] + [_static_dim(d, inp.name) for d in inp.shape[1:]]
+    sample = [_static_dim(d, inp.name) for d in inp.shape[1:]]
+    batch = checks.batch(batch, "timing batch", tuple(sample))  # caps the input allocation too
+    shape = [batch] + sample
     x = np.random.default_rng(seed).random(shape, dtype=np.float32)
     feeds = {inp.name: x}
     provider = ran_provider(session)
@@ -131,7 +135,7 @@ def time_session(
         run()
     samples = []
     start = time.perf_counter()
-    while len(samples) < runs or (time.perf_counter() - start < min_seconds and len(samples) < 100_000):
+    while len(samples) < runs or (time.perf_counter() - start < min_seconds and len(samples) < checks.MAX_RUNS):
         t0 = time.perf_counter()
         run()
         samples.append((time.perf_counter() - t0) * 1e3 / batch)
@@ -219,15 +223,25 @@ def isolated_pool():
 
 
 def run_isolated(fn, *args, **kwargs):
-    """fn(*args, **kwargs) in the isolated helper process; errors (BadInput included) are raised here."""
+    """fn(*args, **kwargs) in the isolated helper process; its errors (BadInput included) are raised here.
+
+    If the helper process dies (killed, out of memory, cannot be spawned), that is `TimingFailed` (exit 3):
+    timing is never re-run in this process, which measures up to 40% slow. The next call starts a new helper.
+    """
     global _POOL
     from concurrent.futures.process import BrokenProcessPool
 
     try:
         return isolated_pool().submit(fn, *args, **kwargs).result()
-    except BrokenProcessPool:  # no spawnable __main__ (e.g. a script piped on stdin): run in this process
-        _POOL = None
-        return fn(*args, **kwargs)
+    except BrokenProcessPool as err:
+        pool, _POOL = _POOL, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise TimingFailed(
+            f"the isolated timing process died while running {getattr(fn, '__name__', 'a measurement')} "
+            f"({str(err).strip() or 'no reason given'}); flexslim does not time in the main process (it measures up "
+            "to 40% slow). Check memory and rerun; a script run from stdin cannot spawn it, save it to a file"
+        ) from None
 
 
 def time_isolated(*args, **kwargs) -> Timing:

@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import platform
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from flexslim import checks
+from flexslim.config import DATASETS
 from flexslim.errors import BadInput
 from flexslim.runs import atomic_write_bytes, atomic_write_json
-from flexslim.runtime import Timing, make_session, time_session
+from flexslim.runtime import PROVIDERS, Timing, make_session, time_session
 
 DEFAULT_BATCH = 32
 
@@ -46,6 +49,7 @@ class Report:
     checks: tuple[Check, ...]
     metadata: dict[str, str] = field(default_factory=dict)
     host: str = field(default_factory=platform.node)
+    from_metadata: dict[str, float | int | str] = field(default_factory=dict)  # settings the model's metadata gave
 
     @property
     def passed(self) -> bool:
@@ -60,7 +64,13 @@ class Report:
         parts = [f"{c.name}: {c.message}" for c in self.checks] or [
             f"latency p{self.timing.percentile:g} {self.latency_ms:.4f} ms/sample (no budget)"
         ]
-        return ("PASS" if self.passed else "FAIL") + " - " + "; ".join(parts)
+        given = ", ".join(f"{k}={v}" for k, v in self.from_metadata.items())
+        return (
+            ("PASS" if self.passed else "FAIL")
+            + " - "
+            + "; ".join(parts)
+            + (f" [from the model's metadata: {given}]" if given else "")
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -87,6 +97,7 @@ class Report:
             "checks": [asdict(c) for c in self.checks],
             "host": self.host,
             "metadata": {k: v for k, v in self.metadata.items() if k != "flexslim.arch"},
+            "from_metadata": dict(self.from_metadata),
         }
 
     def write_json(self, path: str | Path) -> Path:
@@ -131,6 +142,30 @@ def load_onnx(path: str | Path):
     return proto
 
 
+# setting -> (metadata key that may fill it, the flag that overrides it, its check)
+METADATA_SETTINGS: dict[str, tuple[str, str, Callable]] = {
+    "budget_ms": ("flexslim.budget_ms", "--latency-ms", checks.budget_ms),
+    "percentile": ("flexslim.latency_percentile", "--percentile", checks.percentile),
+    "threads": ("flexslim.latency_threads", "--threads", checks.threads),
+    "batch": ("flexslim.latency_batch", "--batch", checks.batch),
+    "dataset": ("flexslim.dataset", "--dataset", lambda v, o: checks.choice(v, o, DATASETS)),
+}
+DEFAULTS = {"budget_ms": None, "percentile": 90.0, "threads": 0, "batch": DEFAULT_BATCH, "dataset": None}
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """What the gate measures with, after arguments, metadata and defaults (in that order) and their checks."""
+
+    budget_ms: float | None
+    percentile: float
+    threads: int
+    batch: int
+    dataset: str | None
+    fixed_batch: int | None  # the model's own batch dimension, when it is fixed
+    from_metadata: dict[str, float | int | str] = field(default_factory=dict)  # the values the model supplied
+
+
 def validate(
     model: str | Path,
     latency_ms: float | None = None,
@@ -145,72 +180,141 @@ def validate(
     runs: int = 50,
     min_seconds: float = 1.0,
 ) -> Report:
-    """Measure an ONNX classifier and judge it against a latency budget and/or an accuracy target."""
-    if latency_ms is not None and latency_ms <= 0:
-        raise BadInput(f"--latency-ms must be positive, got {latency_ms}")
-    if min_accuracy is not None and not 0 <= min_accuracy <= 1:
-        raise BadInput(f"--min-accuracy is a fraction in [0, 1], got {min_accuracy}")
+    """Measure an ONNX classifier and judge it against a latency budget and/or an accuracy target.
+
+    Settings not passed come from the model's `flexslim.*` metadata (checked like the arguments, and listed in
+    `Report.from_metadata`), else from the defaults. Every setting is checked before anything is measured.
+    """
+    args = {"budget_ms": latency_ms, "percentile": percentile, "threads": threads, "batch": batch, "dataset": dataset}
+    _check_arguments(args, min_accuracy, provider, warmup, runs, min_seconds)
     proto = load_onnx(model)
     meta = {p.key: p.value for p in proto.metadata_props}
-    if latency_ms is None and "flexslim.budget_ms" in meta:
-        latency_ms = float(meta["flexslim.budget_ms"])
-    dataset = dataset or meta.get("flexslim.dataset")
-    percentile = percentile if percentile is not None else float(meta.get("flexslim.latency_percentile", 90.0))
-    threads = threads if threads is not None else int(meta.get("flexslim.latency_threads", 0))
-    input_dims = _input_dims(proto, model)
-    fixed_batch = input_dims[0] if isinstance(input_dims[0], int) and input_dims[0] > 0 else None
-    if batch is None:
-        batch = fixed_batch or int(meta.get("flexslim.latency_batch", DEFAULT_BATCH))
-    elif fixed_batch and batch != fixed_batch:
-        raise BadInput(f"{model} has a fixed batch of {fixed_batch}; drop --batch or pass --batch {fixed_batch}")
-    if min_accuracy is not None and dataset is None:
-        raise BadInput("--min-accuracy needs a dataset: pass --dataset (quickstart, cifar10, folder)")
+    settings = resolve_settings(args, meta, _input_dims(proto, model), model)
+    if min_accuracy is not None and settings.dataset is None:
+        raise BadInput(f"--min-accuracy needs a dataset: pass --dataset ({', '.join(DATASETS)}); the model names none")
     del proto
+    session = _open_session(model, provider, settings.threads)
+    timing = time_session(
+        session,
+        settings.batch,
+        warmup=warmup,
+        runs=runs,
+        percentile=settings.percentile,
+        threads=settings.threads,
+        min_seconds=min_seconds,
+    )
+    accuracy, n_test = None, 0
+    # a folder dataset can only be read where --data names it (export's gate has none): then no accuracy check
+    unreadable = settings.dataset == "folder" and data is None and min_accuracy is None
+    if settings.dataset is not None and not unreadable:
+        names = json.loads(meta.get("flexslim.class_names", "[]"))
+        accuracy, n_test = _accuracy(session, settings.dataset, data, timing.input_shape, settings.fixed_batch, names)
+    judged = _judge(timing, settings, accuracy, n_test, min_accuracy)
+    return Report(
+        str(model),
+        provider,
+        timing,
+        settings.budget_ms,
+        settings.dataset,
+        accuracy,
+        n_test,
+        min_accuracy,
+        judged,
+        meta,
+        from_metadata=dict(settings.from_metadata),
+    )
+
+
+def _check_arguments(args: dict, min_accuracy, provider: str, warmup, runs, min_seconds) -> None:
+    """Check the explicit arguments (flags) before the model is even read."""
+    for name, value in args.items():
+        if value is not None:
+            _, flag_name, check = METADATA_SETTINGS[name]
+            check(value, checks.flag(flag_name))
+    if min_accuracy is not None:
+        checks.fraction(min_accuracy, checks.flag("--min-accuracy"))
+    checks.choice(provider, checks.flag("--provider"), PROVIDERS)
+    checks.warmup(warmup, checks.flag("--warmup"))
+    checks.runs(runs, checks.flag("--runs"))
+    checks.min_seconds(min_seconds, checks.flag("--min-seconds"))
+
+
+def resolve_settings(args: dict, meta: dict[str, str], input_dims: list, model: str | Path) -> GateSettings:
+    """Arguments win; missing ones come from checked metadata, then defaults. A model's fixed batch wins over
+    metadata and defaults; an argument batch that contradicts it is BadInput."""
+    values, from_meta = {}, {}
+    for name, (key, flag_name, check) in METADATA_SETTINGS.items():
+        if args[name] is not None:
+            values[name] = check(args[name], checks.flag(flag_name))
+        elif key in meta:
+            values[name] = from_meta[name] = check(meta[key], checks.metadata_key(key, flag_name))
+        else:
+            values[name] = DEFAULTS[name]
+    sample = tuple(input_dims[1:])
+    static = all(isinstance(d, int) and d > 0 for d in sample)
+    fixed = input_dims[0] if isinstance(input_dims[0], int) and input_dims[0] > 0 else None
+    if fixed is not None:
+        checks.batch(
+            fixed,
+            checks.Origin(f"{model}: input batch dimension", "export it with a smaller or dynamic batch"),
+            sample if static else None,
+        )
+        if args["batch"] is not None and args["batch"] != fixed:
+            raise BadInput(f"{model} has a fixed batch of {fixed}; drop --batch or pass --batch {fixed}")
+        values["batch"] = fixed
+        from_meta.pop("batch", None)
+    elif static:
+        checks.batch(values["batch"], _batch_origin(args, from_meta), sample)
+    return GateSettings(fixed_batch=fixed, from_metadata=from_meta, **values)
+
+
+def _batch_origin(args: dict, from_meta: dict) -> checks.Origin:
+    if args["batch"] is not None:
+        return checks.flag("--batch")
+    if "batch" in from_meta:
+        return checks.metadata_key(METADATA_SETTINGS["batch"][0], "--batch")
+    return checks.Origin(f"default batch {DEFAULT_BATCH}", "pass a smaller --batch")
+
+
+def _open_session(model: str | Path, provider: str, threads: int):
     try:
-        session = make_session(model, provider, threads)
+        return make_session(model, provider, threads)
     except BadInput:
         raise
     except Exception as err:  # noqa: BLE001 - onnxruntime refuses graphs it cannot run
         raise BadInput(f"onnxruntime cannot load {model}: {str(err).splitlines()[0][:160]}") from None
-    timing = time_session(
-        session, batch, warmup=warmup, runs=runs, percentile=percentile, threads=threads, min_seconds=min_seconds
-    )
 
-    accuracy, n_test = None, 0
-    # a folder dataset can only be read where --data names it (export's gate has none): then no accuracy check
-    unreadable = dataset == "folder" and data is None and min_accuracy is None
-    if dataset is not None and not unreadable:
-        names = json.loads(meta.get("flexslim.class_names", "[]"))
-        accuracy, n_test = _accuracy(session, dataset, data, timing.input_shape, fixed_batch, names)
-    checks = []
-    if latency_ms is not None:
-        ok = timing.at_percentile_ms <= latency_ms
-        checks.append(
+
+def _judge(timing: Timing, s: GateSettings, accuracy: float | None, n_test: int, min_accuracy) -> tuple[Check, ...]:
+    """The latency check (when there is a budget) and the accuracy check (when there is a target)."""
+    judged = []
+    if s.budget_ms is not None:
+        ok = timing.at_percentile_ms <= s.budget_ms
+        source = " from the model's metadata" if "budget_ms" in s.from_metadata else ""
+        judged.append(
             Check(
                 "latency",
                 ok,
                 timing.at_percentile_ms,
-                latency_ms,
+                s.budget_ms,
                 "ms",
-                f"p{percentile:g} {timing.at_percentile_ms:.4f} ms/sample {'<=' if ok else '>'} budget "
-                f"{latency_ms:g} ms ({timing.provider}, batch {batch})",
+                f"p{s.percentile:g} {timing.at_percentile_ms:.4f} ms/sample {'<=' if ok else '>'} budget "
+                f"{s.budget_ms:g} ms{source} ({timing.provider}, batch {timing.batch})",
             )
         )
     if min_accuracy is not None:
         ok = accuracy >= min_accuracy
-        checks.append(
+        judged.append(
             Check(
                 "accuracy",
                 ok,
                 accuracy,
                 min_accuracy,
                 "fraction",
-                f"{accuracy:.4f} {'>=' if ok else '<'} {min_accuracy:g} on {dataset} test ({n_test} images)",
+                f"{accuracy:.4f} {'>=' if ok else '<'} {min_accuracy:g} on {s.dataset} test ({n_test} images)",
             )
         )
-    return Report(
-        str(model), provider, timing, latency_ms, dataset, accuracy, n_test, min_accuracy, tuple(checks), meta
-    )
+    return tuple(judged)
 
 
 def _input_dims(proto, path) -> list:
@@ -235,10 +339,8 @@ def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch, class_n
     import torch.nn.functional as F
 
     from flexslim.config import DataConfig
-    from flexslim.data import DATASETS, as_float, load_dataset
+    from flexslim.data import as_float, load_dataset
 
-    if dataset not in DATASETS:
-        raise BadInput(f"unknown dataset '{dataset}'; valid: {', '.join(DATASETS)}")
     _, c, h, w = input_shape
     if dataset == "folder":
         from flexslim.folders import load_eval_folder

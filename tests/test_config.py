@@ -79,10 +79,13 @@ def test_round_trip(tmp_path, name):
 
 def test_round_trip_with_overrides_and_odd_strings(tmp_path):
     recipe = load_recipe("quickstart", ["train.epochs=3", 'model.stages=[{ name = "a\\"b", width = 24 }]'])
-    recipe = dataclasses.replace(recipe, name='we\\ird "name"')
+    recipe = dataclasses.replace(recipe, name="odd-name_1.2")  # names are restricted: they name run directories
     path = tmp_path / "r.toml"
     path.write_text(recipe_to_toml(recipe))
     assert load_recipe(str(path)) == recipe
+    path.write_text(recipe_to_toml(dataclasses.replace(recipe, name='we\\ird "name"')))
+    with pytest.raises(BadInput, match="recipe name"):
+        load_recipe(str(path))
 
 
 def test_override_int_float_bool_string():

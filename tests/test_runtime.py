@@ -108,3 +108,27 @@ def test_cuda_provider_runs_on_cuda(exported):
     assert ran_provider(sess) == "cuda"
     t = time_session(sess, batch=8, warmup=2, runs=5)
     assert t.provider == "cuda" and t.p50_ms <= t.p90_ms
+
+
+@pytest.mark.parametrize(
+    "kw, needle", [({"batch": 5000}, "4096"), ({"runs": 10**6}, "100000"), ({"threads": -1}, "threads")]
+)
+def test_time_session_applies_the_caps(exported, kw, needle):
+    session = make_session(exported.path, "cpu", 1)
+    args = {"batch": 2, "warmup": 0, "runs": 1, **kw}
+    with pytest.raises(BadInput, match=needle):
+        time_session(session, **args)
+
+
+def test_a_dead_timing_process_is_an_error_not_a_silent_rerun():
+    """The helper dying (here: it exits mid-call) raises TimingFailed (exit 3); the next call gets a new helper."""
+    import os
+
+    from flexslim.errors import EXIT_INTERNAL, TimingFailed
+    from flexslim.exits import exit_code_for
+    from flexslim.runtime import run_isolated
+
+    with pytest.raises(TimingFailed) as err:
+        run_isolated(os._exit, 1)
+    assert "timing process died" in str(err.value) and exit_code_for(err.value) == EXIT_INTERNAL
+    assert run_isolated(os.getpid) != os.getpid()  # a fresh helper, still not this process

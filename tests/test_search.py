@@ -25,9 +25,7 @@ FIELDS = HISTORY_FIELDS
 
 def search(arch, recipe, ds, budget_ms, latency, **kw):
     """run_search for `budget_ms` with the recipe's margins."""
-    return run_search(
-        arch, recipe, ds, budget=Budget(budget_ms, headroom=0.05), latency=latency, device=CPU, **kw
-    )
+    return run_search(arch, recipe, ds, budget=Budget(budget_ms, headroom=0.05), latency=latency, device=CPU, **kw)
 
 
 @pytest.fixture(scope="module")
