@@ -21,8 +21,8 @@ from typing import Any
 from flexslim import checks
 from flexslim.errors import BadInput
 
-DATASETS = ("quickstart", "cifar10", "folder")  # the one table of dataset names (flexslim.data implements them)
-DATASET_CHANNELS = {"quickstart": 1, "cifar10": 3, "folder": 3}  # folder: 3 at most (data.channels: 1 or 3)
+DATASETS = ("quickstart", "cifar10", "folder", "synthetic")  # the one table of dataset names (flexslim.data implements them)
+DATASET_CHANNELS = {"quickstart": 1, "cifar10": 3, "folder": 3, "synthetic": 3}  # folder: 3 at most (data.channels: 1 or 3)
 RECIPE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # used in run-directory names: no '/', no '..'
 
 

@@ -64,6 +64,10 @@ def load_dataset(cfg: DataConfig, data_dir: str | Path | None = None) -> Dataset
         from flexslim.folders import load_folder
 
         return load_folder(cfg, data_dir)
+    if cfg.dataset == "synthetic":  # random CIFAR-shaped images for timing and memory (see synthetic.py)
+        from flexslim.synthetic import load_synthetic
+
+        return load_synthetic(cfg)
     raise BadInput(f"unknown dataset '{cfg.dataset}'; valid: {', '.join(DATASETS)}")
 
 
