@@ -9,9 +9,11 @@ Images are kept as uint8 (CIFAR-10) or float32 in [0, 1] (quickstart); `Batches`
 batches in [0, 1]. A folder too large for memory (or with `data.stream = true`) is a `StreamedDataset` instead:
 images decoded per batch in DataLoader worker processes (pinned memory on CUDA), `StreamBatches` yielding the same
 batches in the same order. Both kinds answer the loops' questions alike: `train_batches`, `test_batches`,
-`search_halves`, `to(device)`, `num_train`, `input_shape`. Normalisation lives inside the network (`spaces.layers.Normalize`), so the ONNX
-export takes [0, 1] images too. Augmentation runs on whole batches on the device: random crop with zero
-padding (or ImageNet-style random-resized-crop), horizontal flip, cutout.
+`search_halves`, `to(device)`, `num_train`, `input_shape`.
+
+Normalisation lives inside the network (`spaces.layers.Normalize`), so the ONNX export takes [0, 1] images too.
+Augmentation runs on whole batches on the device: random crop with zero padding (or ImageNet-style
+random-resized-crop), horizontal flip, cutout.
 """
 
 from __future__ import annotations

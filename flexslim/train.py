@@ -138,7 +138,9 @@ def train_one_epoch(
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
-def fit_epoch(ts: TrainState, ds: Dataset | StreamedDataset, recipe: Recipe, device: torch.device, reporter: Reporter, epochs: int):
+def fit_epoch(
+    ts: TrainState, ds: Dataset | StreamedDataset, recipe: Recipe, device: torch.device, reporter: Reporter, epochs: int
+):
     """Train and evaluate the next epoch of `epochs`; appends and returns its EpochMetrics (BadInput if the
     loss diverged)."""
     epoch, t0 = len(ts.history), time.perf_counter()

@@ -235,3 +235,15 @@ def test_search_retrain_export_validate_with_streaming(digits, tmp_path, monkeyp
     assert report["num_test"] == 30 and 0 <= report["accuracy"] <= 1 and report["dataset"] == "folder"
     assert record.get("status", "done") == "done"
     print(f"streamed search -> retrain -> export -> validate in {time.perf_counter() - t0:.1f} s")
+
+
+@pytest.mark.gpu
+def test_streamed_training_on_cuda_uses_pinned_batches(digits):
+    ds = _streamed(digits, workers=2).to("cuda")
+    batches = ds.train_batches(16)
+    assert batches.loader.pin_memory
+    x, y = next(iter(batches))
+    assert x.is_cuda and y.is_cuda and x.dtype == torch.float32
+    recipe = _recipe()
+    history = fit(_fresh(ds, recipe), ds, recipe, torch.device("cuda"), epochs=1)
+    assert 0 <= history[0].test_acc <= 1 and history[0].train_loss == history[0].train_loss
