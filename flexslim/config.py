@@ -21,8 +21,18 @@ from typing import Any
 from flexslim import checks
 from flexslim.errors import BadInput
 
-DATASETS = ("quickstart", "cifar10", "folder", "synthetic")  # the one table of dataset names (flexslim.data implements them)
-DATASET_CHANNELS = {"quickstart": 1, "cifar10": 3, "folder": 3, "synthetic": 3}  # folder: 3 at most (data.channels: 1 or 3)
+DATASETS = (
+    "quickstart",
+    "cifar10",
+    "folder",
+    "synthetic",
+)  # the one table of dataset names (flexslim.data implements them)
+DATASET_CHANNELS = {
+    "quickstart": 1,
+    "cifar10": 3,
+    "folder": 3,
+    "synthetic": 3,
+}  # folder: 3 at most (data.channels: 1 or 3)
 RECIPE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # used in run-directory names: no '/', no '..'
 
 
@@ -48,7 +58,9 @@ class DataConfig:
     channels: int = 0  # folder: 0 = as the images are (all grey: 1, all colour: 3, mixed: refused); 1 or 3 converts
     mean: tuple[float, ...] = ()  # folder: per-channel normalisation; empty = computed from the training images
     std: tuple[float, ...] = ()
-    max_in_memory_mb: int = 4096  # folder: decoded train + test images above this size are refused (see folders.py)
+    max_in_memory_mb: int = 4096  # folder: decoded train + test images above this size stream from disk (folders.py)
+    stream: bool = False  # folder: stream from disk through DataLoader workers even when the set fits in memory
+    workers: int = -1  # folder, streaming: DataLoader worker processes per batch stream; -1 = min(4, CPU cores)
 
 
 @dataclass(frozen=True)

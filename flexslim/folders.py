@@ -12,9 +12,12 @@ is the training images' per-channel mean/std unless the recipe gives `data.mean`
 Colour: `data.channels = 0` keeps what the images are (all greyscale: 1 channel, all colour: 3) and REFUSES a
 mix of the two, naming an example of the minority; `data.channels = 3` (or 1) converts every image.
 
-Decoding runs in DataLoader worker processes. The decoded set must fit in `data.max_in_memory_mb`; larger sets
-are refused with the size they would take (streaming them through the search and training loops is not
-implemented yet).
+Decoding runs in DataLoader worker processes. A set whose decoded size fits in `data.max_in_memory_mb` is decoded
+once and held as tensors on the training device (`data.Dataset`). A larger one, or any with `data.stream = true`,
+is a `data.StreamedDataset`: the file lists, decoded per batch in `data.workers` worker processes each epoch (the
+same decoding, so the same pixels and, for the same seeds, the same batches). Loading it reads only the image
+headers (for the colour check) and, unless `data.mean`/`data.std` are given, decodes the training images once
+for their statistics. A file that does not decode then fails the batch it is in, naming it.
 
 Bad input is one `BadInput` line each: no train/ or val/, a split without class folders, an image that does
 not decode (named), a class in train but not in val (or the reverse), mixed grey/colour images.
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 
 from flexslim.config import DataConfig
-from flexslim.data import Dataset
+from flexslim.data import Dataset, StreamBatches, StreamedDataset, default_workers
 from flexslim.errors import BadInput
 
 TEST_SPLITS = ("val", "test")
@@ -59,6 +62,38 @@ class _Images(torch.utils.data.Dataset):
             return None, label, False
         x = TF.center_crop(TF.resize(x, self.size, antialias=True), [self.size, self.size])
         return x, label, grey
+
+
+class _StreamImages(_Images):
+    """(path, label) -> (uint8 `channels` x S x S tensor, label, "") or (None, label, path) when it does not decode:
+    the items of a streamed folder (`data.collate_items` gathers them)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], size: int, channels: int):
+        super().__init__(samples, size)
+        self.channels = channels
+
+    def __getitem__(self, i: int):
+        x, label, _ = super().__getitem__(i)
+        return (None, label, self.samples[i][0]) if x is None else (to_channels(x, self.channels), label, "")
+
+
+class _Modes(torch.utils.data.Dataset):
+    """path -> was-grey (True/False) from the image header alone, or None when PIL cannot identify the file."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]]):
+        self.paths = [path for path, _ in samples]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[i]) as img:  # lazy: reads the header, not the pixels
+                return img.mode in GREY_MODES
+        except (OSError, ValueError, SyntaxError):
+            return None
 
 
 def _keep(batch):
@@ -142,11 +177,17 @@ def _channels(requested: int, grey: torch.Tensor, samples: Sequence[tuple[str, i
     )
 
 
-def _mean_std(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units, in chunks (no float copy of the whole set)."""
-    c = x.shape[1]
-    s, s2, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
-    for chunk in x.split(1024):
+STATS_CHUNK = 1024  # images per chunk of the mean/std sums (the same chunks in memory and streamed: same numbers)
+
+
+def _mean_std(chunks) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images given in chunks (N x C x H x W each), in [0, 1] units."""
+    s = s2 = None
+    n = 0
+    for chunk in chunks:
+        c = chunk.shape[1]
+        if s is None:
+            s, s2 = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
         f = chunk.to(torch.float64).div_(255.0).transpose(0, 1).reshape(c, -1)
         s += f.sum(1)
         s2 += (f * f).sum(1)
@@ -156,17 +197,14 @@ def _mean_std(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(float(v) for v in mean), tuple(max(float(v), 1e-3) for v in std)
 
 
-def _check_size(n: int, channels: int, size: int, limit_mb: int, where: Path) -> None:
-    mb = n * channels * size * size / 2**20
-    if mb > limit_mb:
-        raise BadInput(
-            f"{where}: {n} images at {channels}x{size}x{size} take {mb:.0f} MB decoded, over data.max_in_memory_mb "
-            f"{limit_mb}; raise it (if the memory is there) or lower data.image_size"
-        )
+def decoded_mb(n: int, channels: int, size: int) -> float:
+    """Size of n decoded uint8 images, in MB."""
+    return n * channels * size * size / 2**20
 
 
-def load_folder(cfg: DataConfig, data_dir: str | Path | None) -> Dataset:
-    """The `folder` dataset of a recipe: train/ and val/ (or test/) under `data_dir`."""
+def load_folder(cfg: DataConfig, data_dir: str | Path | None) -> Dataset | StreamedDataset:
+    """The `folder` dataset of a recipe: train/ and val/ (or test/) under `data_dir`; in memory, or streamed when
+    `data.stream` is set or the decoded images would take more than `data.max_in_memory_mb`."""
     if data_dir is None:
         raise BadInput("data.dataset = folder needs --data DIR (DIR/train/<class>/... and DIR/val/<class>/...)")
     root = Path(data_dir)
@@ -186,18 +224,57 @@ def load_folder(cfg: DataConfig, data_dir: str | Path | None) -> Dataset:
         )
     if cfg.channels not in (0, 1, 3):
         raise BadInput(f"data.channels must be 0 (as the images are), 1 or 3, got {cfg.channels}")
-    _check_size(len(train_samples) + len(test_samples), cfg.channels or 3, cfg.image_size, cfg.max_in_memory_mb, root)
+    mb = decoded_mb(len(train_samples) + len(test_samples), cfg.channels or 3, cfg.image_size)
+    if cfg.stream or mb > cfg.max_in_memory_mb:
+        return _streamed_folder(cfg, train_samples, test_samples, tuple(classes))
     trx, try_, tr_grey = decode(train_samples, cfg.image_size)
     tex, tey, te_grey = decode(test_samples, cfg.image_size)
     channels = _channels(cfg.channels, torch.cat([tr_grey, te_grey]), train_samples + test_samples)
     trx, tex = to_channels(trx, channels), to_channels(tex, channels)
-    if cfg.mean or cfg.std:
-        if len(cfg.mean) != channels or len(cfg.std) != channels or min(cfg.std) <= 0:
-            raise BadInput(f"data.mean and data.std need {channels} values each (std > 0), one per image channel")
-        mean, std = tuple(cfg.mean), tuple(cfg.std)
-    else:
-        mean, std = _mean_std(trx)
+    given = _given_mean_std(cfg, channels)
+    mean, std = given or _mean_std(trx.split(STATS_CHUNK))
     return Dataset("folder", trx, try_, tex, tey, len(classes), mean, std, class_names=tuple(classes))
+
+
+def _given_mean_std(cfg: DataConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    if not (cfg.mean or cfg.std):
+        return None
+    if len(cfg.mean) != channels or len(cfg.std) != channels or min(cfg.std) <= 0:
+        raise BadInput(f"data.mean and data.std need {channels} values each (std > 0), one per image channel")
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+def _header_greys(samples: Sequence[tuple[str, int]], workers: int) -> torch.Tensor:
+    """Was-grey of every sample from its header (no decoding); BadInput names a file PIL cannot identify."""
+    loader = torch.utils.data.DataLoader(
+        _Modes(samples), batch_size=256, num_workers=workers if len(samples) > 2048 else 0, collate_fn=_keep
+    )
+    greys = [g for batch in loader for g in batch]
+    for (path, _), g in zip(samples, greys):
+        if g is None:
+            raise BadInput(f"image {path} does not decode; remove or replace it")
+    return torch.tensor(greys, dtype=torch.bool)
+
+
+def _streamed_folder(
+    cfg: DataConfig,
+    train_samples: list[tuple[str, int]],
+    test_samples: list[tuple[str, int]],
+    classes: tuple[str, ...],
+) -> StreamedDataset:
+    """The folder as file lists decoded per batch (see the module notes): the colour check from the headers and,
+    unless given, the training images' mean/std from one decoding pass."""
+    workers = default_workers() if cfg.workers < 0 else cfg.workers
+    everything = train_samples + test_samples
+    channels = cfg.channels or _channels(0, _header_greys(everything, workers), everything)
+    train = _StreamImages(train_samples, cfg.image_size, channels)
+    test = _StreamImages(test_samples, cfg.image_size, channels)
+    given = _given_mean_std(cfg, channels)
+    if given is None:
+        chunks = StreamBatches(train, STATS_CHUNK, workers=workers)
+        given = _mean_std(x for x, _ in chunks.decoded())
+    shape = (channels, cfg.image_size, cfg.image_size)
+    return StreamedDataset("folder", train, test, shape, len(classes), *given, class_names=classes, workers=workers)
 
 
 def load_eval_folder(
@@ -207,6 +284,21 @@ def load_eval_folder(
 
     Labels follow `class_names` (the model's, from its metadata) when given, else the sorted folder names.
     """
+    x, y, _ = decode(eval_samples(data_dir, class_names), image_size)
+    return to_channels(x, channels), y
+
+
+def eval_folder_batches(
+    data_dir: str | Path | None, image_size: int, channels: int, class_names: Sequence[str] = (), batch_size: int = 256
+) -> StreamBatches:
+    """The images of `load_eval_folder`, streamed: float [0, 1] batches and labels, in order, decoded by workers."""
+    samples = eval_samples(data_dir, class_names)
+    workers = default_workers() if len(samples) > 2048 else 0  # starting workers costs more than a few images
+    return StreamBatches(_StreamImages(samples, image_size, channels), batch_size, workers=workers)
+
+
+def eval_samples(data_dir: str | Path | None, class_names: Sequence[str] = ()) -> list[tuple[str, int]]:
+    """(path, label) of the test images under `data_dir` (see `load_eval_folder`)."""
     if data_dir is None:
         raise BadInput("the folder dataset needs --data DIR (a folder of class sub-folders, e.g. DIR/val)")
     root = Path(data_dir)
@@ -220,5 +312,4 @@ def load_eval_folder(
             raise BadInput(f"{split}: class(es) {', '.join(unknown)} not among the model's {len(class_names)} classes")
         index = {name: i for i, name in enumerate(class_names)}
         samples = [(path, index[classes[label]]) for path, label in samples]
-    x, y, _ = decode(samples, image_size)
-    return to_channels(x, channels), y
+    return samples

@@ -259,7 +259,7 @@ def _search_stage(
 ) -> Searched:
     """Run the search, write search.jsonl and search.png, bake and fit the widths, record it all."""
     from flexslim.search import run_search
-    from flexslim.train import evaluate
+    from flexslim.train import evaluate_batches
 
     run_dir = record.run_dir
     if not resume:
@@ -278,7 +278,7 @@ def _search_stage(
         resume=resume,
     )
     memory_info = memory.stop()
-    supernet_acc = evaluate(st.supernet, ds.test_x, ds.test_y, dev)[1]  # reported only, never searched on
+    supernet_acc = evaluate_batches(st.supernet, ds.test_batches(), dev)[1]  # reported only, never searched on
     _write_search_outputs(st.history, run_dir, f"{recipe.search.method} search for {budget.ms:g} ms ({recipe.name})")
     centers = st.averaged_widths() or st.supernet.mean_widths()
     fitted = bake(

@@ -23,7 +23,7 @@ from flexslim.arch import Arch
 from flexslim.budget import Budget
 from flexslim.config import Recipe, SearchConfig
 from flexslim.console import Reporter
-from flexslim.data import Augment, Batches, Dataset, search_split
+from flexslim.data import Augment, Batches, Dataset
 from flexslim.devices import autocast, prepare, to_device_batch
 from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel, with_grid
@@ -154,13 +154,12 @@ def search_batches(ds: Dataset, recipe: Recipe, epochs_done: int) -> tuple[Batch
     """The D_t and D_s batch streams, fast-forwarded past `epochs_done` epochs (a resumed run sees the same
     batches); BadInput if a batch is larger than a half of the training set."""
     cfg = recipe.search
-    (dt_x, dt_y), (ds_x, ds_y) = search_split(ds, recipe.data.split_seed)
-    bt = Batches(dt_x, dt_y, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
-    bs = Batches(ds_x, ds_y, cfg.batch_size, shuffle=True, seed=cfg.seed + 1, drop_last=True)
+    d_t, d_s = ds.search_halves(recipe.data.split_seed)
+    bt = d_t.train_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
+    bs = d_s.train_batches(cfg.batch_size, shuffle=True, seed=cfg.seed + 1, drop_last=True)
     if min(len(bt), len(bs)) == 0:
-        raise BadInput(f"search.batch_size {cfg.batch_size} is larger than half the training set ({len(dt_y)})")
-    for _ in range(epochs_done):  # replay the shuffles of finished epochs
-        torch.randperm(len(dt_y), generator=bt.generator), torch.randperm(len(ds_y), generator=bs.generator)
+        raise BadInput(f"search.batch_size {cfg.batch_size} is larger than half the training set ({d_t.num_train})")
+    bt.skip_epochs(epochs_done), bs.skip_epochs(epochs_done)  # replay the shuffles of finished epochs
     return bt, bs
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from flexslim.arch import Arch
 from flexslim.config import Recipe, TrainConfig, recipe_to_toml
 from flexslim.console import Reporter
-from flexslim.data import Augment, Batches, Dataset, as_float
+from flexslim.data import Augment, Batches, Dataset, StreamBatches, StreamedDataset
 from flexslim.devices import autocast, prepare, to_device_batch
 from flexslim.errors import BadInput
 from flexslim.runs import atomic_torch_save
@@ -41,21 +41,26 @@ def make_sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.o
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 500
 ) -> tuple[float, float]:
     """(mean cross-entropy, top-1 accuracy) on (x, y) without augmentation."""
+    return evaluate_batches(model, Batches(x, y, batch_size), device)
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches, device: torch.device) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy) over (x, y) batches (a dataset's `test_batches()`), no augmentation."""
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(y), batch_size):
-        xb = to_device_batch(as_float(x[i : i + batch_size]), device)
-        yb = y[i : i + batch_size].to(device)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for xb, yb in batches:
+        xb, yb = to_device_batch(xb, device), yb.to(device)
         with autocast(device):
             logits = model(xb)
         loss_sum += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
-    return loss_sum / max(1, len(y)), correct / max(1, len(y))
+        seen += len(yb)
+    return loss_sum / max(1, seen), correct / max(1, seen)
 
 
 @dataclass
@@ -72,7 +77,7 @@ class TrainState:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    batches: Batches
+    batches: Batches | StreamBatches
     augment: Augment
     total_steps: int
     step: int = 0
@@ -133,14 +138,16 @@ def train_one_epoch(
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
-def fit_epoch(ts: TrainState, ds: Dataset, recipe: Recipe, device: torch.device, reporter: Reporter, epochs: int):
+def fit_epoch(
+    ts: TrainState, ds: Dataset | StreamedDataset, recipe: Recipe, device: torch.device, reporter: Reporter, epochs: int
+):
     """Train and evaluate the next epoch of `epochs`; appends and returns its EpochMetrics (BadInput if the
     loss diverged)."""
     epoch, t0 = len(ts.history), time.perf_counter()
     lr = cosine_lr(recipe.train.lr, ts.step, ts.total_steps)
     set_drop_path(ts.model, drop_path_at(recipe.model.drop_path, epoch, epochs))
     tr_loss, tr_acc = train_one_epoch(ts, recipe.train, device, reporter, recipe.model.auxiliary_weight)
-    te_loss, te_acc = evaluate(ts.model, ds.test_x, ds.test_y, device)
+    te_loss, te_acc = evaluate_batches(ts.model, ds.test_batches(), device)
     if not math.isfinite(tr_loss):
         raise BadInput(f"training diverged at epoch {epoch + 1} (loss {tr_loss}); lower train.lr")
     m = EpochMetrics(epoch + 1, tr_loss, tr_acc, te_loss, te_acc, lr, time.perf_counter() - t0)
@@ -150,7 +157,7 @@ def fit_epoch(ts: TrainState, ds: Dataset, recipe: Recipe, device: torch.device,
 
 def fit(
     model: nn.Module,
-    ds: Dataset,
+    ds: Dataset | StreamedDataset,
     recipe: Recipe,
     device: torch.device,
     epochs: int | None = None,
@@ -175,8 +182,8 @@ def fit(
     reporter = reporter or Reporter()
     torch.manual_seed(cfg.seed)
     model = prepare(model, device)
-    drop_last = len(ds.train_y) > cfg.batch_size
-    batches = Batches(ds.train_x, ds.train_y, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=drop_last)
+    drop_last = ds.num_train > cfg.batch_size
+    batches = ds.train_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=drop_last)
     optimizer = make_sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     ts = TrainState(model, optimizer, batches, Augment(recipe.data, seed=cfg.seed), epochs * len(batches))
     if checkpoint is not None and checkpoint.is_file():
@@ -232,7 +239,7 @@ def train_arch(
     arch: Arch,
     recipe: Recipe,
     run_dir: Path,
-    ds: Dataset,
+    ds: Dataset | StreamedDataset,
     device: torch.device,
     epochs: int | None = None,
     reporter: Reporter | None = None,
@@ -271,7 +278,7 @@ class TrainRun:
     run_dir: Path
     arch: Arch
     recipe: Recipe
-    dataset: Dataset
+    dataset: Dataset | StreamedDataset
 
 
 def open_train_run(

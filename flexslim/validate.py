@@ -339,28 +339,28 @@ def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch, class_n
     import torch.nn.functional as F
 
     from flexslim.config import DataConfig
-    from flexslim.data import as_float, load_dataset
+    from flexslim.data import load_dataset
 
     _, c, h, w = input_shape
-    if dataset == "folder":
-        from flexslim.folders import load_eval_folder
+    step = fixed_batch or 256
+    if dataset == "folder":  # streamed: a validation folder need not fit in memory
+        from flexslim.folders import eval_folder_batches
 
-        test_x, test_y = load_eval_folder(data_dir, h, c, class_names)
+        batches = eval_folder_batches(data_dir, h, c, class_names, batch_size=step)
     else:
         ds = load_dataset(DataConfig(dataset=dataset, image_size=h), data_dir)
         if ds.input_shape[0] != c:
             raise BadInput(f"the model takes {c}-channel images but {dataset} has {ds.input_shape[0]}")
-        test_x, test_y = ds.test_x, ds.test_y
+        batches = ds.test_batches(step)
     name = session.get_inputs()[0].name
-    step = fixed_batch or 256
-    correct = 0
-    for i in range(0, len(test_y), step):
-        x = as_float(test_x[i : i + step])
+    correct = total = 0
+    for x, y in batches:
         if x.shape[2:] != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
         n = len(x)
         if fixed_batch and n < fixed_batch:
             x = torch.cat([x, x.new_zeros(fixed_batch - n, *x.shape[1:])])
         logits = session.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0][:n]
-        correct += int((logits.argmax(1) == test_y[i : i + step].numpy()).sum())
-    return correct / len(test_y), len(test_y)
+        correct += int((logits.argmax(1) == y.numpy()).sum())
+        total += n
+    return correct / max(1, total), total
