@@ -197,7 +197,6 @@ FAST = {
     "search.epochs": "2",
     "search.batch_size": "32",
     "search.sigma": "2.0",
-    "search.extend_samples": "2",
     "train.epochs": "1",
     "train.batch_size": "32",
     "latency.provider": "cpu",
@@ -207,6 +206,9 @@ FAST = {
     "latency.runs": "10",
     "latency.warmup": "2",
     "latency.min_seconds": "0",
+    "latency.repeats": "1",
+    "latency.probe": "false",
+    "latency.near": "1",
 }
 
 
