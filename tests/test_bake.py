@@ -137,10 +137,22 @@ def test_trims_when_every_neighbour_measures_over_and_logs_each_trim():
 
 def test_no_fit_measures_the_best_neighbour_only():
     truth = hand_latency_model(small_arch())
-    measure = clock(truth, scale=2.0)
+    measure = clock(truth, scale=1.2)
     res = run({"a": 12.0, "b": 20.0, "c": 28.0}, 1e9, truth, measure, fit=False)
     assert len(measure.calls) == 1 and res.trims == [] and res.note == ""
     assert res.widths == {"a": 16, "b": 24, "c": 32}
+
+
+def test_a_measurement_far_over_the_prediction_is_repeated_and_the_lower_kept():
+    truth = hand_latency_model(small_arch())
+    spikes = iter([5.0, 1.0])  # the first timing of the network is a spike (interference), the second is not
+
+    def measure(arch, widths, settings):
+        ms = next(spikes, 1.0) * float(truth.predict(widths))
+        return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+
+    res = run({"a": 8.0, "b": 16.0, "c": 24.0}, 1e9, truth, measure, fit=False)
+    assert res.measured_ms == pytest.approx(float(truth.predict(res.widths)))
 
 
 def test_impossible_budget_is_bad_input_naming_min_width():

@@ -1,0 +1,209 @@
+"""`flexslim sweep`: N budgets from just above the family's floor to its widest sensible network, one shared
+latency table, one search per budget, and what each delivered network really measures -> sweep.md, sweep.csv,
+sweep.json and a Pareto plot (accuracy vs latency). How a user picks a budget, and the check that the delivered
+networks land in [0.90, 1.00] x budget.
+
+Delivered latency: the network's ONNX export (the same file `flexslim export` writes) timed by the gate itself
+(`validate`) in the isolated timing process, `repeats` times; the median of those p90s is reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexslim.console import Reporter
+from flexslim.errors import BadInput
+from flexslim.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+LOWEST = 1.3  # the smallest budget, x the floor: room for the window and the headroom above the narrowest net
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The budgets of a sweep and the latency table they share."""
+
+    budgets: tuple[float, ...]
+    table: Path
+    floor_ms: float
+    top_ms: float
+
+
+def budgets_between(floor_ms: float, top_ms: float, n: int) -> list[float]:
+    """`n` budgets spaced geometrically from LOWEST x floor to `top_ms` (4 significant digits)."""
+    if n < 1:
+        raise BadInput(f"--budgets must be >= 1, got {n}")
+    lo = LOWEST * floor_ms
+    if top_ms <= lo:
+        raise BadInput(f"the family's widest network ({top_ms:.4f} ms) is not above {LOWEST} x its floor ({lo:.4f} ms)")
+    ratio = (top_ms / lo) ** (1 / max(1, n - 1))
+    return [float(f"{lo * ratio**i:.4g}") for i in range(n)] if n > 1 else [float(f"{math.sqrt(lo * top_ms):.4g}")]
+
+
+def plan_sweep(recipe: str, overrides: list[str], n: int, out: Path, data_dir, reporter: Reporter) -> SweepPlan:
+    """Profile the family once (box samples: floor .. top of the region), choose the budgets, then measure the
+    table near every budget; saved as out/latency.json for every search of the sweep."""
+    from flexslim.latency import refine, with_grid
+    from flexslim.pipeline import profile_job
+
+    table = out / "latency.json"
+    model = profile_job(recipe, overrides, table, data_dir=data_dir, reporter=reporter)
+    top = max(p.ms for p in model.fit_points)  # the top corner of the region: twice the recipe's widths
+    budgets = budgets_between(model.floor_ms, top, n)
+    reporter.log(f"sweep budgets (ms): {', '.join(f'{b:g}' for b in budgets)}; measuring the table near each")
+    from flexslim.config import load_recipe
+
+    refine(model, budgets, grid=with_grid(load_recipe(recipe, overrides), model).model.round_to, reporter=reporter)
+    model.save(table)
+    return SweepPlan(tuple(budgets), table, model.floor_ms, top)
+
+
+def delivered_latency(run_dir: Path, budget_ms: float, repeats: int) -> dict:
+    """Export the run's network (model.pt, else the searched weights) and time it with the gate `repeats` times in
+    the isolated timing process -> {"delivered_ms": median p90, "delivered_runs": [...], "accuracy": ...}."""
+    from flexslim.export import export_model, provenance
+    from flexslim.runtime import run_isolated
+    from flexslim.train import load_model
+    from flexslim.validate import validate
+
+    weights = run_dir / "model.pt" if (run_dir / "model.pt").is_file() else run_dir / "supernet_baked.pt"
+    arch, model, _ = load_model(weights)
+    path = run_dir / "delivered.onnx"
+    export_model(model, arch, path, provenance(arch, "sweep", budget_ms))
+    reports = [run_isolated(validate, path.resolve(), latency_ms=budget_ms, provider="auto") for _ in range(repeats)]
+    p90s = [r.latency_ms for r in reports]
+    acc = reports[0].accuracy
+    return {
+        "delivered_ms": statistics.median(p90s),
+        "delivered_runs": p90s,
+        "accuracy": acc,
+        "accuracy_of": "retrained" if weights.name == "model.pt" else "searched weights",
+    }
+
+
+def sweep_job(
+    recipe: str,
+    n_budgets: int,
+    out: Path,
+    *,
+    overrides: list[str] | None = None,
+    retrain: bool = False,
+    repeats: int = 3,
+    data_dir: Path | None = None,
+    device: str = "auto",
+    reporter: Reporter | None = None,
+) -> list[dict]:
+    """One search per budget on one shared latency table; every delivered network measured `repeats` times.
+
+    Returns one row per budget (also in out/sweep.json, sweep.csv, sweep.md, sweep.png).
+    """
+    from flexslim.pipeline import search_job
+
+    reporter, overrides = reporter or Reporter(), list(overrides or [])
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    plan = plan_sweep(recipe, overrides, n_budgets, out, data_dir, reporter)
+    rows = []
+    for i, b in enumerate(plan.budgets):
+        reporter.log(f"sweep {i + 1}/{len(plan.budgets)}: budget {b:g} ms")
+        res = search_job(
+            b,
+            recipe=recipe,
+            overrides=overrides,
+            data_dir=data_dir,
+            run_dir=out / f"budget-{i + 1}",
+            device=device,
+            latency_table=plan.table,
+            retrain=retrain,
+            reporter=reporter,
+            mark=False,
+        )
+        row = _row(b, res) | delivered_latency(res.run_dir, b, repeats)
+        row["ratio"] = row["delivered_ms"] / b
+        row["in_window"] = 0.9 * b <= row["delivered_ms"] <= b
+        rows.append(row)
+        reporter.log(f"  -> {row['widths']}: delivered p90 {row['delivered_ms']:.4f} ms = {row['ratio']:.3f} x budget")
+        write_outputs(rows, out, recipe, plan, time.perf_counter() - t0)
+    return rows
+
+
+def _row(budget: float, res) -> dict:
+    f = res.fitted
+    return {
+        "budget_ms": budget,
+        "widths": res.arch.widths,
+        "predicted_ms": float(res.latency.predict(res.arch.widths)),
+        "bake_ms": f.measured_ms,
+        "bake_measurements": f.measurements,
+        "note": f.note,
+        "search_seconds": res.search_seconds,
+        "run_dir": str(res.run_dir),
+    }
+
+
+COLUMNS = ["budget_ms", "widths", "predicted_ms", "bake_ms", "delivered_ms", "ratio", "in_window", "accuracy"]
+
+
+def write_outputs(rows: list[dict], out: Path, recipe: str, plan: SweepPlan, seconds: float) -> None:
+    """sweep.json (everything), sweep.csv (one line per budget), sweep.md (table + verdict), sweep.png (Pareto)."""
+    atomic_write_json(
+        out / "sweep.json",
+        {"recipe": recipe, "floor_ms": plan.floor_ms, "top_ms": plan.top_ms, "seconds": seconds, "rows": rows},
+    )
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow([json.dumps(r[k]) if isinstance(r[k], dict) else r[k] for k in COLUMNS])
+    atomic_write_text(out / "sweep.csv", buf.getvalue())
+    inside = sum(r["in_window"] for r in rows)
+    over = sum(r["delivered_ms"] > r["budget_ms"] for r in rows)
+    lines = [
+        f"# flexslim sweep: {recipe} (floor {plan.floor_ms:.4f} ms, widest {plan.top_ms:.4f} ms, {seconds:.0f} s)",
+        "",
+        "| budget (ms) | widths | predicted (ms) | bake p90 (ms) | delivered p90 (ms) | / budget | in [0.90, 1.00] "
+        "| accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f} ({r['accuracy_of']})"
+        lines.append(
+            f"| {r['budget_ms']:g} | {'/'.join(str(v) for v in r['widths'].values())} | {r['predicted_ms']:.4f} | "
+            f"{r['bake_ms']:.4f} | {r['delivered_ms']:.4f} | {r['ratio']:.3f} | {'yes' if r['in_window'] else 'NO'} | "
+            f"{acc} |"
+        )
+    lines += ["", f"{inside} of {len(rows)} delivered networks land in [0.90, 1.00] x budget; {over} over it."]
+    lines += [f"- budget {r['budget_ms']:g}: {r['note']}" for r in rows if r["note"]]
+    atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
+    _plot(rows, out / "sweep.png")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    pts = [r for r in rows if r["accuracy"] is not None]
+    if pts:
+        ax.plot([r["delivered_ms"] for r in pts], [r["accuracy"] for r in pts], "o-", label="delivered network")
+    for r in rows:
+        ax.axvline(r["budget_ms"], color="r", ls=":", lw=0.8)
+    ax.set_xlabel("latency p90 (ms / sample), median of the gate's measurements")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("flexslim sweep: accuracy vs latency (dotted: the budgets)")
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

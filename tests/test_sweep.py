@@ -1,0 +1,57 @@
+"""`flexslim sweep`: budgets between the floor and the widest network, one shared table, a search per budget,
+the delivered networks measured by the gate; writes sweep.md, sweep.csv, sweep.json and sweep.png."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from search_fixtures import FAST_SET, TINY_SET, sets
+from typer.testing import CliRunner
+
+from flexslim.cli import app
+from flexslim.errors import BadInput
+from flexslim.sweep import LOWEST, budgets_between
+
+
+def test_budgets_are_geometric_from_just_above_the_floor_to_the_top():
+    b = budgets_between(0.1, 0.5, 4)
+    assert b[0] == pytest.approx(LOWEST * 0.1, rel=1e-3) and b[-1] == pytest.approx(0.5, rel=1e-3)
+    ratios = [y / x for x, y in zip(b, b[1:])]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-2)
+    assert len(budgets_between(0.1, 0.5, 1)) == 1 and LOWEST * 0.1 < budgets_between(0.1, 0.5, 1)[0] < 0.5
+    with pytest.raises(BadInput, match="--budgets"):
+        budgets_between(0.1, 0.5, 0)
+    with pytest.raises(BadInput, match="widest"):
+        budgets_between(0.1, 0.11, 3)
+
+
+@pytest.mark.slow
+def test_sweep_writes_its_table_csv_json_and_plot(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = sets(*TINY_SET, *FAST_SET, "search.epochs=1", "latency.min_seconds=0.05")
+    res = CliRunner().invoke(app, ["sweep", "--budgets", "2", "--repeats", "1", "--out", "sw", *args])
+    assert res.exit_code in (0, 1), res.output  # 1 only when a delivered network measured over its budget
+    out = tmp_path / "sw"
+    data = json.loads((out / "sweep.json").read_text())
+    rows = data["rows"]
+    assert len(rows) == 2 and rows[0]["budget_ms"] < rows[1]["budget_ms"]
+    assert data["floor_ms"] < rows[0]["budget_ms"] and rows[1]["budget_ms"] <= data["top_ms"] * 1.001
+    for r in rows:
+        assert r["delivered_ms"] > 0 and len(r["delivered_runs"]) == 1 and 0 <= r["accuracy"] <= 1
+        assert r["ratio"] == pytest.approx(r["delivered_ms"] / r["budget_ms"])
+        assert (tmp_path / r["run_dir"] / "delivered.onnx").is_file()
+    assert (res.exit_code == 1) == any(r["delivered_ms"] > r["budget_ms"] for r in rows)
+    with open(out / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [float(t["budget_ms"]) for t in table] == [r["budget_ms"] for r in rows]
+    md = (out / "sweep.md").read_text()
+    assert "delivered p90" in md and f"of {len(rows)} delivered networks land in [0.90, 1.00]" in md
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one shared table: the runs used it and measured nothing more
+    shared = json.loads((out / "latency.json").read_text())
+    for r in rows:
+        run_table = json.loads((tmp_path / r["run_dir"] / "latency.json").read_text())
+        assert run_table["fit_points"] == shared["fit_points"]
+        assert set(shared["budgets"]) >= {r["budget_ms"] for r in rows}
