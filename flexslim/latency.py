@@ -404,7 +404,7 @@ def profile(
     model = LatencyModel(arch, settings, provider, runtime, platform.node(), block, probe, region=region,
                          fit_points=fit_pts, floor_ms=fit_pts[0].ms)  # fmt: skip
     model.fit()
-    hold = [_sample(rng, region, grid) for _ in range(settings.holdout if not budgets else 0)]
+    hold = [_sample(rng, region, grid) for _ in range(settings.holdout)]  # the box; refine adds near-budget ones
     model.holdout_points, _, _ = _measure_points(arch, hold, settings, reporter, "latency: hold-out", measurer)
     refine(model, budgets, grid=grid, seed=seed + 1, reporter=reporter, measurer=measurer)
     model.measure_seconds = time.perf_counter() - t0

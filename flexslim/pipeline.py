@@ -26,7 +26,16 @@ from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel, profile, refine, with_grid
 from flexslim.memory import SearchMemory
 from flexslim.methods import check_search_method
-from flexslim.runs import RunRecord, atomic_write_text, mark_latest, new_run_dir, read_jsonl, resolve_run_dir
+from flexslim.runs import (
+    RunRecord,
+    atomic_write_text,
+    check_run_dir_path,
+    lock_run,
+    mark_latest,
+    new_run_dir,
+    read_jsonl,
+    resolve_run_dir,
+)
 
 
 @dataclass(frozen=True)
@@ -136,27 +145,33 @@ def _checked_table(latency_table: Path | None) -> Path | None:
 def _prepare_run(
     budget_ms: float, recipe_name: str, overrides: list[str], run_dir: Path | None, resume: bool, mark: bool, dev: str
 ) -> tuple[RunRecord, Recipe]:
-    """Check the inputs, then create (or reopen) the run directory, write recipe.toml and start the record."""
+    """Check every input first (budget, recipe, method, run directory, lock), then create (or reopen) the run
+    directory, write recipe.toml (a new run only: a resumed run keeps its own) and start the record.
+
+    New runs go under `runs/` (the recipe name is checked to a safe charset) or into the given `--run-dir`;
+    a resumed run's recipe is its own recipe.toml, and `--set` values that would change it are refused."""
     Budget(budget_ms)  # a bad budget is refused before anything is created
     if resume:
         run_dir = resolve_run_dir(run_dir)
-        if not (run_dir / "recipe.toml").is_file():
-            raise BadInput(f"{run_dir} has no recipe.toml: nothing to resume")
-        recipe = load_recipe(str(run_dir / "recipe.toml"), overrides)
-    else:
-        recipe = load_recipe(recipe_name, overrides)
-    check_search_method(recipe.search.method)
-    if resume:
-        record = RunRecord.load(run_dir)
+        recipe = _resumed_recipe(run_dir, overrides)
+        check_search_method(recipe.search.method)
+        record = RunRecord.load(run_dir)  # a corrupt run.json is BadInput naming it
         if record.get("budget_ms") not in (None, budget_ms):
             raise BadInput(f"{run_dir} was searched for {record['budget_ms']} ms, not {budget_ms} ms; start a new run")
+        lock_run(run_dir)  # before anything in it changes
     else:
+        run_dir = check_run_dir_path(run_dir)
+        recipe = load_recipe(recipe_name, overrides)
+        check_search_method(recipe.search.method)
         if run_dir is not None and (run_dir / "run.json").exists():
             raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
         run_dir = new_run_dir(recipe.name) if run_dir is None else run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run(run_dir)
+        if (run_dir / "run.json").exists():  # another job created it between the check and the lock
+            raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
         record = RunRecord(run_dir)
-    atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
+        atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
     if mark:
         mark_latest(run_dir)
     started = {"status": "started", "device": dev, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -164,6 +179,39 @@ def _prepare_run(
         started.pop("status")
     record.update(budget_ms=budget_ms, recipe=recipe.name, method=recipe.search.method, **started)
     return record, recipe
+
+
+def _resumed_recipe(run_dir: Path, overrides: list[str]) -> Recipe:
+    """The run's own recipe.toml; `overrides` (--set, --method, --provider, --latency-batch) are accepted only
+    when they leave it unchanged: a resumed run never mixes two recipes."""
+    path = run_dir / "recipe.toml"
+    if not path.is_file():
+        raise BadInput(f"{run_dir} has no recipe.toml: nothing to resume")
+    recipe = load_recipe(str(path))
+    if overrides:
+        changed = load_recipe(str(path), overrides)
+        if changed != recipe:
+            keys = _changed_keys(recipe_to_toml(recipe), recipe_to_toml(changed))
+            raise BadInput(
+                f"--resume of {run_dir}: the overrides change its recipe ({', '.join(keys) or 'values'}) and a run "
+                "cannot mix two recipes; drop them, or start a new run with them"
+            )
+    return recipe
+
+
+def _changed_keys(before: str, after: str) -> list[str]:
+    """The `section.key` names whose values differ between two resolved recipe TOML texts."""
+    import tomllib
+
+    a, b = tomllib.loads(before), tomllib.loads(after)
+    keys = []
+    for section in sorted(set(a) | set(b)):
+        sa, sb = a.get(section), b.get(section)
+        if isinstance(sa, dict) and isinstance(sb, dict):
+            keys += [f"{section}.{k}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
+        elif sa != sb:
+            keys.append(section)
+    return keys
 
 
 # -- stage 2: the latency model -------------------------------------------------------------------------------
@@ -192,6 +240,22 @@ def latency_model_for(
     return model
 
 
+def describe(lat: LatencyModel) -> str:
+    """One line on a latency model's quality: block, hold-out error (all and near the budgets), timing spread."""
+    e = lat.error_summary()
+
+    def pct(key: str) -> str:
+        return f"{e[key]:.1f}%" if key in e else "n/a"
+
+    near = (
+        f", near the budgets median {pct('near_median_pct')} max {pct('near_max_pct')}" if "near_holdout" in e else ""
+    )
+    return (
+        f"channel block {lat.block}, hold-out error median {pct('median_pct')} max {pct('max_pct')} over "
+        f"{e['holdout']} networks{near}, timing spread {e['noise_pct']:.1f}%, provider {lat.provider}"
+    )
+
+
 def _latency_stage(
     arch: Arch, recipe: Recipe, record: RunRecord, table: Path | None, budget_ms: float, reporter: Reporter
 ) -> tuple[LatencyModel, Budget]:
@@ -202,9 +266,7 @@ def _latency_stage(
     budget = Budget.for_noise(budget_ms, lat.noise(), recipe.latency.confidence)
     err = lat.error_summary()
     reporter.log(
-        f"latency model: floor {lat.floor_ms:.4f} ms (all stages at {recipe.model.min_width}), hold-out error "
-        f"median {err.get('median_pct', float('nan')):.1f}% max {err.get('max_pct', float('nan')):.1f}% "
-        f"over {err['holdout']} networks, provider {lat.provider}"
+        f"latency model: floor {lat.floor_ms:.4f} ms (all stages at {recipe.model.min_width}), {describe(lat)}"
     )
     s = recipe.latency
     settings = {"provider": lat.provider, "batch": s.batch, "threads": s.threads, "percentile": s.percentile}
