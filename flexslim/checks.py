@@ -223,3 +223,29 @@ def check_output_path(path: str | Path, flag_name: str) -> Path:
     if p.exists() and not os.access(p, os.W_OK):
         raise BadInput(f"{flag_name} {shown}: the existing file is not writable; pick another path")
     return p
+
+
+def check_output_dir(path: str | Path, flag_name: str) -> Path:
+    """A folder the command will create or fill (`search --run-dir`, `bench --out`), checked before any work.
+
+    It must be a folder or not exist yet (never a file), its parent must be an existing, writable folder, and an
+    existing folder must be writable. Returns the path.
+    """
+    p = Path(path)
+    shown = str(path)
+    if not shown:
+        raise BadInput(f"{flag_name} is empty; pass a folder path")
+    if p.exists() and not p.is_dir():
+        raise BadInput(f"{flag_name} {shown}: is a file, not a folder; pass a folder path (or a new name)")
+    if p.is_dir():
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise BadInput(f"{flag_name} {shown}: folder is not writable; pick a folder you can write")
+        return p
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.exists():
+        raise BadInput(f"{flag_name} {shown}: folder {parent} does not exist; create it first or pick another path")
+    if not parent.is_dir():
+        raise BadInput(f"{flag_name} {shown}: {parent} is a file, not a folder; pick a path inside a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag_name} {shown}: folder {parent} is not writable; pick a path you can write")
+    return p

@@ -1,32 +1,93 @@
 """The `flexslim` command line: parse, call one library function, render, exit code.
 
-Exit codes: 0 done / gate passed, 1 gate failed, 2 bad input (one line on stderr, no traceback).
-Heavy imports (torch, onnx, onnxruntime, matplotlib) happen inside the commands so `--help` is fast.
+Exit codes (flexslim.errors): 0 done / gate passed, 1 gate failed, 2 bad input, 3 internal error, 130 Ctrl-C,
+143 SIGTERM; each failure is one line on stderr (a traceback only with `flexslim --debug ...`, else in a log
+file the line names). Heavy imports (torch, onnx, onnxruntime, matplotlib) happen inside the commands so
+`--help` is fast.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
+import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # typer >= 0.24 vendors click; its exceptions are not click's
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer on plain click
+    from click import exceptions as click_errors
 
 from flexslim.devices import DEVICES
 from flexslim.methods import BENCH_METHODS, SEARCH_METHODS
 from flexslim.runtime import PROVIDERS
 
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+WIDE = 240  # columns of rich output without a terminal (tables); plain lines are never wrapped at all
+
+
+class _OneLineErrors(TyperGroup):
+    """Click's own usage errors (unknown option, a value of the wrong type) as one `error:` line and exit 2,
+    like every other bad input (typer would draw a multi-line box)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click_errors.NoArgsIsHelpError as e:  # bare `flexslim`: the help, as before
+            typer.echo(e.ctx.get_help(), err=True)
+            sys.exit(e.exit_code)
+        except click_errors.ClickException as e:
+            from flexslim.errors import EXIT_BAD_INPUT
+            from flexslim.exits import one_line
+
+            ctx = getattr(e, "ctx", None)
+            hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            _echo_err(f"error: {one_line(e.format_message()).rstrip('.')}{hint}")
+            sys.exit(EXIT_BAD_INPUT)
+        except typer.Abort:
+            _echo_err("interrupted")
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
     name="flexslim",
     help="Find per-stage channel widths that meet a latency budget (FlexCHarts), retrain, export to ONNX, gate.",
+    cls=_OneLineErrors,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+_STATE = {"debug": False}
+
+
+def _echo_err(line: str) -> None:
+    """One plain line on stderr: no markup (messages hold [lists]), no highlighting, never wrapped."""
+    err.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Print the full traceback of a failure (else: one line, exit code).")
+    ] = False,
+) -> None:
+    """Global options (before the command: `flexslim --debug search ...`)."""
+    _STATE["debug"] = debug
+    for console in (out, err):
+        if not console.is_terminal:  # a pipe or a CI log: rich would assume 80 columns and wrap tables there
+            console.width = max(console.width, WIDE)
 
 
 def _choices(name: str, names) -> type[Enum]:
@@ -55,22 +116,44 @@ DataOpt = Annotated[
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Training device.")]
 
 
-@contextlib.contextmanager
-def _exit_codes():
-    """BadInput -> one line + exit 2; GateFailed -> one line + exit 1; Ctrl-C -> exit 130."""
-    from flexslim.errors import BadInput, GateFailed
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C: the job stops between writes (every write is atomic), the
+    run stays resumable, the command exits 143."""
 
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While a command runs, SIGTERM raises `Terminated` in the main thread (the previous handler is restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    before = signal.signal(signal.SIGTERM, handler)
     try:
         yield
-    except BadInput as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except GateFailed as e:
-        err.print(f"[red]FAIL:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("interrupted; finished epochs are kept (rerun with --resume)")
-        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@contextlib.contextmanager
+def _exit_codes():
+    """Every command's body: BadInput -> exit 2, GateFailed -> 1, anything unexpected -> 3 (one line naming the
+    traceback's log file; `--debug` prints it), Ctrl-C -> 130, SIGTERM -> 143; run locks released at the end."""
+    from flexslim.exits import exit_codes
+    from flexslim.runs import release_runs
+
+    try:
+        with _sigterm_raises(), exit_codes(_echo_err, debug=_STATE["debug"], exit_with=typer.Exit):
+            try:
+                yield
+            except Terminated:
+                _echo_err("terminated (SIGTERM); finished epochs are kept (rerun with --resume)")
+                raise typer.Exit(EXIT_TERMINATED) from None
+    finally:
+        release_runs()
 
 
 @app.command()
@@ -139,9 +222,11 @@ def profile(
 ) -> None:
     """Measure and fit the latency model of a recipe's family on this machine (reuse with --latency-table)."""
     with _exit_codes():
+        from flexslim.checks import check_output_path
         from flexslim.console import RichReporter
         from flexslim.pipeline import profile_job
 
+        check_output_path(out_path, "--out")  # before the measurement
         overrides = list(set_ or []) + ([f"latency.provider={provider.value}"] if provider else [])
         model = profile_job(recipe, overrides, out_path, data_dir=data, reporter=RichReporter(err))
         e = model.error_summary()
@@ -169,11 +254,14 @@ def train(
 ) -> None:
     """Retrain a network from scratch and write model.pt into its run directory."""
     with _exit_codes():
+        from flexslim import checks
         from flexslim.console import RichReporter
         from flexslim.devices import pick_device
         from flexslim.train import open_train_run, train_arch
 
-        run = open_train_run(target, recipe, set_ or [], data)
+        if epochs is not None:
+            epochs = checks.count(epochs, checks.flag("--epochs"), cap=checks.MAX_EPOCHS)
+        run = open_train_run(target, recipe, set_ or [], data, resume=resume, epochs=epochs)
         err.print(f"run directory: {run.run_dir}  widths: {run.arch.widths}")
 
         history = train_arch(
@@ -240,13 +328,18 @@ def validate(
         Optional[str], typer.Option(help="Dataset for accuracy: quickstart | cifar10 | folder (default: metadata).")
     ] = None,
     data: DataOpt = None,
-    report: Annotated[Optional[Path], typer.Option(help="Write the report as JSON here.")] = None,
-    junit: Annotated[Optional[Path], typer.Option(help="Write the checks as JUnit XML here.")] = None,
+    # str, not Path: Path("out/") would drop the slash that says the user named a folder
+    report: Annotated[Optional[str], typer.Option(help="Write the report as JSON here.")] = None,
+    junit: Annotated[Optional[str], typer.Option(help="Write the checks as JUnit XML here.")] = None,
 ) -> None:
     """Gate an ONNX classifier: latency (and accuracy) vs budget. Exit 0 pass, 1 fail, 2 bad input."""
     with _exit_codes():
+        from flexslim.checks import check_output_path
         from flexslim.validate import validate as run_validate
 
+        # before the measurement: a verdict must never be lost to an unwritable path
+        report = check_output_path(report, "--report") if report is not None else None
+        junit = check_output_path(junit, "--junit") if junit is not None else None
         rep = run_validate(
             model,
             latency_ms=latency_ms,
@@ -284,6 +377,12 @@ def bench(
     throughput: Annotated[
         bool, typer.Option("--throughput", help="Only time the search and retrain steps (images/s).")
     ] = False,
+    seeds: Annotated[
+        int, typer.Option(help="Runs per method (search.seed = train.seed = base + i); the table shows mean ± std.")
+    ] = 1,
+    latency_table: Annotated[
+        Optional[Path], typer.Option(help="Share this latency.json (flexslim profile) instead of measuring one.")
+    ] = None,
     data: DataOpt = None,
     device: DeviceOpt = Device.auto,
     set_: SetOpt = None,
@@ -316,10 +415,53 @@ def bench(
             overrides=set_ or [],
             data_dir=data,
             device=device.value,
+            seeds=seeds,
+            latency_table=latency_table,
             log=lambda line: err.print(line, highlight=False),
         )
         out.print((out_dir / "bench.md").read_text())
         if any("error" in r for r in rows):
+            raise typer.Exit(1)
+
+
+@app.command()
+def sweep(
+    recipe: RecipeOpt = "quickstart",
+    budgets: Annotated[
+        int, typer.Option(help="Number of budgets, from just above the floor to the widest network.")
+    ] = 5,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for sweep.md/csv/json/png and the runs.")] = Path(
+        "sweep"
+    ),
+    retrain: Annotated[
+        bool, typer.Option(help="Retrain every delivered network (accuracy of the retrained net).")
+    ] = False,
+    repeats: Annotated[int, typer.Option(help="Gate measurements of each delivered network (median).")] = 3,
+    data: DataOpt = None,
+    device: DeviceOpt = Device.auto,
+    set_: SetOpt = None,
+) -> None:
+    """Search N budgets on one shared latency table; measure what each delivered network really runs at."""
+    with _exit_codes():
+        from flexslim.checks import check_output_dir
+        from flexslim.console import RichReporter
+        from flexslim.sweep import failed, sweep_job
+
+        check_output_dir(out_dir, "--out")
+
+        rows = sweep_job(
+            recipe,
+            budgets,
+            out_dir,
+            overrides=list(set_ or []),
+            retrain=retrain,
+            repeats=repeats,
+            data_dir=data,
+            device=device.value,
+            reporter=RichReporter(err),
+        )
+        out.print((out_dir / "sweep.md").read_text())
+        if any(failed(r) for r in rows):
             raise typer.Exit(1)
 
 

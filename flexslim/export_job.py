@@ -31,12 +31,14 @@ def export_run(
         provider: onnxruntime provider for the gate (default: the one the run measured on).
         gate: run the gate; without a budget in the run's record there is nothing to gate.
     """
+    from flexslim.checks import check_output_path
     from flexslim.config import load_recipe
     from flexslim.train import load_model
 
+    check_output_path(output, "OUT.onnx")  # before the export and the gate
     run = resolve_run_dir(run_dir)
+    record = RunRecord.load(run)  # a corrupt run.json is BadInput naming it
     arch, model, _ = load_model(run / "model.pt")
-    record = RunRecord.load(run)
     recipe = load_recipe(str(run / "recipe.toml")) if (run / "recipe.toml").is_file() else None
     lat = record.get("latency") or (_latency_settings(recipe) if recipe else None)
     budget = record.get("budget_ms")

@@ -378,6 +378,7 @@ def profile(
     seed: int = 0,
     reporter: Reporter | None = None,
     measurer: Measurer = measure_sessions,
+    checkpoint: Callable[[LatencyModel], None] | None = None,
 ) -> LatencyModel:
     """Probe the channel block, measure the narrowest network, the recipe's own, the top of the region (default
     twice the recipe's widths) and random networks on the grid; fit; then, for each of `budgets`, measure
@@ -386,6 +387,7 @@ def profile(
     Args:
         round_to: the width grid to sample on (0: the detected block, at least 8).
         measurer: (arch, widths, settings, seed) -> (Timing, session percentiles); tests pass a fake.
+        checkpoint: called with the model whenever it changed (after the fit, the hold-out, each budget).
     """
     reporter = reporter or Reporter()
     if settings.samples < 3:
@@ -404,10 +406,15 @@ def profile(
     model = LatencyModel(arch, settings, provider, runtime, platform.node(), block, probe, region=region,
                          fit_points=fit_pts, floor_ms=fit_pts[0].ms)  # fmt: skip
     model.fit()
+    model.measure_seconds = time.perf_counter() - t0
+    if checkpoint is not None:
+        checkpoint(model)
     hold = [_sample(rng, region, grid) for _ in range(settings.holdout)]  # the box; refine adds near-budget ones
     model.holdout_points, _, _ = _measure_points(arch, hold, settings, reporter, "latency: hold-out", measurer)
-    refine(model, budgets, grid=grid, seed=seed + 1, reporter=reporter, measurer=measurer)
     model.measure_seconds = time.perf_counter() - t0
+    if checkpoint is not None:
+        checkpoint(model)
+    refine(model, budgets, grid=grid, seed=seed + 1, reporter=reporter, measurer=measurer, checkpoint=checkpoint)
     return model
 
 
@@ -419,28 +426,32 @@ def refine(
     seed: int = 1,
     reporter: Reporter | None = None,
     measurer: Measurer = measure_sessions,
+    checkpoint: Callable[[LatencyModel], None] | None = None,
 ) -> bool:
-    """Concentrate the table at `budgets`: for each budget with fewer than `settings.near` measured fit points
-    near it, measure networks predicted near it (and one more held out per budget), then refit. The search
-    runs on the refined table, unchanged (deterministic); returns False when nothing had to be measured."""
+    """Concentrate the table at `budgets`: for each budget the table was not refined for yet and with fewer than
+    `settings.near` fit points measured near it, measure networks predicted near it (and one more held out),
+    refit, and hand the model to `checkpoint` (which saves it: a killed run resumes from what was measured).
+    The search then runs on the refined table, unchanged (deterministic). False when nothing was measured."""
     reporter = reporter or Reporter()
-    s, rng, t0 = model.settings, random.Random(seed + len(model.fit_points)), time.perf_counter()
-    new_fit: list[dict] = []
-    new_hold: list[dict] = []
-    for b in budgets:
+    s, rng = model.settings, random.Random(seed + len(model.fit_points))
+    measured = False
+    for b in (float(b) for b in budgets):
         missing = s.near - len(model.near(b))
-        if missing > 0:
-            sets = near_budget_sets(model, b, missing + 1, grid, rng, exclude=new_fit + new_hold)
-            if len(sets) > 1:
-                new_hold.append(sets.pop(len(sets) // 2))
-            new_fit += sets
-    model.budgets = sorted(set(model.budgets) | {float(b) for b in budgets})
-    if not new_fit:
-        return False
-    fit_pts, _, _ = _measure_points(model.arch, new_fit, s, reporter, "latency: near the budget", measurer)
-    hold_pts, _, _ = _measure_points(model.arch, new_hold, s, reporter, "latency: hold-out near it", measurer)
-    model.fit_points.extend(fit_pts)
-    model.holdout_points.extend(hold_pts)
-    model.fit()
-    model.measure_seconds += time.perf_counter() - t0
-    return True
+        if b in model.budgets or missing <= 0:
+            model.budgets = sorted(set(model.budgets) | {b})
+            continue
+        t0 = time.perf_counter()
+        sets = near_budget_sets(model, b, missing + 1, grid, rng)
+        hold = [sets.pop(len(sets) // 2)] if len(sets) > 1 else []
+        fit_pts, _, _ = _measure_points(model.arch, sets, s, reporter, f"latency: near {b:g} ms", measurer)
+        hold_pts, _, _ = _measure_points(model.arch, hold, s, reporter, "latency: hold-out near it", measurer)
+        model.fit_points.extend(fit_pts)
+        model.holdout_points.extend(hold_pts)
+        model.budgets = sorted(set(model.budgets) | {b})
+        if fit_pts:
+            model.fit()
+        model.measure_seconds += time.perf_counter() - t0
+        measured = measured or bool(fit_pts or hold_pts)
+        if checkpoint is not None:
+            checkpoint(model)
+    return measured

@@ -110,9 +110,12 @@ def search_job(
     reporter = reporter or Reporter()
     dev = pick_device(device)
     table = _checked_table(latency_table)
-    record, rcp = _prepare_run(budget_ms, recipe, overrides or [], run_dir, resume, mark, str(dev))
+    rcp, run_path = _check_run(budget_ms, recipe, overrides or [], run_dir, resume)
     ds = load_dataset(rcp.data, data_dir)
     arch = Arch.for_data(rcp.model, ds)
+    if table is not None:  # a table for another network is refused before the run exists
+        LatencyModel.load(table).check_compatible(arch, rcp.latency, str(table))
+    record = _open_run(rcp, run_path, budget_ms, resume, mark, str(dev))
     lat, budget = _latency_stage(arch, rcp, record, table, budget_ms, reporter)
     rcp = with_grid(rcp, lat)
     done = _finished_search(record) if resume else None
@@ -142,29 +145,36 @@ def _checked_table(latency_table: Path | None) -> Path | None:
 
 
 # -- stage 1: the run directory and its record ----------------------------------------------------------------
-def _prepare_run(
-    budget_ms: float, recipe_name: str, overrides: list[str], run_dir: Path | None, resume: bool, mark: bool, dev: str
-) -> tuple[RunRecord, Recipe]:
-    """Check every input first (budget, recipe, method, run directory, lock), then create (or reopen) the run
-    directory, write recipe.toml (a new run only: a resumed run keeps its own) and start the record.
+def _check_run(
+    budget_ms: float, recipe_name: str, overrides: list[str], run_dir: Path | None, resume: bool
+) -> tuple[Recipe, Path | None]:
+    """Check the inputs that need no data (budget, recipe, method, run directory) without creating anything;
+    returns the recipe and the run directory (None: a new one under runs/).
 
-    New runs go under `runs/` (the recipe name is checked to a safe charset) or into the given `--run-dir`;
-    a resumed run's recipe is its own recipe.toml, and `--set` values that would change it are refused."""
-    Budget(budget_ms)  # a bad budget is refused before anything is created
+    A resumed run's recipe is its own recipe.toml, and `--set` values that would change it are refused."""
+    Budget(budget_ms)
     if resume:
         run_dir = resolve_run_dir(run_dir)
         recipe = _resumed_recipe(run_dir, overrides)
-        check_search_method(recipe.search.method)
         record = RunRecord.load(run_dir)  # a corrupt run.json is BadInput naming it
         if record.get("budget_ms") not in (None, budget_ms):
             raise BadInput(f"{run_dir} was searched for {record['budget_ms']} ms, not {budget_ms} ms; start a new run")
-        lock_run(run_dir)  # before anything in it changes
     else:
         run_dir = check_run_dir_path(run_dir)
         recipe = load_recipe(recipe_name, overrides)
-        check_search_method(recipe.search.method)
         if run_dir is not None and (run_dir / "run.json").exists():
             raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
+    check_search_method(recipe.search.method)
+    return recipe, run_dir
+
+
+def _open_run(recipe: Recipe, run_dir: Path | None, budget_ms: float, resume: bool, mark: bool, dev: str) -> RunRecord:
+    """Create (or reopen and lock) the run directory, write recipe.toml (a new run only: a resumed run keeps its
+    own), point runs/latest at it and start the record. Runs only after every input was checked."""
+    if resume:
+        lock_run(run_dir)  # before anything in it changes
+        record = RunRecord.load(run_dir)
+    else:
         run_dir = new_run_dir(recipe.name) if run_dir is None else run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         lock_run(run_dir)
@@ -178,7 +188,7 @@ def _prepare_run(
     if _search_finished(record):  # keep what the finished search recorded (status among it)
         started.pop("status")
     record.update(budget_ms=budget_ms, recipe=recipe.name, method=recipe.search.method, **started)
-    return record, recipe
+    return record
 
 
 def _resumed_recipe(run_dir: Path, overrides: list[str]) -> Recipe:
@@ -221,6 +231,10 @@ def latency_model_for(
     """--latency-table, else the run's own latency.json (resume), else measure one here; then measured where
     `budgets` need it (`latency.refine`), and saved in the run before the search reads it."""
     cached = run_dir / "latency.json"
+
+    def save(model: LatencyModel) -> None:  # whenever it changed: a killed run resumes from what was measured
+        model.save(cached)
+
     if table is not None:
         model = LatencyModel.load(table)
         model.check_compatible(arch, recipe.latency, str(table))
@@ -234,9 +248,12 @@ def latency_model_for(
             f"measuring the latency model on {s.provider} (batch {s.batch}, "
             f"threads {s.threads or 'default'}, p{s.percentile:g})"
         )
-        model = profile(arch, s, recipe.model.min_width, recipe.model.round_to, budgets=budgets, reporter=reporter)
-    refine(model, budgets, grid=with_grid(recipe, model).model.round_to, reporter=reporter)
-    model.save(cached)
+        model = profile(
+            arch, s, recipe.model.min_width, recipe.model.round_to, budgets=budgets, reporter=reporter, checkpoint=save
+        )
+    grid = with_grid(recipe, model).model.round_to
+    refine(model, budgets, grid=grid, reporter=reporter, checkpoint=save)
+    save(model)
     return model
 
 

@@ -6,6 +6,8 @@ os.replace, so a crash leaves either the old file or the new one, never half of 
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
 import json
 import os
@@ -85,6 +87,14 @@ def mark_latest(run_dir: Path, root: Path = RUNS_ROOT) -> None:
     os.replace(tmp, link)
 
 
+def check_run_dir_path(run_dir: str | Path | None, flag_name: str = "--run-dir") -> Path | None:
+    """A `--run-dir` for a new run, checked before anything is created: a folder or a new name, never a file,
+    inside an existing folder (None stays None: the default `runs/<time>-<recipe>`)."""
+    from flexslim.checks import check_output_dir
+
+    return None if run_dir is None else check_output_dir(run_dir, flag_name)
+
+
 def resolve_run_dir(run_dir: str | Path | None, root: Path = RUNS_ROOT) -> Path:
     """`run_dir`, or the run `root/latest` points at; BadInput when there is none."""
     if run_dir is None:
@@ -95,9 +105,64 @@ def resolve_run_dir(run_dir: str | Path | None, root: Path = RUNS_ROOT) -> Path:
             )
         return latest.resolve()
     path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"run directory {path} is a file, not a folder; pass the run's folder")
     if not path.is_dir():
         raise BadInput(f"run directory {path} does not exist")
     return path
+
+
+# -- one process per run: an flock on run_dir/.lock, held until the job ends (or the process does) ------------
+LOCK_FILE = ".lock"
+_HELD: dict[str, int] = {}  # resolved run dir -> the fd whose flock this process holds
+
+
+def lock_run(run_dir: str | Path) -> Path:
+    """Take the run's lock (`run_dir/.lock`, fcntl.flock) for this process; BadInput naming the pid that holds it.
+
+    Re-entrant within one process (a job that opens its run twice keeps one lock). The lock lives until
+    `release_run(run_dir)` / `release_runs()` or the end of the process (the kernel drops it, even on kill -9).
+    """
+    key = str(Path(run_dir).resolve())
+    if key in _HELD:
+        return Path(run_dir)
+    path = Path(run_dir) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise BadInput(
+            f"run {run_dir} is in use by pid {pid}; wait for that job to end (or stop it), or pick another --run-dir"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = fd
+    return Path(run_dir)
+
+
+def release_run(run_dir: str | Path) -> None:
+    """Drop this process's lock on `run_dir` (no-op when it holds none)."""
+    fd = _HELD.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def release_runs() -> None:
+    """Drop every run lock this process holds (the CLI calls it when a command ends)."""
+    for key in list(_HELD):
+        os.close(_HELD.pop(key))
+
+
+def content_hash(text: str) -> str:
+    """sha256 hex digest of `text` (the identity of a resolved recipe in checkpoints)."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class RunRecord:
@@ -158,7 +223,10 @@ class RunRecord:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The lines of a JSON-lines file written by `append_jsonl` ([] when absent)."""
+    """The lines of a JSON-lines file written by `append_jsonl` ([] when absent); BadInput naming a corrupt file."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadInput(f"{path} is not valid JSON lines ({err}); delete the run or start a new one") from None

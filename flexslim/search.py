@@ -11,6 +11,7 @@ only past a hysteresis band; weights, BN statistics and SGD momentum are transpl
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,13 +22,13 @@ import torch.nn.functional as F
 
 from flexslim.arch import Arch
 from flexslim.budget import Budget
-from flexslim.config import Recipe, SearchConfig
+from flexslim.config import Recipe, SearchConfig, recipe_to_toml
 from flexslim.console import Reporter
 from flexslim.data import Augment, Batches, Dataset
-from flexslim.devices import autocast, prepare, to_device_batch
+from flexslim.devices import autocast, cpu_training_kernels, prepare, to_device_batch
 from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel, with_grid
-from flexslim.runs import append_jsonl, atomic_torch_save
+from flexslim.runs import append_jsonl, atomic_torch_save, content_hash
 from flexslim.schedules import cosine_lr, drop_path_at
 from flexslim.supernet import Supernet, make_masks
 from flexslim.train import make_sgd
@@ -109,11 +110,29 @@ def build_state(arch: Arch, recipe: Recipe, device: torch.device) -> SearchState
     return SearchState(sn, weight_sgd(sn, cfg), a_opt, cfg.init_multiplier)
 
 
-def save_state(path: Path, st: SearchState) -> None:
-    """Write the checkpoint --resume reads (atomically): counters, allocation, weights, optimizers, torch RNG."""
+def checkpoint_identity(arch: Arch, recipe: Recipe, latency: LatencyModel | None = None) -> dict:
+    """What a search checkpoint belongs to: the resolved recipe (sha256 of its TOML), the epochs, the starting
+    network (family, stage widths, input) and, when given, the latency model's fit (sha256)."""
+    ident = {
+        "recipe_sha256": content_hash(recipe_to_toml(recipe)),
+        "epochs": recipe.search.epochs,
+        "family": arch.family,
+        "widths": dict(arch.widths),
+        "input_shape": list(arch.input_shape),
+    }
+    if latency is not None:
+        fit = json.dumps([list(latency.terms), list(latency.coef), latency.intercept, latency.floor_ms])
+        ident["latency_sha256"] = content_hash(fit)
+    return ident
+
+
+def save_state(path: Path, st: SearchState, identity: dict | None = None) -> None:
+    """Write the checkpoint --resume reads (atomically): what it belongs to (`checkpoint_identity`), counters,
+    allocation, weights, optimizers, torch RNG."""
     atomic_torch_save(
         path,
         {
+            "identity": identity or {},
             "epoch": st.epoch,
             "step": st.step,
             "multiplier": st.multiplier,
@@ -130,10 +149,46 @@ def save_state(path: Path, st: SearchState) -> None:
     )
 
 
-def load_state(path: Path, arch: Arch, recipe: Recipe, device: torch.device) -> SearchState:
-    """The SearchState saved by `save_state`; BadInput if the file is unreadable or from another setup."""
+def _check_identity(path: Path, saved: object, expected: dict) -> None:
+    """BadInput naming `path` when the checkpoint was written for another recipe, schedule, network or table."""
+    if type(saved) is not dict or not saved:  # a checkpoint, not a mask: plain data
+        raise BadInput(
+            f"{path} does not record which search it belongs to (written by an older flexslim); "
+            "start a new run without --resume"
+        )
+    what = {
+        "recipe_sha256": "the resolved recipe",
+        "epochs": "search.epochs",
+        "family": "the family",
+        "widths": "the starting widths",
+        "input_shape": "the input shape",
+        "latency_sha256": "the latency model",
+    }
+    for key, want in expected.items():
+        if key in saved and saved[key] != want:
+            shown = "" if key.endswith("sha256") else f": checkpoint {saved[key]!r}, this run {want!r}"
+            raise BadInput(
+                f"{path} belongs to another search ({what.get(key, key)} differs{shown}); resume with the run's "
+                "own recipe and latency table, or start a new run without --resume"
+            )
+
+
+def load_state(
+    path: Path, arch: Arch, recipe: Recipe, device: torch.device, identity: dict | None = None
+) -> SearchState:
+    """The SearchState saved by `save_state`; BadInput naming the file if it is unreadable, corrupt or from another
+    search: `identity` (default `checkpoint_identity(arch, recipe)`) must match what the file records."""
+    hint = "delete it or start a new run without --resume"
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - garbage, a foreign pickle, a truncated file
+        raise BadInput(f"{path} is not a readable search checkpoint ({type(err).__name__}); {hint}") from None
+    if type(d) is not dict:  # torch.load of plain data
+        raise BadInput(f"{path} is not a flexslim search checkpoint; {hint}")
+    _check_identity(path, d.get("identity"), identity or checkpoint_identity(arch, recipe))
+    try:
+        if set(d["allocated"]) != set(arch.widths):
+            raise ValueError(f"its stages {sorted(d['allocated'])} are not this network's {sorted(arch.widths)}")
         st = build_state(arch, recipe, device)
         st.supernet.reallocate(d["allocated"])
         st.supernet.masks.load_state_dict(d["masks"])
@@ -143,11 +198,20 @@ def load_state(path: Path, arch: Arch, recipe: Recipe, device: torch.device) -> 
         st.w_opt.load_state_dict(d["w_opt"])
         st.a_opt.load_state_dict(d["a_opt"])
         torch.set_rng_state(d["rng"])
-    except (OSError, KeyError, RuntimeError, ValueError) as err:
-        raise BadInput(f"cannot resume from {path} ({type(err).__name__}); start a new run without --resume") from None
-    st.epoch, st.step, st.multiplier, st.history = d["epoch"], d["step"], d["multiplier"], list(d["history"])
-    st.mu_sum, st.mu_steps = dict(d.get("mu_sum", {})), int(d.get("mu_steps", 0))
+        st.epoch, st.step, st.multiplier = int(d["epoch"]), int(d["step"]), float(d["multiplier"])
+        st.history = list(d["history"])
+        st.mu_sum, st.mu_steps = dict(d.get("mu_sum", {})), int(d.get("mu_steps", 0))
+    except BadInput:
+        raise
+    except Exception as err:  # noqa: BLE001 - a checkpoint whose contents do not fit this search
+        msg = str(err).splitlines()[0][:160] if str(err) else ""
+        raise BadInput(f"cannot resume from {path} ({type(err).__name__}: {msg}); {hint}") from None
     return st
+
+
+def training_widths(arch: Arch, st: SearchState) -> list[int]:
+    """Every channel count the supernet trains at now: stem, head, the stages' widths and their allocation."""
+    return [arch.stem_width, arch.head_width, *arch.widths.values(), *st.supernet.allocated().values()]
 
 
 def search_batches(ds: Dataset, recipe: Recipe, epochs_done: int) -> tuple[Batches, Batches]:
@@ -323,19 +387,21 @@ def run_search(
         The final SearchState: `state.supernet.final_widths()` / `to_arch()` are the result,
         `state.history` the per-epoch records.
     """
+    identity = checkpoint_identity(arch, recipe, latency)  # the recipe as given: the grid follows from the table
     recipe = with_grid(recipe, latency)  # model.round_to = 0: the runtime's channel block
     cfg, reporter = recipe.search, reporter or Reporter()
     ckpt = run_dir / "search_state.pt" if run_dir else None
     resuming = bool(resume and ckpt and ckpt.is_file())
-    st = load_state(ckpt, arch, recipe, device) if resuming else build_state(arch, recipe, device)
+    st = load_state(ckpt, arch, recipe, device, identity) if resuming else build_state(arch, recipe, device)
     if resume and st.epoch:
         reporter.log(f"resuming search after epoch {st.epoch}/{cfg.epochs}")
     bt, bs = search_batches(ds, recipe, st.epoch)
     loop = SearchLoop(recipe, budget, latency, device, reporter, min(len(bt), len(bs)))
     for epoch in range(st.epoch, cfg.epochs):
-        line = search_epoch(st, loop, bt, bs, epoch)
-        reporter.log(epoch_summary(line, cfg.epochs))
-        if run_dir is not None:
+        with cpu_training_kernels(device, training_widths(arch, st)):  # oneDNN off for nets under 8 channels
+            line = search_epoch(st, loop, bt, bs, epoch)
+        if run_dir is not None:  # the checkpoint first: search.jsonl is rewritten whole from it at the end
+            save_state(ckpt, st, identity)
             append_jsonl(run_dir / "search.jsonl", line)
-            save_state(ckpt, st)
+        reporter.log(epoch_summary(line, cfg.epochs))
     return st

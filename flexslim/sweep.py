@@ -103,8 +103,6 @@ def sweep_job(
 
     Returns one row per budget (also in out/sweep.json, sweep.csv, sweep.md, sweep.png).
     """
-    from flexslim.pipeline import search_job
-
     reporter, overrides = reporter or Reporter(), list(overrides or [])
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -112,25 +110,46 @@ def sweep_job(
     rows = []
     for i, b in enumerate(plan.budgets):
         reporter.log(f"sweep {i + 1}/{len(plan.budgets)}: budget {b:g} ms")
+        rows.append(
+            _one_budget(
+                b, out / f"budget-{i + 1}", recipe, overrides, plan, retrain, repeats, data_dir, device, reporter
+            )
+        )
+        write_outputs(rows, out, recipe, plan, time.perf_counter() - t0)
+    return rows
+
+
+def _one_budget(b, run_dir, recipe, overrides, plan, retrain, repeats, data_dir, device, reporter) -> dict:
+    """Search, bake (and retrain) for budget `b`, then time the delivered network; a budget the bake cannot meet
+    (BadInput, e.g. the narrowest network measured over it) is a row with its error, and the sweep goes on."""
+    from flexslim.pipeline import search_job
+
+    try:
         res = search_job(
             b,
             recipe=recipe,
             overrides=overrides,
             data_dir=data_dir,
-            run_dir=out / f"budget-{i + 1}",
+            run_dir=run_dir,
             device=device,
             latency_table=plan.table,
             retrain=retrain,
             reporter=reporter,
             mark=False,
         )
-        row = _row(b, res) | delivered_latency(res.run_dir, b, repeats)
-        row["ratio"] = row["delivered_ms"] / b
-        row["in_window"] = 0.9 * b <= row["delivered_ms"] <= b
-        rows.append(row)
-        reporter.log(f"  -> {row['widths']}: delivered p90 {row['delivered_ms']:.4f} ms = {row['ratio']:.3f} x budget")
-        write_outputs(rows, out, recipe, plan, time.perf_counter() - t0)
-    return rows
+    except BadInput as err:
+        reporter.log(f"  -> budget {b:g} ms failed: {err}")
+        return {"budget_ms": b, "error": str(err), "run_dir": str(run_dir)}
+    row = _row(b, res) | delivered_latency(res.run_dir, b, repeats)
+    row["ratio"] = row["delivered_ms"] / b
+    row["in_window"] = 0.9 * b <= row["delivered_ms"] <= b
+    reporter.log(f"  -> {row['widths']}: delivered p90 {row['delivered_ms']:.4f} ms = {row['ratio']:.3f} x budget")
+    return row
+
+
+def failed(row: dict) -> bool:
+    """A budget whose search failed or whose delivered network measured over it."""
+    return "error" in row or row["delivered_ms"] > row["budget_ms"]
 
 
 def _row(budget: float, res) -> dict:
@@ -158,12 +177,13 @@ def write_outputs(rows: list[dict], out: Path, recipe: str, plan: SweepPlan, sec
     )
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(COLUMNS)
+    w.writerow(COLUMNS + ["error"])
     for r in rows:
-        w.writerow([json.dumps(r[k]) if isinstance(r[k], dict) else r[k] for k in COLUMNS])
+        w.writerow([json.dumps(r.get(k)) if isinstance(r.get(k), dict) else r.get(k) for k in COLUMNS + ["error"]])
     atomic_write_text(out / "sweep.csv", buf.getvalue())
-    inside = sum(r["in_window"] for r in rows)
-    over = sum(r["delivered_ms"] > r["budget_ms"] for r in rows)
+    done = [r for r in rows if "error" not in r]
+    inside = sum(r["in_window"] for r in done)
+    over = sum(r["delivered_ms"] > r["budget_ms"] for r in done)
     lines = [
         f"# flexslim sweep: {recipe} (floor {plan.floor_ms:.4f} ms, widest {plan.top_ms:.4f} ms, {seconds:.0f} s)",
         "",
@@ -171,7 +191,7 @@ def write_outputs(rows: list[dict], out: Path, recipe: str, plan: SweepPlan, sec
         "| accuracy |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in done:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f} ({r['accuracy_of']})"
         lines.append(
             f"| {r['budget_ms']:g} | {'/'.join(str(v) for v in r['widths'].values())} | {r['predicted_ms']:.4f} | "
@@ -179,9 +199,10 @@ def write_outputs(rows: list[dict], out: Path, recipe: str, plan: SweepPlan, sec
             f"{acc} |"
         )
     lines += ["", f"{inside} of {len(rows)} delivered networks land in [0.90, 1.00] x budget; {over} over it."]
-    lines += [f"- budget {r['budget_ms']:g}: {r['note']}" for r in rows if r["note"]]
+    lines += [f"- budget {r['budget_ms']:g}: {r['note']}" for r in done if r["note"]]
+    lines += [f"- budget {r['budget_ms']:g} FAILED: {r['error']}" for r in rows if "error" in r]
     atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
-    _plot(rows, out / "sweep.png")
+    _plot(done, out / "sweep.png")
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -16,9 +16,9 @@ from flexslim.arch import Arch
 from flexslim.config import Recipe, TrainConfig, recipe_to_toml
 from flexslim.console import Reporter
 from flexslim.data import Augment, Batches, Dataset, StreamBatches, StreamedDataset
-from flexslim.devices import autocast, prepare, to_device_batch
+from flexslim.devices import autocast, cpu_training_kernels, prepare, to_device_batch
 from flexslim.errors import BadInput
-from flexslim.runs import atomic_torch_save
+from flexslim.runs import atomic_torch_save, content_hash
 from flexslim.schedules import cosine_lr, drop_path_at, set_drop_path
 
 
@@ -83,11 +83,14 @@ class TrainState:
     step: int = 0
     history: list[EpochMetrics] = field(default_factory=list)
 
+    identity: dict = field(default_factory=dict)  # what the checkpoint belongs to (`train_identity`)
+
     def save(self, path: Path) -> None:
         """Write the resume checkpoint (atomically)."""
         atomic_torch_save(
             path,
             {
+                "identity": self.identity,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "step": self.step,
@@ -98,14 +101,61 @@ class TrainState:
         )
 
     def restore(self, path: Path, device: torch.device) -> None:
-        """Load a checkpoint written by `save` (or by the older scheduler-based fit: its step count)."""
-        state = torch.load(path, map_location=device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"] if "step" in state else state["scheduler"]["last_epoch"])
-        self.batches.generator.set_state(state["batch_rng"])
-        self.augment.set_state(state.get("augment_rng", {}))
-        self.history = [EpochMetrics(**m) for m in state["history"]]
+        """Load a checkpoint written by `save`; BadInput naming the file when it is unreadable, corrupt or was
+        written for another training (recipe, epochs, network)."""
+        state = read_train_state(path, self.identity)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+            self.batches.generator.set_state(state["batch_rng"])
+            self.augment.set_state(state.get("augment_rng", {}))
+            self.history = [EpochMetrics(**m) for m in state["history"]]
+        except Exception as err:  # noqa: BLE001 - contents that do not fit this network or schedule
+            msg = str(err).splitlines()[0][:160] if str(err) else ""
+            raise BadInput(
+                f"cannot resume from {path} ({type(err).__name__}: {msg}); delete it or train without --resume"
+            ) from None
+
+
+def train_identity(recipe: Recipe, epochs: int) -> dict:
+    """What a training checkpoint belongs to: the resolved recipe's training sections (sha256 of [data], [model]
+    without the search's grid `round_to`, [train]) and the epochs."""
+    import json
+    import tomllib
+
+    d = tomllib.loads(recipe_to_toml(recipe))
+    used = {k: d.get(k) for k in ("data", "model", "train")}
+    if isinstance(used["model"], dict):
+        used["model"] = {k: v for k, v in used["model"].items() if k != "round_to"}
+    return {"recipe_sha256": content_hash(json.dumps(used, sort_keys=True, default=str)), "epochs": int(epochs)}
+
+
+def read_train_state(path: Path, identity: dict | None = None) -> dict:
+    """The contents of a train_state.pt, checked against `identity` (`train_identity`) when given: BadInput naming
+    the file when it is unreadable, not a training checkpoint, or written for another recipe or epoch count."""
+    hint = "delete it or train without --resume"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - garbage, a foreign pickle, a truncated file
+        raise BadInput(f"{path} is not a readable training checkpoint ({type(err).__name__}); {hint}") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "history"} <= set(state):
+        raise BadInput(f"{path} is not a flexslim training checkpoint; {hint}")
+    saved = state.get("identity")
+    if identity:
+        if not isinstance(saved, dict) or not saved:
+            raise BadInput(f"{path} does not record which training it belongs to (an older flexslim); {hint}")
+        if saved.get("epochs") != identity["epochs"]:
+            raise BadInput(
+                f"{path} is a training of {saved.get('epochs')} epochs, not {identity['epochs']}: a resumed run "
+                f"cannot change its schedule; resume with --epochs {saved.get('epochs')}, or {hint}"
+            )
+        if saved.get("recipe_sha256") != identity["recipe_sha256"]:
+            raise BadInput(
+                f"{path} was written with another recipe (the resolved recipe differs): a resumed run cannot mix "
+                f"two; resume with the run's own recipe, or {hint}"
+            )
+    return state
 
 
 def train_one_epoch(
@@ -186,12 +236,15 @@ def fit(
     batches = ds.train_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=drop_last)
     optimizer = make_sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     ts = TrainState(model, optimizer, batches, Augment(recipe.data, seed=cfg.seed), epochs * len(batches))
+    ts.identity = train_identity(recipe, epochs)
     if checkpoint is not None and checkpoint.is_file():
         ts.restore(checkpoint, device)
         reporter.log(f"resuming training at epoch {len(ts.history) + 1}/{epochs} from {checkpoint}")
     reporter.start("train", (epochs - len(ts.history)) * len(batches))
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     while len(ts.history) < epochs:
-        m = fit_epoch(ts, ds, recipe, device, reporter, epochs)
+        with cpu_training_kernels(device, widths):  # oneDNN off on the CPU for nets under 8 channels
+            m = fit_epoch(ts, ds, recipe, device, reporter, epochs)
         reporter.log(
             f"epoch {m.epoch:3d}/{epochs}  loss {m.train_loss:.4f}  train acc {m.train_acc:.4f}  "
             f"test acc {m.test_acc:.4f}  lr {m.lr:.4f}  {m.seconds:.1f}s"
@@ -282,19 +335,31 @@ class TrainRun:
 
 
 def open_train_run(
-    target: Path | None, recipe_name: str | None, overrides: list[str], data_dir: Path | None
+    target: Path | None,
+    recipe_name: str | None,
+    overrides: list[str],
+    data_dir: Path | None,
+    *,
+    resume: bool = False,
+    epochs: int | None = None,
 ) -> TrainRun:
-    """Where `flexslim train` writes and what it trains.
+    """Where `flexslim train` writes and what it trains; every input is checked before anything is created.
 
-    - a run directory: its arch.json, with its recipe.toml unless `--recipe` is given;
+    - a run directory: its arch.json, with its recipe.toml unless `--recipe` is given (locked for this process);
     - an arch.json: a new run directory holding a copy of it;
     - nothing: a new run directory with the recipe's own (initial) widths.
+
+    With `resume`, the run directory must hold a train_state.pt written for the same recipe and `epochs` (default
+    the recipe's); an arch.json or nothing has nothing to resume (BadInput).
     """
     from flexslim.arch import arch_json, load_arch
     from flexslim.config import load_recipe
     from flexslim.data import load_dataset
-    from flexslim.runs import atomic_write_text, mark_latest, new_run_dir
+    from flexslim.runs import atomic_write_text, lock_run, mark_latest, new_run_dir
 
+    if resume and (target is None or not target.is_dir()):
+        what = f"{target} is not a run directory" if target is not None else "no run directory was given"
+        raise BadInput(f"train --resume: {what}, so there is nothing to resume; pass the run's folder or drop --resume")
     if target is not None and target.is_dir():
         arch = load_arch(target / "arch.json")
         recipe_src = recipe_name or (
@@ -311,6 +376,11 @@ def open_train_run(
         else:
             arch = None
         run_dir = None
+    if resume:
+        state = run_dir / "train_state.pt"
+        if not state.is_file():
+            raise BadInput(f"train --resume: {run_dir} has no train_state.pt (no interrupted training); drop --resume")
+        read_train_state(state, train_identity(recipe, recipe.train.epochs if epochs is None else epochs))
     ds = load_dataset(recipe.data, data_dir)
     if arch is None:
         arch = Arch.for_data(recipe.model, ds)
@@ -321,7 +391,11 @@ def open_train_run(
         )
     if run_dir is None:
         run_dir = new_run_dir(recipe.name)
+        lock_run(run_dir)
         atomic_write_text(run_dir / "arch.json", arch_json(arch))
         mark_latest(run_dir)
-    atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
+    else:
+        lock_run(run_dir)  # BadInput when another job is writing this run
+    if not resume:  # a resumed training keeps the recipe.toml it started with (checked equal above)
+        atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
     return TrainRun(run_dir, arch, recipe, ds)

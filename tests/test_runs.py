@@ -113,3 +113,27 @@ def test_a_corrupt_run_record_is_bad_input_naming_the_file(tmp_path, text):
     with pytest.raises(BadInput, match="run.json") as err:
         RunRecord.load(tmp_path)
     assert "\n" not in str(err.value)
+
+
+# -- issue 9: corrupt files name themselves; run directories are checked before anything is made ---------------
+def test_corrupt_jsonl_is_bad_input_naming_it(tmp_path):
+    from flexslim.runs import read_jsonl
+
+    path = tmp_path / "search.jsonl"
+    path.write_text('{"epoch": 1}\n{"epo')
+    with pytest.raises(BadInput, match="search.jsonl"):
+        read_jsonl(path)
+
+
+def test_run_dir_paths(tmp_path):
+    from flexslim.runs import check_run_dir_path
+
+    (tmp_path / "f").write_text("x")
+    assert check_run_dir_path(None) is None
+    assert check_run_dir_path(tmp_path / "new") == tmp_path / "new"  # a new name in an existing folder
+    assert check_run_dir_path(tmp_path) == tmp_path  # an existing folder
+    for bad in (tmp_path / "f", tmp_path / "f" / "run", tmp_path / "missing" / "run"):
+        with pytest.raises(BadInput, match="--run-dir"):
+            check_run_dir_path(bad)
+    with pytest.raises(BadInput, match="is a file"):
+        resolve_run_dir(tmp_path / "f")

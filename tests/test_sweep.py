@@ -32,17 +32,21 @@ def test_sweep_writes_its_table_csv_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = sets(*TINY_SET, *FAST_SET, "search.epochs=1", "latency.min_seconds=0.05")
     res = CliRunner().invoke(app, ["sweep", "--budgets", "2", "--repeats", "1", "--out", "sw", *args])
-    assert res.exit_code in (0, 1), res.output  # 1 only when a delivered network measured over its budget
+    assert res.exit_code in (0, 1), res.output  # 1 when a budget failed or its delivered network measured over it
     out = tmp_path / "sw"
     data = json.loads((out / "sweep.json").read_text())
     rows = data["rows"]
     assert len(rows) == 2 and rows[0]["budget_ms"] < rows[1]["budget_ms"]
     assert data["floor_ms"] < rows[0]["budget_ms"] and rows[1]["budget_ms"] <= data["top_ms"] * 1.001
+    done = [r for r in rows if "error" not in r]  # a loaded machine can make the narrowest net miss a budget
+    assert done, rows
     for r in rows:
+        assert "error" in r or r["budget_ms"] in data_budgets(out)
+    for r in done:
         assert r["delivered_ms"] > 0 and len(r["delivered_runs"]) == 1 and 0 <= r["accuracy"] <= 1
         assert r["ratio"] == pytest.approx(r["delivered_ms"] / r["budget_ms"])
         assert (tmp_path / r["run_dir"] / "delivered.onnx").is_file()
-    assert (res.exit_code == 1) == any(r["delivered_ms"] > r["budget_ms"] for r in rows)
+    assert (res.exit_code == 1) == any("error" in r or r["delivered_ms"] > r["budget_ms"] for r in rows)
     with open(out / "sweep.csv") as f:
         table = list(csv.DictReader(f))
     assert [float(t["budget_ms"]) for t in table] == [r["budget_ms"] for r in rows]
@@ -51,7 +55,11 @@ def test_sweep_writes_its_table_csv_json_and_plot(tmp_path, monkeypatch):
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # one shared table: the runs used it and measured nothing more
     shared = json.loads((out / "latency.json").read_text())
-    for r in rows:
+    for r in done:
         run_table = json.loads((tmp_path / r["run_dir"] / "latency.json").read_text())
         assert run_table["fit_points"] == shared["fit_points"]
         assert set(shared["budgets"]) >= {r["budget_ms"] for r in rows}
+
+
+def data_budgets(out) -> list[float]:
+    return json.loads((out / "latency.json").read_text())["budgets"]

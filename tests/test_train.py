@@ -244,3 +244,39 @@ def test_fit_on_cuda(tiny_recipe, quickstart):
     history = fit(model, ds.to("cuda"), tiny_recipe, torch.device("cuda"), epochs=1)
     assert math.isfinite(history[0].train_loss)
     assert next(model.parameters()).is_cuda
+
+
+# ---------------------------------------------------------------- resume identity and CPU kernels (issue 9)
+def test_a_checkpoint_of_another_schedule_or_recipe_is_refused_naming_it(tmp_path, no_aug_recipe, quickstart):
+    recipe = dataclasses.replace(no_aug_recipe, train=dataclasses.replace(no_aug_recipe.train, batch_size=32))
+    ds, arch = _subset(quickstart, 64, 16), _arch_for(recipe, _subset(quickstart, 64, 16))
+    ckpt = tmp_path / "train_state.pt"
+    fit(_fresh(arch), ds, recipe, CPU, epochs=1, checkpoint=ckpt)
+    with pytest.raises(BadInput, match="not 2") as err:
+        fit(_fresh(arch), ds, recipe, CPU, epochs=2, checkpoint=ckpt)
+    assert str(ckpt) in str(err.value)
+    other = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, lr=recipe.train.lr * 2))
+    with pytest.raises(BadInput, match="another recipe"):
+        fit(_fresh(arch), ds, other, CPU, epochs=1, checkpoint=ckpt)
+    ckpt.write_bytes(b"\x00garbage")
+    with pytest.raises(BadInput, match="train_state.pt"):
+        fit(_fresh(arch), ds, recipe, CPU, epochs=1, checkpoint=ckpt)
+
+
+def test_fit_trains_inside_cpu_training_kernels_once_per_epoch(monkeypatch, no_aug_recipe, quickstart):
+    import contextlib
+
+    import flexslim.train as train_mod
+
+    calls = []
+
+    @contextlib.contextmanager
+    def spy(device, widths):
+        calls.append(sorted(set(widths)))
+        yield False
+
+    monkeypatch.setattr(train_mod, "cpu_training_kernels", spy)
+    recipe = dataclasses.replace(no_aug_recipe, train=dataclasses.replace(no_aug_recipe.train, batch_size=32))
+    ds = _subset(quickstart, 64, 16)
+    fit(_fresh(_arch_for(recipe, ds)), ds, recipe, CPU, epochs=2)
+    assert len(calls) == 2 and min(calls[0]) == 8  # every conv's channels, the tiny net's stem (8) among them
