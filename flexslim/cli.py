@@ -173,15 +173,22 @@ def search(
     latency_table: Annotated[
         Optional[Path], typer.Option(help="Use a latency table from `flexslim profile` instead of measuring here.")
     ] = None,
+    pretrained: Annotated[
+        Optional[Path],
+        typer.Option(help="A state_dict of the family's torchvision model at its own widths to start from."),
+    ] = None,
     set_: SetOpt = None,
     retrain: Annotated[bool, typer.Option(help="Retrain the baked network from scratch after the search.")] = True,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the interrupted run (runs/latest or --run-dir).")
     ] = False,
 ) -> None:
-    """The main job: latency model -> FlexCHarts search -> bake -> trim to budget -> retrain."""
+    """The main job: latency model -> FlexCHarts search -> measured bake (trim, fill) -> retrain."""
     with _exit_codes():
+        import json
+
         from flexslim.console import RichReporter
+        from flexslim.errors import BadInput
         from flexslim.pipeline import search_job
 
         overrides = list(set_ or [])
@@ -191,6 +198,10 @@ def search(
             overrides.append(f"latency.provider={provider.value}")
         if latency_batch is not None:
             overrides.append(f"latency.batch={latency_batch}")
+        if pretrained is not None:
+            if not pretrained.is_file():
+                raise BadInput(f"--pretrained {pretrained}: no such file (a torch state_dict, e.g. torchvision's)")
+            overrides.append(f"model.pretrained={json.dumps(str(pretrained.resolve()))}")  # a TOML string
         res = search_job(
             latency_ms,
             recipe=recipe,

@@ -150,3 +150,9 @@ def test_flexslim_console_script_help():
     )
     assert proc.returncode == 0, proc.stderr
     assert "validate" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_search_pretrained_must_be_a_file(in_tmp, cli):
+    res = cli.invoke(app, ["search", "--latency-ms", "1", "--pretrained", "missing.pth", "--no-retrain"])
+    assert res.exit_code == 2 and "--pretrained" in res.stderr and "Traceback" not in res.output
+    assert not (in_tmp / "runs").exists()
