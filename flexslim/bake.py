@@ -5,7 +5,7 @@
 2. measure  the best few; keep the one that measures highest within the limit (or the lowest, when all are over);
 3. trim     while over the limit: `grid` channels off the stage with the best predicted saving per relative width;
 4. fill     while a stage can grow: the most relative width per predicted millisecond first, kept when it
-            MEASURES within the limit;
+            MEASURES within the limit; still below the window, move one grid step of width between two stages;
 5. report   whether the result lands in the budget's window [low, ms], and otherwise the two neighbouring networks
             that straddle it, with their measured latencies.
 
@@ -32,6 +32,7 @@ Measure = Callable[[Arch, dict[str, int], LatencyConfig], Timing]
 ENUMERATE_UP_TO = 10  # stages; more than that: a beam over the stages
 BEAM = 32
 MEASURE_FIRST = 3  # rounded neighbours measured before trimming or filling
+EXCHANGES = 3  # at most this many width exchanges measured when the fill ends below the window
 OUTLIER = 1.3  # a measurement this far over the prediction is repeated once (the lower of the two is kept)
 
 
@@ -39,7 +40,7 @@ OUTLIER = 1.3  # a measurement this far over the prediction is repeated once (th
 class Fitted:
     """The delivered widths, their last measurement, and every step of the bake.
 
-    `steps`: {"step": choose | trim | grow | grow-rejected, "widths", "predicted_ms", "measured_ms"} in order;
+    `steps`: {"step": choose | trim | grow | grow-rejected | exchange, "widths", "predicted_ms", "measured_ms"};
     `trims`: the trims alone ({"stage", "from", "to", "measured_ms", "limit_ms"}); `note`: why the network lands
     below the window, when it does.
     """
@@ -152,6 +153,7 @@ def bake(
     if fit:
         widths, t, trims = _trim(widths, t, desk, budget, min_width, grid, max_measures)
         widths, t = _fill(widths, t, desk, budget, grid, max_measures)
+        widths, t = _exchange(widths, t, desk, budget, min_width, grid, max_measures)
     fitted = Fitted(dict(widths), t.at_percentile_ms, t.p50_ms, t.provider, trims, desk.steps)
     fitted.note = _window_note(fitted, desk, budget) if fit else ""
     fitted.seconds = time.perf_counter() - t0
@@ -218,6 +220,29 @@ def _fill(widths, t: Timing, desk: _Desk, budget: Budget, grid: int, max_measure
         else:
             desk.steps[-1]["step"] = "grow-rejected"
             blocked.add(stage)
+    return widths, t
+
+
+def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
+    """Below the window after the fill (no single stage could grow): try moving one grid step of width from one
+    stage to another, the pairs predicted highest within the limit first; keep one that MEASURES in the window."""
+    tried = 0
+    while t.at_percentile_ms < budget.low_ms and len(desk.steps) < max_measures and tried < EXCHANGES:
+        pairs = []
+        for up, down in itertools.permutations(widths, 2):
+            if widths[down] - grid < min_width:
+                continue
+            w = {**widths, up: widths[up] + grid, down: widths[down] - grid}
+            pred = float(desk.latency.predict(w))
+            if budget.low_ms <= pred <= budget.limit_ms and tuple(sorted(w.items())) not in desk.cache:
+                pairs.append((pred, w))
+        if not pairs:
+            break
+        _, w = max(pairs, key=lambda pw: pw[0])
+        tried += 1
+        tw = desk(w, "exchange")
+        if t.at_percentile_ms < tw.at_percentile_ms <= budget.limit_ms:
+            widths, t = w, tw
     return widths, t
 
 

@@ -181,3 +181,31 @@ def test_real_measurement_meets_a_loose_budget():
     res = bake(arch, {"a": 8.0, "b": 16.0, "c": 24.0}, budget=Budget(1000.0), latency=truth,
                settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure, max_measures=4)  # fmt: skip
     assert res.provider == "cpu" and 0 < res.measured_ms <= 1000.0 and res.measurements <= 4
+
+
+def test_below_the_window_after_the_fill_an_exchange_of_width_between_stages_lands_in_it():
+    """Every single growth overshoots; moving one grid step from b to a lands inside [0.90, 0.98] x budget."""
+
+    table = {
+        (16, 16, 16): 0.80,  # the start: below the window
+        (24, 16, 16): 1.20,
+        (16, 24, 16): 1.10,
+        (16, 16, 24): 1.05,  # every growth: over the limit
+        (24, 8, 16): 0.95,
+        (24, 16, 8): 0.99,
+        (16, 24, 8): 0.85,
+        (8, 24, 16): 0.70,  # the exchanges
+    }
+
+    class Fake:
+        def predict(self, w):
+            return table.get((w["a"], w["b"], w["c"]), 9.9)
+
+    def measure(arch, widths, settings):
+        ms = Fake().predict(widths)
+        return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+
+    res = bake(small_arch(), {"a": 16.0, "b": 16.0, "c": 16.0}, budget=Budget(1.0, headroom=0.02), latency=Fake(),
+               settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure)  # fmt: skip
+    assert res.widths == {"a": 24, "b": 8, "c": 16} and res.measured_ms == 0.95 and res.note == ""
+    assert [s["step"] for s in res.steps] == ["choose", "exchange"]

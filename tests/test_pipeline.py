@@ -86,7 +86,7 @@ def test_run_json_records_budget_widths_and_measurement(run):
     assert info["latency"]["provider"] == "cpu" and info["latency"]["floor_ms"] == run.table["floor_ms"]
     # the bake's log: every measured network, the delivered one among those that measured within the limit
     steps = info["bake"]
-    assert steps and all(s["step"] in ("choose", "trim", "grow", "grow-rejected") for s in steps)
+    assert steps and all(s["step"] in ("choose", "trim", "grow", "grow-rejected", "exchange") for s in steps)
     kept = [s for s in steps if s["widths"] == info["widths"]]
     assert kept and kept[-1]["measured_ms"] == info["measured_ms"] <= b["limit_ms"]
     assert all(s["measured_ms"] > b["limit_ms"] for s in steps if s["step"] == "grow-rejected")
