@@ -119,11 +119,10 @@ def _search_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict,
         mark=False,
     )
     history = res.history or []
-    in_search_latency = sum(h.get("extend_seconds", 0.0) for h in history)  # measuring inside the loop (if any)
-    search_seconds = sum(h["seconds"] for h in history) - in_search_latency
+    search_seconds = res.search_seconds  # the loop alone: the search measures nothing (latency_seconds apart)
     row = {
         "search_seconds": search_seconds,
-        "latency_seconds": getattr(res, "latency_seconds", None) or in_search_latency,
+        "latency_seconds": res.latency_seconds,
         "epochs": len(history),
         "seconds_per_epoch": search_seconds / len(history) if history else None,
         "measured_ms": res.fitted.measured_ms,
@@ -187,7 +186,7 @@ def search_window_memory(spec: dict, recipe, ds, dev, allocation: dict[str, int]
 def _uniform_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, object]:
     """Uniform scaling: one multiplier bisected on measured latency (its "search"), then optional retraining."""
     from flexslim.arch import Arch
-    from flexslim.latency import LatencyModel
+    from flexslim.latency import LatencyModel, with_grid
     from flexslim.uniform import uniform_scale
 
     memory = SearchMemory(dev)
@@ -200,7 +199,7 @@ def _uniform_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict
         budget=_budget(spec["budget_ms"], recipe, table),
         settings=recipe.latency,
         min_width=recipe.model.min_width,
-        round_to=recipe.model.round_to or getattr(table, "block", 8),
+        round_to=with_grid(recipe, table).model.round_to,
         measure=spec.get("measure"),
     )
     # its "search" is all latency measurement: no training, no tensor memory to speak of
@@ -217,10 +216,8 @@ def _uniform_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict
 
 
 def _budget(ms: float, recipe, table) -> Budget:
-    """The Budget the job would use for `ms` (noise-based headroom when budget.py offers it)."""
-    if hasattr(Budget, "for_noise"):
-        return Budget.for_noise(ms, table.noise(), getattr(recipe.latency, "confidence", 2.0))
-    return Budget.from_recipe(ms, recipe.search)
+    """The Budget the search job would use for `ms`: headroom from the shared table's timing spread."""
+    return Budget.for_noise(ms, table.noise(), recipe.latency.confidence)
 
 
 def run_bench(
@@ -234,6 +231,7 @@ def run_bench(
     data_dir: Path | None = None,
     device: str = "auto",
     seeds: int = 1,
+    latency_table: Path | None = None,
     log=print,
 ) -> list[dict]:
     """Every method on one recipe, budget and latency table, `seeds` times, each run in its own process ->
@@ -245,6 +243,7 @@ def run_bench(
         retrain: retrain every result and report its test accuracy (default: the recipe's bench.retrain).
         seeds: runs per method; run i sets search.seed and train.seed to the recipe's search.seed + i
             (1: the recipe's seeds as they are).
+        latency_table: a latency.json of this recipe (`flexslim profile`) to share instead of measuring one.
         log: called with one line per event.
 
     Returns:
@@ -266,7 +265,10 @@ def run_bench(
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise BadInput(f"--seeds must be a whole number >= 1, got {seeds}")
     out.mkdir(parents=True, exist_ok=True)
-    _shared_latency_table(recipe_name, overrides, out / "latency.json", budget, data_dir, log)
+    if latency_table is not None:
+        _reuse_latency_table(Path(latency_table), out / "latency.json", budget, log)
+    else:
+        _shared_latency_table(recipe_name, overrides, out / "latency.json", budget, data_dir, log)
     base = {
         "recipe": recipe_name,
         "overrides": overrides,
@@ -302,6 +304,22 @@ def _shared_latency_table(recipe_name: str, overrides: list[str], table: Path, b
         f"latency table: {time.perf_counter() - t0:.0f}s, hold-out error median "
         f"{model.error_summary().get('median_pct', 0):.1f}%, floor {model.floor_ms:.4f} ms"
     )
+
+
+def _reuse_latency_table(src: Path, table: Path, budget: float, log) -> None:
+    """Share a measured latency table (its compatibility is checked by every run that loads it)."""
+    from flexslim.latency import LatencyModel
+
+    if not src.is_file():
+        raise BadInput(f"latency table {src} does not exist")
+    model = LatencyModel.load(src)
+    if budget < model.floor_ms:
+        raise BadInput(
+            f"--latency-ms {budget:g} is below the family's floor {model.floor_ms:.4f} ms on {model.provider}"
+        )
+    if src.resolve() != table.resolve():
+        model.save(table)
+    log(f"bench: sharing the latency table {src} (floor {model.floor_ms:.4f} ms, {model.provider})")
 
 
 def _run_method(spec: dict, out: Path, log) -> dict:
@@ -534,14 +552,14 @@ def write_outputs(rows: list[dict], out: Path, budget: float, recipe: str) -> No
     bench.png (accuracy vs latency) into `out`."""
     ok = [r for r in rows if "error" not in r]
     summary = summarize(rows)
-    seeds = sorted({r.get("seed") for r in rows}, key=lambda s: (s is None, s))
+    seeds = max((s["runs"] + s["failed"] for s in summary.values()), default=0)
     dataset = next((r.get("dataset") for r in ok), None)
     device = next((r.get("device") for r in ok), "?")
     lines = [
         f"# flexslim bench: {recipe}, budget {budget:g} ms/sample",
         "",
         f"Dataset {dataset}{' (random images: accuracy is meaningless)' if is_synthetic(dataset or '') else ''}; "
-        f"training device {device}; {len(seeds)} seed(s) per method; mean ± std over the seeds.",
+        f"training device {device}; {seeds} run(s) per method (seeds); mean ± std over the runs.",
         "",
         "| method | " + " | ".join(title for _, title in SUMMARY_COLUMNS) + " |",
         "|" + "---|" * (len(SUMMARY_COLUMNS) + 1),

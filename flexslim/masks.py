@@ -178,13 +178,11 @@ def hard_mask(width: int, allocated: int, device=None) -> torch.Tensor:
 
 
 ALPHA_INIT_STD = 1e-3  # DMask logits ~ N(0, ALPHA_INIT_STD^2): DARTS/FBNet's small random init (1e-3 * randn)
-FBNET_TAU0, FBNET_TAU_DECAY, FBNET_EPOCHS = 5.0, 0.956, 90  # FBNet/FBNetV2: tau 5.0, x exp(-0.045) per epoch, 90 epochs
 
 
 def final_temperature(cfg: SearchConfig) -> float:
-    """The Gumbel temperature of the last search epoch: search.tau_final, else FBNet's (5.0 * 0.956^89 = 0.09)."""
-    final = getattr(cfg, "tau_final", None)
-    return float(final) if final is not None else FBNET_TAU0 * FBNET_TAU_DECAY ** (FBNET_EPOCHS - 1)
+    """The Gumbel temperature of the last search epoch: search.tau_final (FBNet's 5.0 * 0.956^89 = 0.09 by default)."""
+    return float(cfg.tau_final)
 
 
 def temperature(epoch: int, epochs: int, tau0: float, tau_final: float) -> float:

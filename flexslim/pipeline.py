@@ -54,6 +54,7 @@ class JobResult:
     test_acc: float | None
     memory: dict | None = None
     supernet_acc: float | None = None
+    latency_seconds: float = 0.0  # measuring: the latency model (what this run measured of it) and the bake
 
     @property
     def search_seconds(self) -> float:
@@ -132,6 +133,7 @@ def search_job(
         test_acc,
         searched.memory,
         searched.supernet_acc,
+        record.get("latency_seconds", 0.0),
     )
 
 
@@ -338,7 +340,6 @@ def _search_stage(
 ) -> Searched:
     """Run the search, write search.jsonl and search.png, bake and fit the widths, record it all."""
     from flexslim.search import run_search
-    from flexslim.train import evaluate_batches
 
     run_dir = record.run_dir
     if not resume:
@@ -357,7 +358,7 @@ def _search_stage(
         resume=resume,
     )
     memory_info = memory.stop()
-    supernet_acc = evaluate_batches(st.supernet, ds.test_batches(), dev)[1]  # reported only, never searched on
+    supernet_acc = _supernet_accuracy(st.supernet, ds, recipe, dev)
     _write_search_outputs(st.history, run_dir, f"{recipe.search.method} search for {budget.ms:g} ms ({recipe.name})")
     centers = st.averaged_widths() or st.supernet.mean_widths()
     fitted = bake(
@@ -382,6 +383,17 @@ def _search_stage(
         f"{budget.ms:g} ms ({fitted.measurements} networks measured)" + (f"; {fitted.note}" if fitted.note else "")
     )
     return Searched(baked, fitted, st.history, memory_info, supernet_acc)
+
+
+def _supernet_accuracy(supernet, ds: Dataset, recipe: Recipe, dev) -> float:
+    """The searched supernet's test accuracy with its own masks, after its BatchNorm statistics are recalibrated on
+    D_t (in place: the searched weights saved for users who skip retraining carry them too). Reported only; the
+    test set is never searched on."""
+    from flexslim.train import evaluate_batches, recalibrate
+
+    d_t, _ = ds.search_halves(recipe.data.split_seed)
+    model = recalibrate(supernet, d_t.train_batches(recipe.search.batch_size), dev)
+    return evaluate_batches(model, ds.test_batches(), dev)[1]
 
 
 def _record_search(record: RunRecord, centers: dict, fitted: Fitted, budget: Budget, history: list[dict], **extra):

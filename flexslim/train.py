@@ -158,6 +158,26 @@ def read_train_state(path: Path, identity: dict | None = None) -> dict:
     return state
 
 
+@torch.no_grad()
+def recalibrate(model: nn.Module, batches, device: torch.device) -> nn.Module:
+    """Recompute `model`'s BatchNorm running statistics over `batches` (train mode, a cumulative average, no
+    augmentation), in place; returns it in eval mode. A searched supernet's running statistics lag its masks
+    (momentum over few steps, channels re-initialised at every re-allocation): evaluated, or sliced into a dense
+    network, as they are, the searched weights look worse than they are."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all the batches
+    model.train()
+    for x, _ in batches:
+        with autocast(device):
+            model(to_device_batch(x, device))
+    for bn, momentum in zip(norms, momenta):
+        bn.momentum = momentum
+    return model.eval()
+
+
 def train_one_epoch(
     ts: TrainState, cfg: TrainConfig, device: torch.device, reporter: Reporter, aux_weight: float = 0.0
 ) -> tuple[float, float]:

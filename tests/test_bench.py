@@ -9,7 +9,7 @@ import pytest
 from search_fixtures import TINY_SET, sets
 from typer.testing import CliRunner
 
-from flexslim.bench import verdicts
+from flexslim.bench import inside_noise, mean_std, summarize, verdicts, write_outputs
 from flexslim.cli import app
 
 
@@ -24,7 +24,9 @@ def test_bench_writes_the_table_csv_and_plot(tmp_path, monkeypatch):
         "latency.runs=5",
         "latency.min_seconds=0",
         "latency.warmup=1",
-        "search.extend_samples=2",
+        "latency.repeats=1",
+        "latency.probe=false",
+        "latency.near=1",
         "search.batch_size=256",
     )
     res = CliRunner().invoke(
@@ -49,6 +51,11 @@ def test_bench_writes_the_table_csv_and_plot(tmp_path, monkeypatch):
         assert "error" not in r, r
         assert r["budget_met"] == (r["measured_ms"] <= 2.0)
         assert r["peak_mb"] > 0 and r["mflops"] > 0 and r["params_k"] > 0 and r["search_seconds"] >= 0
+        assert r["predicted_ms"] > 0 and r["dataset"] == "quickstart"
+    for r in rows[:2]:  # searched: live-tensor peak from the profiler, over the widest allocation
+        assert r["tensor_peak_mb"] > r["tensor_state_mb"] > 0 and r["tensor_source"].startswith("torch.profiler")
+        assert r["peak_allocated"] and r["seconds_per_epoch"] > 0
+    assert rows[1]["tensor_peak_mb"] > rows[0]["tensor_peak_mb"]  # DMask-large holds 3x the widths
     assert rows[0]["acc_supernet"] is not None and 0 <= rows[0]["acc_supernet"] <= 1
     with open(tmp_path / "b" / "bench.csv") as f:
         assert len(list(csv.reader(f))) == 4
@@ -57,42 +64,81 @@ def test_bench_writes_the_table_csv_and_plot(tmp_path, monkeypatch):
     assert "| flexcharts |" in table and "Search time: DMask-large / FlexCHarts" in table
 
 
+def _row(method, seed, ms, secs, tensor, met=None, acc=None, **extra):
+    return {
+        "method": method,
+        "seed": seed,
+        "widths": {"a": 8},
+        "budget_ms": 0.3,
+        "measured_ms": ms,
+        "predicted_ms": ms,
+        "budget_met": ms <= 0.3 if met is None else met,
+        "search_seconds": secs,
+        "tensor_peak_mb": tensor,
+        "peak_mb": 500.0,
+        "acc_retrained": acc,
+        "dataset": "quickstart",
+        **extra,
+    }
+
+
 def test_verdicts_say_plainly_what_did_not_happen():
     rows = [
-        {
-            "method": "flexcharts",
-            "budget_met": True,
-            "measured_ms": 0.2,
-            "search_seconds": 10.0,
-            "search_mb": 50.0,
-            "peak_mb": 500.0,
-        },
-        {
-            "method": "dmask-large",
-            "budget_met": False,
-            "measured_ms": 0.4,
-            "search_seconds": 5.0,
-            "search_mb": 100.0,
-            "peak_mb": 600.0,
-        },
-        {
-            "method": "dmask-small",
-            "budget_met": True,
-            "measured_ms": 0.25,
-            "search_seconds": 4.0,
-            "search_mb": 30.0,
-            "peak_mb": 450.0,
-        },
+        _row("flexcharts", None, 0.2, 10.0, 50.0),
+        _row("dmask-large", None, 0.4, 5.0, 100.0),
+        _row("dmask-small", None, 0.25, 4.0, 30.0, range_ms=[0.1, 0.5]),
     ]
     text = "\n".join(verdicts(rows))
-    assert "FlexCHarts meets" in text
+    assert "FlexCHarts meets the budget in 1/1" in text
     assert "FlexCHarts NOT faster" in text  # 5 / 10 = 0.5x
-    assert "FlexCHarts lower" in text  # 100 / 50 = 2x
+    assert "Tensor memory of the search: DMask-large / FlexCHarts = 2.00x" in text and "FlexCHarts lower" in text
     assert "DMask-large MISSES" in text
-    assert "DMask-small MEETS" in text
+    assert "DMask-small meets the budget in 1/1" in text
+    assert "spread unknown" in text  # one run each
+
+
+def test_seeds_give_mean_and_std_and_the_verdicts_name_the_noise():
+    rows = [
+        _row("flexcharts", 0, 0.20, 10.0, 50.0, acc=0.90),
+        _row("flexcharts", 1, 0.22, 12.0, 52.0, acc=0.94),
+        _row("flexcharts", 2, 0.31, 11.0, 51.0, acc=0.92),
+        _row("dmask-large", 0, 0.25, 30.0, 100.0),
+        _row("dmask-large", 1, 0.26, 33.0, 104.0),
+        _row("dmask-large", 2, 0.27, 36.0, 98.0),
+        _row("dmask-small", 0, 0.35, 4.0, 30.0, range_ms=[0.32, 0.6]),
+        _row("uniform", 0, 0.28, 0.0, None, acc=0.91),
+        _row("uniform", 1, 0.28, 0.0, None, acc=0.95),
+        {"method": "uniform", "seed": 2, "error": "boom"},
+    ]
+    s = summarize(rows)
+    assert s["flexcharts"]["runs"] == 3 and s["flexcharts"]["met"] == 2
+    assert s["flexcharts"]["search_seconds"] == pytest.approx((11.0, 1.0))
+    assert s["uniform"]["failed"] == 1 and s["uniform"]["tensor_peak_mb"] is None
+    assert mean_std([1.0, None, 3.0]) == pytest.approx((2.0, 2**0.5))
+    assert inside_noise((1.0, 0.5), (1.5, 0.5)) is True and inside_noise((1.0, 0.1), (3.0, 0.1)) is False
+    text = "\n".join(verdicts(rows))
+    assert "FlexCHarts meets only sometimes the budget in 2/3" in text
+    assert "Search time: DMask-large / FlexCHarts = 3.00x" in text and "outside the noise" in text
+    assert "DMask-small MISSES" in text and "narrowest network of its range is predicted 0.3200 ms > 0.3 ms" in text
+    assert "Accuracy vs uniform (retrained)" in text and "INSIDE the noise" in text  # 0.92 +- 0.02 vs 0.93 +- 0.03
+
+
+def test_the_table_shows_mean_and_std_per_method(tmp_path):
+    rows = [_row("flexcharts", 0, 0.20, 10.0, 50.0), _row("flexcharts", 1, 0.22, 12.0, 54.0)]
+    write_outputs(rows, tmp_path, 0.3, "r")
+    text = (tmp_path / "bench.md").read_text()
+    assert "| flexcharts | 8 | 0.2100 ± 0.0141 | 0.2100 ± 0.0141 | 2/2 |" in text
+    assert "11.0 ± 1.4" in text and "52.0 ± 2.8" in text  # search time, tensor peak
+    assert "## Runs" in text and text.count("| flexcharts | 0 |") == 1
 
 
 def test_unknown_method_is_bad_input(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["bench", "--recipe", "quickstart", "--methods", "nope", "--latency-ms", "1"])
     assert res.exit_code == 2
+
+
+def test_seeds_below_one_is_bad_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["bench", "--recipe", "quickstart", "--latency-ms", "1", "--seeds", "0"])
+    assert res.exit_code == 2 and "--seeds" in res.output

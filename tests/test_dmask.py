@@ -1,4 +1,5 @@
-"""DMaskingNAS baseline: GumbelMask over a fixed range, temperature annealing, argmax final width."""
+"""DMaskingNAS baseline: GumbelMask over a fixed range, temperature annealing to FBNet's final temperature at the
+last epoch, small random (seeded) logits, argmax final width."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from search_fixtures import SMALL_MODEL, hand_latency_model, single_thread, small_arch  # noqa: F401
 
 from flexslim.config import SearchConfig
-from flexslim.masks import GumbelMask, dmask_options, gumbel_masks
+from flexslim.masks import GumbelMask, dmask_options, final_temperature, gumbel_masks, temperature
 from flexslim.supernet import Supernet, make_masks
 
 
@@ -43,6 +44,32 @@ def test_gumbel_samples_are_noisy_in_training_and_alpha_gets_gradients():
     assert m.alpha.grad is not None and m.alpha.grad.abs().sum() > 0
 
 
+def test_logits_start_small_random_and_seeded():
+    torch.manual_seed(3)
+    a = GumbelMask(list(range(8, 97, 4))).alpha.detach().clone()
+    torch.manual_seed(3)
+    b = GumbelMask(list(range(8, 97, 4))).alpha.detach().clone()
+    assert torch.equal(a, b)  # the search seeds torch before building the masks: reproducible
+    assert a.abs().max() < 0.01 and a.std() > 0  # random, not zero, and small (DARTS/FBNet: 1e-3 * randn)
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 10, 50, 90])
+def test_temperature_reaches_the_final_one_at_the_last_epoch_whatever_the_epoch_count(epochs):
+    taus = [temperature(e, epochs, 5.0, 0.09) for e in range(epochs)]
+    assert taus[-1] == pytest.approx(0.09)
+    if epochs > 1:
+        assert taus[0] == pytest.approx(5.0)
+        assert all(a > b for a, b in zip(taus, taus[1:]))  # geometric: a constant ratio per epoch
+        ratios = [b / a for a, b in zip(taus, taus[1:])]
+        assert max(ratios) == pytest.approx(min(ratios))
+
+
+def test_default_final_temperature_is_fbnets():
+    cfg = SearchConfig()
+    assert final_temperature(cfg) == pytest.approx(getattr(cfg, "tau_final", 5.0 * 0.956**89), rel=1e-6)
+    assert 0.05 < final_temperature(cfg) < 0.15  # 5.0 x 0.956^89 over FBNet's 90 epochs
+
+
 def test_final_width_is_the_argmax_option():
     m = GumbelMask([4, 8, 12, 16])
     with torch.no_grad():
@@ -68,12 +95,12 @@ def test_temperature_anneals_per_epoch_in_the_search():
         (0.3,),
         (0.35,),
     )
-    search = SearchConfig(method="dmask", epochs=3, batch_size=32, tau0=5.0, tau_decay=0.5, dmask_range="small")
+    search = SearchConfig(method="dmask", epochs=3, batch_size=32, tau0=5.0, dmask_range="small")
     recipe = Recipe(model=SMALL_MODEL, search=search)
     lat = hand_latency_model(arch)
     st = run_search(arch, recipe, ds, budget=Budget(1.0), latency=lat, device=torch.device("cpu"))
     taus = {m.tau for m in st.supernet.masks.values()}
-    assert taus == {5.0 * 0.5**2}  # the temperature of the last epoch
+    assert len(taus) == 1 and taus.pop() == pytest.approx(final_temperature(search))  # the last epoch: final tau
     # fixed range: allocation never moves, and final widths are options of the range
     for m in st.supernet.masks.values():
         assert m.allocated == m.options()[-1]

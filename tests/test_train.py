@@ -280,3 +280,18 @@ def test_fit_trains_inside_cpu_training_kernels_once_per_epoch(monkeypatch, no_a
     ds = _subset(quickstart, 64, 16)
     fit(_fresh(_arch_for(recipe, ds)), ds, recipe, CPU, epochs=2)
     assert len(calls) == 2 and min(calls[0]) == 8  # every conv's channels, the tiny net's stem (8) among them
+
+
+def test_recalibrated_recomputes_batchnorm_statistics_on_a_copy():
+    from flexslim.data import Batches
+    from flexslim.train import recalibrate
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+    net[1].running_mean.fill_(7.0)  # stale statistics
+    x = torch.rand(40, 1, 8, 8)
+    model = recalibrate(net, Batches(x, torch.zeros(40, dtype=torch.int64), 10), torch.device("cpu"))
+    with torch.no_grad():
+        out = net[0](x)
+    assert torch.allclose(model[1].running_mean, out.mean(dim=(0, 2, 3)), atol=1e-5)  # the mean over ALL batches
+    assert model is net and not model.training and net[1].momentum == 0.1  # in place; momentum restored
