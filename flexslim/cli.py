@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from flexslim.devices import DEVICES
+from flexslim.distributed import is_main, printed_here
 from flexslim.methods import BENCH_METHODS, SEARCH_METHODS
 from flexslim.runtime import PROVIDERS
 
@@ -57,14 +58,20 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="Training device.")]
 
 @contextlib.contextmanager
 def _exit_codes():
-    """BadInput -> one line + exit 2; GateFailed -> one line + exit 1; Ctrl-C -> exit 130."""
-    from flexslim.errors import BadInput, GateFailed
+    """BadInput -> one line + exit 2; GateFailed -> one line + exit 1; a lost torchrun rank -> one line on every
+    surviving rank + exit 3; Ctrl-C -> exit 130. Under torchrun bad input that every rank finds is printed by rank 0
+    only."""
+    from flexslim.errors import BadInput, GateFailed, RanksLost
 
     try:
         yield
     except BadInput as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        if printed_here(e):
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except RanksLost as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(3) from None
     except GateFailed as e:
         err.print(f"[red]FAIL:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -96,9 +103,13 @@ def search(
         bool, typer.Option("--resume", help="Continue the interrupted run (runs/latest or --run-dir).")
     ] = False,
 ) -> None:
-    """The main job: latency model -> FlexCHarts search -> bake -> trim to budget -> retrain."""
-    with _exit_codes():
-        from flexslim.console import RichReporter
+    """The main job: latency model -> FlexCHarts search -> bake -> trim to budget -> retrain.
+
+    Data-parallel on N processes or GPUs: `torchrun --nproc-per-node N -m flexslim search ...`."""
+    from flexslim.distributed import session
+
+    with _exit_codes(), session(device.value):
+        from flexslim.console import Reporter, RichReporter
         from flexslim.pipeline import search_job
 
         overrides = list(set_ or [])
@@ -118,8 +129,10 @@ def search(
             latency_table=latency_table,
             retrain=retrain,
             resume=resume,
-            reporter=RichReporter(err),
+            reporter=RichReporter(err) if is_main() else Reporter(),
         )
+        if not is_main():
+            return
         f = res.fitted
         out.print(
             f"run {res.run_dir}: widths {f.widths}, measured p90 {f.measured_ms:.4f} ms/sample "
@@ -167,14 +180,19 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted training of this run.")] = False,
 ) -> None:
-    """Retrain a network from scratch and write model.pt into its run directory."""
-    with _exit_codes():
-        from flexslim.console import RichReporter
+    """Retrain a network from scratch and write model.pt into its run directory.
+
+    Data-parallel on N processes or GPUs: `torchrun --nproc-per-node N -m flexslim train ...`."""
+    from flexslim.distributed import session
+
+    with _exit_codes(), session(device.value):
+        from flexslim.console import Reporter, RichReporter
         from flexslim.devices import pick_device
         from flexslim.train import open_train_run, train_arch
 
         run = open_train_run(target, recipe, set_ or [], data)
-        err.print(f"run directory: {run.run_dir}  widths: {run.arch.widths}")
+        if is_main():
+            err.print(f"run directory: {run.run_dir}  widths: {run.arch.widths}")
 
         history = train_arch(
             run.arch,
@@ -183,9 +201,11 @@ def train(
             run.dataset,
             pick_device(device.value),
             epochs,
-            RichReporter(err),
+            RichReporter(err) if is_main() else Reporter(),
             resume=resume,
         )
+        if not is_main():
+            return
         last = history[-1]
         out.print(f"trained {run.run_dir / 'model.pt'}: test accuracy {last.test_acc:.4f} after {last.epoch} epochs")
 

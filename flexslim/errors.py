@@ -11,3 +11,8 @@ class BadInput(Exception):
 
 class GateFailed(Exception):
     """A model was checked and did not pass (latency over budget, accuracy under target, parity). Exit 1."""
+
+
+class RanksLost(Exception):
+    """A distributed (torchrun) job stopped because another rank died or the launcher stopped it. Not a verdict
+    on the model: exit 3, one line on every surviving rank, and the finished epochs are kept for --resume."""

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flexslim import distributed
 from flexslim.arch import Arch, arch_json, load_arch
 from flexslim.budget import Budget
 from flexslim.config import Recipe, load_recipe, recipe_to_toml
@@ -25,7 +26,15 @@ from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel, profile
 from flexslim.memory import SearchMemory
 from flexslim.methods import check_search_method
-from flexslim.runs import RunRecord, atomic_write_text, mark_latest, new_run_dir, read_jsonl, resolve_run_dir
+from flexslim.runs import (
+    RunRecord,
+    atomic_write_text,
+    mark_latest,
+    new_run_dir,
+    read_jsonl,
+    remove,
+    resolve_run_dir,
+)
 from flexslim.trim import Fitted, fit_to_budget, round_to_budget
 
 
@@ -100,13 +109,18 @@ def search_job(
 
     reporter = reporter or Reporter()
     dev = pick_device(device)
-    table = _checked_table(latency_table)
-    record, rcp = _prepare_run(budget_ms, recipe, overrides or [], run_dir, resume, mark, str(dev))
+    # under torchrun: rank 0 prepares the run, measures and bakes; every rank searches and retrains its shards
+    table = distributed.on_main(lambda: _checked_table(latency_table))
+    distributed.check_recipe(lambda: _resolve_recipe(recipe, overrides or [], run_dir, resume)[1], train=retrain)
+    record, rcp = distributed.on_main(
+        lambda: _prepare_run(budget_ms, recipe, overrides or [], run_dir, resume, mark, str(dev))
+    )
     budget = Budget.from_recipe(budget_ms, rcp.search)
-    ds = load_dataset(rcp.data, data_dir)
+    with distributed.main_first():  # a download happens once
+        ds = load_dataset(rcp.data, data_dir)
     arch = Arch.for_data(rcp.model, ds)
-    lat = _latency_stage(arch, rcp, record, table, budget, reporter)
-    done = _finished_search(record) if resume else None
+    lat = distributed.on_main(lambda: _latency_stage(arch, rcp, record, table, budget, reporter))
+    done = distributed.on_main(lambda: _finished_search(record)) if resume else None
     if done is not None:
         reporter.log(f"search already finished: widths {done.arch.widths}")
     searched = done or _search_stage(arch, rcp, ds, budget, lat, record, dev, reporter, resume)
@@ -133,18 +147,24 @@ def _checked_table(latency_table: Path | None) -> Path | None:
 
 
 # -- stage 1: the run directory and its record ----------------------------------------------------------------
+def _resolve_recipe(
+    recipe_name: str, overrides: list[str], run_dir: Path | None, resume: bool
+) -> tuple[Path | None, Recipe]:
+    """The recipe the job runs (a resumed run's own recipe.toml) and, when resuming, its run directory."""
+    if resume:
+        run_dir = resolve_run_dir(run_dir)
+        if not (run_dir / "recipe.toml").is_file():
+            raise BadInput(f"{run_dir} has no recipe.toml: nothing to resume")
+        return run_dir, load_recipe(str(run_dir / "recipe.toml"), overrides)
+    return run_dir, load_recipe(recipe_name, overrides)
+
+
 def _prepare_run(
     budget_ms: float, recipe_name: str, overrides: list[str], run_dir: Path | None, resume: bool, mark: bool, dev: str
 ) -> tuple[RunRecord, Recipe]:
     """Check the inputs, then create (or reopen) the run directory, write recipe.toml and start the record."""
     Budget(budget_ms)  # a bad budget is refused before anything is created
-    if resume:
-        run_dir = resolve_run_dir(run_dir)
-        if not (run_dir / "recipe.toml").is_file():
-            raise BadInput(f"{run_dir} has no recipe.toml: nothing to resume")
-        recipe = load_recipe(str(run_dir / "recipe.toml"), overrides)
-    else:
-        recipe = load_recipe(recipe_name, overrides)
+    run_dir, recipe = _resolve_recipe(recipe_name, overrides, run_dir, resume)
     check_search_method(recipe.search.method)
     if resume:
         record = RunRecord.load(run_dir)
@@ -252,7 +272,7 @@ def _search_stage(
 
     run_dir = record.run_dir
     if not resume:
-        (run_dir / "search.jsonl").unlink(missing_ok=True)
+        remove(run_dir / "search.jsonl")
     memory = SearchMemory(dev)
     memory.start()
     st = run_search(
@@ -269,7 +289,7 @@ def _search_stage(
     memory_info = memory.stop()
     supernet_acc = evaluate(st.supernet, ds.test_x, ds.test_y, dev)[1]  # reported only, never searched on
     _write_search_outputs(st.history, lat, run_dir, f"FlexCHarts search for {budget.ms:g} ms ({recipe.name})")
-    searched, fitted = _bake(st.supernet, arch, recipe, budget, lat, reporter)
+    searched, fitted = distributed.on_main(lambda: _bake(st.supernet, arch, recipe, budget, lat, reporter))
     baked = arch.with_widths(fitted.widths)
     atomic_write_text(run_dir / "arch.json", arch_json(baked))
     _save_searched_weights(st.supernet, baked, recipe, run_dir)
@@ -285,7 +305,7 @@ def _search_stage(
         supernet_test_acc=supernet_acc,
         search_seconds=sum(h["seconds"] for h in st.history),
     )
-    (run_dir / "search_state.pt").unlink(missing_ok=True)
+    remove(run_dir / "search_state.pt")
     reporter.log(
         f"searched widths {searched} -> baked {fitted.widths}: measured p{recipe.latency.percentile:g} "
         f"{fitted.measured_ms:.4f} ms vs budget {budget.ms:g} ms"
@@ -339,7 +359,7 @@ def _retrain_stage(
     """Retrain the baked network from scratch into model.pt (a finished retraining is reused on resume)."""
     from flexslim.train import train_arch
 
-    if resume and record.get("status") == "done" and (record.run_dir / "model.pt").is_file():
+    if resume and record.get("status") == "done" and distributed.on_main((record.run_dir / "model.pt").is_file):
         reporter.log(f"retraining already finished: {record.run_dir / 'model.pt'}")
         return record.get("test_acc")
     history = train_arch(baked, recipe, record.run_dir, ds, dev, reporter=reporter, resume=resume)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flexslim import distributed
 from flexslim.arch import Arch
 from flexslim.budget import Budget
 from flexslim.config import Recipe, SearchConfig
@@ -84,7 +85,8 @@ def build_state(arch: Arch, recipe: Recipe, device: torch.device) -> SearchState
     """A fresh search: seeded supernet with the recipe's masks, SGD for the weights, Adam for the masks."""
     cfg = recipe.search
     torch.manual_seed(cfg.seed)
-    sn = Supernet(arch, make_masks(arch, recipe.model, cfg))
+    sync_bn = distributed.sync_batchnorm if recipe.distributed.sync_bn else None
+    sn = Supernet(arch, make_masks(arch, recipe.model, cfg), body_fn=sync_bn)
     if recipe.model.pretrained:
         from flexslim.pretrained import load_pretrained
 
@@ -117,7 +119,7 @@ def save_state(path: Path, st: SearchState) -> None:
 def load_state(path: Path, arch: Arch, recipe: Recipe, device: torch.device) -> SearchState:
     """The SearchState saved by `save_state`; BadInput if the file is unreadable or from another setup."""
     try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        d = distributed.load_on_main(path)  # read by rank 0, handed to every rank
         st = build_state(arch, recipe, device)
         st.supernet.reallocate(d["allocated"])
         st.supernet.masks.load_state_dict(d["masks"])
@@ -137,6 +139,7 @@ def search_batches(ds: Dataset, recipe: Recipe, epochs_done: int) -> tuple[Batch
     """The D_t and D_s batch streams, fast-forwarded past `epochs_done` epochs (a resumed run sees the same
     batches); BadInput if a batch is larger than a half of the training set."""
     cfg = recipe.search
+    distributed.check_batch(cfg.batch_size, "search.batch_size")
     (dt_x, dt_y), (ds_x, ds_y) = search_split(ds, recipe.data.split_seed)
     bt = Batches(dt_x, dt_y, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
     bs = Batches(ds_x, ds_y, cfg.batch_size, shuffle=True, seed=cfg.seed + 1, drop_last=True)
@@ -148,18 +151,22 @@ def search_batches(ds: Dataset, recipe: Recipe, epochs_done: int) -> tuple[Batch
 
 
 def weight_step(st: SearchState, loop: SearchLoop, augment: Augment, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One SGD step on a D_t batch at the cosine lr of st.step (grad-norm clipped); returns the CE loss."""
+    """One SGD step on a D_t batch at the cosine lr of st.step (grad-norm clipped); returns the CE loss. Under
+    torchrun each rank trains on its shard of the (global) batch and the gradients are averaged."""
     sn, cfg = st.supernet, loop.cfg
     for g in st.w_opt.param_groups:
         g["lr"] = cosine_lr(cfg.lr, st.step, loop.total_steps)
     x, y = augment(to_device_batch(x, loop.device)), y.to(loop.device)
+    n = len(y)
+    x, y = distributed.shard(x), distributed.shard(y)
     with autocast(loop.device):
         loss = F.cross_entropy(sn(x).float(), y)
     st.w_opt.zero_grad(set_to_none=True)
     loss.backward()
+    (loss_mean,) = distributed.average_gradients(sn.weight_parameters(), len(y), n, [float(loss.detach())])
     torch.nn.utils.clip_grad_norm_(sn.weight_parameters(), cfg.grad_clip)
     st.w_opt.step()
-    return float(loss.detach())
+    return loss_mean
 
 
 def arch_step(
@@ -169,6 +176,8 @@ def arch_step(
     masks' projection; returns (CE, E[latency] in ms)."""
     sn = st.supernet
     x, y = augment(to_device_batch(x, loop.device)), y.to(loop.device)
+    n = len(y)
+    x, y = distributed.shard(x), distributed.shard(y)
     with autocast(loop.device):
         ce = F.cross_entropy(sn(x).float(), y)
     lat = loop.latency.predict(sn.expected_widths())
@@ -176,9 +185,10 @@ def arch_step(
     params = sn.arch_parameters()
     for p, g in zip(params, torch.autograd.grad(loss, params)):
         p.grad = g
+    (ce_mean,) = distributed.average_gradients(params, len(y), n, [float(ce.detach())])  # same mu on every rank
     st.a_opt.step()
     sn.project()
-    return float(ce.detach()), float(lat.detach())
+    return ce_mean, float(lat.detach())
 
 
 def train_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, epoch: int) -> dict[str, float]:
@@ -224,7 +234,13 @@ def extend_latency(latency: LatencyModel, widths: dict[str, int], recipe: Recipe
 
     Kept apart so the in-search extension can be moved out of the loop later.
     """
-    return extend(latency, widths, recipe.model.round_to, recipe.search.extend_samples, reporter=reporter)
+    cfg = recipe.search
+    extended, measured = distributed.on_main(
+        lambda: (extend(latency, widths, recipe.model.round_to, cfg.extend_samples, reporter=reporter), latency)
+    )
+    if measured is not latency:  # the other ranks take rank 0's measurements
+        vars(latency).update(vars(measured))
+    return extended
 
 
 def epoch_record(st: SearchState, loop: SearchLoop, alloc: tuple[dict, dict], means: dict[str, float]) -> dict:
@@ -260,7 +276,10 @@ def search_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, ep
     t0 = time.perf_counter()
     means = train_epoch(st, loop, bt, bs, epoch)
     t1 = time.perf_counter()
+    distributed.check_same("mu and multiplier", ([p.detach() for p in st.supernet.arch_parameters()], st.multiplier))
     alloc = reallocate(st, loop.cfg)
+    distributed.check_same("the channel allocation", alloc[1])
+    distributed.broadcast_module(st.supernet.body)  # rank 0's BN statistics (each rank saw only its shards)
     t2 = time.perf_counter()
     extended = extend_latency(loop.latency, alloc[1], loop.recipe, loop.reporter)
     t3 = time.perf_counter()
@@ -316,7 +335,7 @@ def run_search(
     """
     cfg, reporter = recipe.search, reporter or Reporter()
     ckpt = run_dir / "search_state.pt" if run_dir else None
-    resuming = bool(resume and ckpt and ckpt.is_file())
+    resuming = bool(resume and ckpt and distributed.on_main(ckpt.is_file))
     st = load_state(ckpt, arch, recipe, device) if resuming else build_state(arch, recipe, device)
     if resume and st.epoch:
         reporter.log(f"resuming search after epoch {st.epoch}/{cfg.epochs}")

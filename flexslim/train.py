@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexslim import distributed
 from flexslim.arch import Arch
 from flexslim.config import Recipe, TrainConfig, recipe_to_toml
 from flexslim.console import Reporter
 from flexslim.data import Augment, Batches, Dataset, as_float
 from flexslim.devices import autocast, prepare, to_device_batch
 from flexslim.errors import BadInput
-from flexslim.runs import atomic_torch_save
+from flexslim.runs import atomic_torch_save, remove
 from flexslim.schedules import cosine_lr, drop_path_at, set_drop_path
 
 
@@ -94,7 +95,7 @@ class TrainState:
 
     def restore(self, path: Path, device: torch.device) -> None:
         """Load a checkpoint written by `save` (or by the older scheduler-based fit: its step count)."""
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = distributed.load_on_main(path)  # read by rank 0, handed to every rank
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"] if "step" in state else state["scheduler"]["last_epoch"])
@@ -107,12 +108,15 @@ def train_one_epoch(
     ts: TrainState, cfg: TrainConfig, device: torch.device, reporter: Reporter, aux_weight: float = 0.0
 ) -> tuple[float, float]:
     """One pass over ts.batches: SGD steps at the cosine lr of each step (grad-norm clipped), plus the
-    auxiliary head's loss times `aux_weight` when the model has one. Returns (mean loss, accuracy)."""
+    auxiliary head's loss times `aux_weight` when the model has one. Returns (mean loss, accuracy). Under torchrun
+    each rank trains on its shard of every batch, gradients are averaged, and the figures are the global ones."""
     model, optimizer = ts.model, ts.optimizer
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for xb, yb in ts.batches:
         xb, yb = ts.augment(to_device_batch(xb, device)), yb.to(device)
+        n = len(yb)
+        xb, yb = distributed.shard(xb), distributed.shard(yb)
         with autocast(device):
             logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
@@ -121,6 +125,7 @@ def train_one_epoch(
                 loss = loss + aux_weight * F.cross_entropy(aux.float(), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(list(model.parameters()), len(yb), n)
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for g in optimizer.param_groups:
             g["lr"] = cosine_lr(cfg.lr, ts.step, ts.total_steps)
@@ -130,6 +135,7 @@ def train_one_epoch(
         correct += int((logits.argmax(1) == yb).sum())
         seen += len(yb)
         reporter.advance(f"loss {float(loss.detach()):.3f}")
+    loss_sum, correct, seen = distributed.sum_over_ranks([loss_sum, correct, seen])
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
@@ -140,6 +146,7 @@ def fit_epoch(ts: TrainState, ds: Dataset, recipe: Recipe, device: torch.device,
     lr = cosine_lr(recipe.train.lr, ts.step, ts.total_steps)
     set_drop_path(ts.model, drop_path_at(recipe.model.drop_path, epoch, epochs))
     tr_loss, tr_acc = train_one_epoch(ts, recipe.train, device, reporter, recipe.model.auxiliary_weight)
+    distributed.broadcast_module(ts.model)  # rank 0's BN statistics (each rank saw only its shards)
     te_loss, te_acc = evaluate(ts.model, ds.test_x, ds.test_y, device)
     if not math.isfinite(tr_loss):
         raise BadInput(f"training diverged at epoch {epoch + 1} (loss {tr_loss}); lower train.lr")
@@ -173,13 +180,14 @@ def fit(
     if epochs < 1:
         raise BadInput(f"epochs must be >= 1, got {epochs}")
     reporter = reporter or Reporter()
+    distributed.check_batch(cfg.batch_size, "train.batch_size")
     torch.manual_seed(cfg.seed)
     model = prepare(model, device)
     drop_last = len(ds.train_y) > cfg.batch_size
     batches = Batches(ds.train_x, ds.train_y, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=drop_last)
     optimizer = make_sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     ts = TrainState(model, optimizer, batches, Augment(recipe.data, seed=cfg.seed), epochs * len(batches))
-    if checkpoint is not None and checkpoint.is_file():
+    if checkpoint is not None and distributed.on_main(checkpoint.is_file):
         ts.restore(checkpoint, device)
         reporter.log(f"resuming training at epoch {len(ts.history) + 1}/{epochs} from {checkpoint}")
     reporter.start("train", (epochs - len(ts.history)) * len(batches))
@@ -251,18 +259,21 @@ def train_arch(
     """
     from flexslim.spaces import build_network
 
+    distributed.check_recipe(lambda: recipe, search=False)
     torch.manual_seed(recipe.train.seed)
     model = build_network(arch, auxiliary=recipe.model.auxiliary_weight > 0)
     if recipe.model.pretrained:  # a user's backbone: retrain (fine-tune) from it, not from scratch
         from flexslim.pretrained import load_pretrained
 
         load_pretrained(model, recipe.model.pretrained)
+    if recipe.distributed.sync_bn:
+        model = distributed.sync_batchnorm(model)
     ckpt = run_dir / "train_state.pt"
     if not resume:
-        ckpt.unlink(missing_ok=True)
+        remove(ckpt)
     history = fit(model, ds.to(device), recipe, device, epochs, reporter, checkpoint=ckpt)
     save_model(run_dir / "model.pt", arch, model, recipe, history)
-    ckpt.unlink(missing_ok=True)
+    remove(ckpt)
     return history
 
 
@@ -304,7 +315,8 @@ def open_train_run(
         else:
             arch = None
         run_dir = None
-    ds = load_dataset(recipe.data, data_dir)
+    with distributed.main_first():  # a download happens once
+        ds = load_dataset(recipe.data, data_dir)
     if arch is None:
         arch = Arch.for_data(recipe.model, ds)
     if arch.input_shape != ds.input_shape or arch.dataset != ds.name:
@@ -313,7 +325,7 @@ def open_train_run(
             f"{list(ds.input_shape)}; pick the matching --recipe"
         )
     if run_dir is None:
-        run_dir = new_run_dir(recipe.name)
+        run_dir = distributed.on_main(lambda: new_run_dir(recipe.name))
         atomic_write_text(run_dir / "arch.json", arch_json(arch))
         mark_latest(run_dir)
     atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
