@@ -70,7 +70,9 @@ def _exit_codes():
             err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except RanksLost as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(3) from None
     except GateFailed as e:
         err.print(f"[red]FAIL:[/red] {e}", highlight=False, soft_wrap=True)

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import pickle
+import re
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
@@ -136,8 +137,9 @@ def _is_comm_failure(err: BaseException) -> bool:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
+    """The error's first line, without the source location gloo puts in front ('[.../pair.cc:545] ...')."""
+    lines = str(err).strip().splitlines()
+    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0] if lines else type(err).__name__)[:200]
 
 
 # -- rank 0 does it, everyone gets it -------------------------------------------------------------------------

@@ -34,12 +34,14 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     }
 
 
-def launch(worker, world: int, tmp: Path, *args, timeout: float = 240.0) -> list[Any]:
+def launch(worker, world: int, tmp: Path, *args, timeout: float = 150.0) -> list[Any]:
     """Run worker(rank, world, tmp, *args) on `world` spawned ranks; returns each rank's return value. Fails when
     a rank raised (with its traceback) or is still running after `timeout` seconds (the ranks are killed)."""
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(worker, r, world, port, str(tmp), args)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(worker, r, world, port, str(tmp), args, timeout - 5)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -50,21 +52,29 @@ def launch(worker, world: int, tmp: Path, *args, timeout: float = 240.0) -> list
         if p.is_alive():
             p.kill()
             p.join()
-    assert not hung, f"rank(s) {hung} still running after {timeout:.0f} s"
+    stacks = "\n".join(p.read_text() for p in sorted(tmp.glob("rank*.stacks.txt")))
+    assert not hung, f"rank(s) {hung} still running after {timeout:.0f} s; their stacks:\n{stacks}"
     results = [torch.load(tmp / f"rank{r}.result.pt", weights_only=False) for r in range(world)]
     errors = [f"rank {r}: {value}" for r, (kind, value) in enumerate(results) if kind == "error"]
     assert not errors, "\n".join(errors)
     return [value for _, value in results]
 
 
-def _rank_main(worker, rank: int, world: int, port: int, tmp: str, args: tuple) -> None:
+def _rank_main(worker, rank: int, world: int, port: int, tmp: str, args: tuple, stacks_after: float) -> None:
+    import atexit
+    import faulthandler
+
     os.environ.update(rank_env(rank, world, port))
+    stacks = open(Path(tmp) / f"rank{rank}.stacks.txt", "w")  # noqa: SIM115 - open until the process ends
+    faulthandler.dump_traceback_later(stacks_after, file=stacks)  # what a hung rank was doing
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False  # as in conftest.py (oneDNN can hang on 4-channel 1x1 convs)
     try:
         out = ("ok", worker(rank, world, Path(tmp), *args))
     except BaseException:  # noqa: BLE001 - reported to the test
         out = ("error", traceback.format_exc())
+    faulthandler.cancel_dump_traceback_later()
+    atexit._run_exitfuncs()  # a multiprocessing child skips atexit: stop the latency timing helper, or exit waits on it
     torch.save(out, Path(tmp) / f"rank{rank}.result.pt")
 
 
