@@ -177,3 +177,38 @@ def cli_worker(rank: int, world: int, tmp: Path, args_per_rank: list[list[str]])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
+
+
+def quickstart_search(overrides: list[str], run_dir: Path | None, resume: bool = False, reporter=None):
+    """run_search on the quickstart data with a hand-made latency model (no measuring); returns the SearchState."""
+    from search_fixtures import hand_latency_model
+
+    from flexslim.arch import Arch
+    from flexslim.budget import Budget
+    from flexslim.config import load_recipe
+    from flexslim.data import load_dataset
+    from flexslim.search import run_search
+
+    recipe = load_recipe("quickstart", overrides)
+    ds = load_dataset(recipe.data)
+    arch = Arch.for_data(recipe.model, ds)
+    lat = hand_latency_model(arch, recipe.latency)
+    budget = Budget.from_recipe(float(lat.predict(arch.widths)) / 0.9, recipe.search)
+    return run_search(
+        arch,
+        recipe,
+        ds,
+        budget=budget,
+        latency=lat,
+        device=torch.device("cpu"),
+        run_dir=run_dir,
+        reporter=reporter,
+        resume=resume,
+    )
+
+
+def resume_search_worker(rank: int, world: int, tmp: Path, overrides: list[str]) -> dict:
+    """Resume the search checkpointed in tmp/run on this rank; returns the final mu and allocation."""
+    with distributed.session("cpu"):
+        st = quickstart_search(overrides, tmp / "run", resume=True)
+    return {"mu": st.supernet.mean_widths(), "allocated": st.supernet.allocated(), "epochs": st.epoch}

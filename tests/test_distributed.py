@@ -16,13 +16,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_workers import cli_worker, launch, one_search_step, one_step_worker, search_job_worker
+from dist_workers import (
+    cli_worker,
+    launch,
+    one_search_step,
+    one_step_worker,
+    quickstart_search,
+    resume_search_worker,
+    search_job_worker,
+)
 from search_fixtures import FAST_SET, TINY_SET, hand_latency_model, single_thread  # noqa: F401
 
 import flexslim
 from flexslim import distributed
 from flexslim.arch import Arch
 from flexslim.config import load_recipe
+from flexslim.console import Reporter
 from flexslim.data import load_dataset
 
 REPO = Path(flexslim.__file__).resolve().parents[1]
@@ -214,3 +223,28 @@ def test_a_killed_rank_stops_the_job_and_resume_under_torchrun_continues(tmp_pat
     assert [x["epoch"] for x in lines] == list(range(1, epochs + 1))
     assert (tmp_path / "run" / "arch.json").is_file()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "searched"
+
+
+# -- a checkpoint of one process resumes on two ranks -------------------------------------------------------------
+class _StopBeforeSaving(Reporter):
+    """Interrupts the search when epoch `at` is logged, i.e. after it ran but before it was checkpointed."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def log(self, line: str) -> None:
+        if line.startswith(f"epoch {self.at:3d}/"):
+            raise KeyboardInterrupt
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks_on_the_same_trajectory(tmp_path):
+    overrides = [*TINY_SET, "search.epochs=2", "search.batch_size=128", "distributed.sync_bn=true"]
+    whole = quickstart_search(overrides, None)  # one process, both epochs
+    (tmp_path / "run").mkdir()
+    with pytest.raises(KeyboardInterrupt):  # one process, killed during epoch 2: the checkpoint holds epoch 1
+        quickstart_search(overrides, tmp_path / "run", reporter=_StopBeforeSaving(2))
+    r0, r1 = launch(resume_search_worker, 2, tmp_path, overrides)
+    assert r0 == r1 and r0["epochs"] == 2
+    assert r0["allocated"] == whole.supernet.allocated()
+    for stage, mu in whole.supernet.mean_widths().items():
+        assert r0["mu"][stage] == pytest.approx(mu, abs=1e-3)
