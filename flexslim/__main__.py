@@ -1,5 +1,6 @@
-"""`python -m flexslim ...`: the same command line as the `flexslim` script."""
+"""`python -m flexslim ...` (and so `torchrun ... -m flexslim ...`): the same CLI as the `flexslim` command."""
 
 from flexslim.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

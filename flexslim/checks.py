@@ -204,8 +204,9 @@ def choice(value: object, origin: Origin | str, valid) -> str:
 def check_output_path(path: str | Path, flag_name: str) -> Path:
     """A file the command will write (`--report`, `--junit`, ...), checked before any work starts.
 
-    The parent folder must exist and be a writable folder; the path itself must not be a folder and, when it
-    exists, must be writable. Returns the path.
+    Missing parent folders are created when the file is written, so the nearest existing ancestor must be a
+    writable folder (not a file); the path itself must not be a folder and, when it exists, must be writable.
+    Returns the path.
     """
     p = Path(path)
     shown = str(path)
@@ -214,12 +215,11 @@ def check_output_path(path: str | Path, flag_name: str) -> Path:
     if p.is_dir():
         raise BadInput(f"{flag_name} {shown}: is a folder, not a file; pass a file path inside it")
     parent = p.parent if str(p.parent) else Path(".")
-    if not parent.exists():
-        raise BadInput(f"{flag_name} {shown}: folder {parent} does not exist; create it first or pick another path")
-    if not parent.is_dir():
-        raise BadInput(f"{flag_name} {shown}: {parent} is a file, not a folder; pick a path inside a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"{flag_name} {shown}: folder {parent} is not writable; pick a path you can write")
+    existing = next((a for a in (parent, *parent.parents) if a.exists()), Path("."))
+    if not existing.is_dir():
+        raise BadInput(f"{flag_name} {shown}: {existing} is a file, not a folder; pick a path inside a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag_name} {shown}: folder {existing} is not writable; pick a path you can write")
     if p.exists() and not os.access(p, os.W_OK):
         raise BadInput(f"{flag_name} {shown}: the existing file is not writable; pick another path")
     return p

@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as click_errors
 
 from flexslim.devices import DEVICES
+from flexslim.distributed import is_main, printed_here
 from flexslim.methods import BENCH_METHODS, SEARCH_METHODS
 from flexslim.runtime import PROVIDERS
 
@@ -146,7 +147,10 @@ def _exit_codes():
     from flexslim.runs import release_runs
 
     try:
-        with _sigterm_raises(), exit_codes(_echo_err, debug=_STATE["debug"], exit_with=typer.Exit):
+        with (
+            _sigterm_raises(),
+            exit_codes(_echo_err, debug=_STATE["debug"], exit_with=typer.Exit, printed_here=printed_here),
+        ):
             try:
                 yield
             except Terminated:
@@ -183,11 +187,15 @@ def search(
         bool, typer.Option("--resume", help="Continue the interrupted run (runs/latest or --run-dir).")
     ] = False,
 ) -> None:
-    """The main job: latency model -> FlexCHarts search -> measured bake (trim, fill) -> retrain."""
-    with _exit_codes():
+    """The main job: latency model -> FlexCHarts search -> measured bake (trim, fill) -> retrain.
+
+    Data-parallel on N processes or GPUs: `torchrun --nproc-per-node N -m flexslim search ...`."""
+    from flexslim.distributed import session
+
+    with _exit_codes(), session(device.value):
         import json
 
-        from flexslim.console import RichReporter
+        from flexslim.console import Reporter, RichReporter
         from flexslim.errors import BadInput
         from flexslim.pipeline import search_job
 
@@ -212,8 +220,10 @@ def search(
             latency_table=latency_table,
             retrain=retrain,
             resume=resume,
-            reporter=RichReporter(err),
+            reporter=RichReporter(err) if is_main() else Reporter(),
         )
+        if not is_main():
+            return
         f = res.fitted
         out.print(
             f"run {res.run_dir}: widths {f.widths}, measured p90 {f.measured_ms:.4f} ms/sample "
@@ -263,17 +273,22 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted training of this run.")] = False,
 ) -> None:
-    """Retrain a network from scratch and write model.pt into its run directory."""
-    with _exit_codes():
+    """Retrain a network from scratch and write model.pt into its run directory.
+
+    Data-parallel on N processes or GPUs: `torchrun --nproc-per-node N -m flexslim train ...`."""
+    from flexslim.distributed import session
+
+    with _exit_codes(), session(device.value):
         from flexslim import checks
-        from flexslim.console import RichReporter
+        from flexslim.console import Reporter, RichReporter
         from flexslim.devices import pick_device
         from flexslim.train import open_train_run, train_arch
 
         if epochs is not None:
             epochs = checks.count(epochs, checks.flag("--epochs"), cap=checks.MAX_EPOCHS)
         run = open_train_run(target, recipe, set_ or [], data, resume=resume, epochs=epochs)
-        err.print(f"run directory: {run.run_dir}  widths: {run.arch.widths}")
+        if is_main():
+            err.print(f"run directory: {run.run_dir}  widths: {run.arch.widths}")
 
         history = train_arch(
             run.arch,
@@ -282,9 +297,11 @@ def train(
             run.dataset,
             pick_device(device.value),
             epochs,
-            RichReporter(err),
+            RichReporter(err) if is_main() else Reporter(),
             resume=resume,
         )
+        if not is_main():
+            return
         last = history[-1]
         out.print(f"trained {run.run_dir / 'model.pt'}: test accuracy {last.test_acc:.4f} after {last.epoch} epochs")
 
@@ -400,6 +417,9 @@ def bench(
 ) -> None:
     """Compare FlexCHarts, DMaskingNAS (small/large range) and uniform scaling at one budget (paper Table 1)."""
     with _exit_codes():
+        from flexslim.checks import check_output_dir
+
+        check_output_dir(out_dir, "--out")  # before anything is measured
         if throughput:
             from flexslim.config import load_recipe
             from flexslim.data import load_dataset

@@ -151,6 +151,13 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Data-parallel runs under torchrun (see distributed.py); a single process ignores it."""
+
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm); off: each rank's own shard
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -159,9 +166,10 @@ class Recipe:
     search: SearchConfig = field(default_factory=SearchConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-SECTIONS = ("data", "model", "train", "search", "latency", "bench")
+SECTIONS = ("data", "model", "train", "search", "latency", "bench", "distributed")
 
 
 def recipe_dir() -> Path:

@@ -37,3 +37,8 @@ class InternalError(Exception):
 class TimingFailed(InternalError):
     """The isolated timing process died (killed, out of memory, could not start). flexslim does not re-time in
     the main process, which measures up to 40% slow, so the measurement is lost: exit 3."""
+
+
+class RanksLost(Exception):
+    """A distributed (torchrun) job stopped because another rank died or the launcher stopped it. Not a verdict
+    on the model: exit 3, one line on every surviving rank, and the finished epochs are kept for --resume."""

@@ -25,6 +25,7 @@ from flexslim.errors import (
     BadInput,
     GateFailed,
     InternalError,
+    RanksLost,
 )
 
 LOG_DIR_ENV = "FLEXSLIM_LOG_DIR"  # where crash logs go; default <tempdir>/flexslim
@@ -85,6 +86,8 @@ def outcome_for(exc: BaseException, debug: bool = False, log_dir: Path | None = 
         return Outcome(code, f"FAIL: {message}")
     if code == EXIT_INTERRUPTED:
         return Outcome(code, "interrupted; finished epochs are kept (rerun with --resume)")
+    if isinstance(exc, RanksLost):  # not a bug: another torchrun rank died; the line says how to resume
+        return Outcome(code, f"error: {message}")
     tb = "".join(traceback.format_exception(exc))
     what = message if isinstance(exc, InternalError) else f"{type(exc).__name__}: {message}"
     kind = "internal error" if isinstance(exc, InternalError) else "internal error (a bug in flexslim)"
@@ -102,7 +105,11 @@ def _passes_through(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def exit_codes(
-    echo: Callable[[str], None], debug: bool = False, log_dir: Path | None = None, exit_with=SystemExit
+    echo: Callable[[str], None],
+    debug: bool = False,
+    log_dir: Path | None = None,
+    exit_with=SystemExit,
+    printed_here: Callable[[BaseException], bool] = lambda exc: True,
 ) -> Iterator[None]:
     """Run the body; any exception becomes one `echo`d line and `raise exit_with(code)`.
 
@@ -115,7 +122,8 @@ def exit_codes(
         if _passes_through(exc):
             raise
         outcome = outcome_for(exc, debug, log_dir)
-        if debug:
-            echo((outcome.traceback or "".join(traceback.format_exception(exc))).rstrip("\n"))
-        echo(outcome.line)
+        if printed_here(exc):  # under torchrun an error every rank finds is printed by rank 0 only
+            if debug:
+                echo((outcome.traceback or "".join(traceback.format_exception(exc))).rstrip("\n"))
+            echo(outcome.line)
         raise exit_with(outcome.code) from None

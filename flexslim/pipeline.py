@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flexslim import distributed
 from flexslim.arch import Arch, arch_json, load_arch
 from flexslim.bake import Fitted, bake
 from flexslim.budget import Budget
@@ -34,6 +35,7 @@ from flexslim.runs import (
     mark_latest,
     new_run_dir,
     read_jsonl,
+    remove,
     resolve_run_dir,
 )
 
@@ -110,16 +112,21 @@ def search_job(
 
     reporter = reporter or Reporter()
     dev = pick_device(device)
-    table = _checked_table(latency_table)
-    rcp, run_path = _check_run(budget_ms, recipe, overrides or [], run_dir, resume)
-    ds = load_dataset(rcp.data, data_dir)
+    # under torchrun: every rank checks its recipe against rank 0's; rank 0 prepares the run, measures and bakes;
+    # every rank searches and retrains its shard of each batch
+    table = distributed.on_main(lambda: _checked_table(latency_table))
+    check = lambda: _check_run(budget_ms, recipe, overrides or [], run_dir, resume)  # noqa: E731
+    distributed.check_recipe(lambda: check()[0], train=retrain)
+    rcp, run_path = distributed.on_main(check)
+    with distributed.main_first():  # a download happens once
+        ds = load_dataset(rcp.data, data_dir)
     arch = Arch.for_data(rcp.model, ds)
     if table is not None:  # a table for another network is refused before the run exists
         LatencyModel.load(table).check_compatible(arch, rcp.latency, str(table))
-    record = _open_run(rcp, run_path, budget_ms, resume, mark, str(dev))
-    lat, budget = _latency_stage(arch, rcp, record, table, budget_ms, reporter)
+    record = distributed.on_main(lambda: _open_run(rcp, run_path, budget_ms, resume, mark, str(dev)))
+    lat, budget = distributed.on_main(lambda: _latency_stage(arch, rcp, record, table, budget_ms, reporter))
     rcp = with_grid(rcp, lat)
-    done = _finished_search(record) if resume else None
+    done = distributed.on_main(lambda: _finished_search(record)) if resume else None
     if done is not None:
         reporter.log(f"search already finished: widths {done.arch.widths}")
     searched = done or _search_stage(arch, rcp, ds, budget, lat, record, dev, reporter, resume)
@@ -343,7 +350,7 @@ def _search_stage(
 
     run_dir = record.run_dir
     if not resume:
-        (run_dir / "search.jsonl").unlink(missing_ok=True)
+        remove(run_dir / "search.jsonl")
     memory = SearchMemory(dev)
     memory.start()
     st = run_search(
@@ -361,7 +368,23 @@ def _search_stage(
     supernet_acc = _supernet_accuracy(st.supernet, ds, recipe, dev)
     _write_search_outputs(st.history, run_dir, f"{recipe.search.method} search for {budget.ms:g} ms ({recipe.name})")
     centers = st.averaged_widths() or st.supernet.mean_widths()
-    fitted = bake(
+    fitted = distributed.on_main(lambda: _bake(arch, centers, budget, lat, recipe, reporter))
+    baked = arch.with_widths(fitted.widths)
+    atomic_write_text(run_dir / "arch.json", arch_json(baked))
+    _save_searched_weights(st.supernet, baked, recipe, run_dir)
+    _record_search(record, centers, fitted, budget, st.history, memory=memory_info, supernet_test_acc=supernet_acc)
+    remove(run_dir / "search_state.pt")
+    reporter.log(
+        f"searched widths { ({k: round(v, 1) for k, v in centers.items()}) } -> baked {fitted.widths}: measured "
+        f"p{recipe.latency.percentile:g} {fitted.measured_ms:.4f} ms = {fitted.measured_ms / budget.ms:.3f} x budget "
+        f"{budget.ms:g} ms ({fitted.measurements} networks measured)" + (f"; {fitted.note}" if fitted.note else "")
+    )
+    return Searched(baked, fitted, st.history, memory_info, supernet_acc)
+
+
+def _bake(arch: Arch, centers: dict, budget: Budget, lat: LatencyModel, recipe: Recipe, reporter) -> Fitted:
+    """The measured bake of the searched widths (the same for every method; `search.trim = false`: measure only)."""
+    return bake(
         arch,
         centers,
         budget=budget,
@@ -372,17 +395,6 @@ def _search_stage(
         fit=recipe.search.trim,
         reporter=reporter,
     )
-    baked = arch.with_widths(fitted.widths)
-    atomic_write_text(run_dir / "arch.json", arch_json(baked))
-    _save_searched_weights(st.supernet, baked, recipe, run_dir)
-    _record_search(record, centers, fitted, budget, st.history, memory=memory_info, supernet_test_acc=supernet_acc)
-    (run_dir / "search_state.pt").unlink(missing_ok=True)
-    reporter.log(
-        f"searched widths { ({k: round(v, 1) for k, v in centers.items()}) } -> baked {fitted.widths}: measured "
-        f"p{recipe.latency.percentile:g} {fitted.measured_ms:.4f} ms = {fitted.measured_ms / budget.ms:.3f} x budget "
-        f"{budget.ms:g} ms ({fitted.measurements} networks measured)" + (f"; {fitted.note}" if fitted.note else "")
-    )
-    return Searched(baked, fitted, st.history, memory_info, supernet_acc)
 
 
 def _supernet_accuracy(supernet, ds: Dataset, recipe: Recipe, dev) -> float:
@@ -439,7 +451,7 @@ def _retrain_stage(
     """Retrain the baked network from scratch into model.pt (a finished retraining is reused on resume)."""
     from flexslim.train import train_arch
 
-    if resume and record.get("status") == "done" and (record.run_dir / "model.pt").is_file():
+    if resume and record.get("status") == "done" and distributed.on_main((record.run_dir / "model.pt").is_file):
         reporter.log(f"retraining already finished: {record.run_dir / 'model.pt'}")
         return record.get("test_acc")
     history = train_arch(baked, recipe, record.run_dir, ds, dev, reporter=reporter, resume=resume)

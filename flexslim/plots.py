@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from flexslim.distributed import is_main
 from flexslim.runs import atomic_write_bytes
 
 
@@ -19,7 +20,9 @@ def _pyplot():
 
 def plot_search(history: list[dict], path: str | Path, title: str = "") -> Path:
     """Per stage: mu over epochs, the allocated band [mu - k sigma, allocated] and the final width; below,
-    the expected latency against the budget and the controller's multiplier."""
+    the expected latency against the budget and the controller's multiplier. Rank 0 only under torchrun."""
+    if not is_main():
+        return Path(path)
     plt = _pyplot()
     stages = list(history[0]["mu"])
     epochs = [h["epoch"] for h in history]

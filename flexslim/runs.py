@@ -1,7 +1,8 @@
 """Run directories, atomic writes and the `runs/latest` pointer.
 
 Every file flexslim writes goes through `atomic_write_*`: a temp file in the same folder, fsync, then
-os.replace, so a crash leaves either the old file or the new one, never half of one.
+os.replace, so a crash leaves either the old file or the new one, never half of one. Under torchrun only rank 0
+writes: on the other ranks these writes (and `remove`, `mark_latest`) do nothing, so every file is written once.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flexslim.distributed import is_main
 from flexslim.errors import BadInput
 
 RUNS_ROOT = Path("runs")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (temp file in the same folder, fsync, os.replace)."""
+    """Write `data` to `path` atomically (temp file in the same folder, fsync, os.replace); rank 0 only."""
     path = Path(path)
+    if not is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -58,15 +62,24 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
 
 
 def append_jsonl(path: str | Path, obj: Any) -> None:
-    """Append one line; each line is written with a single write() so a crash leaves whole lines."""
+    """Append one line; each line is written with a single write() so a crash leaves whole lines. Rank 0 only."""
+    if not is_main():
+        return
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
+def remove(path: str | Path) -> None:
+    """Delete a file of the run if it is there (rank 0 only, like every write)."""
+    if is_main():
+        Path(path).unlink(missing_ok=True)
+
+
 def new_run_dir(recipe_name: str, root: Path = RUNS_ROOT) -> Path:
-    """A new, empty `root/<time>-<recipe>` folder (suffixed -2, -3, ... when the name is taken)."""
+    """A new, empty `root/<time>-<recipe>` folder (suffixed -2, -3, ... when the name is taken). Under torchrun,
+    call it on rank 0 (`distributed.on_main`) and hand the path to the others."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = root / f"{stamp}-{recipe_name}"
     n = 1
@@ -78,7 +91,9 @@ def new_run_dir(recipe_name: str, root: Path = RUNS_ROOT) -> Path:
 
 
 def mark_latest(run_dir: Path, root: Path = RUNS_ROOT) -> None:
-    """Point `root/latest` at run_dir (a relative symlink, swapped atomically)."""
+    """Point `root/latest` at run_dir (a relative symlink, swapped atomically); rank 0 only."""
+    if not is_main():
+        return
     root.mkdir(parents=True, exist_ok=True)
     link = root / "latest"
     tmp = root / f".latest.{os.getpid()}"
@@ -124,7 +139,7 @@ def lock_run(run_dir: str | Path) -> Path:
     `release_run(run_dir)` / `release_runs()` or the end of the process (the kernel drops it, even on kill -9).
     """
     key = str(Path(run_dir).resolve())
-    if key in _HELD:
+    if key in _HELD or not is_main():  # under torchrun rank 0 holds the run's lock for the whole job
         return Path(run_dir)
     path = Path(run_dir) / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flexslim import distributed
 from flexslim.arch import Arch
 from flexslim.budget import Budget
 from flexslim.config import Recipe, SearchConfig, recipe_to_toml
@@ -99,7 +100,8 @@ def build_state(arch: Arch, recipe: Recipe, device: torch.device) -> SearchState
     """A fresh search: seeded supernet with the recipe's masks, SGD for the weights, Adam for the masks."""
     cfg = recipe.search
     torch.manual_seed(cfg.seed)
-    sn = Supernet(arch, make_masks(arch, recipe.model, cfg))
+    sync_bn = distributed.sync_batchnorm if recipe.distributed.sync_bn else None
+    sn = Supernet(arch, make_masks(arch, recipe.model, cfg), body_fn=sync_bn)
     if recipe.model.pretrained:
         from flexslim.pretrained import load_pretrained
 
@@ -180,7 +182,7 @@ def load_state(
     search: `identity` (default `checkpoint_identity(arch, recipe)`) must match what the file records."""
     hint = "delete it or start a new run without --resume"
     try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        d = distributed.load_on_main(path)  # read by rank 0 (weights_only), handed to every rank
     except Exception as err:  # noqa: BLE001 - garbage, a foreign pickle, a truncated file
         raise BadInput(f"{path} is not a readable search checkpoint ({type(err).__name__}); {hint}") from None
     if type(d) is not dict:  # torch.load of plain data
@@ -218,6 +220,7 @@ def search_batches(ds: Dataset, recipe: Recipe, epochs_done: int) -> tuple[Batch
     """The D_t and D_s batch streams, fast-forwarded past `epochs_done` epochs (a resumed run sees the same
     batches); BadInput if a batch is larger than a half of the training set."""
     cfg = recipe.search
+    distributed.check_batch(cfg.batch_size, "search.batch_size")
     d_t, d_s = ds.search_halves(recipe.data.split_seed)
     bt = d_t.train_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
     bs = d_s.train_batches(cfg.batch_size, shuffle=True, seed=cfg.seed + 1, drop_last=True)
@@ -228,18 +231,22 @@ def search_batches(ds: Dataset, recipe: Recipe, epochs_done: int) -> tuple[Batch
 
 
 def weight_step(st: SearchState, loop: SearchLoop, augment: Augment, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One SGD step on a D_t batch at the cosine lr of st.step (grad-norm clipped); returns the CE loss."""
+    """One SGD step on a D_t batch at the cosine lr of st.step (grad-norm clipped); returns the CE loss. Under
+    torchrun each rank trains on its shard of the (global) batch and the gradients are averaged."""
     sn, cfg = st.supernet, loop.cfg
     for g in st.w_opt.param_groups:
         g["lr"] = cosine_lr(cfg.lr, st.step, loop.total_steps)
     x, y = augment(to_device_batch(x, loop.device)), y.to(loop.device)
+    n = len(y)
+    x, y = distributed.shard(x), distributed.shard(y)
     with autocast(loop.device):
         loss = F.cross_entropy(sn(x).float(), y)
     st.w_opt.zero_grad(set_to_none=True)
     loss.backward()
+    (loss_mean,) = distributed.average_gradients(sn.weight_parameters(), len(y), n, [float(loss.detach())])
     torch.nn.utils.clip_grad_norm_(sn.weight_parameters(), cfg.grad_clip)
     st.w_opt.step()
-    return float(loss.detach())
+    return loss_mean
 
 
 def arch_step(
@@ -249,6 +256,8 @@ def arch_step(
     masks' projection; returns (CE, E[latency] in ms)."""
     sn = st.supernet
     x, y = augment(to_device_batch(x, loop.device)), y.to(loop.device)
+    n = len(y)
+    x, y = distributed.shard(x), distributed.shard(y)
     with autocast(loop.device):
         ce = F.cross_entropy(sn(x).float(), y)
     lat = loop.latency.predict_expected(sn.width_distributions())
@@ -256,9 +265,10 @@ def arch_step(
     params = sn.arch_parameters()
     for p, g in zip(params, torch.autograd.grad(loss, params)):
         p.grad = g
+    (ce_mean,) = distributed.average_gradients(params, len(y), n, [float(ce.detach())])  # same mu on every rank
     st.a_opt.step()
     sn.project()
-    return float(ce.detach()), float(lat.detach())
+    return ce_mean, float(lat.detach())
 
 
 def train_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, epoch: int) -> dict[str, float]:
@@ -337,7 +347,10 @@ def search_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, ep
     t0 = time.perf_counter()
     means = train_epoch(st, loop, bt, bs, epoch)
     t1 = time.perf_counter()
+    distributed.check_same("mu and multiplier", ([p.detach() for p in st.supernet.arch_parameters()], st.multiplier))
     alloc = reallocate(st, loop.cfg)
+    distributed.check_same("the channel allocation", alloc[1])
+    distributed.broadcast_module(st.supernet.body)  # rank 0's BN statistics (each rank saw only its shards)
     t2 = time.perf_counter()
     st.epoch = epoch + 1
     line = epoch_record(st, loop, alloc, means) | {
@@ -391,7 +404,7 @@ def run_search(
     recipe = with_grid(recipe, latency)  # model.round_to = 0: the runtime's channel block
     cfg, reporter = recipe.search, reporter or Reporter()
     ckpt = run_dir / "search_state.pt" if run_dir else None
-    resuming = bool(resume and ckpt and ckpt.is_file())
+    resuming = bool(resume and ckpt and distributed.on_main(ckpt.is_file))
     st = load_state(ckpt, arch, recipe, device, identity) if resuming else build_state(arch, recipe, device)
     if resume and st.epoch:
         reporter.log(f"resuming search after epoch {st.epoch}/{cfg.epochs}")

@@ -45,22 +45,25 @@ class Supernet(nn.Module):
     Args:
         arch: the family, stages and data shape; its stage widths are not used (the masks' are).
         masks: one `Mask` per stage name of `arch` (all of one kind, see `make_masks`).
+        body_fn: applied to every body built (the first and each re-allocated one), e.g.
+            `distributed.sync_batchnorm`; default: none.
 
     `arch_parameters()` (the masks') and `weight_parameters()` (the body's) are disjoint and cover all
     parameters. `reallocate` rebuilds the body at new widths; `hard()` and `bake()` give the dense network at
     the final widths.
     """
 
-    def __init__(self, arch: Arch, masks: dict[str, Mask]):
+    def __init__(self, arch: Arch, masks: dict[str, Mask], body_fn=None):
         super().__init__()
         self.arch = arch
+        self._body_fn = body_fn or (lambda body: body)
         self.masks = nn.ModuleDict(masks)
         self._store: dict[str, torch.Tensor] = {}
         self._hard: dict[str, int] | None = None
         self.body = self._build(self.allocated())
 
     def _build(self, widths: dict[str, int]) -> nn.Module:
-        return build_network(self.arch, widths, mask=lambda stage: MaskPoint(stage, self._store))
+        return self._body_fn(build_network(self.arch, widths, mask=lambda stage: MaskPoint(stage, self._store)))
 
     def allocated(self) -> dict[str, int]:
         """Channels each stage's kernels hold now."""

@@ -65,9 +65,11 @@ def plan_sweep(recipe: str, overrides: list[str], n: int, out: Path, data_dir, r
 
 
 def delivered_latency(run_dir: Path, budget_ms: float, repeats: int) -> dict:
-    """Export the run's network (model.pt, else the searched weights) and time it with the gate `repeats` times in
-    the isolated timing process -> {"delivered_ms": median p90, "delivered_runs": [...], "accuracy": ...}."""
+    """Export the run's network (model.pt, else the searched weights) with the run's metadata, as `flexslim export`
+    does, and time it with the gate `repeats` times in the isolated timing process (the gate reads the budget's
+    batch, threads and percentile from the metadata) -> {"delivered_ms": median p90, "delivered_runs", "accuracy"}."""
     from flexslim.export import export_model, provenance
+    from flexslim.runs import RunRecord
     from flexslim.runtime import run_isolated
     from flexslim.train import load_model
     from flexslim.validate import validate
@@ -75,7 +77,8 @@ def delivered_latency(run_dir: Path, budget_ms: float, repeats: int) -> dict:
     weights = run_dir / "model.pt" if (run_dir / "model.pt").is_file() else run_dir / "supernet_baked.pt"
     arch, model, _ = load_model(weights)
     path = run_dir / "delivered.onnx"
-    export_model(model, arch, path, provenance(arch, "sweep", budget_ms))
+    record = RunRecord.load(run_dir)  # the run's latency settings (provider, batch, threads, percentile) travel
+    export_model(model, arch, path, provenance(arch, record["recipe"], budget_ms, record["latency"]))  # as metadata
     reports = [run_isolated(validate, path.resolve(), latency_ms=budget_ms, provider="auto") for _ in range(repeats)]
     p90s = [r.latency_ms for r in reports]
     acc = reports[0].accuracy

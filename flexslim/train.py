@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexslim import distributed
 from flexslim.arch import Arch
 from flexslim.config import Recipe, TrainConfig, recipe_to_toml
 from flexslim.console import Reporter
 from flexslim.data import Augment, Batches, Dataset, StreamBatches, StreamedDataset
 from flexslim.devices import autocast, cpu_training_kernels, prepare, to_device_batch
 from flexslim.errors import BadInput
-from flexslim.runs import atomic_torch_save, content_hash
+from flexslim.runs import atomic_torch_save, content_hash, remove
 from flexslim.schedules import cosine_lr, drop_path_at, set_drop_path
 
 
@@ -136,7 +137,7 @@ def read_train_state(path: Path, identity: dict | None = None) -> dict:
     the file when it is unreadable, not a training checkpoint, or written for another recipe or epoch count."""
     hint = "delete it or train without --resume"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = distributed.load_on_main(path)  # read by rank 0 (weights_only), handed to every rank
     except Exception as err:  # noqa: BLE001 - garbage, a foreign pickle, a truncated file
         raise BadInput(f"{path} is not a readable training checkpoint ({type(err).__name__}); {hint}") from None
     if not isinstance(state, dict) or not {"model", "optimizer", "step", "history"} <= set(state):
@@ -182,12 +183,15 @@ def train_one_epoch(
     ts: TrainState, cfg: TrainConfig, device: torch.device, reporter: Reporter, aux_weight: float = 0.0
 ) -> tuple[float, float]:
     """One pass over ts.batches: SGD steps at the cosine lr of each step (grad-norm clipped), plus the
-    auxiliary head's loss times `aux_weight` when the model has one. Returns (mean loss, accuracy)."""
+    auxiliary head's loss times `aux_weight` when the model has one. Returns (mean loss, accuracy). Under torchrun
+    each rank trains on its shard of every batch, gradients are averaged, and the figures are the global ones."""
     model, optimizer = ts.model, ts.optimizer
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for xb, yb in ts.batches:
         xb, yb = ts.augment(to_device_batch(xb, device)), yb.to(device)
+        n = len(yb)
+        xb, yb = distributed.shard(xb), distributed.shard(yb)
         with autocast(device):
             logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
@@ -196,6 +200,7 @@ def train_one_epoch(
                 loss = loss + aux_weight * F.cross_entropy(aux.float(), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(list(model.parameters()), len(yb), n)
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for g in optimizer.param_groups:
             g["lr"] = cosine_lr(cfg.lr, ts.step, ts.total_steps)
@@ -205,6 +210,7 @@ def train_one_epoch(
         correct += int((logits.argmax(1) == yb).sum())
         seen += len(yb)
         reporter.advance(f"loss {float(loss.detach()):.3f}")
+    loss_sum, correct, seen = distributed.sum_over_ranks([loss_sum, correct, seen])
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
@@ -217,6 +223,7 @@ def fit_epoch(
     lr = cosine_lr(recipe.train.lr, ts.step, ts.total_steps)
     set_drop_path(ts.model, drop_path_at(recipe.model.drop_path, epoch, epochs))
     tr_loss, tr_acc = train_one_epoch(ts, recipe.train, device, reporter, recipe.model.auxiliary_weight)
+    distributed.broadcast_module(ts.model)  # rank 0's BN statistics (each rank saw only its shards)
     te_loss, te_acc = evaluate_batches(ts.model, ds.test_batches(), device)
     if not math.isfinite(tr_loss):
         raise BadInput(f"training diverged at epoch {epoch + 1} (loss {tr_loss}); lower train.lr")
@@ -250,6 +257,7 @@ def fit(
     if epochs < 1:
         raise BadInput(f"epochs must be >= 1, got {epochs}")
     reporter = reporter or Reporter()
+    distributed.check_batch(cfg.batch_size, "train.batch_size")
     torch.manual_seed(cfg.seed)
     model = prepare(model, device)
     drop_last = ds.num_train > cfg.batch_size
@@ -257,7 +265,7 @@ def fit(
     optimizer = make_sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     ts = TrainState(model, optimizer, batches, Augment(recipe.data, seed=cfg.seed), epochs * len(batches))
     ts.identity = train_identity(recipe, epochs)
-    if checkpoint is not None and checkpoint.is_file():
+    if checkpoint is not None and distributed.on_main(checkpoint.is_file):
         ts.restore(checkpoint, device)
         reporter.log(f"resuming training at epoch {len(ts.history) + 1}/{epochs} from {checkpoint}")
     reporter.start("train", (epochs - len(ts.history)) * len(batches))
@@ -331,18 +339,21 @@ def train_arch(
     """
     from flexslim.spaces import build_network
 
+    distributed.check_recipe(lambda: recipe, search=False)
     torch.manual_seed(recipe.train.seed)
     model = build_network(arch, auxiliary=recipe.model.auxiliary_weight > 0)
     if recipe.model.pretrained:  # a user's backbone: retrain (fine-tune) from it, not from scratch
         from flexslim.pretrained import load_pretrained
 
         load_pretrained(model, recipe.model.pretrained)
+    if recipe.distributed.sync_bn:
+        model = distributed.sync_batchnorm(model)
     ckpt = run_dir / "train_state.pt"
     if not resume:
-        ckpt.unlink(missing_ok=True)
+        remove(ckpt)
     history = fit(model, ds.to(device), recipe, device, epochs, reporter, checkpoint=ckpt)
     save_model(run_dir / "model.pt", arch, model, recipe, history)
-    ckpt.unlink(missing_ok=True)
+    remove(ckpt)
     return history
 
 
@@ -398,10 +409,11 @@ def open_train_run(
         run_dir = None
     if resume:
         state = run_dir / "train_state.pt"
-        if not state.is_file():
+        if not distributed.on_main(state.is_file):
             raise BadInput(f"train --resume: {run_dir} has no train_state.pt (no interrupted training); drop --resume")
         read_train_state(state, train_identity(recipe, recipe.train.epochs if epochs is None else epochs))
-    ds = load_dataset(recipe.data, data_dir)
+    with distributed.main_first():  # a download happens once
+        ds = load_dataset(recipe.data, data_dir)
     if arch is None:
         arch = Arch.for_data(recipe.model, ds)
     if arch.input_shape != ds.input_shape or arch.dataset != ds.name:
@@ -410,7 +422,7 @@ def open_train_run(
             f"{list(ds.input_shape)}; pick the matching --recipe"
         )
     if run_dir is None:
-        run_dir = new_run_dir(recipe.name)
+        run_dir = distributed.on_main(lambda: new_run_dir(recipe.name))
         lock_run(run_dir)
         atomic_write_text(run_dir / "arch.json", arch_json(arch))
         mark_latest(run_dir)

@@ -113,8 +113,8 @@ case("no such command", "nosuch")(lambda w: ["nosuch"])
 for flag_name in ("--report", "--junit"):
     for what, path in [
         ("a folder", "a-dir"),
-        ("a missing folder", "missing/r.json"),
         ("under a file", "a-file/r.json"),
+        ("under a file, deeper", "a-file/sub/r.json"),
         ("trailing slash", "new/"),
         ("empty", ""),
     ]:
@@ -187,12 +187,12 @@ case("search --resume other budget", "start a new run")(
 case("export corrupt run.json", "run.json")(lambda w: ["export", "o.onnx", "--run-dir", w.run(run_json="[1, 2")])
 case("export no model.pt", "model.pt")(lambda w: ["export", "o.onnx", "--run-dir", w.run()])
 case("export into a folder", "OUT.onnx")(lambda w: ["export", "a-dir", "--run-dir", w.run()])
-case("export under a missing folder", "OUT.onnx")(lambda w: ["export", "missing/o.onnx", "--run-dir", w.run()])
+case("export under a file", "OUT.onnx")(lambda w: ["export", "a-file/o.onnx", "--run-dir", w.run()])
 case("export run dir is a file", "a-file")(lambda w: ["export", "o.onnx", "--run-dir", "a-file"])
 
 # -- profile --------------------------------------------------------------------------------------------------------
 case("profile --out a folder", "--out")(lambda w: ["profile", "--out", "a-dir"])
-case("profile --out in a missing folder", "--out")(lambda w: ["profile", "--out", "missing/t.json"])
+case("profile --out under a file", "--out")(lambda w: ["profile", "--out", "a-file/t.json"])
 
 
 def _runs_snapshot(root: Path) -> dict:
@@ -235,7 +235,8 @@ def test_output_paths_are_checked_before_measuring(tmp_path, monkeypatch, make_o
         raise AssertionError("measured before the output paths were checked")
 
     monkeypatch.setattr(importlib.import_module("flexslim.validate"), "validate", boom)
-    res = CliRunner().invoke(app, ["validate", str(make_onnx()), "--report", "missing/r.json"])
+    (tmp_path / "a-file").write_text("x")
+    res = CliRunner().invoke(app, ["validate", str(make_onnx()), "--report", "a-file/r.json"])
     assert res.exit_code == 2 and "--report" in res.stderr
 
 

@@ -229,16 +229,24 @@ def _paths(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "a-dir").mkdir()
     return {
         "a folder": tmp_path / "a-dir",
-        "a missing folder": tmp_path / "missing" / "r.json",
+        "under a file, deeper": tmp_path / "a-file" / "sub" / "r.json",
         "under a file": tmp_path / "a-file" / "r.json",
         "trailing slash": Path(str(tmp_path / "new") + "/"),
     }
 
 
-@pytest.mark.parametrize("case", ["a folder", "a missing folder", "under a file", "trailing slash"])
+@pytest.mark.parametrize("case", ["a folder", "under a file, deeper", "under a file", "trailing slash"])
 @pytest.mark.parametrize("flag_name", ["--report", "--junit"])
 def test_bad_output_paths(tmp_path, case, flag_name):
     path = _paths(tmp_path)[case]
     with pytest.raises(BadInput) as err:
         checks.check_output_path(str(path) + ("/" if case == "trailing slash" else ""), flag_name)
     assert _single_line(err).startswith(flag_name)
+
+
+def test_an_output_path_in_missing_folders_is_accepted_and_they_are_created_on_write(tmp_path):
+    path = checks.check_output_path(tmp_path / "new" / "deeper" / "r.json", "--report")
+    from flexslim.runs import atomic_write_text
+
+    atomic_write_text(path, "{}")
+    assert path.read_text() == "{}"

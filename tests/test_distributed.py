@@ -1,0 +1,251 @@
+"""Data-parallel runs (torchrun, gloo on this CPU): two ranks search and retrain in lockstep and write every file
+once; one step on two ranks with synchronised BatchNorm equals one step on one rank with the same global batch;
+bad input stops every rank with one message; a killed rank stops the job, and --resume under torchrun continues.
+
+The ranks are spawned processes with torchrun's environment (dist_workers.launch), or torchrun itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from dist_workers import (
+    cli_worker,
+    launch,
+    one_search_step,
+    one_step_worker,
+    quickstart_search,
+    resume_search_worker,
+    search_job_worker,
+)
+from search_fixtures import FAST_SET, TINY_SET, hand_latency_model, single_thread  # noqa: F401
+
+import flexslim
+from flexslim import distributed
+from flexslim.arch import Arch
+from flexslim.config import load_recipe
+from flexslim.console import Reporter
+from flexslim.data import load_dataset
+
+REPO = Path(flexslim.__file__).resolve().parents[1]
+TINY = [*TINY_SET, *FAST_SET]
+
+
+def _hand_table(tmp: Path, overrides, scale: float = 0.9) -> tuple[str, float]:
+    """A latency table (no measuring) for the quickstart recipe with `overrides`, and a budget at which the
+    recipe's own widths predict `scale` x the budget."""
+    recipe = load_recipe("quickstart", overrides)
+    arch = Arch.for_data(recipe.model, load_dataset(recipe.data))
+    model = hand_latency_model(arch, recipe.latency, ms_per_mmac=0.05, intercept=0.01)
+    path = tmp / "table.json"
+    model.save(path)
+    budget = round(float(model.predict(arch.widths)) / scale, 4)
+    return str(path), max(budget, 0.5)  # a measured tiny network stays well under 0.5 ms: the bake does not trim
+
+
+# -- single process: the identity ------------------------------------------------------------------------------
+def test_without_torchrun_everything_is_the_single_process_path(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
+    assert distributed.init("cpu") is False
+    assert distributed.on_main(lambda: 7) == 7
+    x = torch.arange(6)
+    assert distributed.shard(x) is x
+    distributed.check_batch(7, "search.batch_size")  # any batch splits over one rank
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((2,), 3.0)
+    assert distributed.average_gradients([p], 1, 2, [0.5]) == [0.5] and p.grad.tolist() == [3.0, 3.0]
+
+
+def test_python_dash_m_flexslim_is_the_cli():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "flexslim", "--help"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "search" in out.stdout
+
+
+# -- done-when 1: two ranks, search + retrain, lockstep, files written once ------------------------------------
+@pytest.mark.slow
+def test_two_ranks_search_and_retrain_in_lockstep_and_write_each_file_once(tmp_path):
+    overrides = [*TINY, "search.epochs=2", "train.epochs=1", "train.batch_size=128"]
+    table, budget = _hand_table(tmp_path, overrides)
+    r0, r1 = launch(search_job_worker, 2, tmp_path, budget, table, overrides)
+
+    # every rank held the same mu, multiplier and allocation after every epoch, and mu moved
+    assert [h["epoch"] for h in r0["history"]] == [1, 2]
+    for h0, h1 in zip(r0["history"], r1["history"]):
+        assert h0["mu"] == h1["mu"] and h0["allocated"] == h1["allocated"] and h0["multiplier"] == h1["multiplier"]
+        assert h0["weight_loss"] == h1["weight_loss"]  # the global loss, not each rank's shard's
+    assert r0["history"][0]["mu"] != r0["history"][1]["mu"]
+    assert r0["widths"] == r1["widths"] and r0["test_acc"] == r1["test_acc"]
+
+    # only rank 0 wrote, and each output once
+    run = (tmp_path / "run").resolve()
+    assert r1["writes"] == []
+    for name in ("arch.json", "model.pt", "search.png", "supernet_baked.pt", "recipe.toml"):
+        assert r0["writes"].count(str(run / name)) == 1, name
+    assert {p.name for p in run.iterdir()} == {
+        ".lock",  # the run's lock (held by rank 0)
+        "arch.json",
+        "latency.json",
+        "model.pt",
+        "recipe.toml",
+        "run.json",
+        "search.jsonl",
+        "search.png",
+        "supernet_baked.pt",
+    }
+    lines = [json.loads(x) for x in (run / "search.jsonl").read_text().splitlines()]
+    assert [x["mu"] for x in lines] == [h["mu"] for h in r0["history"]]
+    assert json.loads((run / "run.json").read_text())["status"] == "done"
+
+
+# -- done-when 2: 2 ranks with SyncBatchNorm == 1 rank on the same global batch ----------------------------------
+STEP_SET = [*TINY_SET, "search.batch_size=64"]
+
+
+@pytest.mark.parametrize("sync_bn", [True, False])
+def test_one_step_on_two_ranks_equals_one_rank_with_synchronised_batchnorm(tmp_path, sync_bn):
+    overrides = [*STEP_SET, f"distributed.sync_bn={str(sync_bn).lower()}"]
+    one = one_search_step(overrides)
+    r0, r1 = launch(one_step_worker, 2, tmp_path, overrides)
+    stat_keys = [k for k in one if k.endswith(("running_mean", "running_var"))]
+    for key in one:
+        if sync_bn or key not in stat_keys:  # without sync, each rank's BN statistics are its shard's until broadcast
+            assert torch.equal(r0[key], r1[key]), f"the ranks differ in {key}"  # lockstep, bit for bit
+    mu_keys = [k for k in one if k.endswith(".mu")]
+    assert mu_keys
+    weights = [k for k in one if k.startswith("body.") and k.endswith(".weight")]
+    worst = max(float((r0[k] - one[k]).abs().max()) for k in weights + mu_keys + ["losses"])
+    stats = max(float((r0[k] - one[k]).abs().max()) for k in stat_keys)
+    if sync_bn:  # the same function of the global batch, within float tolerance
+        assert worst < 1e-5 and stats < 1e-5, (worst, stats)
+    else:  # each rank normalises its own half: not the same step (why sync_bn exists)
+        assert stats > 1e-4
+
+
+# -- bad input: one message on rank 0, every rank stops, nothing hangs ---------------------------------------------
+def _cli_on_two_ranks(tmp_path, args0, args1):
+    return launch(cli_worker, 2, tmp_path, [args0, args1], timeout=120)
+
+
+def _search_args(*extra):
+    out = ["search", "--latency-ms", "1", "--device", "cpu", "--run-dir", "run", "--no-retrain"]
+    for o in [*TINY_SET, *extra]:
+        out += ["--set", o]
+    return out
+
+
+def test_a_batch_the_ranks_cannot_split_is_one_error_on_rank_0(tmp_path):
+    args = _search_args("search.batch_size=127")
+    (c0, _, e0), (c1, _, e1) = _cli_on_two_ranks(tmp_path, args, args)
+    assert c0 == c1 == 2
+    assert e0.count("error:") == 1 and "search.batch_size 127 does not split evenly over 2 ranks" in e0, e0
+    assert e1 == ""
+    assert not (tmp_path / "run").exists()  # refused before anything was created
+
+
+def test_ranks_that_disagree_on_the_recipe_are_one_error_on_rank_0(tmp_path):
+    (c0, _, e0), (c1, _, e1) = _cli_on_two_ranks(tmp_path, _search_args(), _search_args("search.lr=0.1"))
+    assert c0 == c1 == 2
+    assert e0.count("error:") == 1 and "the ranks disagree on the recipe: rank(s) 1" in e0, e0
+    assert e1 == ""
+
+
+# -- done-when 3: a killed rank stops the job; --resume under torchrun continues -----------------------------------
+def _torchrun(nproc: int, *args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port"]
+    cmd += [str(_port()), "-m", "flexslim", *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _port() -> int:
+    from dist_workers import free_port
+
+    return free_port()
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (read from /proc), or None while it has not started."""
+    for child in Path("/proc").iterdir():
+        if not child.name.isdigit():
+            continue
+        try:
+            stat = (child / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) != launcher.pid:
+                continue
+            env = (child / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(child.name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_a_killed_rank_stops_the_job_and_resume_under_torchrun_continues(tmp_path):
+    epochs = 6
+    overrides = [*TINY, f"search.epochs={epochs}", "distributed.sync_bn=true"]
+    table, budget = _hand_table(tmp_path, overrides)
+    args = ["search", "--latency-ms", str(budget), "--latency-table", table, "--device", "cpu", "--run-dir", "run"]
+    args += ["--no-retrain"] + [a for o in overrides for a in ("--set", o)]
+    jsonl, ckpt = tmp_path / "run" / "search.jsonl", tmp_path / "run" / "search_state.pt"
+
+    job = _torchrun(2, *args, cwd=tmp_path)
+    deadline = time.monotonic() + 180
+    while not ckpt.is_file():  # one epoch done and checkpointed
+        assert job.poll() is None, job.communicate()[0]
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.05)
+    pid = _rank_pid(job, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    output, _ = job.communicate(timeout=120)  # no hang: torchrun and rank 0 stop
+    assert job.returncode != 0
+    assert "error: rank 0 of 2: the distributed job stopped" in output, output
+    assert "rerun the same torchrun command with --resume" in output
+    done_before = jsonl.read_text().count("\n")
+    assert 1 <= done_before < epochs
+
+    resumed = _torchrun(2, *args, "--resume", cwd=tmp_path)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert "resuming search after epoch" in output
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == list(range(1, epochs + 1))
+    assert (tmp_path / "run" / "arch.json").is_file()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "searched"
+
+
+# -- a checkpoint of one process resumes on two ranks -------------------------------------------------------------
+class _StopBeforeSaving(Reporter):
+    """Interrupts the search when epoch `at` is logged, i.e. after it ran but before it was checkpointed."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def log(self, line: str) -> None:
+        if line.startswith(f"epoch {self.at:3d}/"):
+            raise KeyboardInterrupt
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks_on_the_same_trajectory(tmp_path):
+    overrides = [*TINY_SET, "search.epochs=2", "search.batch_size=128", "distributed.sync_bn=true"]
+    whole = quickstart_search(overrides, None)  # one process, both epochs
+    (tmp_path / "run").mkdir()
+    with pytest.raises(KeyboardInterrupt):  # one process, killed during epoch 2: the checkpoint holds epoch 1
+        quickstart_search(overrides, tmp_path / "run", reporter=_StopBeforeSaving(2))
+    r0, r1 = launch(resume_search_worker, 2, tmp_path, overrides)
+    assert r0 == r1 and r0["epochs"] == 2
+    assert r0["allocated"] == whole.supernet.allocated()
+    for stage, mu in whole.supernet.mean_widths().items():
+        assert r0["mu"][stage] == pytest.approx(mu, abs=1e-3)
