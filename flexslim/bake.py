@@ -4,8 +4,9 @@
             beam over the stages for many), ranked by the latency model: the most latency under the limit first;
 2. measure  the best few; keep the one that measures highest within the limit (or the lowest, when all are over);
 3. trim     while over the limit: `grid` channels off the stage with the best predicted saving per relative width;
-4. fill     while a stage can grow: the most relative width per predicted millisecond first, kept when it
-            MEASURES within the limit; still below the window, move one grid step of width between two stages;
+4. fill     while a stage can grow: the most relative width per predicted millisecond first (predictions scaled
+            by measured / predicted of the current network: the model's local bias), kept when it MEASURES within
+            the limit; still below the window, move one grid step of width between two stages;
 5. report   whether the result lands in the budget's window [low, ms], and otherwise the two neighbouring networks
             that straddle it, with their measured latencies.
 
@@ -205,11 +206,12 @@ def _fill(widths, t: Timing, desk: _Desk, budget: Budget, grid: int, max_measure
     blocked: set[str] = set()
     while len(desk.steps) < max_measures:
         base = float(desk.latency.predict(widths))
+        local = t.at_percentile_ms / base  # the model's bias here, by measurement: predictions are scaled by it
         options = []
         for s, w in widths.items():
             grown = {**widths, s: grid * (w // grid) + grid}
             pred = float(desk.latency.predict(grown))
-            if s not in blocked and pred <= budget.limit_ms:
+            if s not in blocked and pred * local <= budget.limit_ms:
                 options.append(((grown[s] - w) / w / max(pred - base, 1e-9), s, grown))
         if not options:
             return widths, t
@@ -228,12 +230,13 @@ def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, gr
     stage to another, the pairs predicted highest within the limit first; keep one that MEASURES in the window."""
     tried = 0
     while t.at_percentile_ms < budget.low_ms and len(desk.steps) < max_measures and tried < EXCHANGES:
+        local = t.at_percentile_ms / float(desk.latency.predict(widths))  # measured / predicted here
         pairs = []
         for up, down in itertools.permutations(widths, 2):
             if widths[down] - grid < min_width:
                 continue
             w = {**widths, up: widths[up] + grid, down: widths[down] - grid}
-            pred = float(desk.latency.predict(w))
+            pred = float(desk.latency.predict(w)) * local
             if budget.low_ms <= pred <= budget.limit_ms and tuple(sorted(w.items())) not in desk.cache:
                 pairs.append((pred, w))
         if not pairs:

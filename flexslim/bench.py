@@ -259,11 +259,7 @@ def run_bench(
     overrides = list(overrides or [])
     recipe = load_recipe(recipe_name, overrides)
     methods = [bench_method(m).name for m in (methods or recipe.bench.methods)]
-    budget = budget_ms if budget_ms is not None else recipe.bench.latency_ms
-    if not budget or budget <= 0:
-        raise BadInput(f"recipe {recipe.name} sets no bench.latency_ms; pass --latency-ms")
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise BadInput(f"--seeds must be a whole number >= 1, got {seeds}")
+    budget = _checked_budget_and_seeds(recipe, budget_ms, seeds)
     out.mkdir(parents=True, exist_ok=True)
     if latency_table is not None:
         _reuse_latency_table(Path(latency_table), out / "latency.json", budget, log)
@@ -279,14 +275,27 @@ def run_bench(
         "device": device,
         "data": str(data_dir) if data_dir else None,
     }
-    rows = []
-    for i in range(seeds):
-        seed = recipe.search.seed + i if seeds > 1 else None
-        for m in methods:
-            run = m if seed is None else f"{m}-seed{seed}"
-            rows.append(_run_method({**base, "method": m, "seed": seed, "run": run}, out, log))
+    rows = [_run_method({**base, **run}, out, log) for run in _runs(methods, seeds, recipe.search.seed)]
     write_outputs(rows, out, budget, recipe.name)
     return rows
+
+
+def _checked_budget_and_seeds(recipe, budget_ms: float | None, seeds) -> float:
+    budget = budget_ms if budget_ms is not None else recipe.bench.latency_ms
+    if not budget or budget <= 0:
+        raise BadInput(f"recipe {recipe.name} sets no bench.latency_ms; pass --latency-ms")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise BadInput(f"--seeds must be a whole number >= 1, got {seeds}")
+    return budget
+
+
+def _runs(methods: list[str], seeds: int, first_seed: int) -> list[dict]:
+    """The runs of a bench: every method per seed ({"method", "seed", "run": the run folder's name})."""
+    runs = []
+    for i in range(seeds):
+        seed = first_seed + i if seeds > 1 else None
+        runs += [{"method": m, "seed": seed, "run": m if seed is None else f"{m}-seed{seed}"} for m in methods]
+    return runs
 
 
 def _shared_latency_table(recipe_name: str, overrides: list[str], table: Path, budget: float, data_dir, log) -> None:

@@ -193,23 +193,10 @@ def search(
     from flexslim.distributed import session
 
     with _exit_codes(), session(device.value):
-        import json
-
         from flexslim.console import Reporter, RichReporter
-        from flexslim.errors import BadInput
         from flexslim.pipeline import search_job
 
-        overrides = list(set_ or [])
-        if method:
-            overrides.append(f"search.method={method.value}")
-        if provider:
-            overrides.append(f"latency.provider={provider.value}")
-        if latency_batch is not None:
-            overrides.append(f"latency.batch={latency_batch}")
-        if pretrained is not None:
-            if not pretrained.is_file():
-                raise BadInput(f"--pretrained {pretrained}: no such file (a torch state_dict, e.g. torchvision's)")
-            overrides.append(f"model.pretrained={json.dumps(str(pretrained.resolve()))}")  # a TOML string
+        overrides = _search_overrides(set_, method, provider, latency_batch, pretrained)
         res = search_job(
             latency_ms,
             recipe=recipe,
@@ -231,6 +218,26 @@ def search(
             + (f", test accuracy {res.test_acc:.4f}" if res.test_acc is not None else "")
         )
         out.print("next: flexslim export model.onnx" if retrain else f"next: flexslim train {res.run_dir}")
+
+
+def _search_overrides(set_, method, provider, latency_batch, pretrained: Path | None) -> list[str]:
+    """The `--set` values plus the search flags that are recipe values (method, provider, batch, pretrained)."""
+    import json
+
+    from flexslim.errors import BadInput
+
+    overrides = list(set_ or [])
+    if method:
+        overrides.append(f"search.method={method.value}")
+    if provider:
+        overrides.append(f"latency.provider={provider.value}")
+    if latency_batch is not None:
+        overrides.append(f"latency.batch={latency_batch}")
+    if pretrained is not None:
+        if not pretrained.is_file():
+            raise BadInput(f"--pretrained {pretrained}: no such file (a torch state_dict, e.g. torchvision's)")
+        overrides.append(f"model.pretrained={json.dumps(str(pretrained.resolve()))}")  # a TOML string
+    return overrides
 
 
 @app.command()
@@ -421,19 +428,7 @@ def bench(
 
         check_output_dir(out_dir, "--out")  # before anything is measured
         if throughput:
-            from flexslim.config import load_recipe
-            from flexslim.data import load_dataset
-            from flexslim.devices import pick_device
-            from flexslim.throughput import measure_throughput
-
-            r = load_recipe(recipe, set_ or [])
-            ds = load_dataset(r.data, data)
-            t = measure_throughput(r, ds.input_shape, ds.num_classes, pick_device(device.value))
-            out.print(
-                f"device {t['device']}: search: {t['search_images_per_s']:.0f} images/s   retrain: "
-                f"{t['retrain_images_per_s']:.0f} images/s   masked supernet step / dense step at the same "
-                f"allocated widths {t['allocated']}: {t['mask_overhead_ratio']:.2f}x"
-            )
+            _print_throughput(recipe, set_, data, device)
             return
         from flexslim.bench import run_bench
 
@@ -453,6 +448,23 @@ def bench(
         out.print((out_dir / "bench.md").read_text())
         if any("error" in r for r in rows):
             raise typer.Exit(1)
+
+
+def _print_throughput(recipe: str, set_, data, device) -> None:
+    """`bench --throughput`: images/s of the search and retrain steps and the mask overhead."""
+    from flexslim.config import load_recipe
+    from flexslim.data import load_dataset
+    from flexslim.devices import pick_device
+    from flexslim.throughput import measure_throughput
+
+    r = load_recipe(recipe, set_ or [])
+    ds = load_dataset(r.data, data)
+    t = measure_throughput(r, ds.input_shape, ds.num_classes, pick_device(device.value))
+    out.print(
+        f"device {t['device']}: search: {t['search_images_per_s']:.0f} images/s   retrain: "
+        f"{t['retrain_images_per_s']:.0f} images/s   masked supernet step / dense step at the same "
+        f"allocated widths {t['allocated']}: {t['mask_overhead_ratio']:.2f}x"
+    )
 
 
 @app.command()

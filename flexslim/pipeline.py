@@ -112,18 +112,9 @@ def search_job(
 
     reporter = reporter or Reporter()
     dev = pick_device(device)
-    # under torchrun: every rank checks its recipe against rank 0's; rank 0 prepares the run, measures and bakes;
-    # every rank searches and retrains its shard of each batch
-    table = distributed.on_main(lambda: _checked_table(latency_table))
-    check = lambda: _check_run(budget_ms, recipe, overrides or [], run_dir, resume)  # noqa: E731
-    distributed.check_recipe(lambda: check()[0], train=retrain)
-    rcp, run_path = distributed.on_main(check)
-    with distributed.main_first():  # a download happens once
-        ds = load_dataset(rcp.data, data_dir)
-    arch = Arch.for_data(rcp.model, ds)
-    if table is not None:  # a table for another network is refused before the run exists
-        LatencyModel.load(table).check_compatible(arch, rcp.latency, str(table))
-    record = distributed.on_main(lambda: _open_run(rcp, run_path, budget_ms, resume, mark, str(dev)))
+    rcp, ds, arch, table, record = _checked_and_opened(
+        budget_ms, recipe, overrides or [], data_dir, run_dir, latency_table, retrain, resume, mark, str(dev)
+    )
     lat, budget = distributed.on_main(lambda: _latency_stage(arch, rcp, record, table, budget_ms, reporter))
     rcp = with_grid(rcp, lat)
     done = distributed.on_main(lambda: _finished_search(record)) if resume else None
@@ -131,17 +122,35 @@ def search_job(
         reporter.log(f"search already finished: widths {done.arch.widths}")
     searched = done or _search_stage(arch, rcp, ds, budget, lat, record, dev, reporter, resume)
     test_acc = _retrain_stage(searched.arch, rcp, ds, record, dev, reporter, resume) if retrain else None
+    s = searched
     return JobResult(
         record.run_dir,
-        searched.arch,
-        searched.fitted,
+        s.arch,
+        s.fitted,
         lat,
-        searched.history,
+        s.history,
         test_acc,
-        searched.memory,
-        searched.supernet_acc,
+        s.memory,
+        s.supernet_acc,
         record.get("latency_seconds", 0.0),
     )
+
+
+def _checked_and_opened(budget_ms, recipe, overrides, data_dir, run_dir, latency_table, retrain, resume, mark, dev):
+    """Every input checked (recipe, data, latency table) before the run directory is created or reopened ->
+    (recipe, dataset, arch, table path, run record). Under torchrun every rank checks its recipe against rank 0's
+    and rank 0 prepares the run (it also measures and bakes; every rank searches and retrains its shards)."""
+    table = distributed.on_main(lambda: _checked_table(latency_table))
+    check = lambda: _check_run(budget_ms, recipe, overrides, run_dir, resume)  # noqa: E731
+    distributed.check_recipe(lambda: check()[0], train=retrain)
+    rcp, run_path = distributed.on_main(check)
+    with distributed.main_first():  # a download happens once
+        ds = load_dataset(rcp.data, data_dir)
+    arch = Arch.for_data(rcp.model, ds)
+    if table is not None:  # a table for another network is refused before the run exists
+        LatencyModel.load(table).check_compatible(arch, rcp.latency, str(table))
+    record = distributed.on_main(lambda: _open_run(rcp, run_path, budget_ms, resume, mark, dev))
+    return rcp, ds, arch, table, record
 
 
 def _checked_table(latency_table: Path | None) -> Path | None:
@@ -371,7 +380,7 @@ def _search_stage(
     fitted = distributed.on_main(lambda: _bake(arch, centers, budget, lat, recipe, reporter))
     baked = arch.with_widths(fitted.widths)
     atomic_write_text(run_dir / "arch.json", arch_json(baked))
-    _save_searched_weights(st.supernet, baked, recipe, run_dir)
+    _save_searched_weights(st.supernet, baked, recipe, run_dir, ds, dev)
     _record_search(record, centers, fitted, budget, st.history, memory=memory_info, supernet_test_acc=supernet_acc)
     remove(run_dir / "search_state.pt")
     reporter.log(
@@ -436,11 +445,14 @@ def _write_search_outputs(history: list[dict], run_dir: Path, title: str) -> Non
     plot_search(history, run_dir / "search.png", title)
 
 
-def _save_searched_weights(supernet, baked: Arch, recipe: Recipe, run_dir: Path) -> None:
-    """supernet_baked.pt: the searched weights sliced to the baked widths, for users who skip retraining."""
-    from flexslim.train import save_model
+def _save_searched_weights(supernet, baked: Arch, recipe: Recipe, run_dir: Path, ds: Dataset, dev) -> None:
+    """supernet_baked.pt: the searched weights sliced to the baked widths, for users who skip retraining, with
+    BatchNorm statistics recalibrated on D_t for the dense widths (the supernet's were gathered under soft masks)."""
+    from flexslim.train import recalibrate, save_model
 
     _, dense = supernet.bake(baked.widths)
+    d_t, _ = ds.search_halves(recipe.data.split_seed)
+    recalibrate(dense, d_t.train_batches(recipe.search.batch_size), dev)
     save_model(run_dir / "supernet_baked.pt", baked, dense, recipe, {"note": "weights sliced from the supernet"})
 
 

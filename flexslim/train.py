@@ -383,30 +383,11 @@ def open_train_run(
     With `resume`, the run directory must hold a train_state.pt written for the same recipe and `epochs` (default
     the recipe's); an arch.json or nothing has nothing to resume (BadInput).
     """
-    from flexslim.arch import arch_json, load_arch
-    from flexslim.config import load_recipe
+    from flexslim.arch import arch_json
     from flexslim.data import load_dataset
     from flexslim.runs import atomic_write_text, lock_run, mark_latest, new_run_dir
 
-    if resume and (target is None or not target.is_dir()):
-        what = f"{target} is not a run directory" if target is not None else "no run directory was given"
-        raise BadInput(f"train --resume: {what}, so there is nothing to resume; pass the run's folder or drop --resume")
-    if target is not None and target.is_dir():
-        arch = load_arch(target / "arch.json")
-        recipe_src = recipe_name or (
-            str(target / "recipe.toml") if (target / "recipe.toml").is_file() else "quickstart"
-        )
-        recipe = load_recipe(recipe_src, overrides)
-        run_dir = target
-    else:
-        recipe = load_recipe(recipe_name or "quickstart", overrides)
-        if target is not None:
-            if not target.is_file():
-                raise BadInput(f"{target} is neither a run directory nor an arch.json file")
-            arch = load_arch(target)
-        else:
-            arch = None
-        run_dir = None
+    arch, recipe, run_dir = _train_target(target, recipe_name, overrides, resume)
     if resume:
         state = run_dir / "train_state.pt"
         if not distributed.on_main(state.is_file):
@@ -431,3 +412,24 @@ def open_train_run(
     if not resume:  # a resumed training keeps the recipe.toml it started with (checked equal above)
         atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
     return TrainRun(run_dir, arch, recipe, ds)
+
+
+def _train_target(target: Path | None, recipe_name: str | None, overrides: list[str], resume: bool):
+    """(arch or None, recipe, existing run directory or None) of `flexslim train TARGET`; nothing is created."""
+    from flexslim.arch import load_arch
+    from flexslim.config import load_recipe
+
+    if resume and (target is None or not target.is_dir()):
+        what = f"{target} is not a run directory" if target is not None else "no run directory was given"
+        raise BadInput(f"train --resume: {what}, so there is nothing to resume; pass the run's folder or drop --resume")
+    if target is not None and target.is_dir():
+        recipe_src = recipe_name or (
+            str(target / "recipe.toml") if (target / "recipe.toml").is_file() else "quickstart"
+        )
+        return load_arch(target / "arch.json"), load_recipe(recipe_src, overrides), target
+    recipe = load_recipe(recipe_name or "quickstart", overrides)
+    if target is None:
+        return None, recipe, None
+    if not target.is_file():
+        raise BadInput(f"{target} is neither a run directory nor an arch.json file")
+    return load_arch(target), recipe, None
