@@ -3,8 +3,8 @@ latency table, one search per budget, and what each delivered network really mea
 sweep.json and a Pareto plot (accuracy vs latency). How a user picks a budget, and the check that the delivered
 networks land in [0.90, 1.00] x budget.
 
-Delivered latency: the network's ONNX export (the same file `flexslim export` writes) timed by the gate itself
-(`validate`) in the isolated timing process, `repeats` times; the median of those p90s is reported.
+Delivered latency: the network's ONNX export (the same file `flexslim export` writes) timed by the gate itself,
+`flexslim validate` in a fresh process, `repeats` times (as a CI job runs it); the median of those p90s.
 """
 
 from __future__ import annotations
@@ -66,28 +66,40 @@ def plan_sweep(recipe: str, overrides: list[str], n: int, out: Path, data_dir, r
 
 def delivered_latency(run_dir: Path, budget_ms: float, repeats: int) -> dict:
     """Export the run's network (model.pt, else the searched weights) with the run's metadata, as `flexslim export`
-    does, and time it with the gate `repeats` times in the isolated timing process (the gate reads the budget's
-    batch, threads and percentile from the metadata) -> {"delivered_ms": median p90, "delivered_runs", "accuracy"}."""
+    does, and time it `repeats` times with `flexslim validate` in a fresh process each, as a CI job would (the gate
+    reads the budget's batch, threads and percentile from the metadata)
+    -> {"delivered_ms": median p90, "delivered_runs", "accuracy"}."""
     from flexslim.export import export_model, provenance
     from flexslim.runs import RunRecord
-    from flexslim.runtime import run_isolated
     from flexslim.train import load_model
-    from flexslim.validate import validate
 
     weights = run_dir / "model.pt" if (run_dir / "model.pt").is_file() else run_dir / "supernet_baked.pt"
     arch, model, _ = load_model(weights)
     path = run_dir / "delivered.onnx"
     record = RunRecord.load(run_dir)  # the run's latency settings (provider, batch, threads, percentile) travel
     export_model(model, arch, path, provenance(arch, record["recipe"], budget_ms, record["latency"]))  # as metadata
-    reports = [run_isolated(validate, path.resolve(), latency_ms=budget_ms, provider="auto") for _ in range(repeats)]
-    p90s = [r.latency_ms for r in reports]
-    acc = reports[0].accuracy
+    reports = [gate_in_fresh_process(path, run_dir / f"delivered-{i + 1}.json") for i in range(repeats)]
+    p90s = [r["latency_ms"] for r in reports]
     return {
         "delivered_ms": statistics.median(p90s),
         "delivered_runs": p90s,
-        "accuracy": acc,
+        "accuracy": reports[0]["accuracy"],
         "accuracy_of": "retrained" if weights.name == "model.pt" else "searched weights",
     }
+
+
+def gate_in_fresh_process(model: Path, report: Path) -> dict:
+    """`flexslim validate MODEL --report REPORT` in a new interpreter (exit 0 or 1: a report either way) -> the
+    report. Anything else is an error naming the command's last line."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "flexslim", "validate", str(model), "--report", str(report)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode not in (0, 1) or not report.is_file():
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise BadInput(f"the gate could not time {model} (exit {proc.returncode}): {last[0]}")
+    return json.loads(report.read_text())
 
 
 def sweep_job(

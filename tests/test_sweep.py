@@ -67,37 +67,38 @@ def data_budgets(out) -> list[float]:
 
 def test_the_delivered_network_is_timed_with_the_runs_latency_settings(tmp_path, monkeypatch):
     """The gate must time the delivered network as the search did (threads, batch, percentile from the run)."""
-    import flexslim.runtime
-    from flexslim.sweep import delivered_latency
+    import onnx
+    from conftest import TINY_STAGES
 
-    run = tmp_path / "run"
-    seen = {}
-
-    def fake_validate(fn, path, **kw):
-        import onnx
-
-        meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-        seen.update(meta)
-        from types import SimpleNamespace
-
-        return SimpleNamespace(latency_ms=0.05, accuracy=0.9)
-
-    from conftest import TINY_STAGES  # noqa: F401 - a tiny network to export
-
+    import flexslim.sweep
     from flexslim.arch import Arch
     from flexslim.config import load_recipe
     from flexslim.runs import RunRecord
     from flexslim.spaces import build_network
+    from flexslim.sweep import delivered_latency
     from flexslim.train import save_model
 
-    arch = Arch("resnet", TINY_STAGES, (1, 16, 16), 10, "quickstart", (0.3,), (0.35,), stem_width=8)
+    seen = {}
+
+    def fake_gate(model, report):
+        seen.update({p.key: p.value for p in onnx.load(str(model)).metadata_props})
+        return {"latency_ms": 0.05, "accuracy": 0.9}
+
+    run = tmp_path / "run"
     run.mkdir()
+    arch = Arch("resnet", TINY_STAGES, (1, 16, 16), 10, "quickstart", (0.3,), (0.35,), stem_width=8)
     save_model(run / "supernet_baked.pt", arch, build_network(arch), load_recipe("quickstart"), {})
-    RunRecord(run).update(
-        recipe="quickstart", latency={"provider": "cpu", "batch": 7, "threads": 1, "percentile": 90.0}
-    )
-    monkeypatch.setattr(flexslim.runtime, "run_isolated", fake_validate)
+    settings = {"provider": "cpu", "batch": 7, "threads": 1, "percentile": 90.0}
+    RunRecord(run).update(recipe="quickstart", latency=settings)
+    monkeypatch.setattr(flexslim.sweep, "gate_in_fresh_process", fake_gate)
     out = delivered_latency(run, 0.1, repeats=2)
     assert out["delivered_ms"] == 0.05 and out["delivered_runs"] == [0.05, 0.05]
     assert seen["flexslim.latency_threads"] == "1" and seen["flexslim.latency_batch"] == "7"
     assert seen["flexslim.budget_ms"] == repr(0.1)
+
+
+def test_the_gate_runs_in_a_fresh_process_and_its_report_is_read(tmp_path, exported):
+    from flexslim.sweep import gate_in_fresh_process
+
+    report = gate_in_fresh_process(exported.path, tmp_path / "r.json")
+    assert report["latency_ms"] > 0 and report["provider"] == "cpu" and (tmp_path / "r.json").is_file()
