@@ -250,13 +250,14 @@ def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, gr
 
 
 def _window_note(fitted: Fitted, desk: _Desk, budget: Budget) -> str:
-    """Empty when the result lands in [low_ms, ms]; else which neighbours straddle the window."""
+    """Empty when the result lands in [low_ms, ms]; else the two measured neighbours that straddle the window: the
+    delivered network and the cheapest measured network over the limit (the budget less the timing headroom)."""
     if budget.low_ms <= fitted.measured_ms <= budget.ms:
         return ""
     over = [s for s in desk.steps if s["measured_ms"] > budget.limit_ms]
     nxt = min(over, key=lambda s: s["measured_ms"]) if over else None
     return (
-        f"no network on the grid lands in [{budget.low_ms:.4f}, {budget.ms:.4f}] ms by measurement: "
-        f"{fitted.widths} measures {fitted.measured_ms:.4f} ms"
+        f"no measured network lands in [{budget.low_ms:.4f}, {budget.limit_ms:.4f}] ms (the window up to the budget "
+        f"less {100 * budget.headroom:.1f}% timing headroom): {fitted.widths} measures {fitted.measured_ms:.4f} ms"
         + (f", the next step up {nxt['widths']} measures {nxt['measured_ms']:.4f} ms" if nxt else "")
     )
