@@ -28,7 +28,7 @@ from flexslim.budget import Budget
 from flexslim.errors import BadInput
 from flexslim.memory import SearchMemory
 from flexslim.methods import BenchMethod, bench_method
-from flexslim.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from flexslim.runs import atomic_write_json, atomic_write_text
 from flexslim.synthetic import is_synthetic
 
 WINDOW_STEPS = 3  # search steps in the tensor-memory window (after one unmeasured step)
@@ -609,10 +609,9 @@ def write_outputs(rows: list[dict], out: Path, budget: float, recipe: str) -> No
 
 
 def _plot(rows: list[dict], path: Path, budget: float) -> None:
-    import matplotlib
+    from flexslim.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -642,11 +641,7 @@ def _plot(rows: list[dict], path: Path, budget: float) -> None:
     ax.set_title("accuracy vs latency (x = budget missed)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 if __name__ == "__main__":  # the per-method worker process

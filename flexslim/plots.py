@@ -9,7 +9,8 @@ from flexslim.distributed import is_main
 from flexslim.runs import atomic_write_bytes
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,12 +19,22 @@ def _pyplot():
     return plt
 
 
+def save_png(fig, path: str | Path) -> Path:
+    """Write a figure as PNG (110 dpi) atomically and close it."""
+    plt = pyplot()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_search(history: list[dict], path: str | Path, title: str = "") -> Path:
     """Per stage: mu over epochs, the allocated band [mu - k sigma, allocated] and the final width; below,
     the expected latency against the budget and the controller's multiplier. Rank 0 only under torchrun."""
     if not is_main():
         return Path(path)
-    plt = _pyplot()
+    plt = pyplot()
     stages = list(history[0]["mu"])
     epochs = [h["epoch"] for h in history]
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
@@ -48,8 +59,4 @@ def plot_search(history: list[dict], path: str | Path, title: str = "") -> Path:
     twin.plot(epochs, [h["multiplier"] for h in history], color="C9", lw=1, label="multiplier")
     twin.set_ylabel("multiplier", color="C9")
     bx.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_png(fig, path)

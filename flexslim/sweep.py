@@ -20,7 +20,7 @@ from pathlib import Path
 
 from flexslim.console import Reporter
 from flexslim.errors import BadInput
-from flexslim.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from flexslim.runs import atomic_write_json, atomic_write_text
 
 LOWEST = 1.3  # the smallest budget, x the floor: room for the window and the headroom above the narrowest net
 
@@ -221,10 +221,9 @@ def write_outputs(rows: list[dict], out: Path, recipe: str, plan: SweepPlan, sec
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from flexslim.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     pts = [r for r in rows if r["accuracy"] is not None]
@@ -238,8 +237,4 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     if pts:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
