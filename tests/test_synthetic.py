@@ -33,7 +33,7 @@ def test_the_papers_recipes_take_it_through_set():
 
 
 def test_bench_table_says_accuracy_is_meaningless(tmp_path):
-    from flexslim.bench import write_outputs
+    from flexslim.bench_report import write_outputs
 
     row = {
         "method": "flexcharts",
