@@ -26,7 +26,8 @@ from flexslim.budget import Budget
 from flexslim.config import LatencyConfig
 from flexslim.console import Reporter
 from flexslim.errors import BadInput
-from flexslim.latency import LatencyModel, measure
+from flexslim.latency import LatencyModel
+from flexslim.profiling import measure
 from flexslim.runtime import Timing
 
 Measure = Callable[[Arch, dict[str, int], LatencyConfig], Timing]

@@ -24,9 +24,10 @@ from flexslim.config import Recipe, load_recipe, recipe_to_toml
 from flexslim.console import Reporter
 from flexslim.data import Dataset, load_dataset
 from flexslim.errors import BadInput
-from flexslim.latency import LatencyModel, profile, refine, with_grid
+from flexslim.latency import LatencyModel, with_grid
 from flexslim.memory import SearchMemory
 from flexslim.methods import check_search_method
+from flexslim.profiling import profile, refine
 from flexslim.runs import (
     RunRecord,
     atomic_write_text,

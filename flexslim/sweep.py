@@ -49,8 +49,9 @@ def budgets_between(floor_ms: float, top_ms: float, n: int) -> list[float]:
 def plan_sweep(recipe: str, overrides: list[str], n: int, out: Path, data_dir, reporter: Reporter) -> SweepPlan:
     """Profile the family once (box samples: floor .. top of the region), choose the budgets, then measure the
     table near every budget; saved as out/latency.json for every search of the sweep."""
-    from flexslim.latency import refine, with_grid
+    from flexslim.latency import with_grid
     from flexslim.pipeline import profile_job
+    from flexslim.profiling import refine
 
     table = out / "latency.json"
     model = profile_job(recipe, overrides, table, data_dir=data_dir, reporter=reporter)

@@ -46,7 +46,7 @@ def uniform_scale(
         iters: bisection steps on m.
         measure: (arch, widths, settings) -> runtime.Timing (default: export and time on the runtime).
     """
-    from flexslim.latency import measure as measure_on_runtime
+    from flexslim.profiling import measure as measure_on_runtime
 
     measure = measure or measure_on_runtime
     reporter = reporter or Reporter()

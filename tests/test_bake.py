@@ -174,7 +174,7 @@ def test_lands_in_the_window_on_a_fine_grid():
 
 def test_real_measurement_meets_a_loose_budget():
     """One real bake on onnxruntime's CPU provider: a budget far above the network changes nothing but fills."""
-    from flexslim.latency import measure
+    from flexslim.profiling import measure
 
     arch = small_arch()
     truth = hand_latency_model(arch)

@@ -27,7 +27,7 @@ def test_search_and_retrain_steps_run_on_cuda_with_bf16_and_channels_last():
 def test_latency_runs_on_the_cuda_provider(tmp_path):
     from flexslim.arch import Arch
     from flexslim.config import LatencyConfig, load_recipe
-    from flexslim.latency import measure
+    from flexslim.profiling import measure
     from flexslim.runtime import cuda_usable
 
     assert cuda_usable()

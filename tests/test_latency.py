@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flexslim.config import StageSpec
 from flexslim.errors import BadInput
-from flexslim.latency import LatencyModel, measure, profile
+from flexslim.latency import LatencyModel
+from flexslim.profiling import measure, profile
 from flexslim.spaces import build_network, cost_terms
 
 MIN_WIDTH, ROUND_TO = 8, 8
@@ -242,7 +243,7 @@ def _stepped(block: int, widths, noise: float = 0.0):
 
 @pytest.mark.parametrize("block", [8, 16, 32])
 def test_detect_block_finds_a_step_every_block_channels(block):
-    from flexslim.latency import detect_block
+    from flexslim.profiling import detect_block
 
     widths = range(8, 129, 4)
     assert detect_block(_stepped(block, widths)) == block
@@ -250,14 +251,14 @@ def test_detect_block_finds_a_step_every_block_channels(block):
 
 
 def test_detect_block_of_a_smooth_runtime_is_the_probe_step():
-    from flexslim.latency import detect_block
+    from flexslim.profiling import detect_block
 
     smooth = {w: 0.01 + 1e-5 * w * w for w in range(8, 129, 4)}
     assert detect_block(smooth) <= 4
 
 
 def test_probe_block_times_every_stage_at_one_width_and_detects_16():
-    from flexslim.latency import probe_block
+    from flexslim.profiling import probe_block
     from flexslim.runtime import Timing
 
     seen = []
@@ -294,7 +295,8 @@ def test_effective_widths_charge_the_next_block_and_expectation_is_exact_at_whol
 
 # -- measuring where the budget is -------------------------------------------------------------------------------
 def test_refine_measures_networks_predicted_near_the_budget_and_saves_them_in_the_table(profiled):
-    from flexslim.latency import NEAR, refine
+    from flexslim.latency import NEAR
+    from flexslim.profiling import refine
 
     m = copy.deepcopy(profiled)
     n_fit, n_hold = len(m.fit_points), len(m.holdout_points)
@@ -328,7 +330,7 @@ def test_points_keep_their_sessions_and_the_model_its_timing_spread():
 
 
 def test_measure_takes_the_median_session(monkeypatch):
-    from flexslim.latency import measure_sessions
+    from flexslim.profiling import measure_sessions
 
     settings = dataclasses.replace(FAST_LATENCY, repeats=3, min_seconds=0.0)
     t, sessions = measure_sessions(small_arch(), {"a": 8, "b": 8, "c": 8}, settings)

@@ -12,7 +12,7 @@ def test_scaled_rounds_and_respects_min_width():
 
 
 def test_bisection_meets_a_budget_between_floor_and_start():
-    from flexslim.latency import measure
+    from flexslim.profiling import measure
 
     arch = small_arch()
     start = measure(arch, arch.widths, FAST_LATENCY).at_percentile_ms
