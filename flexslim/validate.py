@@ -86,7 +86,10 @@ class Report:
             "p50_ms": self.timing.p50_ms,
             "p90_ms": self.timing.p90_ms,
             "mean_ms": self.timing.mean_ms,
+            "all_passes_ms": self.timing.all_passes_ms,
             "timed_runs": self.timing.runs,
+            "windows": self.timing.windows,
+            "quiet_windows": self.timing.quiet_windows,
             "warmup_runs": self.timing.warmup,
             "runtime": self.timing.runtime,
             "budget_ms": self.budget_ms,
@@ -178,7 +181,7 @@ def validate(
     threads: int | None = None,
     warmup: int = 10,
     runs: int = 50,
-    min_seconds: float = 1.0,
+    min_seconds: float = 2.0,
 ) -> Report:
     """Measure an ONNX classifier and judge it against a latency budget and/or an accuracy target.
 

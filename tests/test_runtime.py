@@ -3,7 +3,16 @@ import pytest
 import torch
 
 from flexslim.errors import BadInput
-from flexslim.runtime import Timing, cuda_usable, make_session, provider_list, ran_provider, time_session
+from flexslim.runtime import (
+    QUIET,
+    Timing,
+    cuda_usable,
+    make_session,
+    provider_list,
+    ran_provider,
+    time_session,
+    undisturbed,
+)
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 
@@ -54,6 +63,48 @@ def test_time_session(exported):
     assert t.runtime.startswith("onnxruntime ")
     d = t.to_dict()
     assert d["input_shape"] == [3, 1, 16, 16] and d["p90_ms"] == t.p90_ms and d["provider"] == "cpu"
+
+
+def test_undisturbed_keeps_every_pass_of_a_quiet_run():
+    rng = np.random.default_rng(0)
+    samples = 1.0 + 0.002 * rng.standard_normal(400)  # 0.2% jitter: no window is disturbed
+    kept, windows, quiet = undisturbed(samples)
+    assert (windows, quiet) == (20, 20)
+    assert np.array_equal(np.sort(kept), np.sort(samples))
+
+
+def test_undisturbed_drops_the_windows_of_a_slow_stretch():
+    """Oracle: 400 passes of 1.0 ms with a stretch of 100 passes at 1.3 ms (something else ran): the p90 over
+    the undisturbed windows is the network's own 1.0 ms; over every pass it would be the disturbance's 1.3."""
+    samples = np.full(400, 1.0)
+    samples[200:300] = 1.3
+    samples[::7] = 1.01  # the network's own tail stays in
+    kept, windows, quiet = undisturbed(samples)
+    assert (windows, quiet) == (20, 15)
+    assert np.percentile(samples, 90) == pytest.approx(1.3)
+    assert np.percentile(kept, 90) == pytest.approx(1.01)
+    assert kept.max() <= QUIET * 1.0 + 1e-9
+
+
+def test_undisturbed_keeps_at_least_the_quietest_quarter():
+    """A jittery run (window medians 1.00, 1.05, 1.10, ...): never fewer than a quarter of the windows."""
+    samples = np.repeat(1.0 + 0.05 * np.arange(20), 10)
+    kept, windows, quiet = undisturbed(samples)
+    assert (windows, quiet) == (20, 5)
+    assert sorted(set(kept.round(6))) == [1.0, 1.05, 1.1, 1.15, 1.2]
+
+
+def test_undisturbed_keeps_short_runs_whole():
+    kept, windows, quiet = undisturbed([1.0, 2.0, 3.0, 9.0] * 4)  # 16 passes < 2 windows of 10
+    assert (windows, quiet, len(kept)) == (1, 1, 16)
+
+
+def test_time_session_reports_windows(exported):
+    sess = make_session(exported.path, "cpu", threads=1)
+    t = time_session(sess, batch=2, warmup=1, runs=60, threads=1)
+    assert t.windows == 6 and 1 <= t.quiet_windows <= 6
+    assert t.all_passes_ms is not None and t.all_passes_ms > 0
+    assert t.to_dict()["quiet_windows"] == t.quiet_windows
 
 
 def test_time_session_is_per_sample(exported):
