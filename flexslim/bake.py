@@ -2,11 +2,15 @@
 
 1. choose   every stage's searched width rounded down or up to the grid (all combinations for a few stages, a
             beam over the stages for many), ranked by the latency model: the most latency under the limit first;
-2. measure  the best few; keep the one that measures highest within the limit (or the lowest, when all are over);
+2. measure  the best few; keep the one that measures highest within the limit (or the lowest, when all are over).
+            Every network is timed as the gate times it: `repeats` sessions of the gate's GATE_SECONDS each (shorter
+            sessions read about 2% low here), and the spread of those sessions sets the headroom under the budget
+            from here on (`confidence` spreads, see budget.py);
 3. trim     while over the limit: `grid` channels off the stage with the best predicted saving per relative width;
 4. fill     while a stage can grow: the most relative width per predicted millisecond first (predictions scaled
-            by measured / predicted of the current network: the model's local bias), kept when it MEASURES within
-            the limit; still below the window, move one grid step of width between two stages;
+            by measured / predicted of the current network: the model's local bias, and up to TOLERANCE over the
+            limit, the model's own error), kept when it MEASURES within the limit; still below the window, move one
+            grid step of width between two stages;
 5. report   whether the result lands in the budget's window [low, ms], and otherwise the two neighbouring networks
             that straddle it, with their measured latencies.
 
@@ -17,9 +21,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flexslim.arch import Arch
 from flexslim.budget import Budget
@@ -28,7 +33,7 @@ from flexslim.console import Reporter
 from flexslim.errors import BadInput
 from flexslim.latency import LatencyModel
 from flexslim.profiling import measure
-from flexslim.runtime import Timing
+from flexslim.runtime import GATE_SECONDS, Timing
 
 Measure = Callable[[Arch, dict[str, int], LatencyConfig], Timing]
 ENUMERATE_UP_TO = 10  # stages; more than that: a beam over the stages
@@ -36,6 +41,7 @@ BEAM = 32
 MEASURE_FIRST = 3  # rounded neighbours measured before trimming or filling
 EXCHANGES = 3  # at most this many width exchanges measured when the fill ends below the window
 OUTLIER = 1.3  # a measurement this far over the prediction is repeated once (the lower of the two is kept)
+TOLERANCE = 0.04  # growths predicted up to this far over the limit are still measured (hold-out error near budgets)
 
 
 @dataclass
@@ -55,6 +61,7 @@ class Fitted:
     steps: list[dict] = field(default_factory=list)
     note: str = ""
     seconds: float = 0.0  # wall time of the bake's measurements
+    budget: Budget | None = None  # the budget the result was judged against (headroom from the bake's own spread)
 
     @property
     def measurements(self) -> int:
@@ -69,6 +76,11 @@ class _Desk:
         self.measure_fn, self.reporter = measure_fn, reporter
         self.cache: dict[tuple, Timing] = {}
         self.steps: list[dict] = []
+
+    def spread(self) -> float | None:
+        """Median session-to-session spread of the networks measured so far (None: no session figures)."""
+        spreads = [s for t in self.cache.values() if (s := t.spread()) is not None]
+        return statistics.median(spreads) if spreads else None
 
     def __call__(self, widths: dict[str, int], step: str) -> Timing:
         key = tuple(sorted(widths.items()))
@@ -127,6 +139,8 @@ def bake(
     max_measures: int = 16,
     measure: Measure = measure,
     reporter: Reporter | None = None,
+    confidence: float | None = None,
+    session_seconds: float = GATE_SECONDS,
 ) -> Fitted:
     """The delivered widths for searched widths `centers` (channels, e.g. mu averaged over the end of the search).
 
@@ -137,14 +151,20 @@ def bake(
         fit: trim and fill by measurement; False measures the best rounded neighbour only (the bench's "no bake").
         max_measures: the most networks measured (the first MEASURE_FIRST included).
         measure: (arch, widths, settings) -> runtime.Timing; tests pass a fake clock.
+        confidence: with it, the headroom becomes `confidence` x the spread of the bake's own sessions once the
+            first networks are measured (None: `budget` as given).
+        session_seconds: timed seconds per session (the gate's); `settings.repeats` sessions per network.
 
     Returns:
         Fitted. Raises BadInput when every stage is at min_width and the network still measures over the limit.
     """
     t0 = time.perf_counter()
-    desk = _Desk(arch, settings, latency, measure, reporter or Reporter())
+    gate_like = replace(settings, min_seconds=session_seconds * max(1, settings.repeats))
+    desk = _Desk(arch, gate_like, latency, measure, reporter or Reporter())
     choices = rounded_neighbours(centers, grid, min_width, latency, budget.limit_ms)[: MEASURE_FIRST if fit else 1]
     timed = [(w, desk(w, "choose")) for w in choices]
+    if confidence is not None and (spread := desk.spread()) is not None:
+        budget = Budget.for_noise(budget.ms, spread, confidence)
     within = [(w, t) for w, t in timed if t.at_percentile_ms <= budget.limit_ms]
     widths, t = (
         max(within, key=lambda wt: wt[1].at_percentile_ms)
@@ -156,7 +176,7 @@ def bake(
         widths, t, trims = _trim(widths, t, desk, budget, min_width, grid, max_measures)
         widths, t = _fill(widths, t, desk, budget, grid, max_measures)
         widths, t = _exchange(widths, t, desk, budget, min_width, grid, max_measures)
-    fitted = Fitted(dict(widths), t.at_percentile_ms, t.p50_ms, t.provider, trims, desk.steps)
+    fitted = Fitted(dict(widths), t.at_percentile_ms, t.p50_ms, t.provider, trims, desk.steps, budget=budget)
     fitted.note = _window_note(fitted, desk, budget) if fit else ""
     fitted.seconds = time.perf_counter() - t0
     return fitted
@@ -212,7 +232,7 @@ def _fill(widths, t: Timing, desk: _Desk, budget: Budget, grid: int, max_measure
         for s, w in widths.items():
             grown = {**widths, s: grid * (w // grid) + grid}
             pred = float(desk.latency.predict(grown))
-            if s not in blocked and pred * local <= budget.limit_ms:
+            if s not in blocked and pred * local <= budget.limit_ms * (1 + TOLERANCE):
                 options.append(((grown[s] - w) / w / max(pred - base, 1e-9), s, grown))
         if not options:
             return widths, t
@@ -238,11 +258,12 @@ def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, gr
                 continue
             w = {**widths, up: widths[up] + grid, down: widths[down] - grid}
             pred = float(desk.latency.predict(w)) * local
-            if budget.low_ms <= pred <= budget.limit_ms and tuple(sorted(w.items())) not in desk.cache:
+            fresh = tuple(sorted(w.items())) not in desk.cache
+            if fresh and budget.low_ms <= pred <= budget.limit_ms * (1 + TOLERANCE):
                 pairs.append((pred, w))
         if not pairs:
             break
-        _, w = max(pairs, key=lambda pw: pw[0])
+        _, w = min(pairs, key=lambda pw: _rank(pw[0], budget.limit_ms))  # highest within the limit first
         tried += 1
         tw = desk(w, "exchange")
         if t.at_percentile_ms < tw.at_percentile_ms <= budget.limit_ms:

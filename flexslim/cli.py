@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - older typer on plain click
 from flexslim.devices import DEVICES
 from flexslim.distributed import is_main, printed_here
 from flexslim.methods import BENCH_METHODS, SEARCH_METHODS
-from flexslim.runtime import PROVIDERS
+from flexslim.runtime import GATE_SECONDS, PROVIDERS
 
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 WIDE = 240  # columns of rich output without a terminal (tables); plain lines are never wrapped at all
@@ -359,7 +359,7 @@ def validate(
     runs: Annotated[int, typer.Option(help="Minimum number of timed runs.")] = 50,
     min_seconds: Annotated[
         float, typer.Option(help="Minimum seconds of timed runs, cut into windows; disturbed windows are left out.")
-    ] = 2.0,
+    ] = GATE_SECONDS,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
     dataset: Annotated[
         Optional[str], typer.Option(help="Dataset for accuracy: quickstart | cifar10 | folder (default: metadata).")

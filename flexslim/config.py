@@ -141,6 +141,7 @@ class LatencyConfig:
     probe: bool = True  # find the runtime's channel block first (a sweep of one width shared by every stage)
     near: int = 4  # fit networks measured near each budget (predicted within 12%), plus one held out
     confidence: float = 2.0  # the measured network must sit this many timing spreads under the budget
+    bake_seconds: float = 2.0  # timed seconds per session when the bake measures (the gate's --min-seconds)
 
 
 @dataclass(frozen=True)
@@ -394,6 +395,7 @@ RULES: dict[str, Rule] = {
     "latency.warmup": checks.warmup,
     "latency.runs": checks.runs,
     "latency.min_seconds": checks.min_seconds,
+    "latency.bake_seconds": checks.min_seconds,
     "latency.percentile": checks.percentile,
     "latency.samples": _count(cap=10_000),
     "latency.holdout": _count(low=0, cap=10_000),

@@ -404,6 +404,8 @@ def _bake(arch: Arch, centers: dict, budget: Budget, lat: LatencyModel, recipe: 
         grid=recipe.model.round_to,
         fit=recipe.search.trim,
         reporter=reporter,
+        confidence=recipe.latency.confidence,
+        session_seconds=recipe.latency.bake_seconds,
     )
 
 
@@ -429,6 +431,7 @@ def _record_search(record: RunRecord, centers: dict, fitted: Fitted, budget: Bud
         budget_met=fitted.measured_ms <= budget.ms,
         in_window=budget.low_ms <= fitted.measured_ms <= budget.ms,
         window_note=fitted.note,
+        bake_headroom=fitted.budget.headroom if fitted.budget else budget.headroom,
         trims=fitted.trims,
         bake=fitted.steps,
         bake_seconds=fitted.seconds,

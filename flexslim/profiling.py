@@ -24,6 +24,7 @@ from flexslim.errors import BadInput
 from flexslim.latency import NEAR, LatencyModel, Point
 
 BLOCK_CANDIDATES = (1, 2, 4, 8, 16, 32)
+PROBE_TOP = 128  # channels: the widest network the probe times
 
 
 # -- measuring ----------------------------------------------------------------------------------------------
@@ -48,7 +49,8 @@ def measure_sessions(arch: Arch, widths: dict[str, int], settings: LatencyConfig
         for _ in range(n)
     ]
     timings.sort(key=lambda t: t.at_percentile_ms)
-    return timings[(n - 1) // 2], tuple(t.at_percentile_ms for t in timings)
+    sessions = tuple(t.at_percentile_ms for t in timings)
+    return replace(timings[(n - 1) // 2], sessions=sessions), sessions
 
 
 Measurer = Callable[[Arch, dict[str, int], LatencyConfig, int], tuple]
@@ -89,10 +91,12 @@ def detect_block(timings: dict[int, float], candidates: Sequence[int] = BLOCK_CA
 def probe_block(
     arch: Arch, settings: LatencyConfig, min_width: int, measurer: Measurer, reporter: Reporter, step: int = 4
 ) -> tuple[int, dict[str, float]]:
-    """Time the family with every stage at w = step, 2 step, ... up to max(64, 2 x the widest recipe stage),
-    and detect the block (see `detect_block`)."""
-    top = max(64, 2 * max(arch.widths.values()))
-    grid = list(range(max(step, min_width - min_width % step), top + 1, step))
+    """Time the family with every stage at w = step, 2 step, ... up to 64, then every 2 step up to 2 x the widest
+    recipe stage but never past PROBE_TOP, and detect the block (see `detect_block`). Blocks up to 32 show within
+    the first 64 channels; the cap keeps a wide family (ResNet-50's 2048) from costing hundreds of networks."""
+    top = min(PROBE_TOP, max(64, 2 * max(arch.widths.values())))
+    first = max(step, min_width - min_width % step)
+    grid = list(range(first, min(top, 64) + 1, step)) + list(range(64 + 2 * step, top + 1, 2 * step))
     sets = [{s: w for s in arch.widths} for w in grid]
     quick = replace(settings, min_seconds=settings.min_seconds / 3)
     points, _, _ = _measure_points(arch, sets, quick, reporter, "latency: probing channel blocks", measurer)

@@ -106,10 +106,18 @@ class Timing:
     windows: int = 1  # timed passes cut into this many consecutive windows ...
     quiet_windows: int = 1  # ... of which these were undisturbed (their passes give the figures above)
     all_passes_ms: float | None = None  # the percentile over every timed pass, disturbed windows included
+    sessions: tuple[float, ...] = ()  # when this is the median of several sessions: each session's percentile
+
+    def spread(self) -> float | None:
+        """Largest relative deviation of one session from this (median) one; None for a single session."""
+        if len(self.sessions) < 2:
+            return None
+        return max(abs(v - self.at_percentile_ms) for v in self.sessions) / self.at_percentile_ms
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
+        d["sessions"] = list(self.sessions)
         return d
 
 
@@ -171,6 +179,7 @@ def time_session(
     )
 
 
+GATE_SECONDS = 2.0  # seconds of timed passes in one gate measurement (validate's default --min-seconds)
 QUIET = 1.03  # a window whose median pass is within 3% of the quietest window's median is undisturbed
 WINDOW_PASSES = 10  # at least this many passes per window ...
 MAX_WINDOWS = 20  # ... and at most this many windows

@@ -21,7 +21,7 @@ from flexslim import checks
 from flexslim.config import DATASETS
 from flexslim.errors import BadInput
 from flexslim.runs import atomic_write_bytes, atomic_write_json
-from flexslim.runtime import PROVIDERS, Timing, make_session, time_session
+from flexslim.runtime import GATE_SECONDS, PROVIDERS, Timing, make_session, time_session
 
 DEFAULT_BATCH = 32
 
@@ -181,7 +181,7 @@ def validate(
     threads: int | None = None,
     warmup: int = 10,
     runs: int = 50,
-    min_seconds: float = 2.0,
+    min_seconds: float = GATE_SECONDS,
 ) -> Report:
     """Measure an ONNX classifier and judge it against a latency budget and/or an accuracy target.
 

@@ -23,6 +23,7 @@ def test_bench_writes_the_table_csv_and_plot(tmp_path, monkeypatch):
         "latency.holdout=1",
         "latency.runs=5",
         "latency.min_seconds=0",
+        "latency.bake_seconds=0",
         "latency.warmup=1",
         "latency.repeats=1",
         "latency.probe=false",

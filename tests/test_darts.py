@@ -195,6 +195,7 @@ def test_darts_smoke_recipe_searches_bakes_exports_and_validates(tmp_path, monke
         "latency.holdout=2",
         "latency.runs=5",
         "latency.min_seconds=0",
+        "latency.bake_seconds=0",
         "latency.warmup=1",
         "latency.repeats=1",
         "latency.probe=false",

@@ -39,6 +39,7 @@ FAST = {
     "latency.runs": "10",
     "latency.warmup": "2",
     "latency.min_seconds": "0",
+    "latency.bake_seconds": "0",
 }
 
 

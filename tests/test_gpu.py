@@ -150,7 +150,14 @@ def test_the_bench_memory_figure_comes_from_cuda(tmp_path):
 
     from flexslim.bench import run_bench
 
-    sets = [*TINY_SET, "search.epochs=1", "latency.samples=4", "latency.holdout=1", "latency.min_seconds=0"]
+    sets = [
+        *TINY_SET,
+        "search.epochs=1",
+        "latency.samples=4",
+        "latency.holdout=1",
+        "latency.min_seconds=0",
+        "latency.bake_seconds=0",
+    ]
     rows = run_bench(
         "quickstart", ["flexcharts", "dmask-large"], tmp_path / "b", budget_ms=5.0, overrides=sets, device="cuda"
     )

@@ -276,6 +276,25 @@ def test_probe_block_times_every_stage_at_one_width_and_detects_16():
     assert set(table) == {str(w) for w in seen}
 
 
+def test_probe_stops_at_128_channels_however_wide_the_family():
+    """A ResNet-50-like family (stages to 2048): every 4 channels to 64, every 8 to 128, nothing wider."""
+    from flexslim.console import Reporter
+    from flexslim.profiling import probe_block
+    from flexslim.runtime import Timing
+
+    seen = []
+
+    def fake(arch, widths, settings, seed):
+        seen.append(next(iter(widths.values())))
+        ms = _stepped(16, [seen[-1]])[seen[-1]]
+        return Timing("cpu", 8, (8, 1, 16, 16), 1, 0, 1, 90.0, ms, ms, ms, ms, "fake"), (ms,)
+
+    wide = small_arch().with_widths({"a": 512, "b": 1024, "c": 2048})
+    block, _ = probe_block(wide, FAST_LATENCY, 4, fake, Reporter())
+    assert block == 16
+    assert seen == list(range(4, 65, 4)) + list(range(72, 129, 8))
+
+
 def test_effective_widths_charge_the_next_block_and_expectation_is_exact_at_whole_widths(profiled):
     m = copy.deepcopy(profiled)
     m.block = 16

@@ -206,6 +206,7 @@ FAST = {
     "latency.runs": "10",
     "latency.warmup": "2",
     "latency.min_seconds": "0",
+    "latency.bake_seconds": "0",
     "latency.repeats": "1",
     "latency.probe": "false",
     "latency.near": "1",
