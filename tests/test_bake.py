@@ -219,3 +219,25 @@ def test_the_fill_corrects_the_models_local_bias_by_measurement():
     res = run({"a": 16.0, "b": 32.0, "c": 48.0}, budget, truth, clock(truth, scale=0.65), max_measures=40)
     assert [s["step"] for s in res.steps].count("grow") >= 1 and res.widths != start
     assert 0.9 * budget <= res.measured_ms <= budget
+
+
+def test_an_exchange_is_predicted_from_measured_differences_where_the_model_is_wrong():
+    """The model charges stage a at 8 like 16 (the block), the runtime runs it 0.10 ms faster. Measured pairs that
+    differ in stage a alone carry that into the exchange's prediction: the move a 16 -> 8, c 16 -> 24 is predicted
+    (and measured) inside the window, the model alone would have put it over the limit."""
+    model = {(8, 8, 16): 0.80, (16, 8, 16): 0.80, (16, 8, 24): 1.00, (8, 8, 24): 1.05, (16, 16, 16): 0.95}
+    truth = {(8, 8, 16): 0.70, (16, 8, 16): 0.80, (16, 8, 24): 1.02, (8, 8, 24): 0.93, (16, 16, 16): 0.99}
+
+    class Model:
+        def predict(self, w):
+            return model.get((w["a"], w["b"], w["c"]), 9.9)
+
+    def measure(arch, widths, settings):
+        ms = truth.get((widths["a"], widths["b"], widths["c"]), 9.9)
+        return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+
+    res = bake(small_arch(), {"a": 12.0, "b": 8.0, "c": 16.0}, budget=Budget(1.0, headroom=0.02), latency=Model(),
+               settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure)  # fmt: skip
+    assert res.widths == {"a": 8, "b": 8, "c": 24} and res.measured_ms == 0.93 and res.note == ""
+    steps = [(s["step"], s["widths"]) for s in res.steps]
+    assert ("exchange", {"a": 8, "b": 8, "c": 24}) in steps
