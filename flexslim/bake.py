@@ -39,7 +39,7 @@ Measure = Callable[[Arch, dict[str, int], LatencyConfig], Timing]
 ENUMERATE_UP_TO = 10  # stages; more than that: a beam over the stages
 BEAM = 32
 MEASURE_FIRST = 3  # rounded neighbours measured before trimming or filling
-EXCHANGES = 3  # at most this many width exchanges measured when the fill ends below the window
+EXCHANGES = 4  # at most this many width exchanges measured when the fill ends below the window
 OUTLIER = 1.3  # a measurement this far over the prediction is repeated once (the lower of the two is kept)
 TOLERANCE = 0.04  # growths predicted up to this far over the limit are still measured (hold-out error near budgets)
 
