@@ -9,8 +9,8 @@
 3. trim     while over the limit: `grid` channels off the stage with the best predicted saving per relative width;
 4. fill     while a stage can grow: the most relative width per predicted millisecond first (predictions scaled
             by measured / predicted of the current network: the model's local bias, and up to TOLERANCE over the
-            limit, the model's own error), kept when it MEASURES within the limit; still below the window, move one
-            grid step of width between two stages;
+            limit, the model's own error), kept when it MEASURES within the limit; still below the window (or
+            within the headroom above its bottom), move one grid step of width between two stages;
 5. report   whether the result lands in the budget's window [low, ms], and otherwise the two neighbouring networks
             that straddle it, with their measured latencies.
 
@@ -247,11 +247,12 @@ def _fill(widths, t: Timing, desk: _Desk, budget: Budget, grid: int, max_measure
 
 
 def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
-    """Below the window after the fill (no single stage could grow): try moving one grid step of width from one
+    """Below the window after the fill, or within the headroom above its bottom (`Budget.safe_low_ms`: the gate
+    may read it under the window), with no single stage able to grow: try moving one grid step of width from one
     stage to another (down to min_width), the pairs predicted highest within the limit first, predicted from what
     was measured (`_from_measured`); keep one that MEASURES in the window."""
     tried = 0
-    while t.at_percentile_ms < budget.low_ms and len(desk.steps) < max_measures and tried < EXCHANGES:
+    while t.at_percentile_ms < budget.safe_low_ms and len(desk.steps) < max_measures and tried < EXCHANGES:
         pairs = []
         for up, down in itertools.permutations(widths, 2):
             if widths[down] <= min_width:

@@ -6,6 +6,7 @@ land in, and the headroom kept for timing noise.
                 = ms * (1 - headroom); the headroom is `confidence` timing spreads of the deployment runtime
                 (measured by the latency model), not a fixed constant
     low_ms      the bottom of the window the delivered network should land in = ms * (1 - window)
+    safe_low_ms low_ms plus the headroom: under it the bake keeps looking for a wider network (within limit_ms)
 
 Every place that needs one of these lines asks the Budget; nowhere else multiplies by (1 - margin).
 """
@@ -67,3 +68,9 @@ class Budget:
     @property
     def low_ms(self) -> float:
         return self.ms * (1.0 - self.window)
+
+    @property
+    def safe_low_ms(self) -> float:
+        """The bottom of the window plus the same headroom as at the top: a network measured between low_ms and
+        this may read under the window in the gate, so the bake still looks for a wider one."""
+        return self.ms * (1.0 - self.window + self.headroom)

@@ -241,3 +241,26 @@ def test_an_exchange_is_predicted_from_measured_differences_where_the_model_is_w
     assert res.widths == {"a": 8, "b": 8, "c": 24} and res.measured_ms == 0.93 and res.note == ""
     steps = [(s["step"], s["widths"]) for s in res.steps]
     assert ("exchange", {"a": 8, "b": 8, "c": 24}) in steps
+
+
+def test_a_network_just_above_the_windows_bottom_is_exchanged_for_a_safer_one():
+    """0.91 x budget is inside the window but within the headroom (3%) above its bottom: the gate may read it under
+    0.90. The bake keeps looking and takes an exchange that measures 0.95; at 0.94 it would have stopped."""
+    for start_ms, steps in ((0.91, ["choose", "exchange"]), (0.94, None)):
+        table = {(16, 8, 16): start_ms, (16, 16, 16): 1.2, (16, 8, 24): 1.2, (8, 8, 24): 0.95, (8, 8, 16): 0.7}
+
+        class Model:
+            def predict(self, w, table=table):
+                return table.get((w["a"], w["b"], w["c"]), 9.9)
+
+        def measure(arch, widths, settings, table=table):
+            ms = table.get((widths["a"], widths["b"], widths["c"]), 9.9)
+            return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+
+        res = bake(small_arch(), {"a": 16.0, "b": 8.0, "c": 16.0}, budget=Budget(1.0, headroom=0.03),
+                   latency=Model(), settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure)  # fmt: skip
+        if steps is None:
+            assert res.widths == {"a": 16, "b": 8, "c": 16} and "exchange" not in [s["step"] for s in res.steps]
+        else:
+            assert res.widths == {"a": 8, "b": 8, "c": 24} and res.measured_ms == 0.95
+            assert [s["step"] for s in res.steps] == steps
