@@ -267,7 +267,10 @@ def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, gr
         _, w = min(pairs, key=lambda pw: _rank(pw[0], budget.limit_ms))  # highest within the limit first
         tried += 1
         tw = desk(w, "exchange")
-        if t.at_percentile_ms < tw.at_percentile_ms <= budget.limit_ms:
+        # below the window any gain counts; inside it (under safe_low) only a move that reaches safe_low: the
+        # searched shape is not traded for a few microseconds
+        gain = t.at_percentile_ms < budget.low_ms or tw.at_percentile_ms >= budget.safe_low_ms
+        if gain and t.at_percentile_ms < tw.at_percentile_ms <= budget.limit_ms:
             widths, t = w, tw
     return widths, t
 

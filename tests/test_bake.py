@@ -264,3 +264,21 @@ def test_a_network_just_above_the_windows_bottom_is_exchanged_for_a_safer_one():
         else:
             assert res.widths == {"a": 8, "b": 8, "c": 24} and res.measured_ms == 0.95
             assert [s["step"] for s in res.steps] == steps
+
+
+def test_inside_the_window_an_exchange_is_kept_only_when_it_reaches_the_safe_zone():
+    """At 0.91 (inside, under safe_low 0.93) an exchange measuring 0.92 is not worth the searched shape."""
+    table = {(16, 8, 16): 0.91, (16, 16, 16): 1.2, (16, 8, 24): 1.2, (8, 8, 24): 0.92, (8, 8, 16): 0.7}
+
+    class Model:
+        def predict(self, w):
+            return table.get((w["a"], w["b"], w["c"]), 9.9)
+
+    def measure(arch, widths, settings):
+        ms = table.get((widths["a"], widths["b"], widths["c"]), 9.9)
+        return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+
+    res = bake(small_arch(), {"a": 16.0, "b": 8.0, "c": 16.0}, budget=Budget(1.0, headroom=0.03), latency=Model(),
+               settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure)  # fmt: skip
+    assert res.widths == {"a": 16, "b": 8, "c": 16} and res.measured_ms == 0.91
+    assert ("exchange", {"a": 8, "b": 8, "c": 24}) in [(s["step"], s["widths"]) for s in res.steps]
