@@ -10,7 +10,8 @@
 4. fill     while a stage can grow: the most relative width per predicted millisecond first (predictions scaled
             by measured / predicted of the current network: the model's local bias, and up to TOLERANCE over the
             limit, the model's own error), kept when it MEASURES within the limit; still below the window (or
-            within the headroom above its bottom), move one grid step of width between two stages;
+            within the headroom above its bottom), exchange grid steps of width between stages (every stage at
+            once for a few stages: 16/32/64 -> 8/48/48);
 5. report   whether the result lands in the budget's window [low, ms], and otherwise the two neighbouring networks
             that straddle it, with their measured latencies.
 
@@ -39,6 +40,7 @@ Measure = Callable[[Arch, dict[str, int], LatencyConfig], Timing]
 ENUMERATE_UP_TO = 10  # stages; more than that: a beam over the stages
 BEAM = 32
 MEASURE_FIRST = 3  # rounded neighbours measured before trimming or filling
+EXCHANGE_ALL = 6  # stages: up to this many, exchanges may move every stage at once (3^n networks)
 EXCHANGES = 4  # at most this many width exchanges measured when the fill ends below the window
 OUTLIER = 1.3  # a measurement this far over the prediction is repeated once (the lower of the two is kept)
 TOLERANCE = 0.04  # growths predicted up to this far over the limit are still measured (hold-out error near budgets)
@@ -248,23 +250,20 @@ def _fill(widths, t: Timing, desk: _Desk, budget: Budget, grid: int, max_measure
 
 def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
     """Below the window after the fill, or within the headroom above its bottom (`Budget.safe_low_ms`: the gate
-    may read it under the window), with no single stage able to grow: try moving one grid step of width from one
-    stage to another (down to min_width), the pairs predicted highest within the limit first, predicted from what
-    was measured (`_from_measured`); keep one that MEASURES in the window."""
+    may read it under the window), with no single stage able to grow: try exchanges of width between stages
+    (`_exchanges`), predicted from what was measured (`_from_measured`), the highest within the limit first; keep
+    one that MEASURES in the window."""
     tried = 0
     while t.at_percentile_ms < budget.safe_low_ms and len(desk.steps) < max_measures and tried < EXCHANGES:
-        pairs = []
-        for up, down in itertools.permutations(widths, 2):
-            if widths[down] <= min_width:
-                continue
-            w = {**widths, up: widths[up] + grid, down: max(min_width, widths[down] - grid)}
+        options = []
+        for w in _exchanges(widths, min_width, grid):
             pred = _from_measured(w, widths, t.at_percentile_ms, desk)
             fresh = tuple(sorted(w.items())) not in desk.cache
             if fresh and budget.low_ms <= pred <= budget.limit_ms * (1 + TOLERANCE):
-                pairs.append((pred, w))
-        if not pairs:
+                options.append((pred, w))
+        if not options:
             break
-        _, w = min(pairs, key=lambda pw: _rank(pw[0], budget.limit_ms))  # highest within the limit first
+        _, w = min(options, key=lambda pw: _rank(pw[0], budget.limit_ms))  # highest within the limit first
         tried += 1
         tw = desk(w, "exchange")
         # below the window any gain counts; inside it (under safe_low) only a move that reaches safe_low: the
@@ -273,6 +272,24 @@ def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, gr
         if gain and t.at_percentile_ms < tw.at_percentile_ms <= budget.limit_ms:
             widths, t = w, tw
     return widths, t
+
+
+def _exchanges(widths: dict[str, int], min_width: int, grid: int) -> list[dict[str, int]]:
+    """Networks one grid step away in some stages, at least one up and one down (down to min_width): every such
+    combination for up to EXCHANGE_ALL stages (e.g. 16/32/64 -> 8/48/48), else one stage up and one down."""
+    steps = {s: [w + grid] + ([max(min_width, w - grid)] if w > min_width else []) for s, w in widths.items()}
+    if len(widths) > EXCHANGE_ALL:
+        return [
+            {**widths, up: steps[up][0], down: steps[down][1]}
+            for up, down in itertools.permutations(widths, 2)
+            if len(steps[down]) > 1
+        ]
+    out = []
+    for combo in itertools.product(*([w, *steps[s]] for s, w in widths.items())):
+        w = dict(zip(widths, combo))
+        if any(w[s] > widths[s] for s in w) and any(w[s] < widths[s] for s in w):
+            out.append(w)
+    return out
 
 
 def _from_measured(widths: dict, base: dict, base_ms: float, desk: _Desk) -> float:

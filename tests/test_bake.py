@@ -221,12 +221,8 @@ def test_the_fill_corrects_the_models_local_bias_by_measurement():
     assert 0.9 * budget <= res.measured_ms <= budget
 
 
-def test_an_exchange_is_predicted_from_measured_differences_where_the_model_is_wrong():
-    """The model charges stage a at 8 like 16 (the block), the runtime runs it 0.10 ms faster. Measured pairs that
-    differ in stage a alone carry that into the exchange's prediction: the move a 16 -> 8, c 16 -> 24 is predicted
-    (and measured) inside the window, the model alone would have put it over the limit."""
-    model = {(8, 8, 16): 0.80, (16, 8, 16): 0.80, (16, 8, 24): 1.00, (8, 8, 24): 1.05, (16, 16, 16): 0.95}
-    truth = {(8, 8, 16): 0.70, (16, 8, 16): 0.80, (16, 8, 24): 1.02, (8, 8, 24): 0.93, (16, 16, 16): 0.99}
+def table_bake(model: dict, truth: dict, centers: tuple, headroom: float):
+    """bake() on networks (a, b, c) whose prediction is `model` and whose measurement is `truth` (else 9.9 ms)."""
 
     class Model:
         def predict(self, w):
@@ -236,49 +232,53 @@ def test_an_exchange_is_predicted_from_measured_differences_where_the_model_is_w
         ms = truth.get((widths["a"], widths["b"], widths["c"]), 9.9)
         return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
 
-    res = bake(small_arch(), {"a": 12.0, "b": 8.0, "c": 16.0}, budget=Budget(1.0, headroom=0.02), latency=Model(),
-               settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure)  # fmt: skip
+    return bake(small_arch(), dict(zip("abc", centers)), budget=Budget(1.0, headroom=headroom), latency=Model(),
+                settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure)  # fmt: skip
+
+
+def test_an_exchange_is_predicted_from_measured_differences_where_the_model_is_wrong():
+    """The model charges stage a at 8 like 16 (the block), the runtime runs it 0.10 ms faster. Measured pairs that
+    differ in stage a alone carry that into the exchange's prediction: the move a 16 -> 8, c 16 -> 24 is predicted
+    (and measured) inside the window, the model alone would have put it over the limit."""
+    model = {(8, 8, 16): 0.80, (16, 8, 16): 0.80, (16, 8, 24): 1.00, (8, 8, 24): 1.05, (16, 16, 16): 0.95}
+    truth = {(8, 8, 16): 0.70, (16, 8, 16): 0.80, (16, 8, 24): 1.02, (8, 8, 24): 0.93, (16, 16, 16): 0.99}
+    res = table_bake(model, truth, (12.0, 8.0, 16.0), headroom=0.02)
     assert res.widths == {"a": 8, "b": 8, "c": 24} and res.measured_ms == 0.93 and res.note == ""
-    steps = [(s["step"], s["widths"]) for s in res.steps]
-    assert ("exchange", {"a": 8, "b": 8, "c": 24}) in steps
+    assert ("exchange", {"a": 8, "b": 8, "c": 24}) in [(s["step"], s["widths"]) for s in res.steps]
 
 
 def test_a_network_just_above_the_windows_bottom_is_exchanged_for_a_safer_one():
     """0.91 x budget is inside the window but within the headroom (3%) above its bottom: the gate may read it under
     0.90. The bake keeps looking and takes an exchange that measures 0.95; at 0.94 it would have stopped."""
-    for start_ms, steps in ((0.91, ["choose", "exchange"]), (0.94, None)):
+    for start_ms in (0.91, 0.94):
         table = {(16, 8, 16): start_ms, (16, 16, 16): 1.2, (16, 8, 24): 1.2, (8, 8, 24): 0.95, (8, 8, 16): 0.7}
-
-        class Model:
-            def predict(self, w, table=table):
-                return table.get((w["a"], w["b"], w["c"]), 9.9)
-
-        def measure(arch, widths, settings, table=table):
-            ms = table.get((widths["a"], widths["b"], widths["c"]), 9.9)
-            return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
-
-        res = bake(small_arch(), {"a": 16.0, "b": 8.0, "c": 16.0}, budget=Budget(1.0, headroom=0.03),
-                   latency=Model(), settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure)  # fmt: skip
-        if steps is None:
+        res = table_bake(table, table, (16.0, 8.0, 16.0), headroom=0.03)
+        if start_ms == 0.94:
             assert res.widths == {"a": 16, "b": 8, "c": 16} and "exchange" not in [s["step"] for s in res.steps]
         else:
             assert res.widths == {"a": 8, "b": 8, "c": 24} and res.measured_ms == 0.95
-            assert [s["step"] for s in res.steps] == steps
+            assert [s["step"] for s in res.steps] == ["choose", "exchange"]
 
 
 def test_inside_the_window_an_exchange_is_kept_only_when_it_reaches_the_safe_zone():
     """At 0.91 (inside, under safe_low 0.93) an exchange measuring 0.92 is not worth the searched shape."""
     table = {(16, 8, 16): 0.91, (16, 16, 16): 1.2, (16, 8, 24): 1.2, (8, 8, 24): 0.92, (8, 8, 16): 0.7}
-
-    class Model:
-        def predict(self, w):
-            return table.get((w["a"], w["b"], w["c"]), 9.9)
-
-    def measure(arch, widths, settings):
-        ms = table.get((widths["a"], widths["b"], widths["c"]), 9.9)
-        return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
-
-    res = bake(small_arch(), {"a": 16.0, "b": 8.0, "c": 16.0}, budget=Budget(1.0, headroom=0.03), latency=Model(),
-               settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure)  # fmt: skip
+    res = table_bake(table, table, (16.0, 8.0, 16.0), headroom=0.03)
     assert res.widths == {"a": 16, "b": 8, "c": 16} and res.measured_ms == 0.91
     assert ("exchange", {"a": 8, "b": 8, "c": 24}) in [(s["step"], s["widths"]) for s in res.steps]
+
+
+def test_exchanges_move_every_stage_at_once_for_few_stages_and_pairs_for_many():
+    from flexslim.bake import EXCHANGE_ALL, _exchanges
+
+    three = _exchanges({"a": 16, "b": 32, "c": 64}, min_width=8, grid=16)
+    assert {"a": 8, "b": 48, "c": 48} in three and len(three) == 12  # 27 combinations - 7 all up - 7 all down - 1
+    assert all(any(w[s] > o for s, o in zip("abc", (16, 32, 64))) for w in three)
+    many = {f"s{i}": 16 for i in range(EXCHANGE_ALL + 1)}
+    assert len(_exchanges(many, min_width=8, grid=8)) == len(many) * (len(many) - 1)  # one up, one down
+
+
+def test_an_exchange_can_move_three_stages_when_no_pair_lands():
+    table = {(16, 16, 16): 0.85, (8, 24, 24): 0.95, (8, 24, 16): 0.86, (24, 8, 16): 1.3, (16, 8, 24): 1.3}
+    res = table_bake(table, table, (16.0, 16.0, 16.0), headroom=0.02)
+    assert res.widths == {"a": 8, "b": 24, "c": 24} and res.measured_ms == 0.95 and res.note == ""
