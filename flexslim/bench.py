@@ -294,7 +294,7 @@ def _runs(methods: list[str], seeds: int, first_seed: int) -> list[dict]:
 
 def _shared_latency_table(recipe_name: str, overrides: list[str], table: Path, budget: float, data_dir, log) -> None:
     """Measure the one latency table every method uses; a budget under the family's floor is refused."""
-    from flexslim.pipeline import profile_job
+    from flexslim.latency_stage import profile_job
 
     log(f"bench {recipe_name}: budget {budget:g} ms; measuring the shared latency table")
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from flexslim.errors import BadInput
 
 WINDOW = 0.10  # the delivered network should use at least 90% of the budget
 # even a quiet runtime re-measures differently minutes later in the gate's fresh process: over 16 delivered networks
-# on a 2-core VM the gate's median read 0.99-1.027 x the bake's measurement (its sessions' spread was ~1%)
+# on a 2-core VM the gate's median read 0.973-1.027 x the bake's measurement (its sessions' spread was ~1%)
 MIN_HEADROOM = 0.03
 
 

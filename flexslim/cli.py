@@ -8,156 +8,27 @@ file the line names). Heavy imports (torch, onnx, onnxruntime, matplotlib) happe
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import sys
-import threading
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from typer.core import TyperGroup
 
-try:  # typer >= 0.24 vendors click; its exceptions are not click's
-    from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover - older typer on plain click
-    from click import exceptions as click_errors
-
-from flexslim.devices import DEVICES
-from flexslim.distributed import is_main, printed_here
-from flexslim.methods import BENCH_METHODS, SEARCH_METHODS
-from flexslim.runtime import GATE_SECONDS, PROVIDERS
-
-EXIT_TERMINATED = 143  # 128 + SIGTERM
-WIDE = 240  # columns of rich output without a terminal (tables); plain lines are never wrapped at all
-
-
-class _OneLineErrors(TyperGroup):
-    """Click's own usage errors (unknown option, a value of the wrong type) as one `error:` line and exit 2,
-    like every other bad input (typer would draw a multi-line box)."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        try:
-            rv = super().main(args, prog_name, complete_var, False, **extra)
-        except click_errors.NoArgsIsHelpError as e:  # bare `flexslim`: the help, as before
-            typer.echo(e.ctx.get_help(), err=True)
-            sys.exit(e.exit_code)
-        except click_errors.ClickException as e:
-            from flexslim.errors import EXIT_BAD_INPUT
-            from flexslim.exits import one_line
-
-            ctx = getattr(e, "ctx", None)
-            hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
-            _echo_err(f"error: {one_line(e.format_message()).rstrip('.')}{hint}")
-            sys.exit(EXIT_BAD_INPUT)
-        except typer.Abort:
-            _echo_err("interrupted")
-            sys.exit(130)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-app = typer.Typer(
-    name="flexslim",
-    help="Find per-stage channel widths that meet a latency budget (FlexCHarts), retrain, export to ONNX, gate.",
-    cls=_OneLineErrors,
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+from flexslim.cli_app import (
+    DataOpt,
+    Device,
+    DeviceOpt,
+    Method,
+    Provider,
+    RecipeOpt,
+    SetOpt,
+    app,
+    command_exit_codes,
+    err,
+    out,
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-_STATE = {"debug": False}
-
-
-def _echo_err(line: str) -> None:
-    """One plain line on stderr: no markup (messages hold [lists]), no highlighting, never wrapped."""
-    err.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
-
-
-@app.callback()
-def _options(
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Print the full traceback of a failure (else: one line, exit code).")
-    ] = False,
-) -> None:
-    """Global options (before the command: `flexslim --debug search ...`)."""
-    _STATE["debug"] = debug
-    for console in (out, err):
-        if not console.is_terminal:  # a pipe or a CI log: rich would assume 80 columns and wrap tables there
-            console.width = max(console.width, WIDE)
-
-
-def _choices(name: str, names) -> type[Enum]:
-    """A str Enum of the names of one table (typer shows and checks them as the option's choices)."""
-    return Enum(name, {n.replace("-", "_"): n for n in names}, type=str)
-
-
-Provider = _choices("Provider", PROVIDERS)
-Device = _choices("Device", DEVICES)
-Method = _choices("Method", SEARCH_METHODS)
-
-
-RecipeOpt = Annotated[
-    str, typer.Option("--recipe", "-r", help="Shipped recipe name (quickstart, ...) or a .toml path.")
-]
-SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a recipe value: section.key=value (repeatable).")
-]
-DataOpt = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--data",
-        help="Dataset folder (CIFAR-10: cifar-10-batches-py; folder: train/ and val/ of class sub-folders).",
-    ),
-]
-DeviceOpt = Annotated[Device, typer.Option("--device", help="Training device.")]
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C: the job stops between writes (every write is atomic), the
-    run stays resumable, the command exits 143."""
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """While a command runs, SIGTERM raises `Terminated` in the main thread (the previous handler is restored)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated()
-
-    before = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
-@contextlib.contextmanager
-def _exit_codes():
-    """Every command's body: BadInput -> exit 2, GateFailed -> 1, anything unexpected -> 3 (one line naming the
-    traceback's log file; `--debug` prints it), Ctrl-C -> 130, SIGTERM -> 143; run locks released at the end."""
-    from flexslim.exits import exit_codes
-    from flexslim.runs import release_runs
-
-    try:
-        with (
-            _sigterm_raises(),
-            exit_codes(_echo_err, debug=_STATE["debug"], exit_with=typer.Exit, printed_here=printed_here),
-        ):
-            try:
-                yield
-            except Terminated:
-                _echo_err("terminated (SIGTERM); finished epochs are kept (rerun with --resume)")
-                raise typer.Exit(EXIT_TERMINATED) from None
-    finally:
-        release_runs()
+from flexslim.distributed import is_main
+from flexslim.methods import BENCH_METHODS
+from flexslim.runtime import GATE_SECONDS
 
 
 @app.command()
@@ -192,7 +63,7 @@ def search(
     Data-parallel on N processes or GPUs: `torchrun --nproc-per-node N -m flexslim search ...`."""
     from flexslim.distributed import session
 
-    with _exit_codes(), session(device.value):
+    with command_exit_codes(), session(device.value):
         from flexslim.console import Reporter, RichReporter
         from flexslim.pipeline import search_job
 
@@ -249,10 +120,10 @@ def profile(
     set_: SetOpt = None,
 ) -> None:
     """Measure and fit the latency model of a recipe's family on this machine (reuse with --latency-table)."""
-    with _exit_codes():
+    with command_exit_codes():
         from flexslim.checks import check_output_path
         from flexslim.console import RichReporter
-        from flexslim.pipeline import profile_job
+        from flexslim.latency_stage import profile_job
 
         check_output_path(out_path, "--out")  # before the measurement
         overrides = list(set_ or []) + ([f"latency.provider={provider.value}"] if provider else [])
@@ -285,7 +156,7 @@ def train(
     Data-parallel on N processes or GPUs: `torchrun --nproc-per-node N -m flexslim train ...`."""
     from flexslim.distributed import session
 
-    with _exit_codes(), session(device.value):
+    with command_exit_codes(), session(device.value):
         from flexslim import checks
         from flexslim.console import Reporter, RichReporter
         from flexslim.devices import pick_device
@@ -321,7 +192,7 @@ def export(
     provider: Annotated[Optional[Provider], typer.Option(help="Provider for the gate (default: the recipe's).")] = None,
 ) -> None:
     """Export the run's trained model to ONNX (checked, parity-tested), then gate it against the run's budget."""
-    with _exit_codes():
+    with command_exit_codes():
         from flexslim.export_job import export_run
 
         result = export_run(output, run_dir, provider=provider.value if provider else None, gate=validate)
@@ -370,7 +241,7 @@ def validate(
     junit: Annotated[Optional[str], typer.Option(help="Write the checks as JUnit XML here.")] = None,
 ) -> None:
     """Gate an ONNX classifier: latency (and accuracy) vs budget. Exit 0 pass, 1 fail, 2 bad input."""
-    with _exit_codes():
+    with command_exit_codes():
         from flexslim.checks import check_output_path
         from flexslim.validate import validate as run_validate
 
@@ -425,7 +296,7 @@ def bench(
     set_: SetOpt = None,
 ) -> None:
     """Compare FlexCHarts, DMaskingNAS (small/large range) and uniform scaling at one budget (paper Table 1)."""
-    with _exit_codes():
+    with command_exit_codes():
         from flexslim.checks import check_output_dir
 
         check_output_dir(out_dir, "--out")  # before anything is measured
@@ -487,7 +358,7 @@ def sweep(
     set_: SetOpt = None,
 ) -> None:
     """Search N budgets on one shared latency table; measure what each delivered network really runs at."""
-    with _exit_codes():
+    with command_exit_codes():
         from flexslim.checks import check_output_dir
         from flexslim.console import RichReporter
         from flexslim.sweep import failed, sweep_job

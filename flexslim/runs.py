@@ -218,6 +218,10 @@ class RunRecord:
     def exists(self) -> bool:
         return self.path.is_file()
 
+    def search_finished(self) -> bool:
+        """The run's search and bake are done (arch.json written, status searched or done)."""
+        return (self.run_dir / "arch.json").is_file() and self.get("status") in ("searched", "done")
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
 

@@ -50,7 +50,7 @@ def plan_sweep(recipe: str, overrides: list[str], n: int, out: Path, data_dir, r
     """Profile the family once (box samples: floor .. top of the region), choose the budgets, then measure the
     table near every budget; saved as out/latency.json for every search of the sweep."""
     from flexslim.latency import with_grid
-    from flexslim.pipeline import profile_job
+    from flexslim.latency_stage import profile_job
     from flexslim.profiling import refine
 
     table = out / "latency.json"

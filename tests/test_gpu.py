@@ -110,7 +110,7 @@ def test_the_quickstart_job_on_cuda_passes_export_and_the_gate(tmp_path, monkeyp
     from typer.testing import CliRunner
 
     from flexslim.cli import app
-    from flexslim.pipeline import profile_job
+    from flexslim.latency_stage import profile_job
 
     monkeypatch.chdir(tmp_path)
     fast = ["--set", "search.epochs=3", "--set", "train.epochs=3", "--set", "latency.min_seconds=0.2"]

@@ -46,7 +46,7 @@ def run(tmp_path_factory):
         prof = ok(invoke("profile", "--out", "t.json", *COMMON))
         table = json.loads((root / "t.json").read_text())
         budget = round(5 * table["floor_ms"], 4)  # binding for a grown network, far above the floor's noise
-        mp.setattr("flexslim.pipeline.profile", _forbid("profiling"))
+        mp.setattr("flexslim.latency_stage.profile", _forbid("profiling"))
         res = ok(invoke("search", "--latency-ms", str(budget), "--latency-table", "t.json", *COMMON, "--no-retrain"))
     run_dir = (root / "runs" / "latest").resolve()
     return SimpleNamespace(root=root, profile=prof, table=table, budget=budget, result=res, run_dir=run_dir)
@@ -163,7 +163,7 @@ def test_resume_of_a_finished_run_does_not_search_again(run, monkeypatch):
     before = {p.name: p.read_bytes() for p in run.run_dir.iterdir() if p.suffix in (".jsonl", ".png", ".pt")}
     arch_before = load_arch(run.run_dir / "arch.json")
     info_before = json.loads((run.run_dir / "run.json").read_text())
-    for target in ("flexslim.search.run_search", "flexslim.pipeline.bake", "flexslim.pipeline.profile"):
+    for target in ("flexslim.search.run_search", "flexslim.pipeline.bake", "flexslim.latency_stage.profile"):
         monkeypatch.setattr(target, _forbid(target))
     res = ok(invoke("search", "--latency-ms", str(run.budget), "--resume", "--no-retrain"))
     after = {p.name: p.read_bytes() for p in run.run_dir.iterdir() if p.suffix in (".jsonl", ".png", ".pt")}
@@ -231,7 +231,7 @@ def test_search_retrain_export_validate_end_to_end(tmp_path, monkeypatch):
 
     # --resume on a finished run redoes neither the search nor the retraining
     model_pt = (run_dir / "model.pt").read_bytes()
-    for target in ("flexslim.search.run_search", "flexslim.train.train_arch", "flexslim.pipeline.profile"):
+    for target in ("flexslim.search.run_search", "flexslim.train.train_arch", "flexslim.latency_stage.profile"):
         monkeypatch.setattr(target, _forbid(target))
     res = ok(invoke("search", "--latency-ms", budget, "--resume"))
     assert (run_dir / "model.pt").read_bytes() == model_pt
