@@ -28,6 +28,7 @@ from flexslim.arch import Arch
 from flexslim.config import LatencyConfig
 from flexslim.errors import BadInput
 from flexslim.runs import atomic_write_json
+from flexslim.runtime import relative_spread
 
 TABLE_VERSION = 2
 NEAR = 0.12  # "near a budget": predicted within +-12% of it
@@ -46,9 +47,7 @@ class Point:
 
     def spread(self) -> float | None:
         """Largest relative deviation of one session from the median (None with fewer than two sessions)."""
-        if len(self.repeats) < 2:
-            return None
-        return max(abs(r - self.ms) for r in self.repeats) / self.ms
+        return relative_spread(self.ms, self.repeats)
 
 
 @dataclass

@@ -110,9 +110,7 @@ class Timing:
 
     def spread(self) -> float | None:
         """Largest relative deviation of one session from this (median) one; None for a single session."""
-        if len(self.sessions) < 2:
-            return None
-        return max(abs(v - self.at_percentile_ms) for v in self.sessions) / self.at_percentile_ms
+        return relative_spread(self.at_percentile_ms, self.sessions)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -184,6 +182,13 @@ QUIET = 1.03  # a window whose median pass is within 3% of the quietest window's
 WINDOW_PASSES = 10  # at least this many passes per window ...
 MAX_WINDOWS = 20  # ... and at most this many windows
 MIN_KEPT = 0.25  # whatever the jitter, the figures come from at least the quietest quarter of the windows
+
+
+def relative_spread(median: float, sessions) -> float | None:
+    """Largest relative deviation of one session's figure from their median (None with fewer than two)."""
+    if len(sessions) < 2:
+        return None
+    return max(abs(v - median) for v in sessions) / median
 
 
 def undisturbed(samples) -> tuple:
