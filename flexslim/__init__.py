@@ -11,8 +11,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+local"
 
-# Imported eagerly on purpose: loading the submodule `flexslim.validate` binds the package attribute to the
+# Imported eagerly on purpose: loading the submodule `flexslim.deploy.gate` binds the package attribute to the
 # module, and this import then rebinds it to the function, once and for all.
-from flexslim.validate import Report, validate  # noqa: E402
+from flexslim.deploy.gate import Report, validate  # noqa: E402
 
 __all__ = ["__version__", "Report", "validate"]

@@ -7,7 +7,7 @@
                           (e.g. the isolated timing process died)                 unexpected exception)
     EXIT_INTERRUPTED 130  Ctrl-C / SIGTERM
 
-A crash must never exit 1: CI would read it as a slow model. `flexslim.exits` maps an exception to its
+A crash must never exit 1: CI would read it as a slow model. `flexslim.system.exits` maps an exception to its
 code and one line.
 """
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from search_fixtures import randomize_batchnorm as _randomize_batchnorm
 
-from flexslim.arch import Arch
-from flexslim.config import StageSpec
+from flexslim.models.arch import Arch
+from flexslim.recipe.schema import StageSpec
 
 TINY_STAGES = (StageSpec("stage1", 8, 1, 1), StageSpec("stage2", 16, 1, 2), StageSpec("stage3", 16, 1, 2))
 TINY_STAGE_TOML = (
@@ -77,7 +77,7 @@ def tiny_arch() -> Arch:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_arch):
     """Eval-mode tiny network with random weights and BN statistics. Do not mutate: deepcopy it."""
-    from flexslim.spaces import build_network
+    from flexslim.models.families import build_network
 
     torch.manual_seed(0)
     return _randomize_batchnorm(build_network(tiny_arch)).eval()
@@ -86,7 +86,7 @@ def tiny_model(tiny_arch):
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, tiny_arch, tiny_model):
     """The tiny network exported once with flexslim's exporter (dynamo, dynamic batch, provenance)."""
-    from flexslim.export import export_model, provenance
+    from flexslim.deploy.export import export_model, provenance
 
     out = tmp_path_factory.mktemp("export") / "tiny.onnx"
     meta = provenance(tiny_arch, "quickstart", budget_ms=None, latency=LATENCY_META)
@@ -133,8 +133,8 @@ def make_onnx(tmp_path):
 @pytest.fixture(scope="session")
 def quickstart():
     """The quickstart dataset at 16x16, as the shipped recipe loads it."""
-    from flexslim.config import DataConfig
-    from flexslim.data import load_dataset
+    from flexslim.data.sources import load_dataset
+    from flexslim.recipe.schema import DataConfig
 
     return load_dataset(DataConfig(dataset="quickstart", image_size=16, crop_padding=2, flip=False, cutout=0))
 
@@ -142,7 +142,7 @@ def quickstart():
 @pytest.fixture(scope="session")
 def tiny_recipe():
     """The quickstart recipe shrunk to the tiny network (stages set through --set)."""
-    from flexslim.config import load_recipe
+    from flexslim.recipe.schema import load_recipe
 
     return load_recipe("quickstart", TINY_OVERRIDES)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from flexslim import distributed
+from flexslim.system import distributed
 
 
 def free_port() -> int:
@@ -80,12 +80,12 @@ def _rank_main(worker, rank: int, world: int, port: int, tmp: str, args: tuple, 
 
 # -- workers -----------------------------------------------------------------------------------------------------
 def record_writes() -> list[str]:
-    """From now on, every file flexslim's runs.py really writes (os.replace of an atomic write, a JSON-lines append)
-    is appended to the returned list, as a path."""
+    """From now on, every file flexslim's system.files and system.runs really write (os.replace of an atomic write,
+    a JSON-lines append, the runs/latest pointer) is appended to the returned list, as a path."""
     import builtins
     import types
 
-    from flexslim import runs
+    from flexslim.system import files, runs
 
     writes: list[str] = []
 
@@ -93,22 +93,23 @@ def record_writes() -> list[str]:
         writes.append(str(Path(dst).resolve()))
         return os.replace(src, dst)
 
-    runs.os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
-    runs.os.replace = replace
+    logged_os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
+    logged_os.replace = replace
 
     def logged_open(path, mode="r", *a, **kw):
         if "a" in mode or "w" in mode:
             writes.append(str(Path(path).resolve()))
         return builtins.open(path, mode, *a, **kw)
 
-    runs.open = logged_open
+    for module in (files, runs):
+        module.os, module.open = logged_os, logged_open
     return writes
 
 
 def search_job_worker(rank: int, world: int, tmp: Path, budget_ms: float, table: str, overrides: list[str]) -> dict:
     """`search_job` (search + bake + retrain) on this rank; returns the per-epoch mu/allocation it holds, the files
     it wrote and the result."""
-    from flexslim.pipeline import search_job
+    from flexslim.jobs.search import search_job
 
     writes = record_writes()
     os.chdir(tmp)
@@ -136,12 +137,13 @@ def one_search_step(overrides: list[str]) -> dict[str, torch.Tensor]:
     pair, and return the supernet's state (weights, BN statistics, mu) and the two losses."""
     from search_fixtures import hand_latency_model
 
-    from flexslim.arch import Arch
-    from flexslim.budget import Budget
-    from flexslim.config import load_recipe
-    from flexslim.console import Reporter
-    from flexslim.data import Augment, load_dataset
-    from flexslim.search import SearchLoop, arch_step, build_state, search_batches, weight_step
+    from flexslim.data.augment import Augment
+    from flexslim.data.sources import load_dataset
+    from flexslim.latency.budget import Budget
+    from flexslim.models.arch import Arch
+    from flexslim.recipe.schema import load_recipe
+    from flexslim.search.loop import SearchLoop, arch_step, build_state, search_batches, weight_step
+    from flexslim.system.console import Reporter
 
     recipe = load_recipe("quickstart", overrides)
     ds = load_dataset(recipe.data)
@@ -183,11 +185,11 @@ def quickstart_search(overrides: list[str], run_dir: Path | None, resume: bool =
     """run_search on the quickstart data with a hand-made latency model (no measuring); returns the SearchState."""
     from search_fixtures import hand_latency_model
 
-    from flexslim.arch import Arch
-    from flexslim.budget import Budget
-    from flexslim.config import load_recipe
-    from flexslim.data import load_dataset
-    from flexslim.search import run_search
+    from flexslim.data.sources import load_dataset
+    from flexslim.latency.budget import Budget
+    from flexslim.models.arch import Arch
+    from flexslim.recipe.schema import load_recipe
+    from flexslim.search.loop import run_search
 
     recipe = load_recipe("quickstart", overrides)
     ds = load_dataset(recipe.data)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from flexslim import runtime
+from flexslim.latency import runtime
 
 torch.set_num_threads(1)  # bit-reproducible float reductions, and no oversubscription on a shared CPU
 _calls = [0]
@@ -30,7 +30,7 @@ def fake_time_isolated(model, provider, threads, batch, warmup, runs, percentile
 runtime.time_isolated = fake_time_isolated
 
 if __name__ == "__main__":
-    from flexslim.cli import main
+    from flexslim.cli.commands import main
 
     sys.argv[0] = "flexslim"
     main()

@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 import torch
 
-from flexslim.arch import Arch
-from flexslim.config import LatencyConfig, ModelConfig, SearchConfig, StageSpec
+from flexslim.models.arch import Arch
+from flexslim.recipe.schema import LatencyConfig, ModelConfig, SearchConfig, StageSpec
 
 # A small residual net: two blocks in stage a (identity shortcut inside the stage), strided stages b and c.
 SMALL_STAGES = (StageSpec("a", 8, 2, 1), StageSpec("b", 16, 1, 2), StageSpec("c", 24, 1, 2))
@@ -127,8 +127,8 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
 
 def make_supernet(head_width: int = 0, seed: int = 0, input_shape=(1, 16, 16)):
     """A supernet of small_arch with Gaussian masks (sigma 2, k 3) and random BN statistics."""
-    from flexslim.masks import gaussian_masks
-    from flexslim.supernet import Supernet
+    from flexslim.search.masks import gaussian_masks
+    from flexslim.search.supernet import Supernet
 
     arch = small_arch(head_width, input_shape)
     torch.manual_seed(seed)
@@ -150,8 +150,8 @@ def hand_latency_model(
 ):
     """A LatencyModel with known coefficients (no measuring): intercept + ms_per_mmac * (MACs in millions),
     valid over a huge region so the search never needs to extend it."""
-    from flexslim.latency import LatencyModel
-    from flexslim.spaces import cost_terms
+    from flexslim.latency.model import LatencyModel
+    from flexslim.models.families import cost_terms
 
     terms = sorted(cost_terms(arch, arch.widths))
     coef = [ms_per_mmac if t.startswith("macs") else 0.0 for t in terms]

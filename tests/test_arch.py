@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from flexslim.arch import ARCH_VERSION, Arch, arch_json, load_arch
-from flexslim.config import StageSpec, load_recipe
 from flexslim.errors import BadInput
+from flexslim.models.arch import ARCH_VERSION, Arch, arch_json, load_arch
+from flexslim.recipe.schema import StageSpec, load_recipe
 
 
 def _write(tmp_path, obj, name="arch.json"):

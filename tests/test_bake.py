@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from search_fixtures import FAST_LATENCY, hand_latency_model, single_thread, small_arch  # noqa: F401
 
-from flexslim.bake import bake, rounded_neighbours
-from flexslim.budget import Budget
 from flexslim.errors import BadInput
-from flexslim.runtime import Timing
+from flexslim.latency.budget import Budget
+from flexslim.latency.runtime import Timing
+from flexslim.search.bake import bake, rounded_neighbours
 
 MIN_WIDTH, GRID = 8, 8
 
@@ -52,12 +52,12 @@ def test_rounded_neighbours_are_floor_and_ceil_of_every_stage_best_first():
 
 
 def test_rounded_neighbours_beam_over_many_stages_stays_on_the_neighbours():
-    from flexslim.bake import BEAM
+    from flexslim.search.bake import BEAM
 
     truth = hand_latency_model(small_arch())
     centers = {"a": 12.0, "b": 20.0, "c": 28.0}
     # with ENUMERATE_UP_TO forced below the stage count the beam runs; its choices are still neighbours
-    import flexslim.bake as bake_mod
+    import flexslim.search.bake as bake_mod
 
     old = bake_mod.ENUMERATE_UP_TO
     bake_mod.ENUMERATE_UP_TO = 1
@@ -174,7 +174,7 @@ def test_lands_in_the_window_on_a_fine_grid():
 
 def test_real_measurement_meets_a_loose_budget():
     """One real bake on onnxruntime's CPU provider: a budget far above the network changes nothing but fills."""
-    from flexslim.profiling import measure
+    from flexslim.latency.profiling import measure
 
     arch = small_arch()
     truth = hand_latency_model(arch)
@@ -269,7 +269,7 @@ def test_inside_the_window_an_exchange_is_kept_only_when_it_reaches_the_safe_zon
 
 
 def test_exchanges_move_every_stage_at_once_for_few_stages_and_pairs_for_many():
-    from flexslim.bake import EXCHANGE_ALL, _exchanges
+    from flexslim.search.bake import EXCHANGE_ALL, _exchanges
 
     three = _exchanges({"a": 16, "b": 32, "c": 64}, min_width=8, grid=16)
     assert {"a": 8, "b": 48, "c": 48} in three and len(three) == 12  # 27 combinations - 7 all up - 7 all down - 1

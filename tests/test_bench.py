@@ -9,7 +9,7 @@ import pytest
 from search_fixtures import TINY_SET, sets
 from typer.testing import CliRunner
 
-from flexslim.bench_report import inside_noise, mean_std, summarize, verdicts, write_outputs
+from flexslim.bench.report import inside_noise, mean_std, summarize, verdicts, write_outputs
 from flexslim.cli import app
 
 

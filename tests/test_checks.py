@@ -1,11 +1,10 @@
-"""flexslim.checks (every number, every output path) and flexslim.exits (exception -> exit code + one line)."""
+"""flexslim.recipe.checks (every number, every output path) and flexslim.system.exits (exception -> exit code + one line)."""
 
 import math
 import os
 
 import pytest
 
-from flexslim import checks
 from flexslim.errors import (
     EXIT_BAD_INPUT,
     EXIT_GATE,
@@ -15,7 +14,8 @@ from flexslim.errors import (
     GateFailed,
     TimingFailed,
 )
-from flexslim.exits import exit_code_for, exit_codes, outcome_for
+from flexslim.recipe import checks
+from flexslim.system.exits import exit_code_for, exit_codes, outcome_for
 
 
 def _message(fn, *args):

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from flexslim.cli import app
-from flexslim.config import load_recipe, stage_widths
+from flexslim.recipe.schema import load_recipe, stage_widths
 
 FAST_ARGS = ["--runs", "5", "--warmup", "1", "--min-seconds", "0"]
 
@@ -31,7 +31,7 @@ def test_help(cli):
 def test_import_of_the_cli_stays_light():
     """`flexslim --help` must be fast: importing the CLI may not pull in torch, onnx or onnxruntime."""
     code = (
-        "import sys, flexslim.cli\n"
+        "import sys, flexslim.cli.commands\n"
         "heavy = [m for m in ('torch', 'onnxruntime', 'onnx', 'torchvision', 'sklearn', 'matplotlib') "
         "if m in sys.modules]\n"
         "print(','.join(heavy))\n"
@@ -66,7 +66,7 @@ def test_train_export_validate_end_to_end(in_tmp, cli, monkeypatch):
 
     # the later exports are of the same trained model: reuse its graph instead of re-running the slow dynamo
     # export (parity with torch and the metadata are still checked and written for real)
-    from flexslim import export as export_mod
+    from flexslim.deploy import export as export_mod
 
     graph = onnx.load(str(in_tmp / "out.onnx"))
     monkeypatch.setattr(export_mod, "_dynamo_proto", lambda model, sample: copy.deepcopy(graph))
@@ -127,7 +127,7 @@ def test_bad_arch_file_exits_2(in_tmp, cli, one_line_error):
 
 
 def test_corrupt_model_pt_exits_2(in_tmp, cli, one_line_error, tiny_arch):
-    from flexslim.arch import arch_json
+    from flexslim.models.arch import arch_json
 
     run = in_tmp / "runs" / "r1"
     run.mkdir(parents=True)

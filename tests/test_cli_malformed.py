@@ -15,11 +15,11 @@ from search_fixtures import TINY_SET
 from test_malformed_inputs import METADATA_CASES, RECIPE_CASES, _with_metadata
 from typer.testing import CliRunner
 
-from flexslim.arch import arch_json
 from flexslim.cli import app
-from flexslim.config import load_recipe, recipe_to_toml
-from flexslim.runs import mark_latest
-from flexslim.train import train_identity
+from flexslim.models.arch import arch_json
+from flexslim.recipe.schema import load_recipe, recipe_to_toml
+from flexslim.system.runs import mark_latest
+from flexslim.train.checkpoint import train_identity
 
 FAST = ["--runs", "2", "--warmup", "0", "--min-seconds", "0"]
 
@@ -234,7 +234,7 @@ def test_output_paths_are_checked_before_measuring(tmp_path, monkeypatch, make_o
     def boom(*args, **kwargs):
         raise AssertionError("measured before the output paths were checked")
 
-    monkeypatch.setattr(importlib.import_module("flexslim.validate"), "validate", boom)
+    monkeypatch.setattr(importlib.import_module("flexslim.deploy.gate"), "validate", boom)
     (tmp_path / "a-file").write_text("x")
     res = CliRunner().invoke(app, ["validate", str(make_onnx()), "--report", "a-file/r.json"])
     assert res.exit_code == 2 and "--report" in res.stderr
@@ -257,7 +257,7 @@ def test_an_internal_error_exits_3_naming_its_log(tmp_path, monkeypatch, make_on
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(importlib.import_module("flexslim.validate"), "validate", bug)
+    monkeypatch.setattr(importlib.import_module("flexslim.deploy.gate"), "validate", bug)
     res = CliRunner().invoke(app, ["validate", str(make_onnx())])
     assert res.exit_code == 3, res.output
     line = res.stderr.strip()

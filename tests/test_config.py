@@ -3,7 +3,8 @@ import tomllib
 
 import pytest
 
-from flexslim.config import (
+from flexslim.errors import BadInput
+from flexslim.recipe.schema import (
     SECTIONS,
     ModelConfig,
     Recipe,
@@ -16,7 +17,6 @@ from flexslim.config import (
     shipped_recipes,
     stage_widths,
 )
-from flexslim.errors import BadInput
 
 
 def test_quickstart_is_shipped():

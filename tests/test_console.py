@@ -4,7 +4,7 @@ import io
 
 from rich.console import Console
 
-from flexslim.console import RichReporter, in_ci
+from flexslim.system.console import RichReporter, in_ci
 
 LONG = "epoch   1/4  loss 2.293  widths " + str({f"stage{i}": 8 * i for i in range(1, 12)})
 

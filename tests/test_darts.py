@@ -8,12 +8,13 @@ import torch
 from search_fixtures import randomize_batchnorm, single_thread  # noqa: F401 (autouse fixture)
 from torch.utils.flop_counter import FlopCounterMode
 
-from flexslim.arch import Arch
-from flexslim.config import ModelConfig, SearchConfig, StageSpec
-from flexslim.spaces import build_network, cost_terms
-from flexslim.spaces.darts import ChunkedConv2d, DartsNet
-from flexslim.supernet import Supernet, gaussian_masks
-from flexslim.transplant import transplant_optimizer
+from flexslim.models.arch import Arch
+from flexslim.models.families import build_network, cost_terms
+from flexslim.models.spaces.darts import ChunkedConv2d, DartsNet
+from flexslim.models.transplant import transplant_optimizer
+from flexslim.recipe.schema import ModelConfig, SearchConfig, StageSpec
+from flexslim.search.masks import gaussian_masks
+from flexslim.search.supernet import Supernet
 
 STAGES = tuple(StageSpec(f"c{i}", 6 + 2 * i, 1, 2 if i in (2, 4) else 1) for i in range(6))
 
@@ -162,8 +163,8 @@ def test_momentum_transplant_respects_the_chunks():
 
 
 def test_auxiliary_head_is_training_only_and_dropped_from_saved_state(tmp_path):
-    from flexslim.config import Recipe, TrainConfig
-    from flexslim.train import load_model, save_model
+    from flexslim.recipe.schema import Recipe, TrainConfig
+    from flexslim.train.checkpoint import load_model, save_model
 
     arch = darts_arch()
     net = build_network(arch, auxiliary=True)

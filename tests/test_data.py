@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexslim.config import DataConfig
-from flexslim.data import Augment, Batches, Dataset, as_float, load_dataset, search_split
+from flexslim.data.augment import Augment
+from flexslim.data.sources import load_dataset
+from flexslim.data.tensors import Batches, Dataset, as_float, search_split
 from flexslim.errors import BadInput
+from flexslim.recipe.schema import DataConfig
 
 
 def _qs(**kw):

@@ -6,7 +6,7 @@ import textwrap
 
 import torch
 
-from flexslim.devices import NARROW_CHANNELS, cpu_training_kernels, needs_native_kernels
+from flexslim.system.devices import NARROW_CHANNELS, cpu_training_kernels, needs_native_kernels
 
 
 def test_only_narrow_nets_on_the_cpu_need_native_kernels():
@@ -37,7 +37,7 @@ def test_a_4_channel_net_trains_without_hanging():
         """
         import torch
         from torch import nn
-        from flexslim.devices import cpu_training_kernels
+        from flexslim.system.devices import cpu_training_kernels
         torch.manual_seed(0)
         net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                             nn.Conv2d(16, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),

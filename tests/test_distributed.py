@@ -28,11 +28,11 @@ from dist_workers import (
 from search_fixtures import FAST_SET, TINY_SET, hand_latency_model, single_thread  # noqa: F401
 
 import flexslim
-from flexslim import distributed
-from flexslim.arch import Arch
-from flexslim.config import load_recipe
-from flexslim.console import Reporter
-from flexslim.data import load_dataset
+from flexslim.data.sources import load_dataset
+from flexslim.models.arch import Arch
+from flexslim.recipe.schema import load_recipe
+from flexslim.system import distributed
+from flexslim.system.console import Reporter
 
 REPO = Path(flexslim.__file__).resolve().parents[1]
 TINY = [*TINY_SET, *FAST_SET]

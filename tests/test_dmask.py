@@ -7,9 +7,9 @@ import pytest
 import torch
 from search_fixtures import SMALL_MODEL, hand_latency_model, single_thread, small_arch  # noqa: F401
 
-from flexslim.config import SearchConfig
-from flexslim.masks import GumbelMask, dmask_options, final_temperature, gumbel_masks, temperature
-from flexslim.supernet import Supernet, make_masks
+from flexslim.recipe.schema import SearchConfig
+from flexslim.search.masks import GumbelMask, dmask_options, final_temperature, gumbel_masks, temperature
+from flexslim.search.supernet import Supernet, make_masks
 
 
 def test_options_cover_the_range_on_the_step_grid():
@@ -78,10 +78,10 @@ def test_final_width_is_the_argmax_option():
 
 
 def test_temperature_anneals_per_epoch_in_the_search():
-    from flexslim.budget import Budget
-    from flexslim.config import Recipe
-    from flexslim.data import Dataset
-    from flexslim.search import run_search
+    from flexslim.data.tensors import Dataset
+    from flexslim.latency.budget import Budget
+    from flexslim.recipe.schema import Recipe
+    from flexslim.search.loop import run_search
 
     arch = small_arch()
     g = torch.Generator().manual_seed(0)

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import flexslim
-from flexslim import export as export_mod
-from flexslim.arch import Arch
+from flexslim.deploy import export as export_mod
+from flexslim.deploy.export import PARITY_TOL, export_model, provenance
 from flexslim.errors import BadInput, GateFailed
-from flexslim.export import PARITY_TOL, export_model, provenance
+from flexslim.models import onnx_graph
+from flexslim.models.arch import Arch
 
 
 @pytest.mark.parametrize("batch", [1, 5])
@@ -103,7 +104,7 @@ def test_metadata_is_replaced_and_atomic_write(tmp_path, reuse_graph, tiny_arch,
 
 def test_fast_export_computes_the_same_function(tiny_arch, tiny_model):
     """The latency model's fast path: same network, same outputs, dynamic batch."""
-    data = export_mod.onnx_bytes(copy.deepcopy(tiny_model), tiny_arch.input_shape, fast=True)
+    data = onnx_graph.onnx_bytes(copy.deepcopy(tiny_model), tiny_arch.input_shape, fast=True)
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     for b in (1, 3):
         x = torch.rand(b, *tiny_arch.input_shape)

@@ -13,13 +13,14 @@ from folder_fixtures import NAMES, write_digits_folder
 from PIL import Image
 from typer.testing import CliRunner
 
-from flexslim.arch import Arch
 from flexslim.cli import app
-from flexslim.config import DataConfig, StageSpec
-from flexslim.data import Augment, load_dataset, random_resized_crop
+from flexslim.data.augment import Augment, random_resized_crop
+from flexslim.data.folders import load_eval_folder
+from flexslim.data.sources import load_dataset
+from flexslim.deploy.export import provenance
 from flexslim.errors import BadInput
-from flexslim.export import provenance
-from flexslim.folders import load_eval_folder
+from flexslim.models.arch import Arch
+from flexslim.recipe.schema import DataConfig, StageSpec
 
 FOLDER = DataConfig(dataset="folder", image_size=32)
 

@@ -7,9 +7,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_search_and_retrain_steps_run_on_cuda_with_bf16_and_channels_last():
-    from flexslim.config import load_recipe
-    from flexslim.devices import autocast, pick_device, prepare
-    from flexslim.throughput import measure_throughput
+    from flexslim.bench.throughput import measure_throughput
+    from flexslim.recipe.schema import load_recipe
+    from flexslim.system.devices import autocast, pick_device, prepare
 
     recipe = load_recipe("quickstart")
     dev = pick_device("auto")
@@ -25,10 +25,10 @@ def test_search_and_retrain_steps_run_on_cuda_with_bf16_and_channels_last():
 
 
 def test_latency_runs_on_the_cuda_provider(tmp_path):
-    from flexslim.arch import Arch
-    from flexslim.config import LatencyConfig, load_recipe
-    from flexslim.profiling import measure
-    from flexslim.runtime import cuda_usable
+    from flexslim.latency.profiling import measure
+    from flexslim.latency.runtime import cuda_usable
+    from flexslim.models.arch import Arch
+    from flexslim.recipe.schema import LatencyConfig, load_recipe
 
     assert cuda_usable()
     r = load_recipe("quickstart")
@@ -40,10 +40,10 @@ def test_latency_runs_on_the_cuda_provider(tmp_path):
 def test_a_search_epoch_on_cuda_runs_bf16_and_channels_last():
     from search_fixtures import SMALL_MODEL, hand_latency_model, small_arch
 
-    from flexslim.budget import Budget
-    from flexslim.config import Recipe, SearchConfig
-    from flexslim.data import Dataset
-    from flexslim.search import run_search
+    from flexslim.data.tensors import Dataset
+    from flexslim.latency.budget import Budget
+    from flexslim.recipe.schema import Recipe, SearchConfig
+    from flexslim.search.loop import run_search
 
     dev = torch.device("cuda")
     arch = small_arch()
@@ -64,7 +64,7 @@ def test_a_search_epoch_on_cuda_runs_bf16_and_channels_last():
         seen.setdefault("dtype", output.dtype)
         seen.setdefault("channels_last", inputs[0].is_contiguous(memory_format=torch.channels_last))
 
-    import flexslim.search as search
+    import flexslim.search.loop as search
 
     build = search.build_state
 
@@ -88,7 +88,7 @@ def test_a_search_epoch_on_cuda_runs_bf16_and_channels_last():
 def test_validate_on_the_cuda_provider_binds_io_and_reports_cuda(exported, monkeypatch):
     import onnxruntime as ort
 
-    from flexslim.validate import validate
+    from flexslim.deploy.gate import validate
 
     calls = {"n": 0}
     run = ort.InferenceSession.run_with_iobinding
@@ -110,7 +110,7 @@ def test_the_quickstart_job_on_cuda_passes_export_and_the_gate(tmp_path, monkeyp
     from typer.testing import CliRunner
 
     from flexslim.cli import app
-    from flexslim.latency_stage import profile_job
+    from flexslim.jobs.latency import profile_job
 
     monkeypatch.chdir(tmp_path)
     fast = ["--set", "search.epochs=3", "--set", "train.epochs=3", "--set", "latency.min_seconds=0.2"]
@@ -131,7 +131,7 @@ def test_the_quickstart_job_on_cuda_passes_export_and_the_gate(tmp_path, monkeyp
 
 
 def test_tensor_peak_on_cuda_reads_max_memory_allocated():
-    from flexslim.memory import tensor_peak
+    from flexslim.system.memory import tensor_peak
 
     dev = torch.device("cuda")
 
@@ -148,7 +148,7 @@ def test_tensor_peak_on_cuda_reads_max_memory_allocated():
 def test_the_bench_memory_figure_comes_from_cuda(tmp_path):
     from search_fixtures import TINY_SET
 
-    from flexslim.bench import run_bench
+    from flexslim.bench.run import run_bench
 
     sets = [
         *TINY_SET,

@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from flexslim.config import load_recipe, recipe_to_toml
 from flexslim.errors import BadInput
-from flexslim.runs import lock_run, release_run, release_runs
+from flexslim.recipe.schema import load_recipe, recipe_to_toml
+from flexslim.system.locks import lock_run, release_run, release_runs
 
-OTHER = "import sys; from flexslim.runs import lock_run; lock_run(sys.argv[1]); print('locked')"
+OTHER = "import sys; from flexslim.system.locks import lock_run; lock_run(sys.argv[1]); print('locked')"
 
 
 def _other_process(*args: str) -> subprocess.CompletedProcess:

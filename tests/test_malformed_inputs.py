@@ -9,10 +9,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-from flexslim import checks
-from flexslim.config import load_recipe
+from flexslim.deploy.gate import validate
 from flexslim.errors import BadInput
-from flexslim.validate import validate
+from flexslim.recipe import checks
+from flexslim.recipe.schema import load_recipe
 
 FAST = {"runs": 2, "warmup": 0, "min_seconds": 0.0}
 
@@ -246,7 +246,7 @@ def test_bad_output_paths(tmp_path, case, flag_name):
 
 def test_an_output_path_in_missing_folders_is_accepted_and_they_are_created_on_write(tmp_path):
     path = checks.check_output_path(tmp_path / "new" / "deeper" / "r.json", "--report")
-    from flexslim.runs import atomic_write_text
+    from flexslim.system.files import atomic_write_text
 
     atomic_write_text(path, "{}")
     assert path.read_text() == "{}"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from search_fixtures import single_thread  # noqa: F401
 
-from flexslim.config import SearchConfig
-from flexslim.masks import GaussianMask, GumbelMask, Mask, hard_mask
+from flexslim.recipe.schema import SearchConfig
+from flexslim.search.masks import GaussianMask, GumbelMask, Mask, hard_mask
 
 CASES = [  # mu, sigma, step, allocated, min_width
     (20.0, 4.0, 1, 32, 8),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexslim.memory import SearchMemory, state_bytes, tensor_peak
+from flexslim.system.memory import SearchMemory, state_bytes, tensor_peak
 
 MB = 2**20
 

@@ -10,10 +10,10 @@ import torch
 from search_fixtures import FAST_SET, HISTORY_FIELDS, TINY_SET, error_line, sets, single_thread  # noqa: F401
 from typer.testing import CliRunner
 
-from flexslim.arch import load_arch
 from flexslim.cli import app
-from flexslim.config import load_recipe
-from flexslim.latency import LatencyModel
+from flexslim.latency.model import LatencyModel
+from flexslim.models.arch import load_arch
+from flexslim.recipe.schema import load_recipe
 
 SEARCH_EPOCHS = 2
 COMMON = sets(*TINY_SET, *FAST_SET, f"search.epochs={SEARCH_EPOCHS}")
@@ -46,7 +46,7 @@ def run(tmp_path_factory):
         prof = ok(invoke("profile", "--out", "t.json", *COMMON))
         table = json.loads((root / "t.json").read_text())
         budget = round(5 * table["floor_ms"], 4)  # binding for a grown network, far above the floor's noise
-        mp.setattr("flexslim.latency_stage.profile", _forbid("profiling"))
+        mp.setattr("flexslim.jobs.latency.profile", _forbid("profiling"))
         res = ok(invoke("search", "--latency-ms", str(budget), "--latency-table", "t.json", *COMMON, "--no-retrain"))
     run_dir = (root / "runs" / "latest").resolve()
     return SimpleNamespace(root=root, profile=prof, table=table, budget=budget, result=res, run_dir=run_dir)
@@ -125,7 +125,7 @@ def test_recipe_toml_is_the_resolved_recipe(run):
 
 
 def test_baked_supernet_weights_are_saved_for_users_who_skip_retraining(run):
-    from flexslim.train import load_model
+    from flexslim.train.checkpoint import load_model
 
     arch, model, _ = load_model(run.run_dir / "supernet_baked.pt")
     assert arch.widths == load_arch(run.run_dir / "arch.json").widths
@@ -148,7 +148,7 @@ def test_latency_table_is_reused_not_remeasured(run):
 # -- search: errors and --resume -----------------------------------------------------------------------------
 def test_budget_below_the_floor_is_exit_2_naming_the_floor(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("flexslim.search.run_search", _forbid("the search"))
+    monkeypatch.setattr("flexslim.search.loop.run_search", _forbid("the search"))
     res = invoke("search", "--latency-ms", "1e-6", *COMMON, "--no-retrain")
     assert res.exit_code == 2, res.output
     line = error_line(res)
@@ -163,7 +163,7 @@ def test_resume_of_a_finished_run_does_not_search_again(run, monkeypatch):
     before = {p.name: p.read_bytes() for p in run.run_dir.iterdir() if p.suffix in (".jsonl", ".png", ".pt")}
     arch_before = load_arch(run.run_dir / "arch.json")
     info_before = json.loads((run.run_dir / "run.json").read_text())
-    for target in ("flexslim.search.run_search", "flexslim.pipeline.bake", "flexslim.latency_stage.profile"):
+    for target in ("flexslim.search.loop.run_search", "flexslim.jobs.search.bake", "flexslim.jobs.latency.profile"):
         monkeypatch.setattr(target, _forbid(target))
     res = ok(invoke("search", "--latency-ms", str(run.budget), "--resume", "--no-retrain"))
     after = {p.name: p.read_bytes() for p in run.run_dir.iterdir() if p.suffix in (".jsonl", ".png", ".pt")}
@@ -231,7 +231,7 @@ def test_search_retrain_export_validate_end_to_end(tmp_path, monkeypatch):
 
     # --resume on a finished run redoes neither the search nor the retraining
     model_pt = (run_dir / "model.pt").read_bytes()
-    for target in ("flexslim.search.run_search", "flexslim.train.train_arch", "flexslim.latency_stage.profile"):
+    for target in ("flexslim.search.loop.run_search", "flexslim.jobs.train.train_arch", "flexslim.jobs.latency.profile"):
         monkeypatch.setattr(target, _forbid(target))
     res = ok(invoke("search", "--latency-ms", budget, "--resume"))
     assert (run_dir / "model.pt").read_bytes() == model_pt

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from flexslim.arch import Arch
-from flexslim.config import StageSpec
 from flexslim.errors import BadInput
-from flexslim.spaces import build_network
-from flexslim.spaces.layers import Normalize
-from flexslim.spaces.resnet import BasicBlock, ResNet
+from flexslim.models.arch import Arch
+from flexslim.models.families import build_network
+from flexslim.models.spaces.layers import Normalize
+from flexslim.models.spaces.resnet import BasicBlock, ResNet
+from flexslim.recipe.schema import StageSpec
 
 DEEP = Arch(
     "resnet",

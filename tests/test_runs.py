@@ -6,16 +6,14 @@ import pytest
 import torch
 
 from flexslim.errors import BadInput
-from flexslim.runs import (
+from flexslim.system.files import (
     append_jsonl,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    mark_latest,
-    new_run_dir,
-    resolve_run_dir,
 )
+from flexslim.system.runs import mark_latest, new_run_dir, resolve_run_dir
 
 
 def _leftovers(folder):
@@ -93,7 +91,7 @@ def test_resolve_explicit_run_dir(tmp_path):
 
 
 def test_run_record_updates_in_memory_and_saves_atomically(tmp_path):
-    from flexslim.runs import RunRecord
+    from flexslim.system.runs import RunRecord
 
     record = RunRecord.load(tmp_path)
     assert not record.exists() and record.get("status") is None
@@ -107,7 +105,7 @@ def test_run_record_updates_in_memory_and_saves_atomically(tmp_path):
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff\xfe"])
 def test_a_corrupt_run_record_is_bad_input_naming_the_file(tmp_path, text):
-    from flexslim.runs import RunRecord
+    from flexslim.system.runs import RunRecord
 
     (tmp_path / "run.json").write_bytes(text.encode("latin-1"))
     with pytest.raises(BadInput, match="run.json") as err:
@@ -117,7 +115,7 @@ def test_a_corrupt_run_record_is_bad_input_naming_the_file(tmp_path, text):
 
 # -- issue 9: corrupt files name themselves; run directories are checked before anything is made ---------------
 def test_corrupt_jsonl_is_bad_input_naming_it(tmp_path):
-    from flexslim.runs import read_jsonl
+    from flexslim.system.files import read_jsonl
 
     path = tmp_path / "search.jsonl"
     path.write_text('{"epoch": 1}\n{"epo')
@@ -126,7 +124,7 @@ def test_corrupt_jsonl_is_bad_input_naming_it(tmp_path):
 
 
 def test_run_dir_paths(tmp_path):
-    from flexslim.runs import check_run_dir_path
+    from flexslim.system.runs import check_run_dir_path
 
     (tmp_path / "f").write_text("x")
     assert check_run_dir_path(None) is None

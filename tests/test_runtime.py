@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from flexslim.errors import BadInput
-from flexslim.runtime import (
+from flexslim.latency.runtime import (
     QUIET,
     Timing,
     cuda_usable,
@@ -176,8 +176,8 @@ def test_a_dead_timing_process_is_an_error_not_a_silent_rerun():
     import os
 
     from flexslim.errors import EXIT_INTERNAL, TimingFailed
-    from flexslim.exits import exit_code_for
-    from flexslim.runtime import run_isolated
+    from flexslim.latency.runtime import run_isolated
+    from flexslim.system.exits import exit_code_for
 
     with pytest.raises(TimingFailed) as err:
         run_isolated(os._exit, 1)

@@ -10,13 +10,13 @@ import pytest
 import torch
 from search_fixtures import HISTORY_FIELDS, TINY_SET, hand_latency_model, make_supernet, single_thread  # noqa: F401
 
-from flexslim.arch import Arch
-from flexslim.budget import Budget
-from flexslim.config import load_recipe
-from flexslim.data import load_dataset
-from flexslim.schedules import cosine_lr
-from flexslim.search import load_state, run_search
-from flexslim.supernet import Supernet
+from flexslim.data.sources import load_dataset
+from flexslim.latency.budget import Budget
+from flexslim.models.arch import Arch
+from flexslim.recipe.schema import load_recipe
+from flexslim.search.loop import load_state, run_search
+from flexslim.search.supernet import Supernet
+from flexslim.train.schedules import cosine_lr
 
 CPU = torch.device("cpu")
 EPOCHS = 2
@@ -99,10 +99,10 @@ def test_the_loop_asks_no_mask_its_type():
     """The search loop and the supernet drive masks through the Mask contract only (issue 7)."""
     import inspect
 
-    import flexslim.search
-    import flexslim.supernet
+    import flexslim.search.loop
+    import flexslim.search.supernet
 
-    for module in (flexslim.search, flexslim.supernet):
+    for module in (flexslim.search.loop, flexslim.search.supernet):
         src = inspect.getsource(module)
         assert "hasattr(" not in src and "isinstance(" not in src, module.__name__
 
@@ -234,7 +234,7 @@ def _without_clock(history):
 def test_an_interrupted_search_resumes_exactly(tiny_setup, tmp_path):
     """Ctrl-C after epoch 1, then resume: the same trajectory as an uninterrupted (seeded, CPU) run, with the
     same batches, augmentations, weights, momentum, mu, Adam state and multiplier."""
-    from flexslim.console import Reporter
+    from flexslim.system.console import Reporter
 
     recipe1, ds, arch = tiny_setup
     recipe = dataclasses.replace(recipe1, search=dataclasses.replace(recipe1.search, epochs=2))

@@ -13,14 +13,15 @@ import torch
 from folder_fixtures import write_digits_folder
 from typer.testing import CliRunner
 
-from flexslim.arch import Arch
 from flexslim.cli import app
-from flexslim.config import DataConfig, load_recipe
-from flexslim.console import Reporter
-from flexslim.data import Dataset, StreamedDataset, load_dataset
+from flexslim.data.sources import load_dataset
+from flexslim.data.tensors import Dataset, StreamedDataset
 from flexslim.errors import BadInput
-from flexslim.spaces import build_network
-from flexslim.train import evaluate, evaluate_batches, fit
+from flexslim.models.arch import Arch
+from flexslim.models.families import build_network
+from flexslim.recipe.schema import DataConfig, load_recipe
+from flexslim.system.console import Reporter
+from flexslim.train.loop import evaluate, evaluate_batches, fit
 
 CPU = torch.device("cpu")
 FOLDER = DataConfig(dataset="folder", image_size=16, crop_padding=2, flip=True, cutout=4, workers=0)

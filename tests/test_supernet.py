@@ -6,9 +6,9 @@ import pytest
 import torch
 from search_fixtures import SMALL_MODEL, SMALL_SEARCH, inputs, make_supernet, replace, single_thread, small_arch  # noqa: F401
 
-from flexslim.masks import GaussianMask, gaussian_masks
-from flexslim.spaces import build_network, cost_terms
-from flexslim.supernet import MaskPoint, Supernet
+from flexslim.models.families import build_network, cost_terms
+from flexslim.search.masks import GaussianMask, gaussian_masks
+from flexslim.search.supernet import MaskPoint, Supernet
 
 
 def test_gaussian_masks_start_at_the_recipe_widths():

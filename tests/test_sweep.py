@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from flexslim.cli import app
 from flexslim.errors import BadInput
-from flexslim.sweep import LOWEST, budgets_between
+from flexslim.jobs.sweep import LOWEST, budgets_between
 
 
 def test_budgets_are_geometric_from_just_above_the_floor_to_the_top():
@@ -70,13 +70,13 @@ def test_the_delivered_network_is_timed_with_the_runs_latency_settings(tmp_path,
     import onnx
     from conftest import TINY_STAGES
 
-    import flexslim.sweep
-    from flexslim.arch import Arch
-    from flexslim.config import load_recipe
-    from flexslim.runs import RunRecord
-    from flexslim.spaces import build_network
-    from flexslim.sweep import delivered_latency
-    from flexslim.train import save_model
+    import flexslim.jobs.sweep
+    from flexslim.jobs.sweep import delivered_latency
+    from flexslim.models.arch import Arch
+    from flexslim.models.families import build_network
+    from flexslim.recipe.schema import load_recipe
+    from flexslim.system.runs import RunRecord
+    from flexslim.train.checkpoint import save_model
 
     seen = {}
 
@@ -90,7 +90,7 @@ def test_the_delivered_network_is_timed_with_the_runs_latency_settings(tmp_path,
     save_model(run / "supernet_baked.pt", arch, build_network(arch), load_recipe("quickstart"), {})
     settings = {"provider": "cpu", "batch": 7, "threads": 1, "percentile": 90.0}
     RunRecord(run).update(recipe="quickstart", latency=settings)
-    monkeypatch.setattr(flexslim.sweep, "gate_in_fresh_process", fake_gate)
+    monkeypatch.setattr(flexslim.jobs.sweep, "gate_in_fresh_process", fake_gate)
     out = delivered_latency(run, 0.1, repeats=2)
     assert out["delivered_ms"] == 0.05 and out["delivered_runs"] == [0.05, 0.05]
     assert seen["flexslim.latency_threads"] == "1" and seen["flexslim.latency_batch"] == "7"
@@ -98,7 +98,7 @@ def test_the_delivered_network_is_timed_with_the_runs_latency_settings(tmp_path,
 
 
 def test_the_gate_runs_in_a_fresh_process_and_its_report_is_read(tmp_path, exported):
-    from flexslim.sweep import gate_in_fresh_process
+    from flexslim.jobs.sweep import gate_in_fresh_process
 
     report = gate_in_fresh_process(exported.path, tmp_path / "r.json")
     assert report["latency_ms"] > 0 and report["provider"] == "cpu" and (tmp_path / "r.json").is_file()

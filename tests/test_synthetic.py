@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from flexslim.config import DataConfig, load_recipe
-from flexslim.data import DATASETS, load_dataset
-from flexslim.synthetic import TEST_SIZE, TRAIN_SIZE, is_synthetic
+from flexslim.data.sources import load_dataset
+from flexslim.data.synthetic import TEST_SIZE, TRAIN_SIZE, is_synthetic
+from flexslim.recipe.choices import DATASETS
+from flexslim.recipe.schema import DataConfig, load_recipe
 
 
 def test_cifar_shaped_seeded_and_named():
@@ -23,7 +24,7 @@ def test_cifar_shaped_seeded_and_named():
 
 
 def test_the_papers_recipes_take_it_through_set():
-    from flexslim.arch import Arch
+    from flexslim.models.arch import Arch
 
     for name in ("cifar10-darts", "cifar10-resnet"):
         r = load_recipe(name, ["data.dataset=synthetic"])
@@ -33,7 +34,7 @@ def test_the_papers_recipes_take_it_through_set():
 
 
 def test_bench_table_says_accuracy_is_meaningless(tmp_path):
-    from flexslim.bench_report import write_outputs
+    from flexslim.bench.report import write_outputs
 
     row = {
         "method": "flexcharts",

@@ -11,15 +11,16 @@ import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from flexslim.arch import Arch
-from flexslim.config import ModelConfig, SearchConfig, StageSpec, load_recipe
 from flexslim.errors import BadInput
-from flexslim.pretrained import load_pretrained
-from flexslim.spaces import build_network, cost_terms
-from flexslim.spaces.layers import MaskedBatchNorm2d
-from flexslim.supernet import Supernet, gaussian_masks
-from flexslim.train import make_sgd
-from flexslim.transplant import transplant_optimizer
+from flexslim.models.arch import Arch
+from flexslim.models.families import build_network, cost_terms
+from flexslim.models.pretrained import load_pretrained
+from flexslim.models.spaces.layers import MaskedBatchNorm2d
+from flexslim.models.transplant import transplant_optimizer
+from flexslim.recipe.schema import ModelConfig, SearchConfig, StageSpec, load_recipe
+from flexslim.search.masks import gaussian_masks
+from flexslim.search.supernet import Supernet
+from flexslim.train.loop import make_sgd
 
 RECIPES = {"resnet18": "imagenet-resnet18", "resnet50": "imagenet-resnet50", "mobilenet_v2": "imagenet-mobilenetv2"}
 FAMILIES = tuple(RECIPES)

@@ -7,21 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexslim.arch import Arch, arch_json, load_arch
-from flexslim.config import load_recipe, recipe_to_toml, stage_widths
-from flexslim.console import Reporter
-from flexslim.data import Dataset
+from flexslim.data.tensors import Dataset
 from flexslim.errors import BadInput
-from flexslim.schedules import cosine_lr, drop_path_at
-from flexslim.spaces import build_network
-from flexslim.train import (
-    evaluate,
-    fit,
-    load_model,
-    open_train_run,
-    save_model,
-    train_arch,
-)
+from flexslim.jobs.train import open_train_run, train_arch
+from flexslim.models.arch import Arch, arch_json, load_arch
+from flexslim.models.families import build_network
+from flexslim.recipe.schema import load_recipe, recipe_to_toml, stage_widths
+from flexslim.system.console import Reporter
+from flexslim.train.checkpoint import load_model, save_model
+from flexslim.train.loop import evaluate, fit
+from flexslim.train.schedules import cosine_lr, drop_path_at
 
 CPU = torch.device("cpu")
 
@@ -266,7 +261,7 @@ def test_a_checkpoint_of_another_schedule_or_recipe_is_refused_naming_it(tmp_pat
 def test_fit_trains_inside_cpu_training_kernels_once_per_epoch(monkeypatch, no_aug_recipe, quickstart):
     import contextlib
 
-    import flexslim.train as train_mod
+    import flexslim.train.loop as train_mod
 
     calls = []
 
@@ -283,8 +278,8 @@ def test_fit_trains_inside_cpu_training_kernels_once_per_epoch(monkeypatch, no_a
 
 
 def test_recalibrated_recomputes_batchnorm_statistics_on_a_copy():
-    from flexslim.data import Batches
-    from flexslim.train import recalibrate
+    from flexslim.data.tensors import Batches
+    from flexslim.train.loop import recalibrate
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4))

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from search_fixtures import inputs, make_supernet, single_thread  # noqa: F401
 
-from flexslim.train import make_sgd
-from flexslim.transplant import copy_overlap, transplant_optimizer, transplant_state
+from flexslim.models.transplant import copy_overlap, transplant_optimizer, transplant_state
+from flexslim.train.loop import make_sgd
 
 # Growing the allocation past ceil(mu + 3 sigma) adds channels whose mask is the Gaussian's tail beyond
 # 3 sigma (~5e-4 on a 1-channel grid) and renormalises the weights by as much, so the output may move by a

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from search_fixtures import FAST_LATENCY, single_thread, small_arch  # noqa: F401
 
-from flexslim.budget import Budget
-from flexslim.uniform import scaled, uniform_scale
+from flexslim.bench.uniform import scaled, uniform_scale
+from flexslim.latency.budget import Budget
 
 
 def test_scaled_rounds_and_respects_min_width():
@@ -12,7 +12,7 @@ def test_scaled_rounds_and_respects_min_width():
 
 
 def test_bisection_meets_a_budget_between_floor_and_start():
-    from flexslim.profiling import measure
+    from flexslim.latency.profiling import measure
 
     arch = small_arch()
     start = measure(arch, arch.widths, FAST_LATENCY).at_percentile_ms

@@ -1,0 +1,7 @@
+"""flexslim.bench: method comparison - every method run alike on one recipe, data, latency table and seeds.
+
+Modules: `run` (the bench job and its isolated per-method workers), `report` (statistics over seeds, verdicts,
+table, CSV, figure), `uniform` (the uniform width-scaling baseline), `throughput` (step-time benchmark).
+
+May import: jobs, search, deploy, train, latency, system, data, models, recipe, errors. Imported only by cli.
+"""

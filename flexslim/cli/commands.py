@@ -1,0 +1,434 @@
+"""The `flexslim` command line: parse, call one library function, render, exit code.
+
+Exit codes (flexslim.errors): 0 done / gate passed, 1 gate failed, 2 bad input, 3 internal error, 130 Ctrl-C,
+143 SIGTERM; each failure is one line on stderr (a traceback only with `flexslim --debug ...`, else in a log
+file the line names). Heavy imports (torch, onnx, onnxruntime, matplotlib) happen inside the commands so
+`--help` is fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from flexslim.cli.app import (
+    DataOpt,
+    Device,
+    DeviceOpt,
+    Method,
+    Provider,
+    RecipeOpt,
+    SetOpt,
+    app,
+    command_exit_codes,
+    err,
+    out,
+)
+from flexslim.latency.runtime import GATE_SECONDS
+from flexslim.recipe.choices import BENCH_METHODS
+from flexslim.system.distributed import is_main
+
+
+@app.command()
+def search(
+    latency_ms: Annotated[float, typer.Option(help="Budget: per-sample latency in ms on the deployment runtime.")],
+    recipe: RecipeOpt = "quickstart",
+    data: DataOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<time>-<recipe>).")] = None,
+    method: Annotated[Optional[Method], typer.Option(help="Search method (default: the recipe's).")] = None,
+    device: DeviceOpt = Device.auto,
+    provider: Annotated[
+        Optional[Provider], typer.Option(help="onnxruntime provider to search for (default: the recipe's).")
+    ] = None,
+    latency_batch: Annotated[
+        Optional[int], typer.Option(help="Batch the budget is measured at (default: the recipe's).")
+    ] = None,
+    latency_table: Annotated[
+        Optional[Path], typer.Option(help="Use a latency table from `flexslim profile` instead of measuring here.")
+    ] = None,
+    pretrained: Annotated[
+        Optional[Path],
+        typer.Option(help="A state_dict of the family's torchvision model at its own widths to start from."),
+    ] = None,
+    set_: SetOpt = None,
+    retrain: Annotated[bool, typer.Option(help="Retrain the baked network from scratch after the search.")] = True,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted run (runs/latest or --run-dir).")
+    ] = False,
+) -> None:
+    """The main job: latency model -> FlexCHarts search -> measured bake (trim, fill) -> retrain.
+
+    Data-parallel on N processes or GPUs: `torchrun --nproc-per-node N -m flexslim search ...`."""
+    from flexslim.system.distributed import session
+
+    with command_exit_codes(), session(device.value):
+        from flexslim.jobs.search import search_job
+        from flexslim.system.console import Reporter, RichReporter
+
+        overrides = _search_overrides(set_, method, provider, latency_batch, pretrained)
+        res = search_job(
+            latency_ms,
+            recipe=recipe,
+            overrides=overrides,
+            data_dir=data,
+            run_dir=run_dir,
+            device=device.value,
+            latency_table=latency_table,
+            retrain=retrain,
+            resume=resume,
+            reporter=RichReporter(err) if is_main() else Reporter(),
+        )
+        if not is_main():
+            return
+        f = res.fitted
+        out.print(
+            f"run {res.run_dir}: widths {f.widths}, measured p90 {f.measured_ms:.4f} ms/sample "
+            f"(budget {latency_ms:g} ms, {f.provider})"
+            + (f", test accuracy {res.test_acc:.4f}" if res.test_acc is not None else "")
+        )
+        out.print("next: flexslim export model.onnx" if retrain else f"next: flexslim train {res.run_dir}")
+
+
+def _search_overrides(set_, method, provider, latency_batch, pretrained: Path | None) -> list[str]:
+    """The `--set` values plus the search flags that are recipe values (method, provider, batch, pretrained)."""
+    import json
+
+    from flexslim.errors import BadInput
+
+    overrides = list(set_ or [])
+    if method:
+        overrides.append(f"search.method={method.value}")
+    if provider:
+        overrides.append(f"latency.provider={provider.value}")
+    if latency_batch is not None:
+        overrides.append(f"latency.batch={latency_batch}")
+    if pretrained is not None:
+        if not pretrained.is_file():
+            raise BadInput(f"--pretrained {pretrained}: no such file (a torch state_dict, e.g. torchvision's)")
+        overrides.append(f"model.pretrained={json.dumps(str(pretrained.resolve()))}")  # a TOML string
+    return overrides
+
+
+@app.command()
+def profile(
+    recipe: RecipeOpt = "quickstart",
+    provider: Annotated[Optional[Provider], typer.Option(help="onnxruntime provider (default: the recipe's).")] = None,
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the latency table.")] = Path("latency.json"),
+    data: DataOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Measure and fit the latency model of a recipe's family on this machine (reuse with --latency-table)."""
+    with command_exit_codes():
+        from flexslim.jobs.latency import profile_job
+        from flexslim.recipe.checks import check_output_path
+        from flexslim.system.console import RichReporter
+
+        check_output_path(out_path, "--out")  # before the measurement
+        overrides = list(set_ or []) + ([f"latency.provider={provider.value}"] if provider else [])
+        model = profile_job(recipe, overrides, out_path, data_dir=data, reporter=RichReporter(err))
+        e = model.error_summary()
+        out.print(
+            f"wrote {out_path}: {len(model.fit_points)} fit + {len(model.holdout_points)} hold-out networks on "
+            f"{model.provider} in {model.measure_seconds:.1f}s; floor {model.floor_ms:.4f} ms; hold-out error "
+            f"median {e.get('median_pct', 0):.1f}% max {e.get('max_pct', 0):.1f}%"
+        )
+
+
+@app.command()
+def train(
+    target: Annotated[
+        Optional[Path], typer.Argument(help="A run directory or an arch.json; omitted: the recipe's own widths.")
+    ] = None,
+    recipe: Annotated[
+        Optional[str],
+        typer.Option("--recipe", "-r", help="Recipe name or .toml path (default: the run's own, else quickstart)."),
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: the recipe's train.epochs).")] = None,
+    data: DataOpt = None,
+    device: DeviceOpt = Device.auto,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted training of this run.")] = False,
+) -> None:
+    """Retrain a network from scratch and write model.pt into its run directory.
+
+    Data-parallel on N processes or GPUs: `torchrun --nproc-per-node N -m flexslim train ...`."""
+    from flexslim.system.distributed import session
+
+    with command_exit_codes(), session(device.value):
+        from flexslim.jobs.train import open_train_run, train_arch
+        from flexslim.recipe import checks
+        from flexslim.system.console import Reporter, RichReporter
+        from flexslim.system.devices import pick_device
+
+        if epochs is not None:
+            epochs = checks.count(epochs, checks.flag("--epochs"), cap=checks.MAX_EPOCHS)
+        run = open_train_run(target, recipe, set_ or [], data, resume=resume, epochs=epochs)
+        if is_main():
+            err.print(f"run directory: {run.run_dir}  widths: {run.arch.widths}")
+
+        history = train_arch(
+            run.arch,
+            run.recipe,
+            run.run_dir,
+            run.dataset,
+            pick_device(device.value),
+            epochs,
+            RichReporter(err) if is_main() else Reporter(),
+            resume=resume,
+        )
+        if not is_main():
+            return
+        last = history[-1]
+        out.print(f"trained {run.run_dir / 'model.pt'}: test accuracy {last.test_acc:.4f} after {last.epoch} epochs")
+
+
+@app.command()
+def export(
+    output: Annotated[Path, typer.Argument(help="Where to write the ONNX model (.onnx).")],
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/latest).")] = None,
+    validate: Annotated[bool, typer.Option(help="Gate the exported model against the run's budget.")] = True,
+    provider: Annotated[Optional[Provider], typer.Option(help="Provider for the gate (default: the recipe's).")] = None,
+) -> None:
+    """Export the run's trained model to ONNX (checked, parity-tested), then gate it against the run's budget."""
+    with command_exit_codes():
+        from flexslim.jobs.export import export_run
+
+        result = export_run(output, run_dir, provider=provider.value if provider else None, gate=validate)
+        out.print(
+            f"wrote {result.export.path} ({result.export.size_bytes / 1e6:.2f} MB, opset {result.export.opset}); "
+            f"parity max |onnx - torch| = {result.export.parity_max_abs:.2e}"
+        )
+        if result.report is None:
+            out.print("no budget recorded for this run: gate skipped" if validate else "gate skipped (--no-validate)")
+            return
+        _render_report(result.report)
+        if not result.report.passed:
+            raise typer.Exit(1)
+
+
+@app.command()
+def validate(
+    model: Annotated[Path, typer.Argument(help="Any ONNX image classifier taking float32 NCHW images in [0, 1].")],
+    latency_ms: Annotated[
+        Optional[float], typer.Option(help="Budget: per-sample latency in ms at the percentile.")
+    ] = None,
+    min_accuracy: Annotated[
+        Optional[float], typer.Option(help="Minimum top-1 accuracy (fraction) on the test split.")
+    ] = None,
+    provider: Annotated[
+        Provider, typer.Option(help="onnxruntime execution provider (auto = CUDA when usable).")
+    ] = Provider.auto,
+    batch: Annotated[
+        Optional[int], typer.Option(help="Batch of each timed pass (default: from metadata, else 32).")
+    ] = None,
+    percentile: Annotated[
+        Optional[float], typer.Option(help="Percentile of the timed runs the budget applies to.")
+    ] = None,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (0 = runtime default).")] = None,
+    runs: Annotated[int, typer.Option(help="Minimum number of timed runs.")] = 50,
+    min_seconds: Annotated[
+        float, typer.Option(help="Minimum seconds of timed runs, cut into windows; disturbed windows are left out.")
+    ] = GATE_SECONDS,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
+    dataset: Annotated[
+        Optional[str], typer.Option(help="Dataset for accuracy: quickstart | cifar10 | folder (default: metadata).")
+    ] = None,
+    data: DataOpt = None,
+    # str, not Path: Path("out/") would drop the slash that says the user named a folder
+    report: Annotated[Optional[str], typer.Option(help="Write the report as JSON here.")] = None,
+    junit: Annotated[Optional[str], typer.Option(help="Write the checks as JUnit XML here.")] = None,
+) -> None:
+    """Gate an ONNX classifier: latency (and accuracy) vs budget. Exit 0 pass, 1 fail, 2 bad input."""
+    with command_exit_codes():
+        from flexslim.deploy.gate import validate as run_validate
+        from flexslim.recipe.checks import check_output_path
+
+        # before the measurement: a verdict must never be lost to an unwritable path
+        report = check_output_path(report, "--report") if report is not None else None
+        junit = check_output_path(junit, "--junit") if junit is not None else None
+        rep = run_validate(
+            model,
+            latency_ms=latency_ms,
+            min_accuracy=min_accuracy,
+            provider=provider.value,
+            batch=batch,
+            percentile=percentile,
+            dataset=dataset,
+            data=data,
+            threads=threads,
+            warmup=warmup,
+            runs=runs,
+            min_seconds=min_seconds,
+        )
+        if report:
+            rep.write_json(report)
+        if junit:
+            rep.write_junit(junit)
+        _render_report(rep)
+        if not rep.passed:
+            raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    recipe: RecipeOpt = "bench-cpu",
+    methods: Annotated[Optional[str], typer.Option(help=f"Comma-separated, from: {','.join(BENCH_METHODS)}.")] = None,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for bench.md, bench.csv, bench.png and the runs.")
+    ] = Path("bench"),
+    latency_ms: Annotated[
+        Optional[float], typer.Option(help="Budget (default: the recipe's bench.latency_ms).")
+    ] = None,
+    retrain: Annotated[Optional[bool], typer.Option(help="Retrain every result and report test accuracy.")] = None,
+    throughput: Annotated[
+        bool, typer.Option("--throughput", help="Only time the search and retrain steps (images/s).")
+    ] = False,
+    seeds: Annotated[
+        int, typer.Option(help="Runs per method (search.seed = train.seed = base + i); the table shows mean ± std.")
+    ] = 1,
+    latency_table: Annotated[
+        Optional[Path], typer.Option(help="Share this latency.json (flexslim profile) instead of measuring one.")
+    ] = None,
+    data: DataOpt = None,
+    device: DeviceOpt = Device.auto,
+    set_: SetOpt = None,
+) -> None:
+    """Compare FlexCHarts, DMaskingNAS (small/large range) and uniform scaling at one budget (paper Table 1)."""
+    with command_exit_codes():
+        from flexslim.recipe.checks import check_output_dir
+
+        check_output_dir(out_dir, "--out")  # before anything is measured
+        if throughput:
+            _print_throughput(recipe, set_, data, device)
+            return
+        from flexslim.bench.run import run_bench
+
+        rows = run_bench(
+            recipe,
+            methods.split(",") if methods else None,
+            out_dir,
+            budget_ms=latency_ms,
+            retrain=retrain,
+            overrides=set_ or [],
+            data_dir=data,
+            device=device.value,
+            seeds=seeds,
+            latency_table=latency_table,
+            log=lambda line: err.print(line, highlight=False),
+        )
+        out.print((out_dir / "bench.md").read_text())
+        if any("error" in r for r in rows):
+            raise typer.Exit(1)
+
+
+def _print_throughput(recipe: str, set_, data, device) -> None:
+    """`bench --throughput`: images/s of the search and retrain steps and the mask overhead."""
+    from flexslim.bench.throughput import measure_throughput
+    from flexslim.data.sources import load_dataset
+    from flexslim.recipe.schema import load_recipe
+    from flexslim.system.devices import pick_device
+
+    r = load_recipe(recipe, set_ or [])
+    ds = load_dataset(r.data, data)
+    t = measure_throughput(r, ds.input_shape, ds.num_classes, pick_device(device.value))
+    out.print(
+        f"device {t['device']}: search: {t['search_images_per_s']:.0f} images/s   retrain: "
+        f"{t['retrain_images_per_s']:.0f} images/s   masked supernet step / dense step at the same "
+        f"allocated widths {t['allocated']}: {t['mask_overhead_ratio']:.2f}x"
+    )
+
+
+@app.command()
+def sweep(
+    recipe: RecipeOpt = "quickstart",
+    budgets: Annotated[
+        int, typer.Option(help="Number of budgets, from just above the floor to the widest network.")
+    ] = 5,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for sweep.md/csv/json/png and the runs.")] = Path(
+        "sweep"
+    ),
+    retrain: Annotated[
+        bool, typer.Option(help="Retrain every delivered network (accuracy of the retrained net).")
+    ] = False,
+    repeats: Annotated[int, typer.Option(help="Gate measurements of each delivered network (median).")] = 3,
+    data: DataOpt = None,
+    device: DeviceOpt = Device.auto,
+    set_: SetOpt = None,
+) -> None:
+    """Search N budgets on one shared latency table; measure what each delivered network really runs at."""
+    with command_exit_codes():
+        from flexslim.jobs.sweep import failed, sweep_job
+        from flexslim.recipe.checks import check_output_dir
+        from flexslim.system.console import RichReporter
+
+        check_output_dir(out_dir, "--out")
+
+        rows = sweep_job(
+            recipe,
+            budgets,
+            out_dir,
+            overrides=list(set_ or []),
+            retrain=retrain,
+            repeats=repeats,
+            data_dir=data,
+            device=device.value,
+            reporter=RichReporter(err),
+        )
+        out.print((out_dir / "sweep.md").read_text())
+        if any(failed(r) for r in rows):
+            raise typer.Exit(1)
+
+
+def _render_report(rep) -> None:
+    from rich.table import Table
+
+    t = rep.timing
+    table = Table(title=f"flexslim validate: {rep.model}", show_header=True)
+    table.add_column("check")
+    table.add_column("measured", justify="right")
+    table.add_column("limit", justify="right")
+    table.add_column("verdict")
+    pct = f"p{t.percentile:g}"
+    budget = rep.budget_ms
+    table.add_row(
+        f"latency {pct} (ms/sample)",
+        f"{rep.latency_ms:.4f}",
+        "-" if budget is None else f"{budget:g}",
+        _verdict(rep, "latency"),
+    )
+    table.add_row("latency p50 / p90 (ms/sample)", f"{t.p50_ms:.4f} / {t.p90_ms:.4f}", "", "")
+    if t.all_passes_ms is not None and t.quiet_windows < t.windows:
+        table.add_row(f"latency {pct}, every pass (ms/sample)", f"{t.all_passes_ms:.4f}", "", "")
+    if rep.accuracy is not None:
+        lim = "-" if rep.min_accuracy is None else f"{rep.min_accuracy:g}"
+        table.add_row(
+            f"accuracy ({rep.dataset}, {rep.num_test} images)", f"{rep.accuracy:.4f}", lim, _verdict(rep, "accuracy")
+        )
+    out.print(table)
+    out.print(
+        f"provider {t.provider} (asked: {rep.requested_provider}), batch {t.batch}, input {list(t.input_shape)}, "
+        f"threads {t.threads or 'default'}, {t.runs} timed runs after {t.warmup} warm-up "
+        f"({t.quiet_windows} of {t.windows} windows undisturbed), {t.runtime}"
+    )
+    out.print(
+        ("[green]PASS[/green]" if rep.passed else "[red]FAIL[/red]")
+        + f" {rep.summary()[7:] if rep.checks else 'no budget or target given'}",
+        highlight=False,
+    )
+
+
+def _verdict(rep, name: str) -> str:
+    check = next((c for c in rep.checks if c.name == name), None)
+    if check is None:
+        return ""
+    return "[green]pass[/green]" if check.passed else "[red]FAIL[/red]"
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

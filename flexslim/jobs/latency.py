@@ -1,0 +1,125 @@
+"""The run's latency model: `--latency-table`, else the run's own latency.json (resume), else measured here, then
+measured near the budget and saved before the search reads it (`latency_model_for`); the budget its timing spread
+gives, recorded in run.json (`latency_stage`); `flexslim profile` (`profile_job`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flexslim.data.sources import load_dataset
+from flexslim.errors import BadInput
+from flexslim.latency.budget import Budget
+from flexslim.latency.model import LatencyModel, with_grid
+from flexslim.latency.profiling import profile, refine
+from flexslim.models.arch import Arch
+from flexslim.recipe.schema import Recipe, load_recipe
+from flexslim.system.console import Reporter
+from flexslim.system.runs import RunRecord
+
+
+# -- the run's latency model -------------------------------------------------------------------------------
+def latency_model_for(
+    arch: Arch, recipe: Recipe, run_dir: Path, table: Path | None, reporter: Reporter, budgets: list[float]
+) -> LatencyModel:
+    """--latency-table, else the run's own latency.json (resume), else measure one here; then measured where
+    `budgets` need it (`latency.refine`), and saved in the run before the search reads it."""
+    cached = run_dir / "latency.json"
+
+    def save(model: LatencyModel) -> None:  # whenever it changed: a killed run resumes from what was measured
+        model.save(cached)
+
+    if table is not None:
+        model = LatencyModel.load(table)
+        model.check_compatible(arch, recipe.latency, str(table))
+        model.arch = arch
+    elif cached.is_file():
+        model = LatencyModel.load(cached)
+        model.check_compatible(arch, recipe.latency, str(cached))
+    else:
+        s = recipe.latency
+        reporter.log(
+            f"measuring the latency model on {s.provider} (batch {s.batch}, "
+            f"threads {s.threads or 'default'}, p{s.percentile:g})"
+        )
+        model = profile(
+            arch, s, recipe.model.min_width, recipe.model.round_to, budgets=budgets, reporter=reporter, checkpoint=save
+        )
+    grid = with_grid(recipe, model).model.round_to
+    refine(model, budgets, grid=grid, reporter=reporter, checkpoint=save)
+    save(model)
+    return model
+
+
+def describe(lat: LatencyModel) -> str:
+    """One line on a latency model's quality: block, hold-out error (all and near the budgets), timing spread."""
+    e = lat.error_summary()
+
+    def pct(key: str) -> str:
+        return f"{e[key]:.1f}%" if key in e else "n/a"
+
+    near = (
+        f", near the budgets median {pct('near_median_pct')} max {pct('near_max_pct')}" if "near_holdout" in e else ""
+    )
+    return (
+        f"channel block {lat.block}, hold-out error median {pct('median_pct')} max {pct('max_pct')} over "
+        f"{e['holdout']} networks{near}, timing spread {e['noise_pct']:.1f}%, provider {lat.provider}"
+    )
+
+
+def latency_stage(
+    arch: Arch,
+    recipe: Recipe,
+    record: RunRecord,
+    table: Path | None,
+    budget_ms: float,
+    reporter: Reporter,
+) -> tuple[LatencyModel, Budget]:
+    """The latency model and the budget its timing spread gives, both recorded in run.json; a budget the
+    narrowest network cannot meet is refused."""
+    t0 = time.perf_counter()
+    lat = latency_model_for(arch, recipe, record.run_dir, table, reporter, [budget_ms])
+    budget = Budget.for_noise(budget_ms, lat.noise(), recipe.latency.confidence)
+    err = lat.error_summary()
+    reporter.log(
+        f"latency model: floor {lat.floor_ms:.4f} ms (all stages at {recipe.model.min_width}), {describe(lat)}"
+    )
+    s = recipe.latency
+    settings = {"provider": lat.provider, "batch": s.batch, "threads": s.threads, "percentile": s.percentile}
+    if not record.search_finished():  # a finished search keeps what it recorded
+        record.update(
+            latency={**settings, "floor_ms": lat.floor_ms, "error": err, "block": lat.block},
+            budget={"ms": budget.ms, "limit_ms": budget.limit_ms, "low_ms": budget.low_ms, "headroom": budget.headroom},
+            latency_seconds=time.perf_counter() - t0,
+        )
+    if budget.limit_ms < lat.floor_ms:
+        record.update(status="impossible budget")
+        raise BadInput(
+            f"--latency-ms {budget.ms:g} is below the floor of this family on {lat.provider}: the narrowest "
+            f"network (every stage at min_width {recipe.model.min_width}) measures {lat.floor_ms:.4f} ms; "
+            f"raise the budget or lower model.min_width"
+        )
+    return lat, budget
+
+
+# -- `flexslim profile` ---------------------------------------------------------------------------------------
+def profile_job(
+    recipe_name: str,
+    overrides: list[str],
+    out: Path,
+    *,
+    budgets: list[float] | None = None,
+    data_dir: Path | None = None,
+    reporter: Reporter | None = None,
+) -> LatencyModel:
+    """Measure and fit a recipe's latency model on this machine and save it to `out` (for --latency-table).
+
+    With `budgets`, the table is also measured near each of them (what `sweep` shares among its searches)."""
+    recipe = load_recipe(recipe_name, overrides)
+    ds = load_dataset(recipe.data, data_dir)
+    arch = Arch.for_data(recipe.model, ds)
+    s, m = recipe.latency, recipe.model
+    model = profile(arch, s, m.min_width, m.round_to, budgets=budgets or (), reporter=reporter)
+    model.save(out)
+    return model

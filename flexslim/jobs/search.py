@@ -1,0 +1,386 @@
+"""The `flexslim search` job as named stages over one run record: prepare the run -> latency model ->
+search (or reuse a finished one) -> bake and fit to the budget -> retrain (or reuse).
+
+    runs/X/recipe.toml     resolved recipe
+    runs/X/run.json        budget, latency settings, status, measured latency, trims (through RunRecord only)
+    runs/X/latency.json    the latency model (reused by --resume; --latency-table brings another)
+    runs/X/search.jsonl    one line per search epoch;  search.png  the trajectory
+    runs/X/arch.json       the baked widths (after trimming);  model.pt  the retrained network
+Each stage reads only what the previous one wrote, so an interrupted run continues with --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexslim.data.sources import load_dataset
+from flexslim.data.tensors import Dataset
+from flexslim.errors import BadInput
+from flexslim.jobs.latency import latency_stage
+from flexslim.latency.budget import Budget
+from flexslim.latency.model import LatencyModel, with_grid
+from flexslim.models.arch import Arch, arch_json, load_arch
+from flexslim.recipe.schema import Recipe, load_recipe, recipe_to_toml
+from flexslim.search.bake import Fitted, bake
+from flexslim.search.methods import check_search_method
+from flexslim.system import distributed
+from flexslim.system.console import Reporter
+from flexslim.system.files import atomic_write_text, read_jsonl, remove
+from flexslim.system.locks import lock_run
+from flexslim.system.memory import SearchMemory
+from flexslim.system.runs import RunRecord, check_run_dir_path, mark_latest, new_run_dir, resolve_run_dir
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What `search_job` hands back: the run, the baked architecture and every figure callers report.
+
+    `memory` and `supernet_acc` are None when a finished search was reused; `test_acc` is None without
+    retraining.
+    """
+
+    run_dir: Path
+    arch: Arch
+    fitted: Fitted
+    latency: LatencyModel
+    history: list[dict]
+    test_acc: float | None
+    memory: dict | None = None
+    supernet_acc: float | None = None
+    latency_seconds: float = 0.0  # measuring: the latency model (what this run measured of it) and the bake
+
+    @property
+    def search_seconds(self) -> float:
+        return sum(h["seconds"] for h in self.history)
+
+
+@dataclass(frozen=True)
+class Searched:
+    """The outcome of the search stage (fresh or reused)."""
+
+    arch: Arch
+    fitted: Fitted
+    history: list[dict]
+    memory: dict | None = None
+    supernet_acc: float | None = None
+
+
+def search_job(
+    budget_ms: float,
+    *,
+    recipe: str = "quickstart",
+    overrides: list[str] | None = None,
+    data_dir: Path | None = None,
+    run_dir: Path | None = None,
+    device: str = "auto",
+    latency_table: Path | None = None,
+    retrain: bool = True,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    mark: bool = True,
+) -> JobResult:
+    """The main job: search per-stage widths for `budget_ms`, bake, fit to the budget, retrain.
+
+    Args:
+        budget_ms: per-sample latency budget (ms) at the recipe's percentile on its provider.
+        recipe: shipped recipe name or .toml path (ignored with `resume`: the run's own recipe is used).
+        overrides: `section.key=value` strings applied to the recipe.
+        run_dir: the run directory (default `runs/<time>-<recipe>`; with `resume`, `runs/latest`).
+        latency_table: a latency.json from `flexslim profile` to use instead of measuring here.
+        retrain: retrain the baked network from scratch (model.pt).
+        resume: continue the interrupted (or finished) run in `run_dir`.
+        mark: point `runs/latest` at the run.
+
+    Returns:
+        JobResult. Raises BadInput for unusable input (exit 2), including a budget below the family's floor.
+
+    Example::
+
+        res = search_job(0.06, recipe="quickstart", retrain=False)
+        res.arch.widths, res.fitted.measured_ms
+    """
+    from flexslim.system.devices import pick_device
+
+    reporter = reporter or Reporter()
+    dev = pick_device(device)
+    rcp, ds, arch, table, record = _checked_and_opened(
+        budget_ms, recipe, overrides or [], data_dir, run_dir, latency_table, retrain, resume, mark, str(dev)
+    )
+    lat, budget = distributed.on_main(lambda: latency_stage(arch, rcp, record, table, budget_ms, reporter))
+    rcp = with_grid(rcp, lat)
+    done = distributed.on_main(lambda: _finished_search(record)) if resume else None
+    if done is not None:
+        reporter.log(f"search already finished: widths {done.arch.widths}")
+    searched = done or _search_stage(arch, rcp, ds, budget, lat, record, dev, reporter, resume)
+    test_acc = _retrain_stage(searched.arch, rcp, ds, record, dev, reporter, resume) if retrain else None
+    s = searched
+    return JobResult(
+        record.run_dir,
+        s.arch,
+        s.fitted,
+        lat,
+        s.history,
+        test_acc,
+        s.memory,
+        s.supernet_acc,
+        record.get("latency_seconds", 0.0),
+    )
+
+
+def _checked_and_opened(budget_ms, recipe, overrides, data_dir, run_dir, latency_table, retrain, resume, mark, dev):
+    """Every input checked (recipe, data, latency table) before the run directory is created or reopened ->
+    (recipe, dataset, arch, table path, run record). Under torchrun every rank checks its recipe against rank 0's
+    and rank 0 prepares the run (it also measures and bakes; every rank searches and retrains its shards)."""
+    table = distributed.on_main(lambda: _checked_table(latency_table))
+    check = lambda: _check_run(budget_ms, recipe, overrides, run_dir, resume)  # noqa: E731
+    distributed.check_recipe(lambda: check()[0], train=retrain)
+    rcp, run_path = distributed.on_main(check)
+    with distributed.main_first():  # a download happens once
+        ds = load_dataset(rcp.data, data_dir)
+    arch = Arch.for_data(rcp.model, ds)
+    if table is not None:  # a table for another network is refused before the run exists
+        LatencyModel.load(table).check_compatible(arch, rcp.latency, str(table))
+    record = distributed.on_main(lambda: _open_run(rcp, run_path, budget_ms, resume, mark, dev))
+    return rcp, ds, arch, table, record
+
+
+def _checked_table(latency_table: Path | None) -> Path | None:
+    if latency_table is None:
+        return None
+    path = Path(latency_table).resolve()  # before runs/latest moves
+    if not path.is_file():
+        raise BadInput(f"latency table {path} does not exist")
+    return path
+
+
+# -- stage 1: the run directory and its record ----------------------------------------------------------------
+def _check_run(
+    budget_ms: float, recipe_name: str, overrides: list[str], run_dir: Path | None, resume: bool
+) -> tuple[Recipe, Path | None]:
+    """Check the inputs that need no data (budget, recipe, method, run directory) without creating anything;
+    returns the recipe and the run directory (None: a new one under runs/).
+
+    A resumed run's recipe is its own recipe.toml, and `--set` values that would change it are refused."""
+    Budget(budget_ms)
+    if resume:
+        run_dir = resolve_run_dir(run_dir)
+        recipe = _resumed_recipe(run_dir, overrides)
+        record = RunRecord.load(run_dir)  # a corrupt run.json is BadInput naming it
+        if record.get("budget_ms") not in (None, budget_ms):
+            raise BadInput(f"{run_dir} was searched for {record['budget_ms']} ms, not {budget_ms} ms; start a new run")
+    else:
+        run_dir = check_run_dir_path(run_dir)
+        recipe = load_recipe(recipe_name, overrides)
+        if run_dir is not None and (run_dir / "run.json").exists():
+            raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
+    check_search_method(recipe.search.method)
+    return recipe, run_dir
+
+
+def _open_run(recipe: Recipe, run_dir: Path | None, budget_ms: float, resume: bool, mark: bool, dev: str) -> RunRecord:
+    """Create (or reopen and lock) the run directory, write recipe.toml (a new run only: a resumed run keeps its
+    own), point runs/latest at it and start the record. Runs only after every input was checked."""
+    if resume:
+        lock_run(run_dir)  # before anything in it changes
+        record = RunRecord.load(run_dir)
+    else:
+        run_dir = new_run_dir(recipe.name) if run_dir is None else run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run(run_dir)
+        if (run_dir / "run.json").exists():  # another job created it between the check and the lock
+            raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
+        record = RunRecord(run_dir)
+        atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
+    if mark:
+        mark_latest(run_dir)
+    started = {"status": "started", "device": dev, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if record.search_finished():  # keep what the finished search recorded (status among it)
+        started.pop("status")
+    record.update(budget_ms=budget_ms, recipe=recipe.name, method=recipe.search.method, **started)
+    return record
+
+
+def _resumed_recipe(run_dir: Path, overrides: list[str]) -> Recipe:
+    """The run's own recipe.toml; `overrides` (--set, --method, --provider, --latency-batch) are accepted only
+    when they leave it unchanged: a resumed run never mixes two recipes."""
+    path = run_dir / "recipe.toml"
+    if not path.is_file():
+        raise BadInput(f"{run_dir} has no recipe.toml: nothing to resume")
+    recipe = load_recipe(str(path))
+    if overrides:
+        changed = load_recipe(str(path), overrides)
+        if changed != recipe:
+            keys = _changed_keys(recipe_to_toml(recipe), recipe_to_toml(changed))
+            raise BadInput(
+                f"--resume of {run_dir}: the overrides change its recipe ({', '.join(keys) or 'values'}) and a run "
+                "cannot mix two recipes; drop them, or start a new run with them"
+            )
+    return recipe
+
+
+def _changed_keys(before: str, after: str) -> list[str]:
+    """The `section.key` names whose values differ between two resolved recipe TOML texts."""
+    import tomllib
+
+    a, b = tomllib.loads(before), tomllib.loads(after)
+    keys = []
+    for section in sorted(set(a) | set(b)):
+        sa, sb = a.get(section), b.get(section)
+        if isinstance(sa, dict) and isinstance(sb, dict):
+            keys += [f"{section}.{k}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
+        elif sa != sb:
+            keys.append(section)
+    return keys
+
+
+# -- stage 3: search (or reuse a finished one) and bake -------------------------------------------------------
+def _finished_search(record: RunRecord) -> Searched | None:
+    """The finished search of a resumed run (arch.json written, status searched or done), else None."""
+    if not record.search_finished():
+        return None
+    baked = load_arch(record.run_dir / "arch.json")
+    fitted = Fitted(
+        baked.widths,
+        record["measured_ms"],
+        record.get("measured_p50_ms", 0.0),
+        record["latency"]["provider"],
+        record.get("trims", []),
+        record.get("bake", []),
+        record.get("window_note", ""),
+    )
+    return Searched(baked, fitted, read_jsonl(record.run_dir / "search.jsonl"))
+
+
+def _search_stage(
+    arch: Arch,
+    recipe: Recipe,
+    ds: Dataset,
+    budget: Budget,
+    lat: LatencyModel,
+    record: RunRecord,
+    dev,
+    reporter,
+    resume: bool,
+) -> Searched:
+    """Run the search, write search.jsonl and search.png, bake and fit the widths, record it all."""
+    from flexslim.search.loop import run_search
+
+    run_dir = record.run_dir
+    if not resume:
+        remove(run_dir / "search.jsonl")
+    memory = SearchMemory(dev)
+    memory.start()
+    st = run_search(
+        arch,
+        recipe,
+        ds.to(dev),
+        budget=budget,
+        latency=lat,
+        device=dev,
+        run_dir=run_dir,
+        reporter=reporter,
+        resume=resume,
+    )
+    memory_info = memory.stop()
+    supernet_acc = _supernet_accuracy(st.supernet, ds, recipe, dev)
+    _write_search_outputs(st.history, run_dir, f"{recipe.search.method} search for {budget.ms:g} ms ({recipe.name})")
+    centers = st.averaged_widths() or st.supernet.mean_widths()
+    fitted = distributed.on_main(lambda: _bake(arch, centers, budget, lat, recipe, reporter))
+    baked = arch.with_widths(fitted.widths)
+    atomic_write_text(run_dir / "arch.json", arch_json(baked))
+    _save_searched_weights(st.supernet, baked, recipe, run_dir, ds, dev)
+    _record_search(record, centers, fitted, budget, st.history, memory=memory_info, supernet_test_acc=supernet_acc)
+    remove(run_dir / "search_state.pt")
+    reporter.log(
+        f"searched widths { ({k: round(v, 1) for k, v in centers.items()}) } -> baked {fitted.widths}: measured "
+        f"p{recipe.latency.percentile:g} {fitted.measured_ms:.4f} ms = {fitted.measured_ms / budget.ms:.3f} x budget "
+        f"{budget.ms:g} ms ({fitted.measurements} networks measured)" + (f"; {fitted.note}" if fitted.note else "")
+    )
+    return Searched(baked, fitted, st.history, memory_info, supernet_acc)
+
+
+def _bake(arch: Arch, centers: dict, budget: Budget, lat: LatencyModel, recipe: Recipe, reporter) -> Fitted:
+    """The measured bake of the searched widths (the same for every method; `search.trim = false`: measure only)."""
+    return bake(
+        arch,
+        centers,
+        budget=budget,
+        latency=lat,
+        settings=recipe.latency,
+        min_width=recipe.model.min_width,
+        grid=recipe.model.round_to,
+        fit=recipe.search.trim,
+        reporter=reporter,
+        confidence=recipe.latency.confidence,
+        session_seconds=recipe.latency.bake_seconds,
+    )
+
+
+def _supernet_accuracy(supernet, ds: Dataset, recipe: Recipe, dev) -> float:
+    """The searched supernet's test accuracy with its own masks, after its BatchNorm statistics are recalibrated on
+    D_t (in place: the searched weights saved for users who skip retraining carry them too). Reported only; the
+    test set is never searched on."""
+    from flexslim.train.loop import evaluate_batches, recalibrate
+
+    d_t, _ = ds.search_halves(recipe.data.split_seed)
+    model = recalibrate(supernet, d_t.train_batches(recipe.search.batch_size), dev)
+    return evaluate_batches(model, ds.test_batches(), dev)[1]
+
+
+def _record_search(record: RunRecord, centers: dict, fitted: Fitted, budget: Budget, history: list[dict], **extra):
+    """What the search and the bake hand on, in run.json (search time without any latency measurement)."""
+    record.update(
+        status="searched",
+        searched_widths=centers,
+        widths=fitted.widths,
+        measured_ms=fitted.measured_ms,
+        measured_p50_ms=fitted.p50_ms,
+        budget_met=fitted.measured_ms <= budget.ms,
+        in_window=budget.low_ms <= fitted.measured_ms <= budget.ms,
+        window_note=fitted.note,
+        bake_headroom=fitted.budget.headroom if fitted.budget else budget.headroom,
+        trims=fitted.trims,
+        bake=fitted.steps,
+        bake_seconds=fitted.seconds,
+        search_seconds=sum(h["seconds"] for h in history),
+        latency_seconds=record.get("latency_seconds", 0.0) + fitted.seconds,
+        **extra,
+    )
+
+
+def _write_search_outputs(history: list[dict], run_dir: Path, title: str) -> None:
+    """search.jsonl (whole, once more: resumed runs append) and search.png."""
+    from flexslim.system.plots import plot_search
+
+    atomic_write_text(run_dir / "search.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    plot_search(history, run_dir / "search.png", title)
+
+
+def _save_searched_weights(supernet, baked: Arch, recipe: Recipe, run_dir: Path, ds: Dataset, dev) -> None:
+    """supernet_baked.pt: the searched weights sliced to the baked widths, for users who skip retraining, with
+    BatchNorm statistics recalibrated on D_t for the dense widths (the supernet's were gathered under soft masks)."""
+    from flexslim.train.checkpoint import save_model
+    from flexslim.train.loop import recalibrate
+
+    _, dense = supernet.bake(baked.widths)
+    d_t, _ = ds.search_halves(recipe.data.split_seed)
+    recalibrate(dense, d_t.train_batches(recipe.search.batch_size), dev)
+    save_model(run_dir / "supernet_baked.pt", baked, dense, recipe, {"note": "weights sliced from the supernet"})
+
+
+# -- stage 4: retrain (or reuse) ------------------------------------------------------------------------------
+def _retrain_stage(
+    baked: Arch, recipe: Recipe, ds: Dataset, record: RunRecord, dev, reporter: Reporter, resume: bool
+) -> float:
+    """Retrain the baked network from scratch into model.pt (a finished retraining is reused on resume)."""
+    from flexslim.jobs.train import train_arch
+
+    if resume and record.get("status") == "done" and distributed.on_main((record.run_dir / "model.pt").is_file):
+        reporter.log(f"retraining already finished: {record.run_dir / 'model.pt'}")
+        return record.get("test_acc")
+    history = train_arch(baked, recipe, record.run_dir, ds, dev, reporter=reporter, resume=resume)
+    record.update(status="done", test_acc=history[-1].test_acc)
+    return history[-1].test_acc

@@ -1,0 +1,241 @@
+"""`flexslim sweep`: N budgets from just above the family's floor to its widest sensible network, one shared
+latency table, one search per budget, and what each delivered network really measures -> sweep.md, sweep.csv,
+sweep.json and a Pareto plot (accuracy vs latency). How a user picks a budget, and the check that the delivered
+networks land in [0.90, 1.00] x budget.
+
+Delivered latency: the network's ONNX export (the same file `flexslim export` writes) timed by the gate itself,
+`flexslim validate` in a fresh process, `repeats` times (as a CI job runs it); the median of those p90s.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexslim.errors import BadInput
+from flexslim.system.console import Reporter
+from flexslim.system.files import atomic_write_json, atomic_write_text
+
+LOWEST = 1.3  # the smallest budget, x the floor: room for the window and the headroom above the narrowest net
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The budgets of a sweep and the latency table they share."""
+
+    budgets: tuple[float, ...]
+    table: Path
+    floor_ms: float
+    top_ms: float
+
+
+def budgets_between(floor_ms: float, top_ms: float, n: int) -> list[float]:
+    """`n` budgets spaced geometrically from LOWEST x floor to `top_ms` (4 significant digits)."""
+    if n < 1:
+        raise BadInput(f"--budgets must be >= 1, got {n}")
+    lo = LOWEST * floor_ms
+    if top_ms <= lo:
+        raise BadInput(f"the family's widest network ({top_ms:.4f} ms) is not above {LOWEST} x its floor ({lo:.4f} ms)")
+    ratio = (top_ms / lo) ** (1 / max(1, n - 1))
+    return [float(f"{lo * ratio**i:.4g}") for i in range(n)] if n > 1 else [float(f"{math.sqrt(lo * top_ms):.4g}")]
+
+
+def plan_sweep(recipe: str, overrides: list[str], n: int, out: Path, data_dir, reporter: Reporter) -> SweepPlan:
+    """Profile the family once (box samples: floor .. top of the region), choose the budgets, then measure the
+    table near every budget; saved as out/latency.json for every search of the sweep."""
+    from flexslim.jobs.latency import profile_job
+    from flexslim.latency.model import with_grid
+    from flexslim.latency.profiling import refine
+
+    table = out / "latency.json"
+    model = profile_job(recipe, overrides, table, data_dir=data_dir, reporter=reporter)
+    top = max(p.ms for p in model.fit_points)  # the top corner of the region: twice the recipe's widths
+    budgets = budgets_between(model.floor_ms, top, n)
+    reporter.log(f"sweep budgets (ms): {', '.join(f'{b:g}' for b in budgets)}; measuring the table near each")
+    from flexslim.recipe.schema import load_recipe
+
+    refine(model, budgets, grid=with_grid(load_recipe(recipe, overrides), model).model.round_to, reporter=reporter)
+    model.save(table)
+    return SweepPlan(tuple(budgets), table, model.floor_ms, top)
+
+
+def delivered_latency(run_dir: Path, budget_ms: float, repeats: int) -> dict:
+    """Export the run's network (model.pt, else the searched weights) with the run's metadata, as `flexslim export`
+    does, and time it `repeats` times with `flexslim validate` in a fresh process each, as a CI job would (the gate
+    reads the budget's batch, threads and percentile from the metadata)
+    -> {"delivered_ms": median p90, "delivered_runs", "accuracy"}."""
+    from flexslim.deploy.export import export_model, provenance
+    from flexslim.system.runs import RunRecord
+    from flexslim.train.checkpoint import load_model
+
+    weights = run_dir / "model.pt" if (run_dir / "model.pt").is_file() else run_dir / "supernet_baked.pt"
+    arch, model, _ = load_model(weights)
+    path = run_dir / "delivered.onnx"
+    record = RunRecord.load(run_dir)  # the run's latency settings (provider, batch, threads, percentile) travel
+    export_model(model, arch, path, provenance(arch, record["recipe"], budget_ms, record["latency"]))  # as metadata
+    reports = [gate_in_fresh_process(path, run_dir / f"delivered-{i + 1}.json") for i in range(repeats)]
+    p90s = [r["latency_ms"] for r in reports]
+    return {
+        "delivered_ms": statistics.median(p90s),
+        "delivered_runs": p90s,
+        "accuracy": reports[0]["accuracy"],
+        "accuracy_of": "retrained" if weights.name == "model.pt" else "searched weights",
+    }
+
+
+def gate_in_fresh_process(model: Path, report: Path) -> dict:
+    """`flexslim validate MODEL --report REPORT` in a new interpreter (exit 0 or 1: a report either way) -> the
+    report. Anything else is an error naming the command's last line."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "flexslim", "validate", str(model), "--report", str(report)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode not in (0, 1) or not report.is_file():
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise BadInput(f"the gate could not time {model} (exit {proc.returncode}): {last[0]}")
+    return json.loads(report.read_text())
+
+
+def sweep_job(
+    recipe: str,
+    n_budgets: int,
+    out: Path,
+    *,
+    overrides: list[str] | None = None,
+    retrain: bool = False,
+    repeats: int = 3,
+    data_dir: Path | None = None,
+    device: str = "auto",
+    reporter: Reporter | None = None,
+) -> list[dict]:
+    """One search per budget on one shared latency table; every delivered network measured `repeats` times.
+
+    Returns one row per budget (also in out/sweep.json, sweep.csv, sweep.md, sweep.png).
+    """
+    reporter, overrides = reporter or Reporter(), list(overrides or [])
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    plan = plan_sweep(recipe, overrides, n_budgets, out, data_dir, reporter)
+    rows = []
+    for i, b in enumerate(plan.budgets):
+        reporter.log(f"sweep {i + 1}/{len(plan.budgets)}: budget {b:g} ms")
+        rows.append(
+            _one_budget(
+                b, out / f"budget-{i + 1}", recipe, overrides, plan, retrain, repeats, data_dir, device, reporter
+            )
+        )
+        write_outputs(rows, out, recipe, plan, time.perf_counter() - t0)
+    return rows
+
+
+def _one_budget(b, run_dir, recipe, overrides, plan, retrain, repeats, data_dir, device, reporter) -> dict:
+    """Search, bake (and retrain) for budget `b`, then time the delivered network; a budget the bake cannot meet
+    (BadInput, e.g. the narrowest network measured over it) is a row with its error, and the sweep goes on."""
+    from flexslim.jobs.search import search_job
+
+    try:
+        res = search_job(
+            b,
+            recipe=recipe,
+            overrides=overrides,
+            data_dir=data_dir,
+            run_dir=run_dir,
+            device=device,
+            latency_table=plan.table,
+            retrain=retrain,
+            reporter=reporter,
+            mark=False,
+        )
+    except BadInput as err:
+        reporter.log(f"  -> budget {b:g} ms failed: {err}")
+        return {"budget_ms": b, "error": str(err), "run_dir": str(run_dir)}
+    row = _row(b, res) | delivered_latency(res.run_dir, b, repeats)
+    row["ratio"] = row["delivered_ms"] / b
+    row["in_window"] = 0.9 * b <= row["delivered_ms"] <= b
+    reporter.log(f"  -> {row['widths']}: delivered p90 {row['delivered_ms']:.4f} ms = {row['ratio']:.3f} x budget")
+    return row
+
+
+def failed(row: dict) -> bool:
+    """A budget whose search failed or whose delivered network measured over it."""
+    return "error" in row or row["delivered_ms"] > row["budget_ms"]
+
+
+def _row(budget: float, res) -> dict:
+    f = res.fitted
+    return {
+        "budget_ms": budget,
+        "widths": res.arch.widths,
+        "predicted_ms": float(res.latency.predict(res.arch.widths)),
+        "bake_ms": f.measured_ms,
+        "bake_measurements": f.measurements,
+        "note": f.note,
+        "search_seconds": res.search_seconds,
+        "run_dir": str(res.run_dir),
+    }
+
+
+COLUMNS = ["budget_ms", "widths", "predicted_ms", "bake_ms", "delivered_ms", "ratio", "in_window", "accuracy"]
+
+
+def write_outputs(rows: list[dict], out: Path, recipe: str, plan: SweepPlan, seconds: float) -> None:
+    """sweep.json (everything), sweep.csv (one line per budget), sweep.md (table + verdict), sweep.png (Pareto)."""
+    atomic_write_json(
+        out / "sweep.json",
+        {"recipe": recipe, "floor_ms": plan.floor_ms, "top_ms": plan.top_ms, "seconds": seconds, "rows": rows},
+    )
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS + ["error"])
+    for r in rows:
+        w.writerow([json.dumps(r.get(k)) if isinstance(r.get(k), dict) else r.get(k) for k in COLUMNS + ["error"]])
+    atomic_write_text(out / "sweep.csv", buf.getvalue())
+    done = [r for r in rows if "error" not in r]
+    inside = sum(r["in_window"] for r in done)
+    over = sum(r["delivered_ms"] > r["budget_ms"] for r in done)
+    lines = [
+        f"# flexslim sweep: {recipe} (floor {plan.floor_ms:.4f} ms, widest {plan.top_ms:.4f} ms, {seconds:.0f} s)",
+        "",
+        "| budget (ms) | widths | predicted (ms) | bake p90 (ms) | delivered p90 (ms) | / budget | in [0.90, 1.00] "
+        "| accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in done:
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f} ({r['accuracy_of']})"
+        lines.append(
+            f"| {r['budget_ms']:g} | {'/'.join(str(v) for v in r['widths'].values())} | {r['predicted_ms']:.4f} | "
+            f"{r['bake_ms']:.4f} | {r['delivered_ms']:.4f} | {r['ratio']:.3f} | {'yes' if r['in_window'] else 'NO'} | "
+            f"{acc} |"
+        )
+    lines += ["", f"{inside} of {len(rows)} delivered networks land in [0.90, 1.00] x budget; {over} over it."]
+    lines += [f"- budget {r['budget_ms']:g}: {r['note']}" for r in done if r["note"]]
+    lines += [f"- budget {r['budget_ms']:g} FAILED: {r['error']}" for r in rows if "error" in r]
+    atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
+    _plot(done, out / "sweep.png")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    from flexslim.system.plots import pyplot, save_png
+
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    pts = [r for r in rows if r["accuracy"] is not None]
+    if pts:
+        ax.plot([r["delivered_ms"] for r in pts], [r["accuracy"] for r in pts], "o-", label="delivered network")
+    for r in rows:
+        ax.axvline(r["budget_ms"], color="r", ls=":", lw=0.8)
+    ax.set_xlabel("latency p90 (ms / sample), median of the gate's measurements")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("flexslim sweep: accuracy vs latency (dotted: the budgets)")
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(fontsize=8)
+    save_png(fig, path)

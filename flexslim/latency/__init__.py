@@ -1,0 +1,8 @@
+"""flexslim.latency: what a network costs on the deployment runtime.
+
+Modules: `budget` (the Budget value: limit, window, headroom), `model` (the latency model: fit, predict, persist),
+`profiling` (what to measure: probe, box, near-budget samples, whole networks in fresh sessions), `runtime`
+(onnxruntime sessions, the isolated timing helper and the timing statistic).
+
+May import: system, data, models, recipe, errors. Independent of train. Imported by search, deploy and above.
+"""

@@ -1,0 +1,254 @@
+"""On-device latency model: fitted on whole dense networks measured on the deployment runtime (see
+`profiling.py` for how they are measured and where), predicts differentiably from (expected) widths, and
+reports its own error on networks it did not fit and the spread of repeated timings.
+
+Model: latency_ms = b + sum_t c_t * term_t(eff(widths)), where the terms are the family's analytic cost terms
+(MACs and output elements per feature-map resolution, see `spaces.cost_terms`) and eff(w) = block * ceil(w /
+block) charges a width at the runtime's channel block (onnxruntime's CPU convolutions work on blocks of
+channels: with a block of 16, 24 channels cost what 32 cost). The block is found by a probe, not assumed.
+Coefficients come from a non-negative least-squares fit of the relative error (more channels never make a
+network faster). Every point is the gate's own statistic, the percentile of per-sample latency on the
+chosen onnxruntime provider, batch and thread count, as the median over `repeats` fresh sessions. In the
+search the prediction is the expectation over each stage's option distribution (as FBNetV2 takes it over
+its options): exact at whole widths, smooth in mu in between.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flexslim.errors import BadInput
+from flexslim.latency.runtime import relative_spread
+from flexslim.models.arch import Arch
+from flexslim.recipe.schema import LatencyConfig
+from flexslim.system.files import atomic_write_json
+
+TABLE_VERSION = 2
+NEAR = 0.12  # "near a budget": predicted within +-12% of it
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured network: its widths and per-sample latency (ms) at the percentile and at p50.
+
+    `ms` is the median over `repeats` (the percentile in each fresh session)."""
+
+    widths: dict[str, int]
+    ms: float
+    p50_ms: float
+    repeats: tuple[float, ...] = ()
+
+    def spread(self) -> float | None:
+        """Largest relative deviation of one session from the median (None with fewer than two sessions)."""
+        return relative_spread(self.ms, self.repeats)
+
+
+@dataclass
+class LatencyModel:
+    """The measured latency model of one family on one runtime setting (provider, batch, threads, percentile).
+
+    latency_ms = intercept + sum_t coef_t * term_t(eff(widths)), fitted on `fit_points` and checked on
+    `holdout_points` (networks it did not see, chosen near the budgets it was made for). `predict` takes
+    whole widths or (expected, already effective) width tensors; `predict_expected` takes each stage's option
+    distribution, so the search can differentiate it in mu. Saved as latency.json (`save`/`load`); `key()` says
+    what a table is valid for.
+    """
+
+    arch: Arch  # the template: structure, input shape (its widths are not used)
+    settings: LatencyConfig
+    provider: str  # what actually ran
+    runtime: str
+    host: str
+    block: int = 1  # channel block of the runtime (probe); widths are charged at block * ceil(w / block)
+    probe: dict[str, float] = field(default_factory=dict)  # the probe's timings: width -> ms
+    terms: list[str] = field(default_factory=list)
+    coef: list[float] = field(default_factory=list)
+    intercept: float = 0.0
+    region: dict[str, list[int]] = field(default_factory=dict)  # stage -> [lo, hi] sampled widths
+    fit_points: list[Point] = field(default_factory=list)
+    holdout_points: list[Point] = field(default_factory=list)
+    floor_ms: float = 0.0  # measured latency of the narrowest network (every stage at min_width)
+    measure_seconds: float = 0.0
+    budgets: list[float] = field(default_factory=list)  # the budgets its samples were concentrated at
+
+    # -- prediction -------------------------------------------------------------------------------------------
+    def effective(self, widths: dict) -> dict:
+        """Whole (int) widths charged at the runtime's block; floats and tensors (expectations, e.g. from the
+        search) are continuous values and are used as they are."""
+        b = self.block
+        return {s: b * math.ceil(w / b) if isinstance(w, int) else w for s, w in widths.items()}
+
+    def predict(self, widths: dict) -> torch.Tensor | float:
+        """Predicted per-sample latency (ms); differentiable when the widths are tensors."""
+        return self._linear(self.effective(widths))
+
+    def predict_expected(self, distributions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Prediction at the expected effective width of each stage, E[eff(f)] = sum_k w_k eff(f_k), from
+        (options f_k, weights w_k) per stage: differentiable in whatever made the weights (mu)."""
+        b = self.block
+        return self._linear({s: (w * torch.ceil(f / b) * b).sum() for s, (f, w) in distributions.items()})
+
+    def _linear(self, eff_widths: dict) -> torch.Tensor | float:
+        from flexslim.models.families import cost_terms
+
+        t = cost_terms(self.arch, eff_widths)
+        total = self.intercept
+        for name, c in zip(self.terms, self.coef):
+            total = total + c * t.get(name, 0.0)
+        return total
+
+    def errors(self, points: list[Point] | None = None) -> list[float]:
+        """Relative prediction errors (%) on the hold-out networks."""
+        pts = self.holdout_points if points is None else points
+        return [100.0 * abs(float(self.predict(p.widths)) - p.ms) / p.ms for p in pts]
+
+    def noise(self) -> float:
+        """Typical session-to-session spread of one network's timing (fraction): the median over measured points
+        of each point's largest deviation from its median. It sets the budget's headroom."""
+        spreads = [s for p in self.fit_points + self.holdout_points if (s := p.spread()) is not None]
+        return statistics.median(spreads) if spreads else 0.0
+
+    def error_summary(self) -> dict[str, float]:
+        """Hold-out error {"holdout": n, "median_pct", "max_pct"}, the same over the hold-out networks near the
+        table's budgets ("near_*"), and the timing spread "noise_pct"."""
+        e = self.errors()
+        out: dict[str, float] = {"holdout": len(e), "noise_pct": 100.0 * self.noise()}
+        if e:
+            out.update(median_pct=statistics.median(e), max_pct=max(e))
+        near = [p for p in self.holdout_points if any(abs(p.ms / b - 1) <= NEAR for b in self.budgets)]
+        if near:
+            en = self.errors(near)
+            out.update(near_holdout=len(en), near_median_pct=statistics.median(en), near_max_pct=max(en))
+        return out
+
+    def covers(self, widths: dict[str, int]) -> bool:
+        """True when every stage's width lies in the sampled region (the fit interpolates there)."""
+        return all(self.region[s][0] <= w <= self.region[s][1] for s, w in widths.items())
+
+    def near(self, budget_ms: float) -> list[Point]:
+        """Fit points whose measured latency lies within NEAR of `budget_ms`."""
+        return [p for p in self.fit_points if abs(p.ms / budget_ms - 1) <= NEAR]
+
+    # -- fitting ----------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        """Non-negative least squares of the relative error over the fit points (more channels never run faster)."""
+        from scipy.optimize import nnls
+
+        from flexslim.models.families import cost_terms
+
+        rows = [cost_terms(self.arch, self.effective(p.widths)) for p in self.fit_points]
+        self.terms = sorted({k for r in rows for k in r})
+        x = np.array([[1.0] + [float(r.get(k, 0.0)) for k in self.terms] for r in rows])
+        y = np.array([p.ms for p in self.fit_points])
+        scale = np.abs(x).max(axis=0)
+        scale[scale == 0] = 1.0
+        sol, _ = nnls((x / scale) / y[:, None], np.ones_like(y))  # relative error: each row over its target
+        sol = sol / scale
+        self.intercept, self.coef = float(sol[0]), [float(v) for v in sol[1:]]
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def key(self) -> dict:
+        """What a table is only valid for: the structure it was measured on and the runtime settings."""
+        s = self.settings
+        return {
+            "structure": _structure(self.arch),
+            "provider": self.provider,
+            "batch": s.batch,
+            "threads": s.threads,
+            "percentile": s.percentile,
+        }
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("arch", "settings", "fit_points", "holdout_points")}
+        return {
+            "version": TABLE_VERSION,
+            "key": self.key(),
+            **d,
+            "settings": asdict(self.settings),
+            "arch": self.arch.to_dict(),
+            "error": self.error_summary(),
+            "fit_points": [asdict(p) for p in self.fit_points],
+            "holdout_points": [asdict(p) for p in self.holdout_points],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyModel:
+        """Read a latency.json; a missing, foreign, old or corrupt file is BadInput naming it."""
+        path = Path(path)
+        if not path.is_file():
+            raise BadInput(f"latency table {path} does not exist")
+        try:
+            d = json.loads(path.read_text())
+            if d.get("version") != TABLE_VERSION:
+                raise ValueError(f"version {d.get('version')!r}, this flexslim reads {TABLE_VERSION}: re-profile")
+            return cls(
+                arch=Arch.from_dict(d["arch"], str(path)),
+                settings=LatencyConfig(**d["settings"]),
+                provider=d["provider"],
+                runtime=d["runtime"],
+                host=d["host"],
+                block=_positive_int(d["block"]),
+                probe={str(k): float(v) for k, v in d["probe"].items()},
+                terms=list(d["terms"]),
+                coef=[float(c) for c in d["coef"]],
+                intercept=float(d["intercept"]),
+                region={k: [int(v[0]), int(v[1])] for k, v in d["region"].items()},
+                fit_points=[_point(p) for p in d["fit_points"]],
+                holdout_points=[_point(p) for p in d["holdout_points"]],
+                floor_ms=float(d["floor_ms"]),
+                measure_seconds=float(d.get("measure_seconds", 0.0)),
+                budgets=[float(b) for b in d.get("budgets", [])],
+            )
+        except BadInput:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as err:
+            raise BadInput(f"{path} is not a flexslim latency table ({type(err).__name__}: {err})") from None
+
+    def check_compatible(self, arch: Arch, settings: LatencyConfig, where: str) -> None:
+        """BadInput unless this table was measured on `arch`'s structure at the recipe's batch and threads."""
+        if _structure(self.arch) != _structure(arch):
+            raise BadInput(
+                f"{where} was measured on another network structure; profile this recipe "
+                "(`flexslim profile --recipe ...`)"
+            )
+        if (self.settings.batch, self.settings.threads) != (settings.batch, settings.threads):
+            raise BadInput(
+                f"{where} was measured at batch {self.settings.batch}, threads {self.settings.threads}; "
+                f"the recipe asks batch {settings.batch}, threads {settings.threads}"
+            )
+
+
+def _structure(arch: Arch) -> dict:
+    d = arch.to_dict()
+    for key in ("widths", "dataset", "normalization", "class_names"):
+        d.pop(key, None)
+    return d
+
+
+def _point(d: dict) -> Point:
+    return Point({k: int(v) for k, v in d["widths"].items()}, float(d["ms"]), float(d["p50_ms"]),
+                 tuple(float(r) for r in d.get("repeats", ())))  # fmt: skip
+
+
+def _positive_int(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"block must be a positive integer, got {v!r}")
+    return v
+
+
+def with_grid(recipe, latency: LatencyModel):
+    """The recipe with `model.round_to` resolved: 0 (auto) becomes the runtime's channel block, at least 8."""
+    if recipe.model.round_to:
+        return recipe
+    model = replace(recipe.model, round_to=max(8, latency.block))
+    return replace(recipe, model=model)

@@ -1,0 +1,226 @@
+"""Measuring the latency model on the deployment runtime: one network timed in fresh sessions (median), the probe
+of the runtime's channel block, samples across the width box, and samples concentrated near the budgets.
+
+`profile` makes a `latency.LatencyModel`; `refine` concentrates one at budgets; both hand the model to a
+`checkpoint` callback whenever it changed (the run saves it, so a killed run resumes from what was measured).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from flexslim.errors import BadInput
+from flexslim.latency.model import NEAR, LatencyModel, Point
+from flexslim.models.arch import Arch
+from flexslim.recipe.schema import LatencyConfig
+from flexslim.system.console import Reporter
+
+BLOCK_CANDIDATES = (1, 2, 4, 8, 16, 32)
+PROBE_TOP = 128  # channels: the widest network the probe times
+
+
+# -- measuring ----------------------------------------------------------------------------------------------
+def measure(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: int = 0):
+    """Export the dense network at `widths` and time it on the deployment runtime in the isolated timing
+    process, in `settings.repeats` fresh sessions of `min_seconds / repeats` each -> the runtime.Timing of the
+    median session (its `at_percentile_ms` is the median of the sessions' percentiles)."""
+    return measure_sessions(arch, widths, settings, seed)[0]
+
+
+def measure_sessions(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: int = 0):
+    """(Timing of the median session, every session's percentile) for one network; see `measure`."""
+    from flexslim.latency.runtime import time_isolated
+    from flexslim.models.families import build_network
+    from flexslim.models.onnx_graph import onnx_bytes
+
+    torch.manual_seed(seed)
+    model = onnx_bytes(build_network(arch, widths).eval(), arch.input_shape, fast=True)
+    s, n = settings, max(1, settings.repeats)
+    timings = [
+        time_isolated(model, s.provider, s.threads, s.batch, s.warmup, s.runs, s.percentile, seed, s.min_seconds / n)
+        for _ in range(n)
+    ]
+    timings.sort(key=lambda t: t.at_percentile_ms)
+    sessions = tuple(t.at_percentile_ms for t in timings)
+    return replace(timings[(n - 1) // 2], sessions=sessions), sessions
+
+
+Measurer = Callable[[Arch, dict[str, int], LatencyConfig, int], tuple]
+
+
+def _measure_points(arch, width_sets, settings, reporter, what, measurer: Measurer) -> tuple[list[Point], str, str]:
+    points, provider, runtime = [], "cpu", ""
+    reporter.start(what, len(width_sets))
+    for i, w in enumerate(width_sets):
+        t, repeats = measurer(arch, w, settings, i)
+        points.append(Point(dict(w), t.at_percentile_ms, t.p50_ms, repeats))
+        provider, runtime = t.provider, t.runtime
+        reporter.advance(f"{t.at_percentile_ms:.4f} ms  {w}")
+    reporter.stop()
+    return points, provider, runtime
+
+
+# -- the probe: which channel block the runtime charges ---------------------------------------------------------
+def detect_block(timings: dict[int, float], candidates: Sequence[int] = BLOCK_CANDIDATES) -> int:
+    """The channel block that explains `timings` (width -> ms of one network whose every stage has that width).
+
+    For each candidate block B the timings are fitted by a + b x + c x^2 with x = B * ceil(w / B) (a network's
+    cost grows with the square of a shared width); the smallest B whose residual is within 10% of the best one
+    wins, so a runtime without blocking (a smooth curve) gets the smallest block the probe's grid can tell.
+    """
+    widths = sorted(timings)
+    y = np.array([timings[w] for w in widths])
+    rss = {}
+    for b in candidates:
+        x = np.array([b * math.ceil(w / b) for w in widths], dtype=float)
+        design = np.stack([np.ones_like(x), x, x * x], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        rss[b] = float(((design @ coef - y) ** 2).sum())
+    best = min(rss.values())
+    return min(b for b in candidates if rss[b] <= 1.1 * best + 1e-18)
+
+
+def probe_block(
+    arch: Arch, settings: LatencyConfig, min_width: int, measurer: Measurer, reporter: Reporter, step: int = 4
+) -> tuple[int, dict[str, float]]:
+    """Time the family with every stage at w = step, 2 step, ... up to 64, then every 2 step up to 2 x the widest
+    recipe stage but never past PROBE_TOP, and detect the block (see `detect_block`). Blocks up to 32 show within
+    the first 64 channels; the cap keeps a wide family (ResNet-50's 2048) from costing hundreds of networks."""
+    top = min(PROBE_TOP, max(64, 2 * max(arch.widths.values())))
+    first = max(step, min_width - min_width % step)
+    grid = list(range(first, min(top, 64) + 1, step)) + list(range(64 + 2 * step, top + 1, 2 * step))
+    sets = [{s: w for s in arch.widths} for w in grid]
+    quick = replace(settings, min_seconds=settings.min_seconds / 3)
+    points, _, _ = _measure_points(arch, sets, quick, reporter, "latency: probing channel blocks", measurer)
+    timings = {w: p.ms for w, p in zip(grid, points)}
+    return detect_block(timings), {str(w): ms for w, ms in timings.items()}
+
+
+# -- sampling where the search and the budgets are ---------------------------------------------------------------
+def _sample(rng: random.Random, region: dict[str, list[int]], grid: int) -> dict[str, int]:
+    out = {}
+    for stage, (lo, hi) in region.items():
+        lo_k, hi_k = -(-lo // grid), hi // grid
+        out[stage] = max(lo, grid * rng.randint(lo_k, max(lo_k, hi_k)))
+    return out
+
+
+def near_budget_sets(
+    model: LatencyModel, budget_ms: float, n: int, grid: int, rng: random.Random, exclude: Sequence[dict] = ()
+) -> list[dict]:
+    """`n` distinct grid networks of the region whose predicted latency is within NEAR of the budget, spread
+    over that band (the ones the bake will choose among), none already measured or in `exclude`."""
+    seen = {
+        tuple(sorted(w.items())) for w in [p.widths for p in model.fit_points + model.holdout_points] + list(exclude)
+    }
+    pool: dict[tuple, float] = {}
+    for _ in range(4000):
+        w = _sample(rng, model.region, grid)
+        key = tuple(sorted(w.items()))
+        if key not in seen and key not in pool:
+            ratio = float(model.predict(w)) / budget_ms
+            if abs(ratio - 1) <= NEAR:
+                pool[key] = ratio
+    ranked = sorted(pool.items(), key=lambda kv: kv[1])
+    if len(ranked) <= n:
+        return [dict(k) for k, _ in ranked]
+    picks = [ranked[round(i * (len(ranked) - 1) / max(1, n - 1))][0] for i in range(n)]
+    return [dict(k) for k in dict.fromkeys(picks)]
+
+
+def profile(
+    arch: Arch,
+    settings: LatencyConfig,
+    min_width: int,
+    round_to: int = 0,
+    *,
+    budgets: Sequence[float] = (),
+    hi: dict[str, int] | None = None,
+    seed: int = 0,
+    reporter: Reporter | None = None,
+    measurer: Measurer = measure_sessions,
+    checkpoint: Callable[[LatencyModel], None] | None = None,
+) -> LatencyModel:
+    """Probe the channel block, measure the narrowest network, the recipe's own, the top of the region (default
+    twice the recipe's widths) and random networks on the grid; fit; then, for each of `budgets`, measure
+    networks predicted near it (`settings.near` to fit, one more held out) and refit.
+
+    Args:
+        round_to: the width grid to sample on (0: the detected block, at least 8).
+        measurer: (arch, widths, settings, seed) -> (Timing, session percentiles); tests pass a fake.
+        checkpoint: called with the model whenever it changed (after the fit, the hold-out, each budget).
+    """
+    reporter = reporter or Reporter()
+    if settings.samples < 3:
+        raise BadInput(f"latency.samples must be >= 3 to fit a model, got {settings.samples}")
+    t0 = time.perf_counter()
+    block, probe = (1, {})
+    if settings.probe:
+        block, probe = probe_block(arch, settings, min_width, measurer, reporter)
+    grid = round_to or max(8, block)
+    hi = hi or {s: max(2 * w, min_width + grid) for s, w in arch.widths.items()}
+    region = {s: [min_width, int(hi[s])] for s in arch.widths}
+    rng = random.Random(seed)
+    fit_sets = [{s: min_width for s in arch.widths}, dict(arch.widths), {s: region[s][1] for s in region}]
+    fit_sets += [_sample(rng, region, grid) for _ in range(max(0, settings.samples - len(fit_sets)))]
+    fit_pts, provider, runtime = _measure_points(arch, fit_sets, settings, reporter, "latency: fit networks", measurer)
+    model = LatencyModel(arch, settings, provider, runtime, platform.node(), block, probe, region=region,
+                         fit_points=fit_pts, floor_ms=fit_pts[0].ms)  # fmt: skip
+    model.fit()
+    model.measure_seconds = time.perf_counter() - t0
+    if checkpoint is not None:
+        checkpoint(model)
+    hold = [_sample(rng, region, grid) for _ in range(settings.holdout)]  # the box; refine adds near-budget ones
+    model.holdout_points, _, _ = _measure_points(arch, hold, settings, reporter, "latency: hold-out", measurer)
+    model.measure_seconds = time.perf_counter() - t0
+    if checkpoint is not None:
+        checkpoint(model)
+    refine(model, budgets, grid=grid, seed=seed + 1, reporter=reporter, measurer=measurer, checkpoint=checkpoint)
+    return model
+
+
+def refine(
+    model: LatencyModel,
+    budgets: Sequence[float],
+    *,
+    grid: int,
+    seed: int = 1,
+    reporter: Reporter | None = None,
+    measurer: Measurer = measure_sessions,
+    checkpoint: Callable[[LatencyModel], None] | None = None,
+) -> bool:
+    """Concentrate the table at `budgets`: for each budget the table was not refined for yet and with fewer than
+    `settings.near` fit points measured near it, measure networks predicted near it (and one more held out),
+    refit, and hand the model to `checkpoint` (which saves it: a killed run resumes from what was measured).
+    The search then runs on the refined table, unchanged (deterministic). False when nothing was measured."""
+    reporter = reporter or Reporter()
+    s, rng = model.settings, random.Random(seed + len(model.fit_points))
+    measured = False
+    for b in (float(b) for b in budgets):
+        missing = s.near - len(model.near(b))
+        if b in model.budgets or missing <= 0:
+            model.budgets = sorted(set(model.budgets) | {b})
+            continue
+        t0 = time.perf_counter()
+        sets = near_budget_sets(model, b, missing + 1, grid, rng)
+        hold = [sets.pop(len(sets) // 2)] if len(sets) > 1 else []
+        fit_pts, _, _ = _measure_points(model.arch, sets, s, reporter, f"latency: near {b:g} ms", measurer)
+        hold_pts, _, _ = _measure_points(model.arch, hold, s, reporter, "latency: hold-out near it", measurer)
+        model.fit_points.extend(fit_pts)
+        model.holdout_points.extend(hold_pts)
+        model.budgets = sorted(set(model.budgets) | {b})
+        if fit_pts:
+            model.fit()
+        model.measure_seconds += time.perf_counter() - t0
+        measured = measured or bool(fit_pts or hold_pts)
+        if checkpoint is not None:
+            checkpoint(model)
+    return measured

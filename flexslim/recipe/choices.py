@@ -1,0 +1,58 @@
+"""The one table of each named choice a recipe or flag may take: datasets, families, search methods, bench
+methods, providers.
+
+Plain data (names, and `module:function` strings resolved lazily by the layer that implements them), so the recipe
+checks and the CLI read the names without importing torch, and every higher layer reads the same table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DATASETS = (
+    "quickstart",
+    "cifar10",
+    "folder",
+    "synthetic",
+)  # the one table of dataset names (flexslim.data.sources loads them)
+DATASET_CHANNELS = {
+    "quickstart": 1,
+    "cifar10": 3,
+    "folder": 3,
+    "synthetic": 3,
+}  # folder: 3 at most (data.channels: 1 or 3)
+
+PROVIDERS = ("auto", "cpu", "cuda")
+
+SEARCH_METHODS: dict[str, str] = {
+    "flexcharts": "flexslim.search.masks:gaussian_masks",
+    "dmask": "flexslim.search.masks:gumbel_masks",
+}
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """One row of the bench: `search` is a SEARCH_METHODS name (None: uniform scaling, no search)."""
+
+    name: str
+    search: str | None
+    overrides: tuple[str, ...] = ()
+
+
+BENCH_METHODS: dict[str, BenchMethod] = {
+    m.name: m
+    for m in (
+        BenchMethod("flexcharts", "flexcharts"),
+        BenchMethod("dmask-small", "dmask", ("search.dmask_range=small",)),
+        BenchMethod("dmask-large", "dmask", ("search.dmask_range=large",)),
+        BenchMethod("uniform", None),
+    )
+}
+
+FAMILIES: dict[str, str] = {
+    "resnet": "flexslim.models.spaces.resnet",
+    "darts": "flexslim.models.spaces.darts",
+    "resnet18": "flexslim.models.spaces.torchvision_resnet",
+    "resnet50": "flexslim.models.spaces.torchvision_resnet",
+    "mobilenet_v2": "flexslim.models.spaces.torchvision_mobilenet",
+}

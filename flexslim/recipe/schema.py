@@ -1,0 +1,305 @@
+"""Recipes: TOML files mapped onto frozen dataclasses with canonical (paper) defaults.
+
+A recipe is named (`quickstart` -> `recipes/quickstart.toml`, shipped inside the package) or a path.
+`--set section.key=value` overrides one value; the value is read as TOML (`3`, `0.1`, `true`, `[1, 2]`)
+and taken as a plain string when it is not valid TOML. Unknown sections or keys and wrong types are
+`BadInput` errors that list the valid names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from flexslim.errors import BadInput
+
+RECIPE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # used in run-directory names: no '/', no '..'
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a family: `blocks` layers (cells) sharing one `width`, the first with `stride`."""
+
+    name: str
+    width: int
+    blocks: int = 1
+    stride: int = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "cifar10"  # cifar10 | quickstart | folder (--data DIR with train/ and val/ of class folders)
+    image_size: int = 32  # pixels; quickstart's 8x8 digits are resized to this, CIFAR-10 is 32 already
+    crop_padding: int = 4  # pixels of zero padding for the random crop; 0 disables it
+    flip: bool = True  # random horizontal flip (off for digits: a mirrored 3 is not a 3)
+    cutout: int = 16  # side of the cutout square in pixels; 0 disables it
+    split_seed: int = 0  # seeds the D_t/D_s split (and quickstart's train/test split)
+    resized_crop: float = 0.0  # ImageNet-style random-resized-crop, smallest area fraction (0.08); 0 = pad-crop
+    channels: int = 0  # folder: 0 = as the images are (all grey: 1, all colour: 3, mixed: refused); 1 or 3 converts
+    mean: tuple[float, ...] = ()  # folder: per-channel normalisation; empty = computed from the training images
+    std: tuple[float, ...] = ()
+    max_in_memory_mb: int = 4096  # folder: decoded train + test images above this size stream from disk (folders.py)
+    stream: bool = False  # folder: stream from disk through DataLoader workers even when the set fits in memory
+    workers: int = -1  # folder, streaming: DataLoader worker processes per batch stream; -1 = min(4, CPU cores)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str = "resnet"  # resnet | darts | resnet18 | resnet50 | mobilenet_v2
+    stem_width: int = 16  # fixed, not searched
+    head_width: int = 0  # 1x1 conv before pooling (0 = none); fixed, not searched
+    stages: tuple[StageSpec, ...] = (
+        StageSpec("stage1", 32, 2, 1),
+        StageSpec("stage2", 64, 2, 2),
+        StageSpec("stage3", 128, 2, 2),
+    )
+    min_width: int = 8  # no searched stage goes below this many channels
+    round_to: int = 0  # final widths are multiples of this; 0 = the runtime's channel block found by the latency
+    # probe (at least 8): a width between two blocks costs what the next block costs
+    drop_path: float = 0.0  # DARTS family: drop-path probability at the end of training
+    auxiliary_weight: float = 0.0  # DARTS family: auxiliary head loss weight in retraining (paper 0.4)
+    pretrained: str = ""  # state_dict at the family's torchvision widths: the supernet and the retrained net start from
+    # it (overlapping channels copied, a classifier of another class count skipped); "" = random init
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 96
+    lr: float = 0.025  # cosine-annealed per step down to 0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0  # max global gradient norm
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    method: str = "flexcharts"  # flexcharts | dmask
+    epochs: int = 50
+    batch_size: int = 96
+    lr: float = 0.025  # weights: SGD, same settings as TrainConfig
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_lr: float = 0.1  # Adam on mu; mu is in CHANNELS, so Adam moves mu by about arch_lr channels per step
+    arch_beta1: float = 0.5
+    arch_beta2: float = 0.999
+    sigma: float = 8.0  # Gaussian width in channels
+    step: int = 1  # grid step of the candidate widths f_k, in channels
+    k_sigma: float = 3.0  # allocate ceil(mu + k_sigma * sigma) channels per stage
+    hysteresis: float = 0.5  # shrink only when the allocation exceeds its target by more than this many sigmas
+    dual_lr: float = 0.5  # budget controller: multiplier += dual_lr * (E[lat] / target - 1) per arch step
+    init_multiplier: float = 0.0
+    average_last: float = 0.3  # mu handed to the bake = its mean over this last fraction of the search's steps
+    trim: bool = True  # the measured bake: trim until the network measures within the budget, then grow stages
+    # back while they fit (off: the rounded widths are only measured)
+    # DMaskingNAS baseline (method = "dmask"): fixed option ranges, as multiples of the recipe's widths
+    dmask_range: str = "large"  # small | large
+    dmask_small: tuple[float, float] = (0.75, 1.5)
+    dmask_large: tuple[float, float] = (0.25, 3.0)
+    dmask_step: int = 4  # channels between options
+    dmask_lr: float = 0.1  # Adam on the option logits
+    tau0: float = 5.0  # Gumbel-softmax temperature at the first epoch
+    tau_final: float = 0.09  # Gumbel temperature at the last search epoch, whatever the epoch count (FBNet's
+    # 5.0 x 0.956^89 after its 90 epochs); geometric from tau0 in between
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    provider: str = "auto"  # auto | cpu | cuda (onnxruntime execution provider)
+    batch: int = 32  # latency is per sample: time of one batch / batch
+    threads: int = 0  # intra-op threads of onnxruntime; 0 = the runtime's default
+    warmup: int = 10  # untimed runs before timing
+    runs: int = 50  # at least this many timed runs; the gate reads a percentile of them
+    min_seconds: float = 1.0  # ... and at least this long (seconds) of timed runs
+    percentile: float = 90.0
+    samples: int = 16  # networks measured across the width box to fit the latency model
+    holdout: int = 4  # further networks, measured only to report the model's error (without a budget)
+    repeats: int = 3  # fresh sessions per measured network (min_seconds split among them); a point is their median
+    probe: bool = True  # find the runtime's channel block first (a sweep of one width shared by every stage)
+    near: int = 4  # fit networks measured near each budget (predicted within 12%), plus one held out
+    confidence: float = 2.0  # the measured network must sit this many timing spreads under the budget
+    bake_seconds: float = 2.0  # timed seconds per session when the bake measures (the gate's --min-seconds)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    latency_ms: float = 0.0  # the budget every method searches for (0 = pass --latency-ms)
+    methods: tuple[str, ...] = ("flexcharts", "dmask-small", "dmask-large", "uniform")
+    retrain: bool = False  # also retrain each result and report test accuracy
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Data-parallel runs under torchrun (see distributed.py); a single process ignores it."""
+
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm); off: each rank's own shard
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+SECTIONS = ("data", "model", "train", "search", "latency", "bench", "distributed")
+
+
+def recipe_dir() -> Path:
+    """Folder of the shipped recipes: the source tree's `recipes/`, or its copy inside an installed wheel."""
+    source_tree = Path(__file__).resolve().parent.parent / "recipes"
+    if source_tree.is_dir():  # a checkout or an editable install (also when the checkout shadows it on sys.path)
+        return source_tree
+    return Path(str(resources.files("flexslim.recipes")))
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in recipe_dir().glob("*.toml"))
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise BadInput(f"recipe file {path} does not exist")
+        return path
+    shipped = recipe_dir() / f"{name_or_path}.toml"
+    if shipped.is_file():
+        return shipped
+    raise BadInput(
+        f"unknown recipe '{name_or_path}'; shipped recipes: {', '.join(shipped_recipes())} (or a .toml path)"
+    )
+
+
+def load_recipe(name_or_path: str = "quickstart", overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe by name or path and apply `section.key=value` overrides."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise BadInput(f"recipe {path} is not valid TOML: {err}") from None
+    raw.setdefault("name", safe_name(path.stem))
+    for item in overrides:
+        _apply_override(raw, item)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Build a Recipe from parsed TOML and check every value (BadInput naming the key and the fix)."""
+    try:
+        recipe = _build(Recipe, raw, "")
+    except BadInput as err:
+        raise BadInput(f"recipe {source}: {err}" if source != "recipe" else f"recipe: {err}") from None
+    from flexslim.recipe.rules import check_recipe  # the checks read this module's dataclasses
+
+    check_recipe(recipe, None if source == "recipe" else source)
+    return recipe
+
+
+def safe_name(stem: str) -> str:
+    """A recipe name made from a file name: characters outside [A-Za-z0-9._-] become '-'."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip(".")[:64]
+    return name or "recipe"
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise BadInput(f"--set expects section.key=value, got '{item}' (sections: {', '.join(SECTIONS)})")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    section, name = parts
+    if section not in SECTIONS:
+        raise BadInput(f"--set {item}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
+    raw.setdefault(section, {})[name] = value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """`cls` from a TOML table; `where` is the key path ('' at the top) that error messages name."""
+    label = where or "top level"
+    if not isinstance(raw, dict):
+        raise BadInput(f"{label}: expected a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise BadInput(f"{label}: unknown key '{key}'; valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    required = [f.name for f in dataclasses.fields(cls) if _is_required(f)]
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        raise BadInput(
+            f"{label}: missing {', '.join(repr(m) for m in missing)} (required: {', '.join(required)}); add it"
+        )
+    return cls(**kwargs)
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise BadInput(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise BadInput(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool, float) and (type(value) is not hint):
+        raise BadInput(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The resolved recipe as TOML (every key, defaults included), readable back by `load_recipe`."""
+    lines = [f"name = {_toml_value(recipe.name)}"]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        for key, value in dataclasses.asdict(getattr(recipe, section)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def stage_widths(model: ModelConfig) -> dict[str, int]:
+    """The recipe's initial widths, stage name -> channels."""
+    return {s.name: s.width for s in model.stages}

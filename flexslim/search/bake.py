@@ -1,0 +1,333 @@
+"""The measured bake: from the searched (averaged) widths to the network that is delivered.
+
+1. choose   every stage's searched width rounded down or up to the grid (all combinations for a few stages, a
+            beam over the stages for many), ranked by the latency model: the most latency under the limit first;
+2. measure  the best few; keep the one that measures highest within the limit (or the lowest, when all are over).
+            Every network is timed as the gate times it: `repeats` sessions of the gate's GATE_SECONDS each (shorter
+            sessions read about 2% low here), and the spread of those sessions sets the headroom under the budget
+            from here on (`confidence` spreads, see budget.py);
+3. trim     while over the limit: `grid` channels off the stage with the best predicted saving per relative width;
+4. fill     while a stage can grow: the most relative width per predicted millisecond first (predictions scaled
+            by measured / predicted of the current network: the model's local bias, and up to TOLERANCE over the
+            limit, the model's own error), kept when it MEASURES within the limit; still below the window (or
+            within the headroom above its bottom), exchange grid steps of width between stages (every stage at
+            once for a few stages: 16/32/64 -> 8/48/48);
+5. report   whether the result lands in the budget's window [low, ms], and otherwise the two neighbouring networks
+            that straddle it, with their measured latencies.
+
+Every verdict is a measurement (the latency model only ranks), and every measurement is logged in `Fitted.steps`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from flexslim.errors import BadInput
+from flexslim.latency.budget import Budget
+from flexslim.latency.model import LatencyModel
+from flexslim.latency.profiling import measure
+from flexslim.latency.runtime import GATE_SECONDS, Timing
+from flexslim.models.arch import Arch
+from flexslim.recipe.schema import LatencyConfig
+from flexslim.system.console import Reporter
+
+Measure = Callable[[Arch, dict[str, int], LatencyConfig], Timing]
+ENUMERATE_UP_TO = 10  # stages; more than that: a beam over the stages
+BEAM = 32
+MEASURE_FIRST = 3  # rounded neighbours measured before trimming or filling
+EXCHANGE_ALL = 6  # stages: up to this many, exchanges may move every stage at once (3^n networks)
+EXCHANGES = 4  # at most this many width exchanges measured when the fill ends below the window
+OUTLIER = 1.3  # a measurement this far over the prediction is repeated once (the lower of the two is kept)
+TOLERANCE = 0.04  # growths predicted up to this far over the limit are still measured (hold-out error near budgets)
+
+
+@dataclass
+class Fitted:
+    """The delivered widths, their last measurement, and every step of the bake.
+
+    `steps`: {"step": choose | trim | grow | grow-rejected | exchange, "widths", "predicted_ms", "measured_ms"};
+    `trims`: the trims alone ({"stage", "from", "to", "measured_ms", "limit_ms"}); `note`: why the network lands
+    below the window, when it does.
+    """
+
+    widths: dict[str, int]
+    measured_ms: float  # the gate's statistic, last measurement of `widths`
+    p50_ms: float
+    provider: str
+    trims: list[dict] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)
+    note: str = ""
+    seconds: float = 0.0  # wall time of the bake's measurements
+    budget: Budget | None = None  # the budget the result was judged against (headroom from the bake's own spread)
+
+    @property
+    def measurements(self) -> int:
+        return len(self.steps)
+
+
+class _Desk:
+    """The bake's measuring desk: measures, logs each step, remembers what it measured (no network twice)."""
+
+    def __init__(self, arch: Arch, settings: LatencyConfig, latency: LatencyModel, measure_fn: Measure, reporter):
+        self.arch, self.settings, self.latency = arch, settings, latency
+        self.measure_fn, self.reporter = measure_fn, reporter
+        self.cache: dict[tuple, Timing] = {}
+        self.steps: list[dict] = []
+
+    def spread(self) -> float | None:
+        """Median session-to-session spread of the networks measured so far (None: no session figures)."""
+        spreads = [s for t in self.cache.values() if (s := t.spread()) is not None]
+        return statistics.median(spreads) if spreads else None
+
+    def __call__(self, widths: dict[str, int], step: str) -> Timing:
+        key = tuple(sorted(widths.items()))
+        pred = float(self.latency.predict(widths))
+        if key not in self.cache:
+            t = self.measure_fn(self.arch, dict(widths), self.settings)
+            if t.at_percentile_ms > OUTLIER * pred:  # far over the model: time it once more, keep the lower
+                again = self.measure_fn(self.arch, dict(widths), self.settings)  # (interference only adds time)
+                t = min(t, again, key=lambda x: x.at_percentile_ms)
+            self.cache[key] = t
+        t = self.cache[key]
+        ms = t.at_percentile_ms
+        self.steps.append({"step": step, "widths": dict(widths), "predicted_ms": pred, "measured_ms": ms})
+        self.reporter.log(f"bake {step}: {widths} predicted {pred:.4f} ms, measured {t.at_percentile_ms:.4f} ms")
+        return t
+
+
+def rounded_neighbours(
+    centers: dict[str, float], grid: int, min_width: int, latency: LatencyModel, limit_ms: float
+) -> list[dict[str, int]]:
+    """Each stage's width rounded down and up to the grid (never below min_width), combined over the stages: all
+    combinations for up to ENUMERATE_UP_TO stages, else a beam of BEAM partial choices ranked by the prediction of
+    their completion (the remaining stages rounded to nearest). Sorted best first: predicted within `limit_ms` and
+    highest, then the rest lowest first."""
+    opts = {
+        s: sorted({max(min_width, grid * math.floor(c / grid)), max(min_width, grid * math.ceil(c / grid))})
+        for s, c in centers.items()
+    }
+    stages = list(opts)
+    if len(stages) <= ENUMERATE_UP_TO:
+        combos = [dict(zip(stages, ws)) for ws in itertools.product(*(opts[s] for s in stages))]
+    else:
+        nearest = {s: min(opts[s], key=lambda w: abs(w - centers[s])) for s in stages}
+        beam: list[dict] = [{}]
+        for s in stages:
+            grown = [{**b, s: w} for b in beam for w in opts[s]]
+            beam = sorted(grown, key=lambda b: _rank(float(latency.predict({**nearest, **b})), limit_ms))[:BEAM]
+        combos = beam
+    return sorted(combos, key=lambda w: _rank(float(latency.predict(w)), limit_ms))
+
+
+def _rank(pred: float, limit: float) -> tuple:
+    return (0, -pred) if pred <= limit else (1, pred)
+
+
+def bake(
+    arch: Arch,
+    centers: dict[str, float],
+    *,
+    budget: Budget,
+    latency: LatencyModel,
+    settings: LatencyConfig,
+    min_width: int,
+    grid: int,
+    fit: bool = True,
+    max_measures: int = 16,
+    measure: Measure = measure,
+    reporter: Reporter | None = None,
+    confidence: float | None = None,
+    session_seconds: float = GATE_SECONDS,
+) -> Fitted:
+    """The delivered widths for searched widths `centers` (channels, e.g. mu averaged over the end of the search).
+
+    Args:
+        budget: the measured limit (`limit_ms`) and the window [`low_ms`, `ms`] the result should land in.
+        latency: ranks choices (prediction only); settings: what `measure` times (provider, batch, threads, ...).
+        grid: the width grid (round_to); min_width: the floor of every stage.
+        fit: trim and fill by measurement; False measures the best rounded neighbour only (the bench's "no bake").
+        max_measures: the most networks measured (the first MEASURE_FIRST included).
+        measure: (arch, widths, settings) -> runtime.Timing; tests pass a fake clock.
+        confidence: with it, the headroom becomes `confidence` x the spread of the bake's own sessions once the
+            first networks are measured (None: `budget` as given).
+        session_seconds: timed seconds per session (the gate's); `settings.repeats` sessions per network.
+
+    Returns:
+        Fitted. Raises BadInput when every stage is at min_width and the network still measures over the limit.
+    """
+    t0 = time.perf_counter()
+    gate_like = replace(settings, min_seconds=session_seconds * max(1, settings.repeats))
+    desk = _Desk(arch, gate_like, latency, measure, reporter or Reporter())
+    choices = rounded_neighbours(centers, grid, min_width, latency, budget.limit_ms)[: MEASURE_FIRST if fit else 1]
+    timed = [(w, desk(w, "choose")) for w in choices]
+    if confidence is not None and (spread := desk.spread()) is not None:
+        budget = Budget.for_noise(budget.ms, spread, confidence)
+    within = [(w, t) for w, t in timed if t.at_percentile_ms <= budget.limit_ms]
+    widths, t = (
+        max(within, key=lambda wt: wt[1].at_percentile_ms)
+        if within
+        else min(timed, key=lambda wt: wt[1].at_percentile_ms)
+    )
+    trims: list[dict] = []
+    if fit:
+        widths, t, trims = _trim(widths, t, desk, budget, min_width, grid, max_measures)
+        widths, t = _fill(widths, t, desk, budget, grid, max_measures)
+        widths, t = _exchange(widths, t, desk, budget, min_width, grid, max_measures)
+    fitted = Fitted(dict(widths), t.at_percentile_ms, t.p50_ms, t.provider, trims, desk.steps, budget=budget)
+    fitted.note = _window_note(fitted, desk, budget) if fit else ""
+    fitted.seconds = time.perf_counter() - t0
+    return fitted
+
+
+def _trim(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
+    trims: list[dict] = []
+    while t.at_percentile_ms > budget.limit_ms and len(desk.steps) < max_measures:
+        stage = _best_trim(widths, desk.latency, min_width, grid)
+        if stage is None:
+            raise BadInput(
+                f"every stage is at min_width {min_width} and the network still measures "
+                f"{t.at_percentile_ms:.4f} ms > {budget.limit_ms:.4f} ms; raise --latency-ms or lower model.min_width"
+            )
+        new = max(min_width, widths[stage] - grid)
+        trims.append(
+            {
+                "stage": stage,
+                "from": widths[stage],
+                "to": new,
+                "measured_ms": t.at_percentile_ms,
+                "limit_ms": budget.limit_ms,
+            }
+        )
+        widths = {**widths, stage: new}
+        t = desk(widths, "trim")
+    return widths, t, trims
+
+
+def _best_trim(widths: dict[str, int], latency: LatencyModel, min_width: int, grid: int) -> str | None:
+    """The stage whose trim saves the most predicted time per relative width lost (None: all at min_width)."""
+    choices = [s for s, w in widths.items() if w > min_width]
+    if not choices:
+        return None
+    base = float(latency.predict(widths))
+
+    def score(stage: str) -> float:
+        new = max(min_width, widths[stage] - grid)
+        saved = base - float(latency.predict({**widths, stage: new}))
+        return saved / ((widths[stage] - new) / widths[stage])
+
+    return max(choices, key=score)
+
+
+def _fill(widths, t: Timing, desk: _Desk, budget: Budget, grid: int, max_measures: int):
+    """Grow stages while they measure within the limit: the most relative width per predicted ms first; a stage
+    whose growth measured over the limit is not tried again."""
+    blocked: set[str] = set()
+    while len(desk.steps) < max_measures:
+        base = float(desk.latency.predict(widths))
+        local = t.at_percentile_ms / base  # the model's bias here, by measurement: predictions are scaled by it
+        options = []
+        for s, w in widths.items():
+            grown = {**widths, s: grid * (w // grid) + grid}
+            pred = float(desk.latency.predict(grown))
+            if s not in blocked and pred * local <= budget.limit_ms * (1 + TOLERANCE):
+                options.append(((grown[s] - w) / w / max(pred - base, 1e-9), s, grown))
+        if not options:
+            return widths, t
+        _, stage, grown = max(options, key=lambda o: o[0])
+        tg = desk(grown, "grow")
+        if tg.at_percentile_ms <= budget.limit_ms:
+            widths, t = grown, tg
+        else:
+            desk.steps[-1]["step"] = "grow-rejected"
+            blocked.add(stage)
+    return widths, t
+
+
+def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
+    """Below the window after the fill, or within the headroom above its bottom (`Budget.safe_low_ms`: the gate
+    may read it under the window), with no single stage able to grow: try exchanges of width between stages
+    (`_exchanges`), predicted from what was measured (`_from_measured`), the highest within the limit first; keep
+    one that MEASURES in the window."""
+    tried = 0
+    while t.at_percentile_ms < budget.safe_low_ms and len(desk.steps) < max_measures and tried < EXCHANGES:
+        options = []
+        for w in _exchanges(widths, min_width, grid):
+            pred = _from_measured(w, widths, t.at_percentile_ms, desk)
+            fresh = tuple(sorted(w.items())) not in desk.cache
+            if fresh and budget.low_ms <= pred <= budget.limit_ms * (1 + TOLERANCE):
+                options.append((pred, w))
+        if not options:
+            break
+        _, w = min(options, key=lambda pw: _rank(pw[0], budget.limit_ms))  # highest within the limit first
+        tried += 1
+        tw = desk(w, "exchange")
+        # below the window any gain counts; inside it (under safe_low) only a move that reaches safe_low: the
+        # searched shape is not traded for a few microseconds
+        gain = t.at_percentile_ms < budget.low_ms or tw.at_percentile_ms >= budget.safe_low_ms
+        if gain and t.at_percentile_ms < tw.at_percentile_ms <= budget.limit_ms:
+            widths, t = w, tw
+    return widths, t
+
+
+def _exchanges(widths: dict[str, int], min_width: int, grid: int) -> list[dict[str, int]]:
+    """Networks one grid step away in some stages, at least one up and one down (down to min_width): every such
+    combination for up to EXCHANGE_ALL stages (e.g. 16/32/64 -> 8/48/48), else one stage up and one down."""
+    steps = {s: [w + grid] + ([max(min_width, w - grid)] if w > min_width else []) for s, w in widths.items()}
+    if len(widths) > EXCHANGE_ALL:
+        return [
+            {**widths, up: steps[up][0], down: steps[down][1]}
+            for up, down in itertools.permutations(widths, 2)
+            if len(steps[down]) > 1
+        ]
+    out = []
+    for combo in itertools.product(*([w, *steps[s]] for s, w in widths.items())):
+        w = dict(zip(widths, combo))
+        if any(w[s] > widths[s] for s in w) and any(w[s] < widths[s] for s in w):
+            out.append(w)
+    return out
+
+
+def _from_measured(widths: dict, base: dict, base_ms: float, desk: _Desk) -> float:
+    """`widths` predicted from the measured network `base`: base_ms plus, for each stage that differs, the measured
+    difference of two networks that differ in that stage alone by the same change, else the model's difference
+    scaled by its local bias (measured / predicted at base). The model's errors are per stage (on this CPU a stage
+    of 8 channels costs less than the block of 16 it is charged at): a measured difference corrects them."""
+    measured = {k: t.at_percentile_ms for k, t in desk.cache.items()}
+    local = base_ms / float(desk.latency.predict(base))
+    total, here = base_ms, dict(base)
+    for stage in widths:
+        if widths[stage] == here[stage]:
+            continue
+        step = _measured_step(measured, stage, here[stage], widths[stage])
+        after = {**here, stage: widths[stage]}
+        total += step if step is not None else local * float(desk.latency.predict(after) - desk.latency.predict(here))
+        here = after
+    return total
+
+
+def _measured_step(measured: dict[tuple, float], stage: str, old: int, new: int) -> float | None:
+    """ms(stage at new) - ms(stage at old) from a measured pair identical in every other stage (None: no pair)."""
+    for key, ms in measured.items():
+        w = dict(key)
+        if w[stage] == old and (other := measured.get(tuple(sorted({**w, stage: new}.items())))) is not None:
+            return other - ms
+    return None
+
+
+def _window_note(fitted: Fitted, desk: _Desk, budget: Budget) -> str:
+    """Empty when the result lands in [low_ms, ms]; else the two measured neighbours that straddle the window: the
+    delivered network and the cheapest measured network over the limit (the budget less the timing headroom)."""
+    if budget.low_ms <= fitted.measured_ms <= budget.ms:
+        return ""
+    over = [s for s in desk.steps if s["measured_ms"] > budget.limit_ms]
+    nxt = min(over, key=lambda s: s["measured_ms"]) if over else None
+    return (
+        f"no measured network lands in [{budget.low_ms:.4f}, {budget.limit_ms:.4f}] ms (the window up to the budget "
+        f"less {100 * budget.headroom:.1f}% timing headroom): {fitted.widths} measures {fitted.measured_ms:.4f} ms"
+        + (f", the next step up {nxt['widths']} measures {nxt['measured_ms']:.4f} ms" if nxt else "")
+    )

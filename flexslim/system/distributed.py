@@ -1,0 +1,414 @@
+"""Data-parallel runs under `torchrun`: who this process is (rank, world size from torchrun's environment),
+the process group (gloo on CPUs, nccl for CUDA tensors), rank-0-only side effects, and the few collectives
+the search and the retraining need.
+
+Without torchrun (no WORLD_SIZE, or WORLD_SIZE=1) every function here is the single-process identity: no
+process group, `rank() == 0`, `on_main(fn) == fn()`, gradients untouched. Under torchrun with N ranks:
+
+- every rank iterates the same GLOBAL batches (the recipe's batch size, same shuffles and augmentation) and
+  trains on its own slice of each (`shard`); weight and mu gradients are averaged (`average_gradients`), so
+  the ranks stay in lockstep and N ranks compute what one process computes on the global batch;
+- whatever touches the outside world (the run directory, onnxruntime timings, the log) happens on rank 0:
+  `runs.atomic_write_*` are no-ops elsewhere, and `on_main(fn)` runs fn on rank 0 and hands its result (or
+  its exception) to every rank;
+- bad input is caught on every rank at once (`check_recipe`, `check_batch`), printed by rank 0 only;
+- a rank that dies makes the others stop with `RanksLost` (exit 3) instead of waiting for it.
+
+torch is imported inside the functions, so the CLI can ask `is_main()` without loading it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pickle
+import re
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from flexslim.errors import BadInput, RanksLost
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from flexslim.recipe.schema import Recipe
+
+
+T = TypeVar("T")
+
+TIMEOUT_ENV = "FLEXSLIM_DIST_TIMEOUT_S"  # seconds a rank waits in a collective (rank 0 measuring latency, baking)
+DEFAULT_TIMEOUT_S = 3600.0
+_CUDA_RANKS = [False]  # set by `init`: the ranks train on CUDA (nccl, torch's SyncBatchNorm)
+
+
+# -- who am I -------------------------------------------------------------------------------------------------
+def world_size() -> int:
+    """Ranks taking part (1 without torchrun)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank (torchrun's RANK; 0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    """True on rank 0, the one rank that writes files, logs and measures latency."""
+    return rank() == 0
+
+
+def launched_world() -> int:
+    """The world size torchrun announced in the environment (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(device: str = "auto") -> bool:
+    """Join torchrun's process group (env:// rendezvous: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE); False when
+    there is nothing to join (one process). CUDA ranks pin GPU LOCAL_RANK and reduce CUDA tensors with nccl; CPU
+    tensors always go through gloo. Collectives give up after FLEXSLIM_DIST_TIMEOUT_S seconds (default 3600)."""
+    import torch
+    import torch.distributed as dist
+
+    if launched_world() <= 1 or dist.is_initialized():
+        return False
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+    _CUDA_RANKS[0] = cuda
+    try:
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", init_method="env://", timeout=timeout)
+    except (ValueError, RuntimeError) as err:  # a rendezvous that cannot happen: bad address, port, world
+        raise BadInput(
+            f"cannot join the torchrun process group ({_first_line(err)}); check the rendezvous flags"
+        ) from None
+    return True
+
+
+@contextlib.contextmanager
+def session(device: str = "auto") -> Iterator[None]:
+    """One CLI command's process group: joined on entry, left on exit. Inside it a lost rank, a broken connection
+    or the launcher's SIGTERM (torchrun stops the other workers when one fails) becomes `RanksLost`."""
+    import torch.distributed as dist
+
+    if not init(device):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _stopped_by_launcher)
+    try:
+        yield
+    except (BadInput, RanksLost):
+        raise
+    except Exception as err:
+        if _is_comm_failure(err):
+            raise RanksLost(_lost_message(_first_line(err))) from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def _stopped_by_launcher(signum, frame) -> None:
+    raise RanksLost(_lost_message("stopped by the launcher (SIGTERM): another rank failed or the job was cancelled"))
+
+
+def _lost_message(cause: str) -> str:
+    return (
+        f"rank {rank()} of {launched_world()}: the distributed job stopped ({cause}); finished epochs are kept in "
+        "the run directory: rerun the same torchrun command with --resume (any number of ranks)"
+    )
+
+
+def _is_comm_failure(err: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out")
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's first line, without the source location gloo puts in front ('[.../pair.cc:545] ...')."""
+    lines = str(err).strip().splitlines()
+    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0] if lines else type(err).__name__)[:200]
+
+
+# -- rank 0 does it, everyone gets it -------------------------------------------------------------------------
+def on_main(fn: Callable[[], T]) -> T:
+    """fn() on rank 0, its result on every rank (pickled to the others). An exception raised by fn is raised on
+    every rank, so a BadInput found by rank 0 stops all ranks at once. The other ranks are idle meanwhile (they
+    wait at a barrier first), so what rank 0 times is not slowed down by them."""
+    if world_size() == 1:
+        return fn()
+    import torch.distributed as dist
+
+    dist.barrier()
+    if is_main():
+        try:
+            payload: tuple[str, Any] = ("ok", fn())
+        except Exception as err:  # noqa: BLE001 - handed to the other ranks, then re-raised here
+            payload = ("error", err)
+        try:
+            dist.broadcast_object_list([payload], src=0)
+        except (TypeError, AttributeError, ValueError, pickle.PicklingError):  # unpicklable: send its text
+            payload = ("error", RuntimeError(f"rank 0: {type(payload[1]).__name__}: {payload[1]}"))
+            dist.broadcast_object_list([payload], src=0)
+        kind, value = payload
+    else:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+    if kind == "error":
+        raise _everywhere(value)
+    return value
+
+
+def _everywhere(err: BaseException) -> BaseException:
+    """Mark an error every rank raises alike, so that only rank 0 prints it (see `printed_here`)."""
+    err.on_every_rank = True
+    return err
+
+
+def printed_here(err: BaseException) -> bool:
+    """Whether this rank prints `err`: rank 0 always, another rank only an error of its own (one that rank 0
+    does not also report)."""
+    return is_main() or not getattr(err, "on_every_rank", False)
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. downloads a dataset into a shared cache), then the others run it."""
+    if world_size() == 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    if not is_main():
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            dist.barrier()
+
+
+def load_on_main(path) -> Any:
+    """torch.load(path) (weights only, on the CPU) read by rank 0 and handed to every rank: checkpoints resume
+    without the run directory being visible to the other ranks."""
+    import torch
+
+    return on_main(lambda: torch.load(path, map_location="cpu", weights_only=True))
+
+
+# -- agreement ------------------------------------------------------------------------------------------------
+def check_same(what: str, value: Any) -> None:
+    """RuntimeError on every rank unless every rank holds the same `value` (compared by repr: tensors are turned
+    into lists first). Used where disagreement would be a bug (mu, allocation)."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    text = repr(_plain(value))
+    digests: list[Any] = [None] * world_size()
+    dist.all_gather_object(digests, hashlib.sha256(text.encode()).hexdigest())
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        raise RuntimeError(f"ranks diverged: {what} on rank(s) {odd} differ from rank 0 (this is a bug): {text[:300]}")
+
+
+def _plain(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def check_recipe(load: Callable[[], Recipe], *, search: bool = True, train: bool = True) -> None:
+    """Every rank resolves its recipe with `load()`; BadInput on every rank (printed by rank 0) when the ranks
+    resolved different recipes, when `load` failed, or when a batch the run will use does not split evenly
+    over the ranks. Nothing to check in a single process."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    from flexslim.recipe.schema import recipe_to_toml
+
+    recipe, problem = None, None
+    try:
+        recipe = load()
+        text = recipe_to_toml(recipe)
+    except BadInput as err:
+        problem = str(err)
+        text = f"error: {problem}"
+    digests: list[Any] = [None] * world_size()
+    dist.all_gather_object(digests, hashlib.sha256(text.encode()).hexdigest()[:12])
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        raise _everywhere(
+            BadInput(
+                f"the ranks disagree on the recipe: rank(s) {', '.join(map(str, odd))} resolved another recipe than "
+                f"rank 0 (sha256 {digests[odd[0]]} vs {digests[0]}); launch every rank with the same --recipe and "
+                "--set values, and the same recipe file on every node"
+            )
+        )
+    if problem is not None:
+        raise _everywhere(BadInput(problem))
+    if search:
+        check_batch(recipe.search.batch_size, "search.batch_size")
+    if train:
+        check_batch(recipe.train.batch_size, "train.batch_size")
+
+
+def check_batch(batch: int, key: str) -> None:
+    """BadInput (on every rank alike: no collective) unless `batch` (global) splits evenly over the ranks."""
+    n = world_size()
+    if n > 1 and batch % n:
+        lower = batch - batch % n
+        raise _everywhere(
+            BadInput(
+                f"{key} {batch} does not split evenly over {n} ranks (each rank trains on {key} / {n} images of every "
+                f"batch); --set {key}={lower or n} or {lower + n}, or launch a number of ranks that divides {batch}"
+            )
+        )
+
+
+# -- the collectives of a training step -----------------------------------------------------------------------
+def shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a global batch (rank r gets the r-th of N near-equal, contiguous slices)."""
+    n = world_size()
+    return t if n == 1 else t.tensor_split(n)[rank()]
+
+
+def average_gradients(params: Sequence[nn.Parameter], local: int, total: int, scalars: Sequence[float] = ()) -> list:
+    """Make every .grad the global-batch gradient: sum over ranks of grad_r * local_r / total (the mean over
+    ranks when the shards are equal), in one all-reduce. `scalars` (e.g. this shard's mean loss) are averaged
+    the same way and returned; parameters without a gradient stay without one on every rank."""
+    if world_size() == 1:
+        return list(scalars)
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    parts = [g.reshape(-1).float() for g in grads] + [torch.tensor(list(scalars), dtype=torch.float32, device=device)]
+    flat = torch.cat(parts).mul_(local / total)
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[offset:].tolist()
+
+
+def sum_over_ranks(values: Sequence[float]) -> list[float]:
+    """Element-wise sum of `values` over the ranks (float64)."""
+    if world_size() == 1:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(list(values), dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers (BatchNorm statistics) into every rank's copy of `module`, in place."""
+    if world_size() == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+# -- BatchNorm over all ranks ---------------------------------------------------------------------------------
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Batch statistics over the global batch instead of each rank's shard: torch's SyncBatchNorm on CUDA; on
+    the CPU (which SyncBatchNorm refuses) every BatchNorm2d becomes a `CpuSyncBatchNorm2d` in place. The
+    parameters, buffers and state_dict keys stay the same. A single process gets the module unchanged."""
+    if world_size() == 1:
+        return module
+    from torch import nn
+
+    if _CUDA_RANKS[0]:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = _cpu_sync_bn_class()
+    return module
+
+
+_CPU_SYNC_BN = None
+
+
+def _cpu_sync_bn_class():
+    """The CPU SyncBatchNorm class (defined on first use so importing this module does not import torch)."""
+    global _CPU_SYNC_BN
+    if _CPU_SYNC_BN is not None:
+        return _CPU_SYNC_BN
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    class AllReduce(torch.autograd.Function):
+        """Sum over the ranks; the gradient of a sum that every rank holds is the sum of the ranks' gradients."""
+
+        @staticmethod
+        def forward(ctx, t):
+            t = t.clone()
+            dist.all_reduce(t)
+            return t
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad = grad.clone()
+            dist.all_reduce(grad)
+            return grad
+
+    all_reduce = AllReduce.apply
+
+    class CpuSyncBatchNorm2d(nn.BatchNorm2d):
+        """BatchNorm2d whose training statistics are those of the whole global batch: two differentiable
+        all-reduces (mean, then variance), so the backward pass also sums over the ranks, as SyncBatchNorm's."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training or world_size() == 1:
+                return super().forward(x)
+            c = x.shape[1]
+            sums = all_reduce(torch.cat([x.sum((0, 2, 3)), x.new_tensor([x.numel() / c])]))  # channel sums, count
+            count = sums[c]
+            mean = sums[:c] / count
+            centred = x - mean.view(1, c, 1, 1)
+            var = all_reduce(centred.pow(2).sum((0, 2, 3))) / count  # biased, as BatchNorm normalises with
+            if self.track_running_stats:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                    m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                    n = float(count)
+                    self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                    self.running_var.mul_(1 - m).add_(var.detach() * (n / max(n - 1, 1.0)), alpha=m)
+            y = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+            if self.affine:
+                y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+            return y
+
+    _CPU_SYNC_BN = CpuSyncBatchNorm2d
+    return _CPU_SYNC_BN

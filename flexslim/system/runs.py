@@ -1,0 +1,131 @@
+"""Run directories, atomic writes and the `runs/latest` pointer.
+
+Every file flexslim writes goes through `atomic_write_*`: a temp file in the same folder, fsync, then
+os.replace, so a crash leaves either the old file or the new one, never half of one. Under torchrun only rank 0
+writes: on the other ranks these writes (and `remove`, `mark_latest`) do nothing, so every file is written once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flexslim.errors import BadInput
+from flexslim.system.distributed import is_main
+from flexslim.system.files import atomic_write_json
+
+RUNS_ROOT = Path("runs")
+
+
+def new_run_dir(recipe_name: str, root: Path = RUNS_ROOT) -> Path:
+    """A new, empty `root/<time>-<recipe>` folder (suffixed -2, -3, ... when the name is taken). Under torchrun,
+    call it on rank 0 (`distributed.on_main`) and hand the path to the others."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / f"{stamp}-{recipe_name}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{stamp}-{recipe_name}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+def mark_latest(run_dir: Path, root: Path = RUNS_ROOT) -> None:
+    """Point `root/latest` at run_dir (a relative symlink, swapped atomically); rank 0 only."""
+    if not is_main():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    link = root / "latest"
+    tmp = root / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path(os.path.relpath(run_dir.resolve(), root.resolve())))
+    os.replace(tmp, link)
+
+
+def check_run_dir_path(run_dir: str | Path | None, flag_name: str = "--run-dir") -> Path | None:
+    """A `--run-dir` for a new run, checked before anything is created: a folder or a new name, never a file,
+    inside an existing folder (None stays None: the default `runs/<time>-<recipe>`)."""
+    from flexslim.recipe.checks import check_output_dir
+
+    return None if run_dir is None else check_output_dir(run_dir, flag_name)
+
+
+def resolve_run_dir(run_dir: str | Path | None, root: Path = RUNS_ROOT) -> Path:
+    """`run_dir`, or the run `root/latest` points at; BadInput when there is none."""
+    if run_dir is None:
+        latest = root / "latest"
+        if not latest.exists():
+            raise BadInput(
+                f"no run found at {latest}; run `flexslim search` or `flexslim train` first, or pass --run-dir"
+            )
+        return latest.resolve()
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"run directory {path} is a file, not a folder; pass the run's folder")
+    if not path.is_dir():
+        raise BadInput(f"run directory {path} does not exist")
+    return path
+
+
+class RunRecord:
+    """The one owner of a run directory's `run.json`: load it once, update it in memory, save atomically.
+
+    Every stage of a job updates the record it was handed (`record.update(status="searched", ...)` saves at
+    once), so nothing reads `run.json` back while it is in memory. Example::
+
+        record = RunRecord.load(run_dir)          # {} when the run has none yet
+        record.update(budget_ms=0.06, status="started")
+        record["budget_ms"]                        # 0.06
+    """
+
+    FILE = "run.json"
+
+    def __init__(self, run_dir: Path, data: dict[str, Any] | None = None):
+        self.run_dir = Path(run_dir)
+        self.data: dict[str, Any] = dict(data or {})
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / self.FILE
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunRecord:
+        """The record of `run_dir` (empty when it has no run.json); a corrupt file is BadInput naming it."""
+        path = Path(run_dir) / cls.FILE
+        if not path.is_file():
+            return cls(Path(run_dir))
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadInput(f"{path} is not valid JSON ({err}); delete the run or start a new one") from None
+        if not isinstance(data, dict):
+            raise BadInput(f"{path} is not a flexslim run record (expected a JSON object)")
+        return cls(Path(run_dir), data)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def search_finished(self) -> bool:
+        """The run's search and bake are done (arch.json written, status searched or done)."""
+        return (self.run_dir / "arch.json").is_file() and self.get("status") in ("searched", "done")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    def update(self, **fields: Any) -> RunRecord:
+        """Merge `fields` into the record and save it."""
+        self.data.update(fields)
+        return self.save()
+
+    def save(self) -> RunRecord:
+        atomic_write_json(self.path, self.data)
+        return self

@@ -1,0 +1,1 @@
+"""The shipped recipes (TOML), installed as the package data `flexslim.recipes`."""
