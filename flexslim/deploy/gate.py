@@ -115,7 +115,7 @@ class Report:
             errors="0",
         )
         for c in self.checks:
-            case = ET.SubElement(suite, "testcase", classname=f"flexslim.deploy.gate.{Path(self.model).name}", name=c.name)
+            case = ET.SubElement(suite, "testcase", classname=f"flexslim.validate.{Path(self.model).name}", name=c.name)
             if not c.passed:
                 ET.SubElement(case, "failure", message=c.message, type="GateFailed").text = c.message
             ET.SubElement(case, "system-out").text = json.dumps(
