@@ -10,7 +10,7 @@ from search_fixtures import FAST_LATENCY, hand_latency_model, single_thread, sma
 from flexslim.errors import BadInput
 from flexslim.latency.budget import Budget
 from flexslim.latency.runtime import Timing
-from flexslim.search.bake import bake, rounded_neighbours
+from flexslim.search.bake import BakePlan, bake, rounded_neighbours
 
 MIN_WIDTH, GRID = 8, 8
 
@@ -30,11 +30,13 @@ def clock(truth, scale: float = 1.0):
     return measure
 
 
+def plan(**kw):
+    return BakePlan(FAST_LATENCY, MIN_WIDTH, GRID, **kw)
+
+
 def run(centers, budget_ms, truth, measure, **kw):
-    return bake(
-        small_arch(), centers, budget=Budget(budget_ms, headroom=0.02), latency=truth, settings=FAST_LATENCY,
-        min_width=MIN_WIDTH, grid=GRID, measure=measure, **kw,
-    )  # fmt: skip
+    return bake(small_arch(), centers, budget=Budget(budget_ms, headroom=0.02), latency=truth, plan=plan(**kw),
+                measure=measure)  # fmt: skip
 
 
 def test_rounded_neighbours_are_floor_and_ceil_of_every_stage_best_first():
@@ -114,7 +116,7 @@ def test_a_growth_that_measures_over_the_limit_is_rejected_and_not_retried():
         return Timing("cpu", 8, t.input_shape, 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
 
     res = bake(small_arch(), {"a": 8.0, "b": 16.0, "c": 24.0}, budget=Budget(budget, headroom=0.02), latency=truth,
-               settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure)  # fmt: skip
+               plan=plan(), measure=measure)  # fmt: skip
     assert res.widths == start
     rejected = [s for s in res.steps if s["step"] == "grow-rejected"]
     assert rejected and all(s["measured_ms"] > budget * 0.98 for s in rejected)
@@ -179,7 +181,7 @@ def test_real_measurement_meets_a_loose_budget():
     arch = small_arch()
     truth = hand_latency_model(arch)
     res = bake(arch, {"a": 8.0, "b": 16.0, "c": 24.0}, budget=Budget(1000.0), latency=truth,
-               settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure, max_measures=4)  # fmt: skip
+               plan=plan(max_measures=4), measure=measure)  # fmt: skip
     assert res.provider == "cpu" and 0 < res.measured_ms <= 1000.0 and res.measurements <= 4
 
 
@@ -206,7 +208,7 @@ def test_below_the_window_after_the_fill_an_exchange_of_width_between_stages_lan
         return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
 
     res = bake(small_arch(), {"a": 16.0, "b": 16.0, "c": 16.0}, budget=Budget(1.0, headroom=0.02), latency=Fake(),
-               settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure)  # fmt: skip
+               plan=plan(), measure=measure)  # fmt: skip
     assert res.widths == {"a": 24, "b": 8, "c": 16} and res.measured_ms == 0.95 and res.note == ""
     assert [s["step"] for s in res.steps] == ["choose", "exchange"]
 
@@ -233,7 +235,7 @@ def table_bake(model: dict, truth: dict, centers: tuple, headroom: float):
         return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
 
     return bake(small_arch(), dict(zip("abc", centers)), budget=Budget(1.0, headroom=headroom), latency=Model(),
-                settings=FAST_LATENCY, min_width=MIN_WIDTH, grid=GRID, measure=measure)  # fmt: skip
+                plan=plan(), measure=measure)  # fmt: skip
 
 
 def test_an_exchange_is_predicted_from_measured_differences_where_the_model_is_wrong():

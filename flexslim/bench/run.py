@@ -158,7 +158,7 @@ def search_window_memory(spec: dict, recipe, ds, dev, allocation: dict[str, int]
         st.w_opt = weight_sgd(st.supernet, recipe.search)
     ds = ds.to(dev)
     bt, bs = search_batches(ds, recipe, 0)
-    loop = SearchLoop(recipe, Budget(spec["budget_ms"]), latency, dev, Reporter(), min(len(bt), len(bs)))
+    loop = SearchLoop(recipe, _budget(spec["budget_ms"], recipe, latency), latency, dev, Reporter(), min(len(bt), len(bs)))
     augment = Augment(recipe.data, seed=recipe.search.seed)
     st.supernet.train()
     st.supernet.start_epoch(0, recipe.search.epochs, recipe.search)
@@ -257,9 +257,10 @@ def run_bench(
     budget = _checked_budget_and_seeds(recipe, budget_ms, seeds)
     out.mkdir(parents=True, exist_ok=True)
     if latency_table is not None:
-        _reuse_latency_table(Path(latency_table), out / "latency.json", budget, log)
+        table = _reuse_latency_table(Path(latency_table), out / "latency.json", log)
     else:
-        _shared_latency_table(recipe_name, overrides, out / "latency.json", budget, data_dir, log)
+        table = _shared_latency_table(recipe_name, overrides, out / "latency.json", budget, data_dir, log)
+    _budget(budget, recipe, table).check_floor(table.floor_ms, table.provider, recipe.model.min_width)
     base = {
         "recipe": recipe_name,
         "overrides": overrides,
@@ -293,37 +294,31 @@ def _runs(methods: list[str], seeds: int, first_seed: int) -> list[dict]:
     return runs
 
 
-def _shared_latency_table(recipe_name: str, overrides: list[str], table: Path, budget: float, data_dir, log) -> None:
-    """Measure the one latency table every method uses; a budget under the family's floor is refused."""
+def _shared_latency_table(recipe_name: str, overrides: list[str], table: Path, budget: float, data_dir, log):
+    """Measure the one latency table every method uses (saved at `table`) -> the LatencyModel."""
     from flexslim.jobs.latency import profile_job
 
     log(f"bench {recipe_name}: budget {budget:g} ms; measuring the shared latency table")
     t0 = time.perf_counter()
     model = profile_job(recipe_name, overrides, table, data_dir=data_dir)
-    if budget < model.floor_ms:
-        raise BadInput(
-            f"--latency-ms {budget:g} is below the family's floor {model.floor_ms:.4f} ms on {model.provider}"
-        )
     log(
         f"latency table: {time.perf_counter() - t0:.0f}s, hold-out error median "
         f"{model.error_summary().get('median_pct', 0):.1f}%, floor {model.floor_ms:.4f} ms"
     )
+    return model
 
 
-def _reuse_latency_table(src: Path, table: Path, budget: float, log) -> None:
-    """Share a measured latency table (its compatibility is checked by every run that loads it)."""
+def _reuse_latency_table(src: Path, table: Path, log):
+    """Share a measured latency table (its compatibility is checked by every run that loads it) -> the model."""
     from flexslim.latency.model import LatencyModel
 
     if not src.is_file():
         raise BadInput(f"latency table {src} does not exist")
     model = LatencyModel.load(src)
-    if budget < model.floor_ms:
-        raise BadInput(
-            f"--latency-ms {budget:g} is below the family's floor {model.floor_ms:.4f} ms on {model.provider}"
-        )
     if src.resolve() != table.resolve():
         model.save(table)
     log(f"bench: sharing the latency table {src} (floor {model.floor_ms:.4f} ms, {model.provider})")
+    return model
 
 
 def _run_method(spec: dict, out: Path, log) -> dict:

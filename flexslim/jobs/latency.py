@@ -90,16 +90,14 @@ def latency_stage(
     if not record.search_finished():  # a finished search keeps what it recorded
         record.update(
             latency={**settings, "floor_ms": lat.floor_ms, "error": err, "block": lat.block},
-            budget={"ms": budget.ms, "limit_ms": budget.limit_ms, "low_ms": budget.low_ms, "headroom": budget.headroom},
+            budget=budget.as_dict(),
             latency_seconds=time.perf_counter() - t0,
         )
-    if budget.limit_ms < lat.floor_ms:
+    try:
+        budget.check_floor(lat.floor_ms, lat.provider, recipe.model.min_width)
+    except BadInput:
         record.update(status="impossible budget")
-        raise BadInput(
-            f"--latency-ms {budget.ms:g} is below the floor of this family on {lat.provider}: the narrowest "
-            f"network (every stage at min_width {recipe.model.min_width}) measures {lat.floor_ms:.4f} ms; "
-            f"raise the budget or lower model.min_width"
-        )
+        raise
     return lat, budget
 
 

@@ -23,8 +23,9 @@ from flexslim.jobs.latency import latency_stage
 from flexslim.latency.budget import Budget
 from flexslim.latency.model import LatencyModel, with_grid
 from flexslim.models.arch import Arch, arch_json, load_arch
+from flexslim.recipe import checks
 from flexslim.recipe.schema import Recipe, load_recipe, recipe_to_toml
-from flexslim.search.bake import Fitted, bake
+from flexslim.search.bake import BakePlan, Fitted, bake
 from flexslim.search.methods import check_search_method
 from flexslim.system import distributed
 from flexslim.system.console import Reporter
@@ -164,7 +165,7 @@ def _check_run(
     returns the recipe and the run directory (None: a new one under runs/).
 
     A resumed run's recipe is its own recipe.toml, and `--set` values that would change it are refused."""
-    Budget(budget_ms)
+    checks.budget_ms(budget_ms, checks.flag("--latency-ms"))  # the Budget itself is built by the latency stage
     if resume:
         run_dir = resolve_run_dir(run_dir)
         recipe = _resumed_recipe(run_dir, overrides)
@@ -304,19 +305,7 @@ def _search_stage(
 
 def _bake(arch: Arch, centers: dict, budget: Budget, lat: LatencyModel, recipe: Recipe, reporter) -> Fitted:
     """The measured bake of the searched widths (the same for every method; `search.trim = false`: measure only)."""
-    return bake(
-        arch,
-        centers,
-        budget=budget,
-        latency=lat,
-        settings=recipe.latency,
-        min_width=recipe.model.min_width,
-        grid=recipe.model.round_to,
-        fit=recipe.search.trim,
-        reporter=reporter,
-        confidence=recipe.latency.confidence,
-        session_seconds=recipe.latency.bake_seconds,
-    )
+    return bake(arch, centers, budget=budget, latency=lat, plan=BakePlan.for_recipe(recipe), reporter=reporter)
 
 
 def _supernet_accuracy(supernet, ds: Dataset, recipe: Recipe, dev) -> float:
@@ -339,9 +328,10 @@ def _record_search(record: RunRecord, centers: dict, fitted: Fitted, budget: Bud
         measured_ms=fitted.measured_ms,
         measured_p50_ms=fitted.p50_ms,
         budget_met=fitted.measured_ms <= budget.ms,
-        in_window=budget.low_ms <= fitted.measured_ms <= budget.ms,
+        in_window=budget.in_window(fitted.measured_ms),
         window_note=fitted.note,
-        bake_headroom=fitted.budget.headroom if fitted.budget else budget.headroom,
+        budget=(fitted.budget or budget).as_dict(),  # the bake's (headroom from its own sessions): what the run met
+        bake_headroom=(fitted.budget or budget).headroom,
         trims=fitted.trims,
         bake=fitted.steps,
         bake_seconds=fitted.seconds,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexslim.errors import BadInput
+from flexslim.latency.budget import Budget
 from flexslim.system.console import Reporter
 from flexslim.system.files import atomic_write_json, atomic_write_text
 
@@ -158,7 +159,7 @@ def _one_budget(b, run_dir, recipe, overrides, plan, retrain, repeats, data_dir,
         return {"budget_ms": b, "error": str(err), "run_dir": str(run_dir)}
     row = _row(b, res) | delivered_latency(res.run_dir, b, repeats)
     row["ratio"] = row["delivered_ms"] / b
-    row["in_window"] = 0.9 * b <= row["delivered_ms"] <= b
+    row["in_window"] = Budget(b).in_window(row["delivered_ms"])
     reporter.log(f"  -> {row['widths']}: delivered p90 {row['delivered_ms']:.4f} ms = {row['ratio']:.3f} x budget")
     return row
 

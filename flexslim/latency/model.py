@@ -80,10 +80,15 @@ class LatencyModel:
 
     # -- prediction -------------------------------------------------------------------------------------------
     def effective(self, widths: dict) -> dict:
-        """Whole (int) widths charged at the runtime's block; floats and tensors (expectations, e.g. from the
-        search) are continuous values and are used as they are."""
-        b = self.block
-        return {s: b * math.ceil(w / b) if isinstance(w, int) else w for s, w in widths.items()}
+        """Widths as the runtime charges them, decided by value: a whole number of channels (24 or 24.0) is a
+        network's width and costs its channel block (block * ceil(w / block)); a fractional value (an expectation,
+        e.g. mu during the search) or a tensor being differentiated is continuous and used as it is."""
+        return {s: self._charged(w) for s, w in widths.items()}
+
+    def _charged(self, w):
+        if getattr(w, "requires_grad", False) or not float(w).is_integer():
+            return w
+        return self.block * math.ceil(float(w) / self.block)
 
     def predict(self, widths: dict) -> torch.Tensor | float:
         """Predicted per-sample latency (ms); differentiable when the widths are tensors."""

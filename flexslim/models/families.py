@@ -1,10 +1,8 @@
 """Search-space families. Each builds a network from an Arch and a dict of per-stage widths.
 
-`FAMILIES` is the one table of families: name -> the module that implements it. A family module has
-
-    build(arch, widths, mask, auxiliary) -> nn.Module   the network at `widths` (a mask point per stage
-                                                          where `mask` is given: the supernet body)
-    cost_terms(arch, widths) -> dict                     analytic, width-differentiable cost terms
+`recipe.choices.FAMILIES` is the one table of families: name -> the module that implements it. A family module
+fulfils the `Family` protocol below (build, cost_terms); the networks it builds may carry the optional members
+`NetworkExtras` names (drop-path, an auxiliary head).
 
 `build_network(arch, widths=None, mask=None)`: with `mask=None` the plain dense network at `widths`
 (default: the arch's own); with `mask` (stage name -> nn.Module) the same network with a mask point
@@ -18,24 +16,54 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 from flexslim.errors import BadInput
+from flexslim.recipe.choices import FAMILIES
 
 if TYPE_CHECKING:
     from torch import nn
 
     from flexslim.models.arch import Arch
-from flexslim.recipe.choices import FAMILIES
 
 MaskFactory = Callable[[str], "nn.Module"]
 
 
-def family_module(name: str) -> ModuleType:
+class Family(Protocol):
+    """What a family module provides. Example (`models/spaces/resnet.py`)::
+
+        def build(arch, widths, mask=None, auxiliary=False) -> nn.Module: ...   # stem, stages, head at `widths`
+        def cost_terms(arch, widths) -> dict: ...                                # {"conv:stage1": macs, ...}
+    """
+
+    def build(self, arch: Arch, widths: dict, mask: MaskFactory | None, auxiliary: bool) -> nn.Module:
+        """The network at `widths`; with `mask` (stage name -> module) a mask point wherever a stage's channels
+        are produced (the supernet body); `auxiliary` adds a training-only auxiliary head where the family has one."""
+        ...
+
+    def cost_terms(self, arch: Arch, widths: dict) -> dict:
+        """Analytic cost terms (e.g. MACs per layer kind), differentiable in the widths (floats or tensors)."""
+        ...
+
+
+class NetworkExtras(Protocol):
+    """Optional members of a built network: `drop_path_prob` (set per epoch by `train.schedules.set_drop_path`;
+    families without drop-path leave it out) and `aux_logits` (the auxiliary head's output after a forward pass,
+    training only)."""
+
+    drop_path_prob: float
+    aux_logits: object
+
+
+def family_module(name: str) -> Family:
     """The module implementing family `name`; BadInput naming the known families otherwise."""
     if name not in FAMILIES:
         raise BadInput(f"unknown family '{name}'; valid: {', '.join(FAMILIES)}")
-    return importlib.import_module(FAMILIES[name])
+    module: ModuleType = importlib.import_module(FAMILIES[name])
+    missing = [f for f in ("build", "cost_terms") if not callable(getattr(module, f, None))]
+    if missing:  # a broken table entry is a bug in flexslim, not the user's input
+        raise TypeError(f"family module {FAMILIES[name]} lacks {', '.join(missing)} (see models.families.Family)")
+    return cast(Family, module)
 
 
 def build_network(

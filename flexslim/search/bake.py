@@ -128,45 +128,77 @@ def _rank(pred: float, limit: float) -> tuple:
     return (0, -pred) if pred <= limit else (1, pred)
 
 
+@dataclass(frozen=True)
+class BakePlan:
+    """How the bake works: what it times with, the grid it moves on, and how much it may measure.
+
+    Attributes:
+        settings: what `measure` times (provider, batch, threads, percentile, repeats).
+        min_width: the floor of every stage; grid: the width grid (round_to).
+        fit: trim and fill by measurement; False measures the best rounded neighbour only (the bench's "no bake").
+        max_measures: the most networks measured (the first MEASURE_FIRST included).
+        confidence: with it, the headroom becomes `confidence` x the spread of the bake's own sessions once the
+            first networks are measured (None: the budget as given).
+        session_seconds: timed seconds per session (the gate's); `settings.repeats` sessions per network.
+
+    Example::
+
+        BakePlan.for_recipe(recipe)   # the search job's bake: the recipe's latency settings, grid and trim
+    """
+
+    settings: LatencyConfig
+    min_width: int
+    grid: int
+    fit: bool = True
+    max_measures: int = 16
+    confidence: float | None = None
+    session_seconds: float = GATE_SECONDS
+
+    @classmethod
+    def for_recipe(cls, recipe) -> BakePlan:
+        """The plan a recipe asks for (`search.trim` decides `fit`)."""
+        return cls(
+            recipe.latency,
+            recipe.model.min_width,
+            recipe.model.round_to,
+            fit=recipe.search.trim,
+            confidence=recipe.latency.confidence,
+            session_seconds=recipe.latency.bake_seconds,
+        )
+
+
 def bake(
     arch: Arch,
     centers: dict[str, float],
     *,
     budget: Budget,
     latency: LatencyModel,
-    settings: LatencyConfig,
-    min_width: int,
-    grid: int,
-    fit: bool = True,
-    max_measures: int = 16,
+    plan: BakePlan,
     measure: Measure = measure,
     reporter: Reporter | None = None,
-    confidence: float | None = None,
-    session_seconds: float = GATE_SECONDS,
 ) -> Fitted:
     """The delivered widths for searched widths `centers` (channels, e.g. mu averaged over the end of the search).
 
     Args:
         budget: the measured limit (`limit_ms`) and the window [`low_ms`, `ms`] the result should land in.
-        latency: ranks choices (prediction only); settings: what `measure` times (provider, batch, threads, ...).
-        grid: the width grid (round_to); min_width: the floor of every stage.
-        fit: trim and fill by measurement; False measures the best rounded neighbour only (the bench's "no bake").
-        max_measures: the most networks measured (the first MEASURE_FIRST included).
+        latency: ranks choices (prediction only).
+        plan: settings, grid, floor and measuring allowance (BakePlan).
         measure: (arch, widths, settings) -> runtime.Timing; tests pass a fake clock.
-        confidence: with it, the headroom becomes `confidence` x the spread of the bake's own sessions once the
-            first networks are measured (None: `budget` as given).
-        session_seconds: timed seconds per session (the gate's); `settings.repeats` sessions per network.
 
     Returns:
-        Fitted. Raises BadInput when every stage is at min_width and the network still measures over the limit.
+        Fitted, whose `budget` is the one the result was judged against (re-fitted to the bake's own sessions when
+        `plan.confidence` is given). Raises BadInput when every stage is at min_width and the network still
+        measures over the limit.
     """
+    settings, min_width, grid, fit, max_measures = plan.settings, plan.min_width, plan.grid, plan.fit, plan.max_measures
+    confidence, session_seconds = plan.confidence, plan.session_seconds
     t0 = time.perf_counter()
     gate_like = replace(settings, min_seconds=session_seconds * max(1, settings.repeats))
     desk = _Desk(arch, gate_like, latency, measure, reporter or Reporter())
     choices = rounded_neighbours(centers, grid, min_width, latency, budget.limit_ms)[: MEASURE_FIRST if fit else 1]
     timed = [(w, desk(w, "choose")) for w in choices]
     if confidence is not None and (spread := desk.spread()) is not None:
-        budget = Budget.for_noise(budget.ms, spread, confidence)
+        budget = budget.refit(spread, confidence)
     within = [(w, t) for w, t in timed if t.at_percentile_ms <= budget.limit_ms]
     widths, t = (
         max(within, key=lambda wt: wt[1].at_percentile_ms)

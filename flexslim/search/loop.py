@@ -262,7 +262,7 @@ def arch_step(
     with autocast(loop.device):
         ce = F.cross_entropy(sn(x).float(), y)
     lat = loop.latency.predict_expected(sn.width_distributions())
-    loss = ce + st.multiplier * lat / loop.budget.target_ms
+    loss = ce + st.multiplier * lat / loop.budget.limit_ms
     params = sn.arch_parameters()
     for p, g in zip(params, torch.autograd.grad(loss, params)):
         p.grad = g
@@ -285,7 +285,7 @@ def train_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, epo
     for (xt, yt), (xs, ys) in zip(bt, bs):
         w_loss = weight_step(st, loop, augment, xt, yt)
         a_ce, lat_ms = arch_step(st, loop, augment, xs, ys)
-        st.multiplier += cfg.dual_lr * (lat_ms / loop.budget.target_ms - 1.0)  # dual ascent
+        st.multiplier += cfg.dual_lr * (lat_ms / loop.budget.limit_ms - 1.0)  # dual ascent
         if st.step >= loop.average_from:
             for k, v in sn.mean_widths().items():
                 st.mu_sum[k] = st.mu_sum.get(k, 0.0) + v
@@ -332,7 +332,7 @@ def epoch_record(st: SearchState, loop: SearchLoop, alloc: tuple[dict, dict], me
         "final_widths": sn.final_widths(),
         "expected_latency_ms": e_lat,
         "budget_ms": loop.budget.ms,
-        "target_ms": loop.budget.target_ms,
+        "target_ms": loop.budget.limit_ms,
         "multiplier": st.multiplier,
         "weight_loss": means["weight_loss"],
         "arch_ce": means["arch_ce"],
@@ -390,7 +390,7 @@ def run_search(
         arch: the starting network (family, stages at the recipe's widths, data shape).
         recipe: [search] drives the loop, [model] the masks and drop path, [data] the split and augmentation.
         ds: the dataset; only its training set is used (split into D_t for weights and D_s for the masks).
-        budget: the latency budget; the controller steers E[latency] to budget.target_ms.
+        budget: the latency budget; the controller steers E[latency] to budget.limit_ms.
         latency: the latency model E[latency] is predicted with (read only: the search measures nothing).
         device: the training device.
         run_dir: if given, each epoch appends its record to run_dir/search.jsonl and saves search_state.pt.
