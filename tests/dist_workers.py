@@ -109,20 +109,21 @@ def record_writes() -> list[str]:
 def search_job_worker(rank: int, world: int, tmp: Path, budget_ms: float, table: str, overrides: list[str]) -> dict:
     """`search_job` (search + bake + retrain) on this rank; returns the per-epoch mu/allocation it holds, the files
     it wrote and the result."""
-    from flexslim.jobs.search import search_job
+    from flexslim.jobs.search import SearchRequest, search_job
 
     writes = record_writes()
     os.chdir(tmp)
     with distributed.session("cpu"):
-        res = search_job(
+        request = SearchRequest(
             budget_ms,
             recipe="quickstart",
-            overrides=overrides,
+            overrides=tuple(overrides),
             run_dir=tmp / "run",
             device="cpu",
             latency_table=Path(table),
             retrain=True,
         )
+        res = search_job(request)
     keys = ("epoch", "mu", "allocated", "multiplier", "expected_widths", "weight_loss", "arch_ce")
     return {
         "history": [{k: h[k] for k in keys} for h in res.history],

@@ -100,12 +100,12 @@ def _range_ms(recipe, table) -> list[float]:
 def _search_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, object]:
     """A searched method: the search job on the bench's shared latency table (untrimmed), then the tensor-memory
     window at the widest allocation the search used."""
-    from flexslim.jobs.search import search_job
+    from flexslim.jobs.search import SearchRequest, search_job
 
-    res = search_job(
+    request = SearchRequest(
         spec["budget_ms"],
         recipe=spec["recipe"],
-        overrides=[*run_overrides(spec, method), "search.trim=false"],
+        overrides=(*run_overrides(spec, method), "search.trim=false"),
         data_dir=spec.get("data"),
         run_dir=Path(spec["out"]) / spec["run"],
         device=spec["device"],
@@ -113,6 +113,7 @@ def _search_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict,
         retrain=spec["retrain"],
         mark=False,
     )
+    res = search_job(request)
     history = res.history or []
     search_seconds = res.search_seconds  # the loop alone: the search measures nothing (latency_seconds apart)
     row = {

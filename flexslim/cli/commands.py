@@ -64,22 +64,22 @@ def search(
     from flexslim.system.distributed import session
 
     with command_exit_codes(), session(device.value):
-        from flexslim.jobs.search import search_job
+        from flexslim.jobs.search import SearchRequest, search_job
         from flexslim.system.console import Reporter, RichReporter
 
         overrides = _search_overrides(set_, method, provider, latency_batch, pretrained)
-        res = search_job(
+        request = SearchRequest(
             latency_ms,
             recipe=recipe,
-            overrides=overrides,
+            overrides=tuple(overrides),
             data_dir=data,
             run_dir=run_dir,
             device=device.value,
             latency_table=latency_table,
             retrain=retrain,
             resume=resume,
-            reporter=RichReporter(err) if is_main() else Reporter(),
         )
+        res = search_job(request, reporter=RichReporter(err) if is_main() else Reporter())
         if not is_main():
             return
         f = res.fitted

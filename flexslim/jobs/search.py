@@ -69,55 +69,71 @@ class Searched:
     supernet_acc: float | None = None
 
 
-def search_job(
-    budget_ms: float,
-    *,
-    recipe: str = "quickstart",
-    overrides: list[str] | None = None,
-    data_dir: Path | None = None,
-    run_dir: Path | None = None,
-    device: str = "auto",
-    latency_table: Path | None = None,
-    retrain: bool = True,
-    resume: bool = False,
-    reporter: Reporter | None = None,
-    mark: bool = True,
-) -> JobResult:
-    """The main job: search per-stage widths for `budget_ms`, bake, fit to the budget, retrain.
+@dataclass(frozen=True)
+class SearchRequest:
+    """What the main job is asked to do (the flags of `flexslim search`).
 
-    Args:
+    Attributes:
         budget_ms: per-sample latency budget (ms) at the recipe's percentile on its provider.
         recipe: shipped recipe name or .toml path (ignored with `resume`: the run's own recipe is used).
         overrides: `section.key=value` strings applied to the recipe.
+        data_dir: where the dataset is read (`--data`).
         run_dir: the run directory (default `runs/<time>-<recipe>`; with `resume`, `runs/latest`).
+        device: auto, cpu or cuda (training).
         latency_table: a latency.json from `flexslim profile` to use instead of measuring here.
         retrain: retrain the baked network from scratch (model.pt).
         resume: continue the interrupted (or finished) run in `run_dir`.
         mark: point `runs/latest` at the run.
+    """
+
+    budget_ms: float
+    recipe: str = "quickstart"
+    overrides: tuple[str, ...] = ()
+    data_dir: Path | None = None
+    run_dir: Path | None = None
+    device: str = "auto"
+    latency_table: Path | None = None
+    retrain: bool = True
+    resume: bool = False
+    mark: bool = True
+
+
+@dataclass(frozen=True)
+class _OpenRun:
+    """A run whose inputs were checked and whose folder is open: what every later stage works on."""
+
+    arch: Arch
+    recipe: Recipe
+    ds: Dataset
+    record: RunRecord
+    dev: object  # torch.device
+    reporter: Reporter
+    resume: bool
+
+
+def search_job(request: SearchRequest, reporter: Reporter | None = None) -> JobResult:
+    """The main job: search per-stage widths for `request.budget_ms`, bake, fit to the budget, retrain.
 
     Returns:
         JobResult. Raises BadInput for unusable input (exit 2), including a budget below the family's floor.
 
     Example::
 
-        res = search_job(0.06, recipe="quickstart", retrain=False)
+        res = search_job(SearchRequest(0.06, recipe="quickstart", retrain=False))
         res.arch.widths, res.fitted.measured_ms
     """
     from flexslim.system.devices import pick_device
 
     reporter = reporter or Reporter()
-    dev = pick_device(device)
-    rcp, ds, arch, table, record = _checked_and_opened(
-        budget_ms, recipe, overrides or [], data_dir, run_dir, latency_table, retrain, resume, mark, str(dev)
-    )
-    lat, budget = distributed.on_main(lambda: latency_stage(arch, rcp, record, table, budget_ms, reporter))
-    rcp = with_grid(rcp, lat)
-    done = distributed.on_main(lambda: _finished_search(record)) if resume else None
+    dev = pick_device(request.device)
+    rcp, ds, arch, table, record = _checked_and_opened(request, str(dev))
+    lat, budget = distributed.on_main(lambda: latency_stage(arch, rcp, record, table, request.budget_ms, reporter))
+    run = _OpenRun(arch, with_grid(rcp, lat), ds, record, dev, reporter, request.resume)
+    done = distributed.on_main(lambda: _finished_search(record)) if request.resume else None
     if done is not None:
         reporter.log(f"search already finished: widths {done.arch.widths}")
-    searched = done or _search_stage(arch, rcp, ds, budget, lat, record, dev, reporter, resume)
-    test_acc = _retrain_stage(searched.arch, rcp, ds, record, dev, reporter, resume) if retrain else None
-    s = searched
+    s = done or _search_stage(run, budget, lat)
+    test_acc = _retrain_stage(run, s.arch) if request.retrain else None
     return JobResult(
         record.run_dir,
         s.arch,
@@ -131,20 +147,20 @@ def search_job(
     )
 
 
-def _checked_and_opened(budget_ms, recipe, overrides, data_dir, run_dir, latency_table, retrain, resume, mark, dev):
+def _checked_and_opened(req: SearchRequest, dev: str):
     """Every input checked (recipe, data, latency table) before the run directory is created or reopened ->
     (recipe, dataset, arch, table path, run record). Under torchrun every rank checks its recipe against rank 0's
     and rank 0 prepares the run (it also measures and bakes; every rank searches and retrains its shards)."""
-    table = distributed.on_main(lambda: _checked_table(latency_table))
-    check = lambda: _check_run(budget_ms, recipe, overrides, run_dir, resume)  # noqa: E731
-    distributed.check_recipe(lambda: check()[0], train=retrain)
+    table = distributed.on_main(lambda: _checked_table(req.latency_table))
+    check = lambda: _check_run(req)  # noqa: E731
+    distributed.check_recipe(lambda: check()[0], train=req.retrain)
     rcp, run_path = distributed.on_main(check)
     with distributed.main_first():  # a download happens once
-        ds = load_dataset(rcp.data, data_dir)
+        ds = load_dataset(rcp.data, req.data_dir)
     arch = Arch.for_data(rcp.model, ds)
     if table is not None:  # a table for another network is refused before the run exists
         LatencyModel.load(table).check_compatible(arch, rcp.latency, str(table))
-    record = distributed.on_main(lambda: _open_run(rcp, run_path, budget_ms, resume, mark, dev))
+    record = distributed.on_main(lambda: _open_run(rcp, run_path, req, dev))
     return rcp, ds, arch, table, record
 
 
@@ -158,15 +174,14 @@ def _checked_table(latency_table: Path | None) -> Path | None:
 
 
 # -- stage 1: the run directory and its record ----------------------------------------------------------------
-def _check_run(
-    budget_ms: float, recipe_name: str, overrides: list[str], run_dir: Path | None, resume: bool
-) -> tuple[Recipe, Path | None]:
+def _check_run(req: SearchRequest) -> tuple[Recipe, Path | None]:
     """Check the inputs that need no data (budget, recipe, method, run directory) without creating anything;
     returns the recipe and the run directory (None: a new one under runs/).
 
     A resumed run's recipe is its own recipe.toml, and `--set` values that would change it are refused."""
+    budget_ms, overrides, run_dir = req.budget_ms, list(req.overrides), req.run_dir
     checks.budget_ms(budget_ms, checks.flag("--latency-ms"))  # the Budget itself is built by the latency stage
-    if resume:
+    if req.resume:
         run_dir = resolve_run_dir(run_dir)
         recipe = _resumed_recipe(run_dir, overrides)
         record = RunRecord.load(run_dir)  # a corrupt run.json is BadInput naming it
@@ -174,17 +189,17 @@ def _check_run(
             raise BadInput(f"{run_dir} was searched for {record['budget_ms']} ms, not {budget_ms} ms; start a new run")
     else:
         run_dir = check_run_dir_path(run_dir)
-        recipe = load_recipe(recipe_name, overrides)
+        recipe = load_recipe(req.recipe, overrides)
         if run_dir is not None and (run_dir / "run.json").exists():
             raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
     check_search_method(recipe.search.method)
     return recipe, run_dir
 
 
-def _open_run(recipe: Recipe, run_dir: Path | None, budget_ms: float, resume: bool, mark: bool, dev: str) -> RunRecord:
+def _open_run(recipe: Recipe, run_dir: Path | None, req: SearchRequest, dev: str) -> RunRecord:
     """Create (or reopen and lock) the run directory, write recipe.toml (a new run only: a resumed run keeps its
     own), point runs/latest at it and start the record. Runs only after every input was checked."""
-    if resume:
+    if req.resume:
         lock_run(run_dir)  # before anything in it changes
         record = RunRecord.load(run_dir)
     else:
@@ -195,12 +210,12 @@ def _open_run(recipe: Recipe, run_dir: Path | None, budget_ms: float, resume: bo
             raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
         record = RunRecord(run_dir)
         atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
-    if mark:
+    if req.mark:
         mark_latest(run_dir)
     started = {"status": "started", "device": dev, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if record.search_finished():  # keep what the finished search recorded (status among it)
         started.pop("status")
-    record.update(budget_ms=budget_ms, recipe=recipe.name, method=recipe.search.method, **started)
+    record.update(budget_ms=req.budget_ms, recipe=recipe.name, method=recipe.search.method, **started)
     return record
 
 
@@ -255,22 +270,13 @@ def _finished_search(record: RunRecord) -> Searched | None:
     return Searched(baked, fitted, read_jsonl(record.run_dir / "search.jsonl"))
 
 
-def _search_stage(
-    arch: Arch,
-    recipe: Recipe,
-    ds: Dataset,
-    budget: Budget,
-    lat: LatencyModel,
-    record: RunRecord,
-    dev,
-    reporter,
-    resume: bool,
-) -> Searched:
+def _search_stage(run: _OpenRun, budget: Budget, lat: LatencyModel) -> Searched:
     """Run the search, write search.jsonl and search.png, bake and fit the widths, record it all."""
     from flexslim.search.loop import run_search
 
+    arch, recipe, ds, record, dev, reporter = run.arch, run.recipe, run.ds, run.record, run.dev, run.reporter
     run_dir = record.run_dir
-    if not resume:
+    if not run.resume:
         remove(run_dir / "search.jsonl")
     memory = SearchMemory(dev)
     memory.start()
@@ -283,7 +289,7 @@ def _search_stage(
         device=dev,
         run_dir=run_dir,
         reporter=reporter,
-        resume=resume,
+        resume=run.resume,
     )
     memory_info = memory.stop()
     supernet_acc = _supernet_accuracy(st.supernet, ds, recipe, dev)
@@ -362,15 +368,14 @@ def _save_searched_weights(supernet, baked: Arch, recipe: Recipe, run_dir: Path,
 
 
 # -- stage 4: retrain (or reuse) ------------------------------------------------------------------------------
-def _retrain_stage(
-    baked: Arch, recipe: Recipe, ds: Dataset, record: RunRecord, dev, reporter: Reporter, resume: bool
-) -> float:
+def _retrain_stage(run: _OpenRun, baked: Arch) -> float:
     """Retrain the baked network from scratch into model.pt (a finished retraining is reused on resume)."""
     from flexslim.jobs.train import train_arch
 
-    if resume and record.get("status") == "done" and distributed.on_main((record.run_dir / "model.pt").is_file):
+    recipe, ds, record, dev, reporter = run.recipe, run.ds, run.record, run.dev, run.reporter
+    if run.resume and record.get("status") == "done" and distributed.on_main((record.run_dir / "model.pt").is_file):
         reporter.log(f"retraining already finished: {record.run_dir / 'model.pt'}")
         return record.get("test_acc")
-    history = train_arch(baked, recipe, record.run_dir, ds, dev, reporter=reporter, resume=resume)
+    history = train_arch(baked, recipe, record.run_dir, ds, dev, reporter=reporter, resume=run.resume)
     record.update(status="done", test_acc=history[-1].test_acc)
     return history[-1].test_acc

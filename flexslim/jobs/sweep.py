@@ -139,21 +139,21 @@ def sweep_job(
 def _one_budget(b, run_dir, recipe, overrides, plan, retrain, repeats, data_dir, device, reporter) -> dict:
     """Search, bake (and retrain) for budget `b`, then time the delivered network; a budget the bake cannot meet
     (BadInput, e.g. the narrowest network measured over it) is a row with its error, and the sweep goes on."""
-    from flexslim.jobs.search import search_job
+    from flexslim.jobs.search import SearchRequest, search_job
 
     try:
-        res = search_job(
+        request = SearchRequest(
             b,
             recipe=recipe,
-            overrides=overrides,
+            overrides=tuple(overrides),
             data_dir=data_dir,
             run_dir=run_dir,
             device=device,
             latency_table=plan.table,
             retrain=retrain,
-            reporter=reporter,
             mark=False,
         )
+        res = search_job(request, reporter=reporter)
     except BadInput as err:
         reporter.log(f"  -> budget {b:g} ms failed: {err}")
         return {"budget_ms": b, "error": str(err), "run_dir": str(run_dir)}
