@@ -359,23 +359,23 @@ def sweep(
 ) -> None:
     """Search N budgets on one shared latency table; measure what each delivered network really runs at."""
     with command_exit_codes():
-        from flexslim.jobs.sweep import failed, sweep_job
+        from flexslim.jobs.sweep import SweepRequest, failed, sweep_job
         from flexslim.recipe.checks import check_output_dir
         from flexslim.system.console import RichReporter
 
         check_output_dir(out_dir, "--out")
 
-        rows = sweep_job(
+        request = SweepRequest(
             recipe,
             budgets,
             out_dir,
-            overrides=list(set_ or []),
+            overrides=tuple(set_ or []),
             retrain=retrain,
             repeats=repeats,
             data_dir=data,
             device=device.value,
-            reporter=RichReporter(err),
         )
+        rows = sweep_job(request, reporter=RichReporter(err))
         out.print((out_dir / "sweep.md").read_text())
         if any(failed(r) for r in rows):
             raise typer.Exit(1)

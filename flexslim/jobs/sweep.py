@@ -15,7 +15,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flexslim.errors import BadInput
@@ -104,55 +104,65 @@ def gate_in_fresh_process(model: Path, report: Path) -> dict:
     return json.loads(report.read_text())
 
 
-def sweep_job(
-    recipe: str,
-    n_budgets: int,
-    out: Path,
-    *,
-    overrides: list[str] | None = None,
-    retrain: bool = False,
-    repeats: int = 3,
-    data_dir: Path | None = None,
-    device: str = "auto",
-    reporter: Reporter | None = None,
-) -> list[dict]:
+@dataclass(frozen=True)
+class SweepRequest:
+    """What `flexslim sweep` is asked: the recipe, how many budgets, where the table and runs go.
+
+    Attributes:
+        recipe: shipped recipe name or .toml path; overrides: `section.key=value` strings.
+        n_budgets: how many budgets between the floor and the widest network.
+        out: the sweep's folder (latency.json, budget-N/ runs, sweep.md/.csv/.json/.png).
+        retrain: retrain every delivered network; repeats: fresh `flexslim validate` runs per network.
+        data_dir, device: as for `flexslim search`.
+    """
+
+    recipe: str
+    n_budgets: int
+    out: Path
+    overrides: tuple[str, ...] = ()
+    retrain: bool = False
+    repeats: int = 3
+    data_dir: Path | None = None
+    device: str = "auto"
+
+
+def sweep_job(request: SweepRequest, reporter: Reporter | None = None) -> list[dict]:
     """One search per budget on one shared latency table; every delivered network measured `repeats` times.
 
     Returns one row per budget (also in out/sweep.json, sweep.csv, sweep.md, sweep.png).
     """
-    reporter, overrides = reporter or Reporter(), list(overrides or [])
+    from flexslim.jobs.search import SearchRequest
+
+    reporter, out, recipe = reporter or Reporter(), request.out, request.recipe
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    plan = plan_sweep(recipe, overrides, n_budgets, out, data_dir, reporter)
+    plan = plan_sweep(recipe, list(request.overrides), request.n_budgets, out, request.data_dir, reporter)
+    search = SearchRequest(
+        0.0,  # each budget's own below
+        recipe=recipe,
+        overrides=tuple(request.overrides),
+        data_dir=request.data_dir,
+        device=request.device,
+        latency_table=plan.table,
+        retrain=request.retrain,
+        mark=False,
+    )
     rows = []
     for i, b in enumerate(plan.budgets):
         reporter.log(f"sweep {i + 1}/{len(plan.budgets)}: budget {b:g} ms")
-        rows.append(
-            _one_budget(
-                b, out / f"budget-{i + 1}", recipe, overrides, plan, retrain, repeats, data_dir, device, reporter
-            )
-        )
+        one = replace(search, budget_ms=b, run_dir=out / f"budget-{i + 1}")
+        rows.append(_one_budget(one, request.repeats, reporter))
         write_outputs(rows, out, recipe, plan, time.perf_counter() - t0)
     return rows
 
 
-def _one_budget(b, run_dir, recipe, overrides, plan, retrain, repeats, data_dir, device, reporter) -> dict:
-    """Search, bake (and retrain) for budget `b`, then time the delivered network; a budget the bake cannot meet
-    (BadInput, e.g. the narrowest network measured over it) is a row with its error, and the sweep goes on."""
-    from flexslim.jobs.search import SearchRequest, search_job
+def _one_budget(request, repeats: int, reporter: Reporter) -> dict:
+    """Search, bake (and retrain) for `request.budget_ms`, then time the delivered network; a budget the bake cannot
+    meet (BadInput, e.g. the narrowest network measured over it) is a row with its error, and the sweep goes on."""
+    from flexslim.jobs.search import search_job
 
+    b, run_dir = request.budget_ms, request.run_dir
     try:
-        request = SearchRequest(
-            b,
-            recipe=recipe,
-            overrides=tuple(overrides),
-            data_dir=data_dir,
-            run_dir=run_dir,
-            device=device,
-            latency_table=plan.table,
-            retrain=retrain,
-            mark=False,
-        )
         res = search_job(request, reporter=reporter)
     except BadInput as err:
         reporter.log(f"  -> budget {b:g} ms failed: {err}")
