@@ -148,7 +148,7 @@ def test_tensor_peak_on_cuda_reads_max_memory_allocated():
 def test_the_bench_memory_figure_comes_from_cuda(tmp_path):
     from search_fixtures import TINY_SET
 
-    from flexslim.bench.run import run_bench
+    from flexslim.bench.run import BenchRequest, run_bench
 
     sets = [
         *TINY_SET,
@@ -158,9 +158,10 @@ def test_the_bench_memory_figure_comes_from_cuda(tmp_path):
         "latency.min_seconds=0",
         "latency.bake_seconds=0",
     ]
-    rows = run_bench(
-        "quickstart", ["flexcharts", "dmask-large"], tmp_path / "b", budget_ms=5.0, overrides=sets, device="cuda"
+    request = BenchRequest(
+        "quickstart", ("flexcharts", "dmask-large"), tmp_path / "b", budget_ms=5.0, overrides=tuple(sets), device="cuda"
     )
+    rows = run_bench(request)
     for r in rows:
         assert "error" not in r, r
         assert r["device"].startswith("cuda") and r["tensor_source"] == "torch.cuda.max_memory_allocated"

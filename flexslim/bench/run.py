@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from flexslim.bench.report import WINDOW_STEPS, write_outputs
@@ -216,43 +217,52 @@ def _budget(ms: float, recipe, table) -> Budget:
     return Budget.for_noise(ms, table.noise(), recipe.latency.confidence)
 
 
-def run_bench(
-    recipe_name: str,
-    methods: list[str] | None = None,
-    out: Path = Path("bench"),
-    *,
-    budget_ms: float | None = None,
-    retrain: bool | None = None,
-    overrides: list[str] | None = None,
-    data_dir: Path | None = None,
-    device: str = "auto",
-    seeds: int = 1,
-    latency_table: Path | None = None,
-    log=print,
-) -> list[dict]:
-    """Every method on one recipe, budget and latency table, `seeds` times, each run in its own process ->
-    bench.md/csv/json/png.
+@dataclass(frozen=True)
+class BenchRequest:
+    """What `flexslim bench` is asked.
 
-    Args:
-        methods: names from `methods.BENCH_METHODS` (default: the recipe's bench.methods).
+    Attributes:
+        recipe: shipped recipe name or .toml path; overrides: `section.key=value` strings.
+        methods: names from `recipe.choices.BENCH_METHODS` (default: the recipe's bench.methods).
+        out: the bench folder (bench.md/csv/json/png, one run folder per method and seed).
         budget_ms: default the recipe's bench.latency_ms.
         retrain: retrain every result and report its test accuracy (default: the recipe's bench.retrain).
         seeds: runs per method; run i sets search.seed and train.seed to the recipe's search.seed + i
             (1: the recipe's seeds as they are).
         latency_table: a latency.json of this recipe (`flexslim profile`) to share instead of measuring one.
-        log: called with one line per event.
+        data_dir, device: as for `flexslim search`.
+    """
+
+    recipe: str
+    methods: tuple[str, ...] | None = None
+    out: Path = Path("bench")
+    budget_ms: float | None = None
+    retrain: bool | None = None
+    overrides: tuple[str, ...] = ()
+    data_dir: Path | None = None
+    device: str = "auto"
+    seeds: int = 1
+    latency_table: Path | None = None
+
+
+def run_bench(request: BenchRequest, log=print) -> list[dict]:
+    """Every method on one recipe, budget and latency table, `seeds` times, each run in its own process ->
+    bench.md/csv/json/png. `log` is called with one line per event.
 
     Returns:
         One row per run (a failed run's row has an "error").
 
     Example::
 
-        rows = run_bench("bench-cpu", ["flexcharts", "dmask-large"], Path("b"), seeds=3)
+        rows = run_bench(BenchRequest("bench-cpu", ("flexcharts", "dmask-large"), Path("b"), seeds=3))
         summarize(rows)["flexcharts"]["search_seconds"]   # (mean, std) over the three seeds
     """
+    r = request
+    recipe_name, out, data_dir, latency_table, device = r.recipe, r.out, r.data_dir, r.latency_table, r.device
+    methods, budget_ms, seeds, retrain = r.methods, r.budget_ms, r.seeds, r.retrain
     from flexslim.recipe.schema import load_recipe
 
-    overrides = list(overrides or [])
+    overrides = list(r.overrides)
     recipe = load_recipe(recipe_name, overrides)
     methods = [bench_method(m).name for m in (methods or recipe.bench.methods)]
     budget = _checked_budget_and_seeds(recipe, budget_ms, seeds)

@@ -303,21 +303,21 @@ def bench(
         if throughput:
             _print_throughput(recipe, set_, data, device)
             return
-        from flexslim.bench.run import run_bench
+        from flexslim.bench.run import BenchRequest, run_bench
 
-        rows = run_bench(
+        request = BenchRequest(
             recipe,
-            methods.split(",") if methods else None,
+            tuple(methods.split(",")) if methods else None,
             out_dir,
             budget_ms=latency_ms,
             retrain=retrain,
-            overrides=set_ or [],
+            overrides=tuple(set_ or []),
             data_dir=data,
             device=device.value,
             seeds=seeds,
             latency_table=latency_table,
-            log=lambda line: err.print(line, highlight=False),
         )
+        rows = run_bench(request, log=lambda line: err.print(line, highlight=False))
         out.print((out_dir / "bench.md").read_text())
         if any("error" in r for r in rows):
             raise typer.Exit(1)
