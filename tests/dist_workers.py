@@ -190,7 +190,7 @@ def quickstart_search(overrides: list[str], run_dir: Path | None, resume: bool =
     from flexslim.latency.budget import Budget
     from flexslim.models.arch import Arch
     from flexslim.recipe.schema import load_recipe
-    from flexslim.search.loop import run_search
+    from flexslim.search.loop import SearchFolder, run_search
 
     recipe = load_recipe("quickstart", overrides)
     ds = load_dataset(recipe.data)
@@ -204,9 +204,8 @@ def quickstart_search(overrides: list[str], run_dir: Path | None, resume: bool =
         budget=budget,
         latency=lat,
         device=torch.device("cpu"),
-        run_dir=run_dir,
+        folder=SearchFolder(run_dir, resume) if run_dir is not None else None,
         reporter=reporter,
-        resume=resume,
     )
 
 

@@ -103,7 +103,7 @@ def test_baked_dense_equals_hard_masked_supernet():
     for widths in (None, {s.name: 2 + (i % 3) * 2 for i, s in enumerate(sn.arch.stages)}):
         with torch.no_grad(), sn.hard(widths):
             ref = sn(x)
-        _, dense = sn.bake(widths)
+        _, dense = sn.dense(widths)
         with torch.no_grad():
             got = dense.eval()(x)
         assert (ref - got).abs().max() < 1e-5

@@ -14,7 +14,7 @@ from flexslim.data.sources import load_dataset
 from flexslim.latency.budget import Budget
 from flexslim.models.arch import Arch
 from flexslim.recipe.schema import load_recipe
-from flexslim.search.loop import load_state, run_search
+from flexslim.search.loop import SearchFolder, load_state, run_search
 from flexslim.search.supernet import Supernet
 from flexslim.train.schedules import cosine_lr
 
@@ -23,9 +23,11 @@ EPOCHS = 2
 FIELDS = HISTORY_FIELDS
 
 
-def search(arch, recipe, ds, budget_ms, latency, **kw):
-    """run_search for `budget_ms` with the recipe's margins."""
-    return run_search(arch, recipe, ds, budget=Budget(budget_ms, headroom=0.05), latency=latency, device=CPU, **kw)
+def search(arch, recipe, ds, budget_ms, latency, run_dir=None, resume=False, **kw):
+    """run_search for `budget_ms` with the recipe's margins (in `run_dir` when given)."""
+    folder = SearchFolder(run_dir, resume) if run_dir is not None else None
+    return run_search(arch, recipe, ds, budget=Budget(budget_ms, headroom=0.05), latency=latency, device=CPU,
+                      folder=folder, **kw)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

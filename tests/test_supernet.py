@@ -103,7 +103,7 @@ def _hard_vs_baked(sn: Supernet, widths=None, n: int = 6) -> float:
     sn.eval()
     with torch.no_grad(), sn.hard(widths):
         y_sn = sn(x)
-    arch, dense = sn.bake(widths)
+    arch, dense = sn.dense(widths)
     assert arch.widths == (widths or sn.final_widths())
     dense.eval()
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_baked_equals_hard_in_train_mode_too():
     """BatchNorm normalises each channel on its own, so with batch statistics the kept channels agree as well."""
     sn = make_supernet(seed=2)
     widths = {"a": 8, "b": 12, "c": 20}
-    _, dense = sn.bake(widths)
+    _, dense = sn.dense(widths)
     sn.train(), dense.train()
     x = inputs(sn, 8, seed=9)
     with torch.no_grad(), sn.hard(widths):
@@ -176,7 +176,7 @@ def test_hard_mask_differs_from_soft_and_is_released():
 
 def test_bake_builds_a_plain_network_without_masks():
     sn = make_supernet()
-    arch, dense = sn.bake()
+    arch, dense = sn.dense()
     assert not any(isinstance(m, MaskPoint) for m in dense.modules())
     assert type(dense) is type(build_network(arch))
     assert {k: v.shape for k, v in dense.state_dict().items()} == {

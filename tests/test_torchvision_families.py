@@ -73,7 +73,7 @@ def test_baked_network_equals_the_hard_masked_supernet(family, randomize_batchno
     x = torch.rand(3, *arch.input_shape)
     with torch.no_grad(), sn.hard(widths):
         masked = sn(x)
-    baked_arch, dense = sn.bake(widths)
+    baked_arch, dense = sn.dense(widths)
     assert baked_arch.widths == widths
     assert _shapes(dense) == _shapes(build_network(baked_arch))
     with torch.no_grad():

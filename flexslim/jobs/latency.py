@@ -12,7 +12,7 @@ from flexslim.data.sources import load_dataset
 from flexslim.errors import BadInput
 from flexslim.latency.budget import Budget
 from flexslim.latency.model import LatencyModel, with_grid
-from flexslim.latency.profiling import profile, refine
+from flexslim.latency.profiling import Sampling, profile, refine
 from flexslim.models.arch import Arch
 from flexslim.recipe.schema import Recipe, load_recipe
 from flexslim.system.console import Reporter
@@ -43,8 +43,9 @@ def latency_model_for(
             f"measuring the latency model on {s.provider} (batch {s.batch}, "
             f"threads {s.threads or 'default'}, p{s.percentile:g})"
         )
+        sampling = Sampling(budgets=tuple(budgets))
         model = profile(
-            arch, s, recipe.model.min_width, recipe.model.round_to, budgets=budgets, reporter=reporter, checkpoint=save
+            arch, s, recipe.model.min_width, recipe.model.round_to, sampling=sampling, reporter=reporter, checkpoint=save
         )
     grid = with_grid(recipe, model).model.round_to
     refine(model, budgets, grid=grid, reporter=reporter, checkpoint=save)
@@ -118,6 +119,6 @@ def profile_job(
     ds = load_dataset(recipe.data, data_dir)
     arch = Arch.for_data(recipe.model, ds)
     s, m = recipe.latency, recipe.model
-    model = profile(arch, s, m.min_width, m.round_to, budgets=budgets or (), reporter=reporter)
+    model = profile(arch, s, m.min_width, m.round_to, sampling=Sampling(budgets=tuple(budgets or ())), reporter=reporter)
     model.save(out)
     return model

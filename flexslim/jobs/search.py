@@ -272,7 +272,7 @@ def _finished_search(record: RunRecord) -> Searched | None:
 
 def _search_stage(run: _OpenRun, budget: Budget, lat: LatencyModel) -> Searched:
     """Run the search, write search.jsonl and search.png, bake and fit the widths, record it all."""
-    from flexslim.search.loop import run_search
+    from flexslim.search.loop import SearchFolder, run_search
 
     arch, recipe, ds, record, dev, reporter = run.arch, run.recipe, run.ds, run.record, run.dev, run.reporter
     run_dir = record.run_dir
@@ -287,9 +287,8 @@ def _search_stage(run: _OpenRun, budget: Budget, lat: LatencyModel) -> Searched:
         budget=budget,
         latency=lat,
         device=dev,
-        run_dir=run_dir,
+        folder=SearchFolder(run_dir, resume=run.resume),
         reporter=reporter,
-        resume=run.resume,
     )
     memory_info = memory.stop()
     supernet_acc = _supernet_accuracy(st.supernet, ds, recipe, dev)
@@ -361,7 +360,7 @@ def _save_searched_weights(supernet, baked: Arch, recipe: Recipe, run_dir: Path,
     from flexslim.train.checkpoint import save_model
     from flexslim.train.loop import recalibrate
 
-    _, dense = supernet.bake(baked.widths)
+    _, dense = supernet.dense(baked.widths)
     d_t, _ = ds.search_halves(recipe.data.split_seed)
     recalibrate(dense, d_t.train_batches(recipe.search.batch_size), dev)
     save_model(run_dir / "supernet_baked.pt", baked, dense, recipe, {"note": "weights sliced from the supernet"})

@@ -12,7 +12,7 @@ import platform
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -136,28 +136,39 @@ def near_budget_sets(
     return [dict(k) for k in dict.fromkeys(picks)]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Where the latency model samples networks: near `budgets` (ms), inside a box whose top is `hi` (stage ->
+    width; default twice the recipe's widths), drawn with `seed`."""
+
+    budgets: Sequence[float] = ()
+    hi: dict[str, int] | None = None
+    seed: int = 0
+
+
 def profile(
     arch: Arch,
     settings: LatencyConfig,
     min_width: int,
     round_to: int = 0,
     *,
-    budgets: Sequence[float] = (),
-    hi: dict[str, int] | None = None,
-    seed: int = 0,
+    sampling: Sampling | None = None,
     reporter: Reporter | None = None,
     measurer: Measurer = measure_sessions,
     checkpoint: Callable[[LatencyModel], None] | None = None,
 ) -> LatencyModel:
     """Probe the channel block, measure the narrowest network, the recipe's own, the top of the region (default
-    twice the recipe's widths) and random networks on the grid; fit; then, for each of `budgets`, measure
+    twice the recipe's widths) and random networks on the grid; fit; then, for each of `sampling.budgets`, measure
     networks predicted near it (`settings.near` to fit, one more held out) and refit.
 
     Args:
+        sampling: the budgets to sample near, the box top and the seed (default: no budgets, 2 x the widths, 0).
         round_to: the width grid to sample on (0: the detected block, at least 8).
         measurer: (arch, widths, settings, seed) -> (Timing, session percentiles); tests pass a fake.
         checkpoint: called with the model whenever it changed (after the fit, the hold-out, each budget).
     """
+    sampling = sampling or Sampling()
+    budgets, hi, seed = sampling.budgets, sampling.hi, sampling.seed
     reporter = reporter or Reporter()
     if settings.samples < 3:
         raise BadInput(f"latency.samples must be >= 3 to fit a model, got {settings.samples}")

@@ -372,6 +372,15 @@ def epoch_summary(line: dict, epochs: int) -> str:
     )
 
 
+@dataclass(frozen=True)
+class SearchFolder:
+    """Where a search keeps its per-epoch record (search.jsonl) and checkpoint (search_state.pt), and whether it
+    continues from that checkpoint (`resume`: the same trajectory, bit for bit on CPU)."""
+
+    path: Path
+    resume: bool = False
+
+
 def run_search(
     arch: Arch,
     recipe: Recipe,
@@ -380,9 +389,8 @@ def run_search(
     budget: Budget,
     latency: LatencyModel,
     device: torch.device,
-    run_dir: Path | None = None,
+    folder: SearchFolder | None = None,
     reporter: Reporter | None = None,
-    resume: bool = False,
 ) -> SearchState:
     """Search the per-stage widths of `arch` that fit `budget` (Algorithm 1 with dynamic channel allocation).
 
@@ -393,9 +401,9 @@ def run_search(
         budget: the latency budget; the controller steers E[latency] to budget.limit_ms.
         latency: the latency model E[latency] is predicted with (read only: the search measures nothing).
         device: the training device.
-        run_dir: if given, each epoch appends its record to run_dir/search.jsonl and saves search_state.pt.
+        folder: if given, each epoch appends its record to folder.path/search.jsonl and saves search_state.pt;
+            with `folder.resume` the search continues from that checkpoint when it exists.
         reporter: progress and log output (default: a silent Reporter).
-        resume: continue from run_dir/search_state.pt when it exists (the same trajectory, bit for bit on CPU).
 
     Returns:
         The final SearchState: `state.supernet.final_widths()` / `to_arch()` are the result,
@@ -404,6 +412,7 @@ def run_search(
     identity = checkpoint_identity(arch, recipe, latency)  # the recipe as given: the grid follows from the table
     recipe = with_grid(recipe, latency)  # model.round_to = 0: the runtime's channel block
     cfg, reporter = recipe.search, reporter or Reporter()
+    run_dir, resume = (folder.path, folder.resume) if folder else (None, False)
     ckpt = run_dir / "search_state.pt" if run_dir else None
     resuming = bool(resume and ckpt and distributed.on_main(ckpt.is_file))
     st = load_state(ckpt, arch, recipe, device, identity) if resuming else build_state(arch, recipe, device)

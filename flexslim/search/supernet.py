@@ -49,7 +49,7 @@ class Supernet(nn.Module):
             `distributed.sync_batchnorm`; default: none.
 
     `arch_parameters()` (the masks') and `weight_parameters()` (the body's) are disjoint and cover all
-    parameters. `reallocate` rebuilds the body at new widths; `hard()` and `bake()` give the dense network at
+    parameters. `reallocate` rebuilds the body at new widths; `hard()` and `dense()` give the dense network at
     the final widths.
     """
 
@@ -155,7 +155,7 @@ class Supernet(nn.Module):
         self.body = new
         return old
 
-    def bake(self, widths: dict[str, int] | None = None) -> tuple[Arch, nn.Module]:
+    def dense(self, widths: dict[str, int] | None = None) -> tuple[Arch, nn.Module]:
         """The plain dense network at the final widths, carrying the supernet's weights (prefix slices)."""
         arch = self.arch.with_widths(widths or self.final_widths())
         dense = build_network(arch).to(next(self.body.parameters()).device)
