@@ -143,3 +143,26 @@ def test_seeds_below_one_is_bad_input(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["bench", "--recipe", "quickstart", "--latency-ms", "1", "--seeds", "0"])
     assert res.exit_code == 2 and "--seeds" in res.output
+
+
+def test_throughput_times_the_search_loops_own_step(monkeypatch):
+    """`flexslim bench --throughput` times search.loop's weight_step and arch_step, not a copy of them."""
+    import torch
+
+    import flexslim.search.loop as loop_mod
+    from flexslim.bench.throughput import measure_throughput
+    from flexslim.recipe.schema import load_recipe
+
+    calls = {"weight_step": 0, "arch_step": 0}
+    for name in calls:
+        real = getattr(loop_mod, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(loop_mod, name, counted)
+    recipe = load_recipe("quickstart", ["search.batch_size=8", "train.batch_size=8"])
+    res = measure_throughput(recipe, (1, 16, 16), 10, torch.device("cpu"), steps=2, warmup=1)
+    assert calls == {"weight_step": 3, "arch_step": 3}
+    assert res["search_images_per_s"] > 0 and res["retrain_images_per_s"] > 0 and res["mask_overhead_ratio"] > 0

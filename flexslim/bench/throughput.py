@@ -48,22 +48,41 @@ def _weight_step(net, params, x: torch.Tensor, y: torch.Tensor, device: torch.de
     return step
 
 
-def _search_step(sn, w_step, x: torch.Tensor, y: torch.Tensor, device: torch.device):
-    """A closure doing Algorithm 1's step: `w_step`, then an Adam step of the masks on the same batch."""
-    from flexslim.system.devices import autocast
+def _search_step(arch, recipe, x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    """A closure doing Algorithm 1's step as the search runs it (`search.loop.weight_step` on a D_t batch, then
+    `search.loop.arch_step` on a D_s batch), on a fresh supernet; the latency term is a MACs-only model (its
+    prediction costs the same as a measured one's: a linear map of the same cost terms)."""
+    from flexslim.data.augment import Augment
+    from flexslim.latency.budget import Budget
+    from flexslim.latency.model import LatencyModel
+    from flexslim.models.families import cost_terms
+    from flexslim.search.loop import SearchLoop, arch_step, build_state, weight_step
+    from flexslim.system.console import Reporter
 
-    arch_opt = torch.optim.Adam(sn.arch_parameters(), lr=0.1)
+    terms = sorted(cost_terms(arch, arch.widths))
+    latency = LatencyModel(
+        arch=arch,
+        settings=recipe.latency,
+        provider="none",
+        runtime="macs only (throughput)",
+        host="",
+        terms=terms,
+        coef=[1e-8 if t.startswith("macs") else 0.0 for t in terms],
+        intercept=0.01,
+        region={s: [1, 1 << 20] for s in arch.widths},
+    )
+    st = build_state(arch, recipe, device)
+    st.supernet.train()
+    st.supernet.start_epoch(0, recipe.search.epochs, recipe.search)
+    loop = SearchLoop(recipe, Budget(1.0), latency, device, Reporter(), steps_per_epoch=1 << 20)
+    augment = Augment(recipe.data, seed=recipe.search.seed)
 
     def step():
-        w_step()
-        with autocast(device):
-            loss = F.cross_entropy(sn(x).float(), y)
-        params = sn.arch_parameters()
-        for p, g in zip(params, torch.autograd.grad(loss, params)):
-            p.grad = g
-        arch_opt.step()
+        weight_step(st, loop, augment, x, y)
+        arch_step(st, loop, augment, x, y)
+        st.step += 1
 
-    return step
+    return step, st.supernet
 
 
 def measure_throughput(
@@ -91,10 +110,10 @@ def measure_throughput(
     )
     bs, bt = recipe.search.batch_size, recipe.train.batch_size
     x, y = _batch(bs, input_shape, num_classes, device)
+    search_step, _ = _search_step(arch, recipe, x, y, device)
+    t_search = _time_steps(search_step, steps, warmup, device)
     sn = prepare(Supernet(arch, make_masks(arch, recipe.model, recipe.search)), device).train()
-    w_step = _weight_step(sn, sn.weight_parameters(), x, y, device)
-    t_search = _time_steps(_search_step(sn, w_step, x, y, device), steps, warmup, device)
-    t_masked = _time_steps(w_step, steps, warmup, device)
+    t_masked = _time_steps(_weight_step(sn, sn.weight_parameters(), x, y, device), steps, warmup, device)
     dense_alloc = prepare(build_network(arch, sn.allocated()), device).train()
     alloc_step = _weight_step(dense_alloc, dense_alloc.parameters(), x, y, device)
     t_dense_alloc = _time_steps(alloc_step, steps, warmup, device)
