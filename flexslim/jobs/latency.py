@@ -45,7 +45,13 @@ def latency_model_for(
         )
         sampling = Sampling(budgets=tuple(budgets))
         model = profile(
-            arch, s, recipe.model.min_width, recipe.model.round_to, sampling=sampling, reporter=reporter, checkpoint=save
+            arch,
+            s,
+            recipe.model.min_width,
+            recipe.model.round_to,
+            sampling=sampling,
+            reporter=reporter,
+            checkpoint=save,
         )
     grid = with_grid(recipe, model).model.round_to
     refine(model, budgets, grid=grid, reporter=reporter, checkpoint=save)
@@ -119,6 +125,8 @@ def profile_job(
     ds = load_dataset(recipe.data, data_dir)
     arch = Arch.for_data(recipe.model, ds)
     s, m = recipe.latency, recipe.model
-    model = profile(arch, s, m.min_width, m.round_to, sampling=Sampling(budgets=tuple(budgets or ())), reporter=reporter)
+    model = profile(
+        arch, s, m.min_width, m.round_to, sampling=Sampling(budgets=tuple(budgets or ())), reporter=reporter
+    )
     model.save(out)
     return model

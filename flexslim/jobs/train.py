@@ -65,6 +65,8 @@ def train_arch(
 
 @dataclass(frozen=True)
 class TrainRun:
+    """A checked `flexslim train` target: its run folder (locked), arch, recipe and dataset."""
+
     run_dir: Path
     arch: Arch
     recipe: Recipe

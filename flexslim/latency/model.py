@@ -171,6 +171,7 @@ class LatencyModel:
         }
 
     def to_dict(self) -> dict:
+        """The latency.json content (versioned; measured points with their sessions)."""
         d = {k: v for k, v in asdict(self).items() if k not in ("arch", "settings", "fit_points", "holdout_points")}
         return {
             "version": TABLE_VERSION,
@@ -184,6 +185,7 @@ class LatencyModel:
         }
 
     def save(self, path: str | Path) -> Path:
+        """Write latency.json atomically; returns the path."""
         return atomic_write_json(path, self.to_dict())
 
     @classmethod

@@ -113,6 +113,7 @@ class Timing:
         return relative_spread(self.at_percentile_ms, self.sessions)
 
     def to_dict(self) -> dict:
+        """The timing as JSON-ready values (what reports and latency.json keep)."""
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
         d["sessions"] = list(self.sessions)

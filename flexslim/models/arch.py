@@ -40,6 +40,7 @@ class Arch:
 
     @property
     def widths(self) -> dict[str, int]:
+        """Stage name -> width (channels)."""
         return {s.name: s.width for s in self.stages}
 
     def with_widths(self, widths: dict[str, int]) -> Arch:
@@ -79,6 +80,7 @@ class Arch:
         return cls.from_model(model, ds.input_shape, ds.num_classes, ds.name, ds.mean, ds.std, names)
 
     def to_dict(self) -> dict[str, Any]:
+        """The arch.json content (versioned)."""
         d = {
             "version": ARCH_VERSION,
             "family": self.family,

@@ -34,6 +34,8 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """[data]: which dataset, its size and split, augmentation, streaming (see the key comments)."""
+
     dataset: str = "cifar10"  # cifar10 | quickstart | folder (--data DIR with train/ and val/ of class folders)
     image_size: int = 32  # pixels; quickstart's 8x8 digits are resized to this, CIFAR-10 is 32 already
     crop_padding: int = 4  # pixels of zero padding for the random crop; 0 disables it
@@ -51,6 +53,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """[model]: the family, its stem and stages, the width grid and floor, drop-path, auxiliary head."""
+
     family: str = "resnet"  # resnet | darts | resnet18 | resnet50 | mobilenet_v2
     stem_width: int = 16  # fixed, not searched
     head_width: int = 0  # 1x1 conv before pooling (0 = none); fixed, not searched
@@ -70,6 +74,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """[train]: retraining the dense network (SGD, cosine lr, epochs, batch, seed)."""
+
     epochs: int = 100
     batch_size: int = 96
     lr: float = 0.025  # cosine-annealed per step down to 0
@@ -81,6 +87,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
+    """[search]: Algorithm 1 (weights SGD, mu Adam, sigma, allocation, the budget controller, epochs)."""
+
     method: str = "flexcharts"  # flexcharts | dmask
     epochs: int = 50
     batch_size: int = 96
@@ -114,6 +122,8 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class LatencyConfig:
+    """[latency]: how the deployment runtime is measured (provider, batch, threads, percentile, sessions)."""
+
     provider: str = "auto"  # auto | cpu | cuda (onnxruntime execution provider)
     batch: int = 32  # latency is per sample: time of one batch / batch
     threads: int = 0  # intra-op threads of onnxruntime; 0 = the runtime's default
@@ -132,6 +142,8 @@ class LatencyConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """[bench]: what `flexslim bench` compares by default (methods, budget, retrain)."""
+
     latency_ms: float = 0.0  # the budget every method searches for (0 = pass --latency-ms)
     methods: tuple[str, ...] = ("flexcharts", "dmask-small", "dmask-large", "uniform")
     retrain: bool = False  # also retrain each result and report test accuracy
@@ -146,6 +158,8 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class Recipe:
+    """A whole recipe: its name and the six sections, frozen (written back resolved into every run)."""
+
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -168,10 +182,12 @@ def recipe_dir() -> Path:
 
 
 def shipped_recipes() -> list[str]:
+    """The names of the recipes shipped with flexslim (recipes/*.toml)."""
     return sorted(p.stem for p in recipe_dir().glob("*.toml"))
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
+    """The .toml file a recipe name or path refers to; BadInput naming the shipped ones otherwise."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():

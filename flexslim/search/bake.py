@@ -67,6 +67,7 @@ class Fitted:
 
     @property
     def measurements(self) -> int:
+        """How many networks the bake measured."""
         return len(self.steps)
 
 

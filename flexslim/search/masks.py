@@ -130,6 +130,7 @@ class GaussianMask(Mask):
         return f if len(f) else torch.tensor([float(self.allocated)], device=self.mu.device)
 
     def weights(self) -> torch.Tensor:
+        """Normalised option weights w_k of a Gaussian around mu (sigma fixed)."""
         f = self.options()
         return torch.softmax(-0.5 * ((f - self.mu) / self.sigma) ** 2, dim=0)
 
@@ -164,6 +165,7 @@ class GaussianMask(Mask):
         return float(self.mu.detach())
 
     def record(self) -> dict:
+        """What search.jsonl records of this mask: mu and sigma."""
         return {"mu": self.mean_width(), "sigma": self.sigma}
 
     def extra_repr(self) -> str:
@@ -218,12 +220,15 @@ class GumbelMask(Mask):
 
     @staticmethod
     def arch_lr(cfg: SearchConfig) -> float:
+        """The Adam learning rate of the option logits (search.dmask_lr)."""
         return cfg.dmask_lr
 
     def options(self) -> torch.Tensor:
+        """The fixed candidate widths f_k."""
         return self.option_widths
 
     def weights(self) -> torch.Tensor:
+        """Option weights: Gumbel-softmax samples while training, a tempered softmax in eval mode."""
         if self.training:
             return torch.nn.functional.gumbel_softmax(self.alpha, tau=self.tau, hard=False)
         return torch.softmax(self.alpha / self.tau, dim=0)
@@ -237,6 +242,7 @@ class GumbelMask(Mask):
         return self.options(), torch.softmax(self.alpha / self.tau, dim=0)
 
     def final_width(self) -> int:
+        """The most likely option's width (argmax of the logits)."""
         return int(self.options()[int(torch.argmax(self.alpha.detach()))])
 
     def start_epoch(self, epoch: int, epochs: int, cfg: SearchConfig) -> None:

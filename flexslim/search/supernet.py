@@ -77,9 +77,11 @@ class Supernet(nn.Module):
         return self.body(x)
 
     def arch_parameters(self) -> list[nn.Parameter]:
+        """The architecture parameters (every mask's mu or logits)."""
         return list(self.masks.parameters())
 
     def weight_parameters(self) -> list[nn.Parameter]:
+        """The network's weights (the body), trained by the weights step."""
         return list(self.body.parameters())
 
     def arch_lr(self, cfg: SearchConfig) -> float:
@@ -90,6 +92,7 @@ class Supernet(nn.Module):
         return lrs.pop()
 
     def expected_widths(self) -> dict[str, torch.Tensor]:
+        """Stage -> expected width under its option weights (differentiable)."""
         return {name: m.expected_width() for name, m in self.masks.items()}
 
     def width_distributions(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -101,9 +104,11 @@ class Supernet(nn.Module):
         return {name: m.mean_width() for name, m in self.masks.items()}
 
     def final_widths(self) -> dict[str, int]:
+        """Stage -> the width each mask settles on."""
         return {name: m.final_width() for name, m in self.masks.items()}
 
     def expected_cost_terms(self) -> dict:
+        """The family's cost terms at the expected widths (differentiable in the masks)."""
         return cost_terms(self.arch, self.expected_widths())
 
     def to_arch(self) -> Arch:

@@ -19,6 +19,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The training device for `auto`, `cpu` or `cuda`; BadInput when cuda is asked and absent."""
     import torch
 
     if name not in DEVICES:
@@ -50,6 +51,7 @@ def prepare(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def to_device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch moved to the device (non-blocking; channels-last on CUDA)."""
     import torch
 
     x = x.to(device, non_blocking=True)

@@ -41,6 +41,7 @@ class SearchMemory:
         self.before = 0.0
 
     def start(self) -> None:
+        """Start the reading (resets CUDA's peak; notes the CPU's resident set)."""
         if self.device.type == "cuda":
             import torch
 
@@ -48,6 +49,7 @@ class SearchMemory:
         self.before = rss_mb()
 
     def stop(self) -> dict:
+        """End the reading -> {kind, peak_mb, ...} for run.json."""
         if self.device.type == "cuda":
             import torch
 

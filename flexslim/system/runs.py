@@ -89,6 +89,7 @@ class RunRecord:
 
     @property
     def path(self) -> Path:
+        """The run's run.json."""
         return self.run_dir / self.FILE
 
     @classmethod
@@ -106,6 +107,7 @@ class RunRecord:
         return cls(Path(run_dir), data)
 
     def exists(self) -> bool:
+        """True when run.json exists."""
         return self.path.is_file()
 
     def search_finished(self) -> bool:
@@ -113,6 +115,7 @@ class RunRecord:
         return (self.run_dir / "arch.json").is_file() and self.get("status") in ("searched", "done")
 
     def get(self, key: str, default: Any = None) -> Any:
+        """A recorded value, or `default`."""
         return self.data.get(key, default)
 
     def __getitem__(self, key: str) -> Any:
@@ -127,5 +130,6 @@ class RunRecord:
         return self.save()
 
     def save(self) -> RunRecord:
+        """Write run.json atomically."""
         atomic_write_json(self.path, self.data)
         return self

@@ -130,6 +130,7 @@ def read_train_state(path: Path, identity: dict | None = None) -> dict:
 
 def save_model(path: Path, arch: Arch, model: nn.Module, recipe: Recipe, metrics: list[EpochMetrics] | dict) -> Path:
     # the auxiliary head only serves training: the saved network is the plain one
+    """Write model.pt = {arch, state_dict (no auxiliary head), recipe, metrics} atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("auxiliary.")}
     payload = {
         "arch": arch.to_dict(),

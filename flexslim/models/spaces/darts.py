@@ -60,6 +60,8 @@ class ChunkedConv2d(nn.Conv2d):
 
 
 class ChunkedLinear(nn.Linear):
+    """A Linear whose input is a concatenation of `in_chunks` equal chunks (cell outputs), so re-allocation keeps each chunk's weights."""
+
     def __init__(self, *args, in_chunks: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.in_chunks = in_chunks
@@ -70,6 +72,7 @@ def _masked(mask, layers: list[nn.Module]) -> nn.Sequential:
 
 
 def sep_conv(c: int, stride: int, mask) -> nn.Sequential:
+    """DARTS' separable 3x3 convolution (twice relu, depthwise, pointwise, BN), masked where `mask` is given."""
     return nn.Sequential(
         nn.ReLU(inplace=False),
         nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False),
@@ -81,6 +84,7 @@ def sep_conv(c: int, stride: int, mask) -> nn.Sequential:
 
 
 def dil_conv(c: int, stride: int, mask) -> nn.Sequential:
+    """DARTS' dilated separable 3x3 convolution (relu, depthwise dilation 2, pointwise, BN)."""
     return nn.Sequential(
         nn.ReLU(inplace=False),
         nn.Conv2d(c, c, 3, stride, 2, dilation=2, groups=c, bias=False),
@@ -89,6 +93,7 @@ def dil_conv(c: int, stride: int, mask) -> nn.Sequential:
 
 
 def make_op(name: str, c: int, stride: int, mask) -> nn.Module:
+    """The DARTS-V2 operation `name` at `c` channels and `stride`."""
     if name == "sep_conv_3x3":
         return sep_conv(c, stride, mask)
     if name == "dil_conv_3x3":
@@ -105,6 +110,7 @@ def make_op(name: str, c: int, stride: int, mask) -> nn.Module:
 
 
 def relu_conv_bn(c_in: int, c_out: int, stride: int, in_chunks: int, mask) -> nn.Sequential:
+    """relu -> 1x1 conv -> BN (a cell's preprocessing), masked where `mask` is given."""
     return _masked(
         mask,
         [
@@ -116,12 +122,15 @@ def relu_conv_bn(c_in: int, c_out: int, stride: int, in_chunks: int, mask) -> nn
 
 
 def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Drop whole samples' paths with probability `p` (scaled to keep the expectation)."""
     keep = 1.0 - p
     m = torch.bernoulli(torch.full((x.size(0), 1, 1, 1), keep, device=x.device, dtype=x.dtype))
     return x / keep * m
 
 
 class Cell(nn.Module):
+    """A DARTS-V2 normal or reduction cell: two preprocessed inputs, four nodes, the concatenation out."""
+
     def __init__(
         self, c_pp: int, chunks_pp: int, c_p: int, chunks_p: int, c: int, reduction: bool, reduction_prev: bool, mask
     ):
@@ -169,6 +178,8 @@ class AuxiliaryHead(nn.Module):
 
 
 class DartsNet(nn.Module):
+    """The DARTS-cell network: stem, stages of cells, global pool, linear head (and the auxiliary head)."""
+
     def __init__(self, arch: Arch, widths: dict[str, int], mask=None, auxiliary: bool = False):
         super().__init__()
         c_in = arch.input_shape[0]

@@ -20,6 +20,8 @@ from flexslim.models.spaces.layers import Normalize, conv_bn
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN(-mask) units with a residual (1x1 projection when the shape changes)."""
+
     def __init__(self, c_in: int, c_out: int, stride: int, project: bool, mask=None):
         super().__init__()
         self.conv1 = conv_bn(c_in, c_out, 3, stride, mask=mask)
@@ -33,6 +35,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    """The CIFAR-style residual family: stem, stages of basic blocks, global pool, linear head."""
+
     def __init__(self, arch: Arch, widths: dict[str, int], mask=None):
         super().__init__()
         c_in = arch.input_shape[0]

@@ -39,6 +39,8 @@ def _down(size: int, stride: int) -> int:
 
 
 class TorchvisionMobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 with one searched output width per stage."""
+
     def __init__(self, arch: Arch, widths: dict[str, int], mask=None):
         super().__init__()
 

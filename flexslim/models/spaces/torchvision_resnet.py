@@ -39,6 +39,8 @@ def _down(size: int, stride: int) -> int:
 
 
 class TorchvisionResNet(nn.Module):
+    """torchvision's ResNet-18/50 with one searched width per stage."""
+
     def __init__(self, arch: Arch, widths: dict[str, int], mask=None):
         super().__init__()
         block = BLOCKS[arch.family]
