@@ -284,3 +284,62 @@ def test_an_exchange_can_move_three_stages_when_no_pair_lands():
     table = {(16, 16, 16): 0.85, (8, 24, 24): 0.95, (8, 24, 16): 0.86, (24, 8, 16): 1.3, (16, 8, 24): 1.3}
     res = table_bake(table, table, (16.0, 16.0, 16.0), headroom=0.02)
     assert res.widths == {"a": 8, "b": 24, "c": 24} and res.measured_ms == 0.95 and res.note == ""
+
+
+class _TableScore:
+    """A fake supernet score: a table of D_s accuracies by (a, b, c), with a fixed noise."""
+
+    def __init__(self, table: dict, noise: float = 0.005):
+        self.table, self._noise, self.calls = table, noise, []
+
+    def __call__(self, widths):
+        self.calls.append(dict(widths))
+        return self.table.get((widths["a"], widths["b"], widths["c"]), 0.0)
+
+    def noise(self, value):
+        return self._noise
+
+
+def _scored_bake(table: dict, centers: tuple, score, headroom: float = 0.02):
+    """bake() on networks (a, b, c) predicted and measured as `table` (else 9.9 ms), ranked by `score`."""
+
+    class Model:
+        def predict(self, w):
+            return table.get((w["a"], w["b"], w["c"]), 9.9)
+
+    def measure(arch, widths, settings):
+        ms = table.get((widths["a"], widths["b"], widths["c"]), 9.9)
+        return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+
+    return bake(small_arch(), dict(zip("abc", centers)), budget=Budget(1.0, headroom=headroom), latency=Model(),
+                plan=plan(), measure=measure, score=score)  # fmt: skip
+
+
+def test_inside_the_window_the_supernet_score_decides_not_the_latency_used():
+    """Two rounded neighbours both measure inside [0.90, 0.98] ms: by latency the bake keeps the one using more
+    (0.97); the supernet scores the other (0.95) higher, so that one is delivered."""
+    table = {(8, 8, 16): 0.80, (16, 8, 16): 0.97, (8, 16, 16): 0.95, (16, 16, 16): 1.10}
+    by_latency = _scored_bake(table, (12.0, 12.0, 16.0), None)
+    assert by_latency.widths == {"a": 16, "b": 8, "c": 16}
+    res = _scored_bake(table, (12.0, 12.0, 16.0), _TableScore({(16, 8, 16): 0.81, (8, 16, 16): 0.86}))
+    assert res.widths == {"a": 8, "b": 16, "c": 16} and res.measured_ms == 0.95
+    assert all("score" in s for s in res.steps)
+
+
+def test_equal_latency_candidates_are_told_apart_by_the_score():
+    """Oracle: two candidates of exactly equal measured latency; the higher-scoring one is kept, whichever it is."""
+    table = {(16, 8, 16): 0.95, (8, 16, 16): 0.95, (8, 8, 16): 0.80, (16, 16, 16): 1.10}
+    for best, other in (((16, 8, 16), (8, 16, 16)), ((8, 16, 16), (16, 8, 16))):
+        res = _scored_bake(table, (12.0, 12.0, 16.0), _TableScore({best: 0.9, other: 0.7}))
+        assert tuple(res.widths[s] for s in "abc") == best
+
+
+def test_an_exchange_that_costs_capability_beyond_the_noise_is_refused():
+    """Below the window (0.80), the only exchange measures 0.95 (inside): kept when its score is within the noise
+    of the current one, refused when it costs more than that."""
+    table = {(16, 8, 16): 0.80, (16, 16, 16): 1.2, (16, 8, 24): 1.2, (8, 8, 24): 0.95, (8, 8, 16): 0.7}
+    for exchanged, kept in ((0.848, True), (0.80, False)):
+        score = _TableScore({(16, 8, 16): 0.85, (8, 8, 24): exchanged}, noise=0.005)
+        res = _scored_bake(table, (16.0, 8.0, 16.0), score, headroom=0.03)
+        assert ("exchange", {"a": 8, "b": 8, "c": 24}) in [(s["step"], s["widths"]) for s in res.steps]
+        assert res.widths == ({"a": 8, "b": 8, "c": 24} if kept else {"a": 16, "b": 8, "c": 16})

@@ -272,6 +272,7 @@ def _finished_search(record: RunRecord) -> Searched | None:
 
 def _search_stage(run: _OpenRun, budget: Budget, lat: LatencyModel) -> Searched:
     """Run the search, write search.jsonl and search.png, bake and fit the widths, record it all."""
+    from flexslim.search.capability import SupernetScore
     from flexslim.search.loop import SearchFolder, run_search
 
     arch, recipe, ds, record, dev, reporter = run.arch, run.recipe, run.ds, run.record, run.dev, run.reporter
@@ -294,7 +295,8 @@ def _search_stage(run: _OpenRun, budget: Budget, lat: LatencyModel) -> Searched:
     supernet_acc = _supernet_accuracy(st.supernet, ds, recipe, dev)
     _write_search_outputs(st.history, run_dir, f"{recipe.search.method} search for {budget.ms:g} ms ({recipe.name})")
     centers = st.averaged_widths() or st.supernet.mean_widths()
-    fitted = distributed.on_main(lambda: _bake(arch, centers, budget, lat, recipe, reporter))
+    score = SupernetScore(st.supernet, ds, recipe, dev) if recipe.search.bake_rank == "supernet" else None
+    fitted = distributed.on_main(lambda: _bake(arch, centers, budget, lat, recipe, reporter, score))
     baked = arch.with_widths(fitted.widths)
     atomic_write_text(run_dir / "arch.json", arch_json(baked))
     _save_searched_weights(st.supernet, baked, recipe, run_dir, ds, dev)
@@ -308,9 +310,11 @@ def _search_stage(run: _OpenRun, budget: Budget, lat: LatencyModel) -> Searched:
     return Searched(baked, fitted, st.history, memory_info, supernet_acc)
 
 
-def _bake(arch: Arch, centers: dict, budget: Budget, lat: LatencyModel, recipe: Recipe, reporter) -> Fitted:
-    """The measured bake of the searched widths (the same for every method; `search.trim = false`: measure only)."""
-    return bake(arch, centers, budget=budget, latency=lat, plan=BakePlan.for_recipe(recipe), reporter=reporter)
+def _bake(arch: Arch, centers: dict, budget: Budget, lat: LatencyModel, recipe: Recipe, reporter, score) -> Fitted:
+    """The measured bake of the searched widths (the same for every method; `search.trim = false`: measure only),
+    capability-ranked inside the window by `score` when given."""
+    plan = BakePlan.for_recipe(recipe)
+    return bake(arch, centers, budget=budget, latency=lat, plan=plan, reporter=reporter, score=score)
 
 
 def _supernet_accuracy(supernet, ds: Dataset, recipe: Recipe, dev) -> float:

@@ -24,6 +24,8 @@ DATASET_CHANNELS = {
 
 PROVIDERS = ("auto", "cpu", "cuda")
 
+BAKE_RANKS = ("supernet", "latency")  # search.bake_rank: what decides among networks inside the latency window
+
 SEARCH_METHODS: dict[str, str] = {
     "flexcharts": "flexslim.search.masks:gaussian_masks",
     "dmask": "flexslim.search.masks:gumbel_masks",

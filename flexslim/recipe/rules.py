@@ -110,13 +110,14 @@ RULES: dict[str, Rule] = {
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """The named choices, each read from its one table (imported here: config sits below those modules)."""
-    from flexslim.recipe.choices import FAMILIES, PROVIDERS, SEARCH_METHODS
+    from flexslim.recipe.choices import BAKE_RANKS, FAMILIES, PROVIDERS, SEARCH_METHODS
 
     return {
         "data.dataset": DATASETS,
         "model.family": tuple(FAMILIES),
         "search.method": tuple(SEARCH_METHODS),
         "search.dmask_range": _DMASK_RANGES,
+        "search.bake_rank": BAKE_RANKS,
         "latency.provider": PROVIDERS,
     }
 

@@ -108,6 +108,8 @@ class SearchConfig:
     average_last: float = 0.3  # mu handed to the bake = its mean over this last fraction of the search's steps
     trim: bool = True  # the measured bake: trim until the network measures within the budget, then grow stages
     # back while they fit (off: the rounded widths are only measured)
+    bake_rank: str = "supernet"  # inside the latency window the bake keeps the network the searched supernet scores
+    # best on D_s (supernet), or the one using most latency (latency: the bake of before 2026-12)
     # DMaskingNAS baseline (method = "dmask"): fixed option ranges, as multiples of the recipe's widths
     dmask_range: str = "large"  # small | large
     dmask_small: tuple[float, float] = (0.75, 1.5)

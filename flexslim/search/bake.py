@@ -15,7 +15,12 @@
 5. report   whether the result lands in the budget's window [low, ms], and otherwise the two neighbouring networks
             that straddle it, with their measured latencies.
 
-Every verdict is a measurement (the latency model only ranks), and every measurement is logged in `Fitted.steps`.
+With a `score` (the searched supernet's D_s accuracy at given widths, `search.capability.SupernetScore`),
+capability decides inside the window: among the measured choices that land in it the best-scoring is kept (not the
+one that uses most latency), and an exchange is kept only when it costs no score beyond the score's noise.
+
+Every latency verdict is a measurement (the latency model only ranks), and every measurement is logged in
+`Fitted.steps` (with its score, when there is one).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from flexslim.errors import BadInput
 from flexslim.latency.budget import Budget
@@ -37,6 +43,18 @@ from flexslim.recipe.schema import LatencyConfig
 from flexslim.system.console import Reporter
 
 Measure = Callable[[Arch, dict[str, int], LatencyConfig], Timing]
+
+
+class Score(Protocol):
+    """What a network at `widths` can do (higher is better), and the noise of that figure."""
+
+    def __call__(self, widths: dict[str, int]) -> float:
+        """The score of the network at `widths` (e.g. D_s accuracy of the supernet sliced to them)."""
+        ...
+
+    def noise(self, value: float) -> float:
+        """How far two scores may differ by chance alone near `value`."""
+        ...
 ENUMERATE_UP_TO = 10  # stages; more than that: a beam over the stages
 BEAM = 32
 MEASURE_FIRST = 3  # rounded neighbours measured before trimming or filling
@@ -77,6 +95,7 @@ class _Desk:
     def __init__(self, arch: Arch, settings: LatencyConfig, latency: LatencyModel, measure_fn: Measure, reporter):
         self.arch, self.settings, self.latency = arch, settings, latency
         self.measure_fn, self.reporter = measure_fn, reporter
+        self.score: Score | None = None
         self.cache: dict[tuple, Timing] = {}
         self.steps: list[dict] = []
 
@@ -96,9 +115,21 @@ class _Desk:
             self.cache[key] = t
         t = self.cache[key]
         ms = t.at_percentile_ms
-        self.steps.append({"step": step, "widths": dict(widths), "predicted_ms": pred, "measured_ms": ms})
-        self.reporter.log(f"bake {step}: {widths} predicted {pred:.4f} ms, measured {t.at_percentile_ms:.4f} ms")
+        record = {"step": step, "widths": dict(widths), "predicted_ms": pred, "measured_ms": ms}
+        scored = ""
+        if self.score is not None:
+            record["score"] = self.score(dict(widths))
+            scored = f", supernet D_s accuracy {record['score']:.4f}"
+        self.steps.append(record)
+        self.reporter.log(f"bake {step}: {widths} predicted {pred:.4f} ms, measured {ms:.4f} ms{scored}")
         return t
+
+    def better(self, new: dict[str, int], old: dict[str, int]) -> bool:
+        """True without a score; else when `new` scores no worse than `old` beyond the score's noise."""
+        if self.score is None:
+            return True
+        before = self.score(old)
+        return self.score(new) >= before - self.score.noise(before)
 
 
 def rounded_neighbours(
@@ -177,6 +208,7 @@ def bake(
     plan: BakePlan,
     measure: Measure = measure,
     reporter: Reporter | None = None,
+    score: Score | None = None,
 ) -> Fitted:
     """The delivered widths for searched widths `centers` (channels, e.g. mu averaged over the end of the search).
 
@@ -185,6 +217,7 @@ def bake(
         latency: ranks choices (prediction only).
         plan: settings, grid, floor and measuring allowance (BakePlan).
         measure: (arch, widths, settings) -> runtime.Timing; tests pass a fake clock.
+        score: what a candidate can do (see `Score`); None ranks by latency alone.
 
     Returns:
         Fitted, whose `budget` is the one the result was judged against (re-fitted to the bake's own sessions when
@@ -196,16 +229,12 @@ def bake(
     t0 = time.perf_counter()
     gate_like = replace(settings, min_seconds=session_seconds * max(1, settings.repeats))
     desk = _Desk(arch, gate_like, latency, measure, reporter or Reporter())
+    desk.score = score
     choices = rounded_neighbours(centers, grid, min_width, latency, budget.limit_ms)[: MEASURE_FIRST if fit else 1]
     timed = [(w, desk(w, "choose")) for w in choices]
     if confidence is not None and (spread := desk.spread()) is not None:
         budget = budget.refit(spread, confidence)
-    within = [(w, t) for w, t in timed if t.at_percentile_ms <= budget.limit_ms]
-    widths, t = (
-        max(within, key=lambda wt: wt[1].at_percentile_ms)
-        if within
-        else min(timed, key=lambda wt: wt[1].at_percentile_ms)
-    )
+    widths, t = _chosen(timed, budget, score)
     trims: list[dict] = []
     if fit:
         widths, t, trims = _trim(widths, t, desk, budget, min_width, grid, max_measures)
@@ -215,6 +244,17 @@ def bake(
     fitted.note = _window_note(fitted, desk, budget) if fit else ""
     fitted.seconds = time.perf_counter() - t0
     return fitted
+
+
+def _chosen(timed: list[tuple[dict, Timing]], budget: Budget, score: Score | None) -> tuple[dict, Timing]:
+    """Of the measured choices: inside the window [low_ms, limit_ms] the best-scoring (without a score, or among
+    equal scores, the one using most latency); else the highest within the limit; else the lowest over it."""
+    ms = lambda wt: wt[1].at_percentile_ms  # noqa: E731
+    within = [wt for wt in timed if ms(wt) <= budget.limit_ms]
+    inside = [wt for wt in within if ms(wt) >= budget.low_ms]
+    if inside and score is not None:
+        return max(inside, key=lambda wt: (score(wt[0]), ms(wt)))
+    return max(within, key=ms) if within else min(timed, key=ms)
 
 
 def _trim(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
@@ -285,7 +325,7 @@ def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, gr
     """Below the window after the fill, or within the headroom above its bottom (`Budget.safe_low_ms`: the gate
     may read it under the window), with no single stage able to grow: try exchanges of width between stages
     (`_exchanges`), predicted from what was measured (`_from_measured`), the highest within the limit first; keep
-    one that MEASURES in the window."""
+    one that MEASURES in the window and costs no capability beyond the score's noise (`_Desk.better`)."""
     tried = 0
     while t.at_percentile_ms < budget.safe_low_ms and len(desk.steps) < max_measures and tried < EXCHANGES:
         options = []
@@ -302,7 +342,7 @@ def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, gr
         # below the window any gain counts; inside it (under safe_low) only a move that reaches safe_low: the
         # searched shape is not traded for a few microseconds
         gain = t.at_percentile_ms < budget.low_ms or tw.at_percentile_ms >= budget.safe_low_ms
-        if gain and t.at_percentile_ms < tw.at_percentile_ms <= budget.limit_ms:
+        if gain and t.at_percentile_ms < tw.at_percentile_ms <= budget.limit_ms and desk.better(w, widths):
             widths, t = w, tw
     return widths, t
 
