@@ -26,6 +26,7 @@ from flexslim.errors import BadInput
 from flexslim.latency.budget import Budget
 from flexslim.recipe.choices import BenchMethod
 from flexslim.search.methods import bench_method
+from flexslim.system.children import adopt_from_env, child_env
 from flexslim.system.files import atomic_write_json
 from flexslim.system.memory import SearchMemory
 
@@ -341,7 +342,10 @@ def _run_method(spec: dict, out: Path, log) -> dict:
     shutil.rmtree(out / run, ignore_errors=True)  # a fresh run directory per run
     log(f"-> {run} (own process)")
     proc = subprocess.run(
-        [sys.executable, "-m", "flexslim.bench.run", json.dumps(spec), str(result)], capture_output=True, text=True
+        [sys.executable, "-m", "flexslim.bench.run", json.dumps(spec), str(result)],
+        capture_output=True,
+        text=True,
+        env=child_env(),  # the worker dies with this process
     )
     if proc.returncode != 0 or not result.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -362,5 +366,6 @@ def _run_method(spec: dict, out: Path, log) -> dict:
 
 
 if __name__ == "__main__":  # the per-method worker process
+    adopt_from_env()
     spec_json, result_path = sys.argv[1], Path(sys.argv[2])
     atomic_write_json(result_path, worker(json.loads(spec_json)))

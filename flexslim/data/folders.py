@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from flexslim.data.tensors import Dataset, StreamBatches, StreamedDataset, default_workers
+from flexslim.data.tensors import Dataset, StreamBatches, StreamedDataset, default_workers, worker_init
 from flexslim.errors import BadInput
 from flexslim.recipe.schema import DataConfig
 
@@ -136,6 +136,7 @@ def decode(
         batch_size=64,
         num_workers=workers if len(samples) > 2048 else 0,  # starting workers costs more than a few images
         collate_fn=_keep,
+        worker_init_fn=worker_init(),
     )
     xs, ys, greys = [], [], []
     i = 0
@@ -247,7 +248,11 @@ def _given_mean_std(cfg: DataConfig, channels: int) -> tuple[tuple[float, ...], 
 def _header_greys(samples: Sequence[tuple[str, int]], workers: int) -> torch.Tensor:
     """Was-grey of every sample from its header (no decoding); BadInput names a file PIL cannot identify."""
     loader = torch.utils.data.DataLoader(
-        _Modes(samples), batch_size=256, num_workers=workers if len(samples) > 2048 else 0, collate_fn=_keep
+        _Modes(samples),
+        batch_size=256,
+        num_workers=workers if len(samples) > 2048 else 0,
+        collate_fn=_keep,
+        worker_init_fn=worker_init(),
     )
     greys = [g for batch in loader for g in batch]
     for (path, _), g in zip(samples, greys):

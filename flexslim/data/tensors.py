@@ -19,7 +19,10 @@ random-resized-crop), horizontal flip, cutout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import sys
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -136,6 +139,29 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def worker_init():
+    """The `worker_init_fn` of every flexslim DataLoader: its workers end with the process that started them
+    (`die_with_owner`). Call it where the loader is made, in the thread that will iterate it."""
+    return functools.partial(die_with_owner, os.getpid(), threading.current_thread() is threading.main_thread())
+
+
+def die_with_owner(owner_pid: int, death_signal: bool, worker_id: int) -> None:
+    """In a DataLoader worker, first: on Linux the parent-death signal (SIGKILL), so the worker ends at once with
+    its owner, whatever killed it, and mid-batch (torch's own watchdog polls the parent only between batches, every
+    5 s). The prctl of flexslim.system.children.set_death_signal, repeated here: flexslim.data may not import
+    flexslim.system. Only asked for when the owner starts workers from its main thread: the kernel sends the
+    signal when the starting thread exits. An owner already gone (before the prctl) ends the worker."""
+    if death_signal and sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+        except (OSError, AttributeError):
+            pass
+    if os.name == "posix" and os.getppid() != owner_pid:
+        os._exit(128 + 9)
+
+
 @dataclass(frozen=True)
 class StreamedDataset:
     """A dataset read from disk batch by batch: `train` and `test` are map-style datasets of
@@ -238,6 +264,7 @@ class StreamBatches:
             collate_fn=collate_items,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
+            worker_init_fn=worker_init(),
         )
 
     def __len__(self) -> int:

@@ -96,8 +96,10 @@ def gate_in_fresh_process(model: Path, report: Path) -> dict:
     import subprocess
     import sys
 
+    from flexslim.system.children import child_env
+
     cmd = [sys.executable, "-m", "flexslim", "validate", str(model), "--report", str(report)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())  # it dies with this process
     if proc.returncode not in (0, 1) or not report.is_file():
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise BadInput(f"the gate could not time {model} (exit {proc.returncode}): {last[0]}")

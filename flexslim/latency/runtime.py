@@ -270,7 +270,15 @@ def isolated_pool():
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        _POOL = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        from flexslim.system.children import pool_initargs, pool_initializer
+
+        # the helper dies with this process, however it ends (a kill -9 left it timing, orphaned: issue #22)
+        _POOL = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=pool_initializer,
+            initargs=pool_initargs(),
+        )
         atexit.register(_POOL.shutdown)
     return _POOL
 
