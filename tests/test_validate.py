@@ -20,6 +20,7 @@ def fast(**settings) -> dict:
     """validate() keyword arguments: quick timing with these measurement settings (batch, percentile, threads)."""
     return {"measure": Measurement(**FAST_TIMING, **settings)}
 
+
 FAST_ARGS = ["--runs", "5", "--warmup", "1", "--min-seconds", "0"]
 REPORT_KEYS = {"provider", "batch", "input_shape", "p50_ms", "p90_ms", "runtime", "timed_runs"}
 
