@@ -13,6 +13,6 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 # Imported eagerly on purpose: loading the submodule `flexslim.deploy.gate` binds the package attribute to the
 # module, and this import then rebinds it to the function, once and for all.
-from flexslim.deploy.gate import Report, validate  # noqa: E402
+from flexslim.deploy.gate import Measurement, Report, validate  # noqa: E402
 
-__all__ = ["__version__", "Report", "validate"]
+__all__ = ["__version__", "Measurement", "Report", "validate"]

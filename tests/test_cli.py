@@ -62,7 +62,7 @@ def test_train_export_validate_end_to_end(in_tmp, cli, monkeypatch):
     assert res.exit_code == 0, res.output
     report = json.loads((in_tmp / "r.json").read_text())
     assert report["passed"] and report["provider"] == "cpu" and report["batch"] == quickstart.latency.batch
-    assert report["dataset"] == "quickstart" and 0 <= report["accuracy"] <= 1 and report["num_test"] == 360
+    assert report["dataset"] is None and report["accuracy"] is None  # latency only: the metadata's dataset unread
 
     # the later exports are of the same trained model: reuse its graph instead of re-running the slow dynamo
     # export (parity with torch and the metadata are still checked and written for real)

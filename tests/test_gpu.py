@@ -88,7 +88,7 @@ def test_a_search_epoch_on_cuda_runs_bf16_and_channels_last():
 def test_validate_on_the_cuda_provider_binds_io_and_reports_cuda(exported, monkeypatch):
     import onnxruntime as ort
 
-    from flexslim.deploy.gate import validate
+    from flexslim.deploy.gate import Measurement, validate
 
     calls = {"n": 0}
     run = ort.InferenceSession.run_with_iobinding
@@ -98,7 +98,8 @@ def test_validate_on_the_cuda_provider_binds_io_and_reports_cuda(exported, monke
         return run(self, *a, **k)
 
     monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", counting)
-    rep = validate(exported.path, latency_ms=100.0, provider="cuda", batch=32, warmup=3, runs=10, min_seconds=0)
+    measure = Measurement(batch=32, warmup=3, runs=10, min_seconds=0)
+    rep = validate(exported.path, latency_ms=100.0, provider="cuda", measure=measure)
     assert rep.timing.provider == "cuda" and rep.to_dict()["provider"] == "cuda"
     assert calls["n"] >= 13  # every warm-up and timed run went through IO binding
     assert rep.passed

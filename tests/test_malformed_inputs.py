@@ -4,17 +4,19 @@ Each case must raise BadInput with a single line that names the offending key or
 with exit codes, wraps these.)
 """
 
+import dataclasses
 from pathlib import Path
 
 import onnx
 import pytest
 
-from flexslim.deploy.gate import validate
+from flexslim.deploy.gate import Measurement, validate
 from flexslim.errors import BadInput
 from flexslim.recipe import checks
 from flexslim.recipe.schema import load_recipe
 
-FAST = {"runs": 2, "warmup": 0, "min_seconds": 0.0}
+FAST_TIMING = {"runs": 2, "warmup": 0, "min_seconds": 0.0}
+FAST = {"measure": Measurement(**FAST_TIMING)}
 
 
 def _single_line(err) -> str:
@@ -178,17 +180,17 @@ def test_metadata_fills_settings_and_the_report_says_so(tmp_path, make_onnx):
         make_onnx(),
         tmp_path / "meta.onnx",
         budget_ms="1000.0",
-        latency_percentile="50",
+        latency_percentile="95",  # stricter than the default p90: metadata may describe, never loosen
         latency_threads="1",
         latency_batch="3",
     )
     rep = validate(model, **FAST)
-    assert rep.from_metadata == {"budget_ms": 1000.0, "percentile": 50.0, "threads": 1, "batch": 3}
+    assert rep.from_metadata == {"budget_ms": 1000.0, "percentile": 95.0, "threads": 1, "batch": 3}
     assert rep.to_dict()["from_metadata"] == rep.from_metadata
-    assert rep.timing.batch == 3 and rep.timing.percentile == 50.0 and rep.budget_ms == 1000.0
+    assert rep.timing.batch == 3 and rep.timing.percentile == 95.0 and rep.budget_ms == 1000.0
     assert "from the model's metadata" in rep.checks[0].message and "from the model's metadata" in rep.summary()
-    rep = validate(model, latency_ms=500.0, batch=2, **FAST)  # flags win, and are not listed
-    assert rep.from_metadata == {"percentile": 50.0, "threads": 1} and rep.budget_ms == 500.0
+    rep = validate(model, latency_ms=500.0, measure=Measurement(batch=2, **FAST_TIMING))  # flags win, not listed
+    assert rep.from_metadata == {"percentile": 95.0, "threads": 1} and rep.budget_ms == 500.0
 
 
 # -- flag values -----------------------------------------------------------------------------------------------
@@ -219,8 +221,15 @@ FLAG_CASES = [
 def test_malformed_flag_values(make_onnx, kw, flag_name):
     model = make_onnx("flags.onnx", inputs=(("x", ["N", 3, 1024, 1024]),))
     with pytest.raises(BadInput) as err:
-        validate(model, **{**FAST, **kw})
+        validate(model, **_split(kw))
     assert _single_line(err).startswith(flag_name)
+
+
+def _split(kw: dict) -> dict:
+    """validate() keyword arguments: the measurement settings of `kw` go into `measure` (with quick timing)."""
+    fields = {f.name for f in dataclasses.fields(Measurement)}
+    measured = {**FAST_TIMING, **{k: v for k, v in kw.items() if k in fields}}
+    return {"measure": Measurement(**measured), **{k: v for k, v in kw.items() if k not in fields}}
 
 
 # -- output paths ----------------------------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,10 +9,18 @@ import torch
 
 import flexslim
 from flexslim.cli import app
-from flexslim.deploy.gate import Report, validate
+from flexslim.deploy.gate import Measurement, Report, validate
 from flexslim.errors import BadInput
 
-FAST = {"runs": 5, "warmup": 1, "min_seconds": 0.0}
+FAST_TIMING = {"runs": 5, "warmup": 1, "min_seconds": 0.0}
+FAST = {"measure": Measurement(**FAST_TIMING)}
+
+
+def fast(**settings) -> dict:
+    """validate() keyword arguments: quick timing with these measurement settings (batch, percentile, threads)."""
+    return {"measure": Measurement(**FAST_TIMING, **settings)}
+
+
 FAST_ARGS = ["--runs", "5", "--warmup", "1", "--min-seconds", "0"]
 REPORT_KEYS = {"provider", "batch", "input_shape", "p50_ms", "p90_ms", "runtime", "timed_runs"}
 
@@ -34,11 +43,19 @@ def test_library_call_works_repeatedly_in_a_fresh_process(torchvision_onnx):
     """`flexslim.validate` stays the function once the gate module `flexslim.deploy.gate` is imported too."""
     code = (
         "import flexslim, sys\n"
+        "from flexslim.deploy.gate import Measurement\n"
+        "m = Measurement(runs=2, warmup=0, min_seconds=0)\n"
         "for _ in range(2):\n"
-        f"    rep = flexslim.validate({str(torchvision_onnx)!r}, latency_ms=1e4, runs=2, warmup=0)\n"
+        f"    rep = flexslim.validate({str(torchvision_onnx)!r}, latency_ms=1e4, measure=m)\n"
         "    assert rep.passed and rep.timing.provider == 'cpu'\n"
         "import flexslim.deploy.gate\n"
-        f"assert flexslim.validate({str(torchvision_onnx)!r}, runs=1, warmup=0).checks == ()\n"
+        "from flexslim.errors import BadInput\n"
+        "try:\n"
+        f"    flexslim.validate({str(torchvision_onnx)!r}, measure=m)\n"
+        "except BadInput as err:\n"
+        "    assert str(err).startswith('nothing to check'), err\n"
+        "else:\n"
+        "    sys.exit('no checks, and no error')\n"
         "print('ok')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
@@ -47,15 +64,33 @@ def test_library_call_works_repeatedly_in_a_fresh_process(torchvision_onnx):
 
 
 def test_settings_from_metadata(exported):
-    """Batch and dataset come from the flexslim.* metadata when no argument names them."""
+    """Batch and threads come from the flexslim.* metadata when no argument names them; the dataset too, but only
+    when accuracy is asked for (a latency-only gate touches no dataset)."""
     rep = validate(exported.path, latency_ms=1000.0, **FAST)
     assert rep.timing.batch == 4 and rep.timing.input_shape == (4, 1, 16, 16)
     assert rep.timing.threads == 1
-    assert rep.dataset == "quickstart" and rep.num_test == 360
-    rep = validate(exported.path, batch=2, percentile=50.0, threads=0, **FAST)  # arguments win
+    assert rep.dataset is None and rep.accuracy is None and rep.num_test == 0  # not asked for
+    assert rep.from_metadata == {"percentile": 90.0, "threads": 1, "batch": 4}
+    rep = validate(exported.path, latency_ms=1000.0, min_accuracy=0.0, **FAST)
+    assert rep.dataset == "quickstart" and rep.num_test == 360 and rep.from_metadata["dataset"] == "quickstart"
+    rep = validate(exported.path, latency_ms=1000.0, **fast(batch=2, percentile=50.0, threads=0))  # arguments win
     assert rep.timing.batch == 2 and rep.timing.percentile == 50.0 and rep.latency_ms == rep.timing.p50_ms
-    assert rep.checks == () and rep.passed  # nothing to judge against
-    assert "no budget" in rep.summary()
+    assert [c.name for c in rep.checks] == ["latency"] and rep.from_metadata == {}
+
+
+def test_nothing_to_check_is_bad_input(exported):
+    """No budget (argument or metadata) and no accuracy target: no verdict, not a pass."""
+    with pytest.raises(BadInput, match="^nothing to check: give --latency-ms and/or --min-accuracy"):
+        validate(exported.path, **fast(batch=2, percentile=50.0, threads=0))
+    with pytest.raises(BadInput, match="^nothing to check"):  # a dataset alone computes an accuracy, judges nothing
+        validate(exported.path, dataset="quickstart", **FAST)
+
+
+def test_a_report_without_checks_never_passes(exported):
+    rep = validate(exported.path, latency_ms=1000.0, **FAST)
+    assert rep.passed
+    empty = dataclasses.replace(rep, checks=())
+    assert not empty.passed and empty.summary().startswith("FAIL - nothing was checked")
 
 
 def test_accuracy_equals_torch_accuracy(exported, quickstart):
@@ -85,7 +120,7 @@ def test_impossible_budget_fails(exported):
 
 
 def test_report_json(tmp_path, exported):
-    rep = validate(exported.path, latency_ms=1000.0, batch=3, **FAST)
+    rep = validate(exported.path, latency_ms=1000.0, **fast(batch=3))
     d = json.loads(rep.write_json(tmp_path / "r.json").read_text())
     assert REPORT_KEYS <= set(d)
     assert d["provider"] == "cpu" and d["batch"] == 3 and d["input_shape"] == [3, 1, 16, 16]
@@ -93,6 +128,7 @@ def test_report_json(tmp_path, exported):
     assert d["runtime"].startswith("onnxruntime ")
     assert d["passed"] is True and d["budget_ms"] == 1000.0 and d["checks"][0]["name"] == "latency"
     assert "flexslim.arch" not in d["metadata"] and d["metadata"]["flexslim.dataset"] == "quickstart"
+    assert d["dataset"] is None and d["accuracy"] is None  # latency only: the metadata's dataset is not read
 
 
 def test_junit_xml(tmp_path, exported):
@@ -118,8 +154,8 @@ def test_junit_xml(tmp_path, exported):
         ({"latency_ms": 0.0}, "--latency-ms"),
         ({"latency_ms": -1.0}, "--latency-ms"),
         ({"min_accuracy": 1.5}, "--min-accuracy"),
-        ({"percentile": 0.0}, "percentile"),
-        ({"batch": 0}, "batch"),
+        ({"measure": Measurement(percentile=0.0)}, "percentile"),
+        ({"measure": Measurement(batch=0)}, "batch"),
         ({"provider": "tpu"}, "tpu"),
         ({"dataset": "imagenet"}, "imagenet"),
     ],
@@ -144,8 +180,8 @@ def test_bad_files_are_bad_input(tmp_path, exported, make_onnx):
         validate(make_onnx("two.onnx", inputs=(("a", ["N", 3, 4, 4]), ("b", ["N", 3, 4, 4]))), **FAST)
     with pytest.raises(BadInput, match="N,C,H,W"):
         validate(make_onnx("flat.onnx", inputs=(("a", ["N", 10]),)), **FAST)
-    with pytest.raises(BadInput, match="dynamic"):
-        validate(make_onnx("dyn.onnx", inputs=(("a", ["N", 3, "H", "W"]),)), **FAST)
+    with pytest.raises(BadInput, match="dynamic"):  # a budget: else "nothing to check" comes first
+        validate(make_onnx("dyn.onnx", inputs=(("a", ["N", 3, "H", "W"]),)), latency_ms=1.0, **FAST)
 
 
 # ---------------------------------------------------------------- the acceptance check: any torchvision classifier
@@ -157,14 +193,14 @@ def test_torchvision_model_library(torchvision_onnx):
     assert rep.timing.batch == 1 and rep.timing.input_shape == (1, 3, 32, 32)  # its fixed batch
     assert rep.dataset is None and rep.accuracy is None and rep.metadata.get("flexslim.dataset") is None
     with pytest.raises(BadInput, match="fixed batch"):
-        validate(torchvision_onnx, batch=8, **FAST)
+        validate(torchvision_onnx, latency_ms=10_000.0, **fast(batch=8))
     with pytest.raises(BadInput, match="--dataset"):
         validate(torchvision_onnx, min_accuracy=0.5, **FAST)
 
 
 def test_torchvision_model_accuracy_on_cifar_shaped_quickstart_is_refused(torchvision_onnx):
-    with pytest.raises(BadInput, match="3-channel"):
-        validate(torchvision_onnx, dataset="quickstart", **FAST)
+    with pytest.raises(BadInput, match="3-channel"):  # with a target: a dataset alone is nothing to check
+        validate(torchvision_onnx, min_accuracy=0.5, dataset="quickstart", **FAST)
 
 
 def test_torchvision_model_cli_loose_and_impossible_budget(tmp_path, cli, torchvision_onnx):
@@ -203,7 +239,8 @@ def test_cli_loose_budget_exit_0_and_files(tmp_path, cli, exported):
     )
     assert res.exit_code == 0, res.output
     d = json.loads(report.read_text())
-    assert d["passed"] and REPORT_KEYS <= set(d) and d["batch"] == 4 and d["accuracy"] is not None
+    assert d["passed"] and REPORT_KEYS <= set(d) and d["batch"] == 4
+    assert d["accuracy"] is None and d["dataset"] is None  # latency only: no dataset touched
     assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0"
     assert "provider cpu" in res.stdout and "PASS" in res.stdout
 
@@ -250,7 +287,7 @@ def test_cli_impossible_argument_exit_2(cli, exported, one_line_error):
 
 
 def test_min_seconds_keeps_timing_past_the_minimum_runs(exported):
-    rep = validate(exported.path, runs=5, warmup=1, min_seconds=0.3)
+    rep = validate(exported.path, latency_ms=1000.0, measure=Measurement(runs=5, warmup=1, min_seconds=0.3))
     # each pass of this tiny graph takes well under a millisecond: 0.3 s of passes is far more than 5
     assert rep.timing.runs > 5
     assert rep.timing.runs * rep.timing.batch * rep.timing.p50_ms >= 0.3e3 * 0.5  # passes span >= 0.3 s

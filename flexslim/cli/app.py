@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as click_errors
 from flexslim.recipe.choices import PROVIDERS, SEARCH_METHODS
 from flexslim.system.devices import DEVICES
-from flexslim.system.distributed import printed_here
+from flexslim.system.distributed import printed_here, stray_rank_note
 
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 WIDE = 240  # columns of rich output without a terminal (tables); plain lines are never wrapped at all
@@ -141,6 +141,9 @@ def command_exit_codes():
     from flexslim.system.exits import exit_codes
     from flexslim.system.locks import release_runs
 
+    note = stray_rank_note()  # RANK without torchrun: ignored, and said so
+    if note:
+        echo_err(note)
     try:
         with (
             _sigterm_raises(),

@@ -233,34 +233,32 @@ def validate(
     ] = GATE_SECONDS,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
     dataset: Annotated[
-        Optional[str], typer.Option(help="Dataset for accuracy: quickstart | cifar10 | folder (default: metadata).")
+        Optional[str],
+        typer.Option(
+            help="Dataset for accuracy: quickstart | cifar10 | folder | synthetic (default, when accuracy is "
+            "asked for by --min-accuracy or --data: the model's metadata)."
+        ),
     ] = None,
     data: DataOpt = None,
     # str, not Path: Path("out/") would drop the slash that says the user named a folder
     report: Annotated[Optional[str], typer.Option(help="Write the report as JSON here.")] = None,
     junit: Annotated[Optional[str], typer.Option(help="Write the checks as JUnit XML here.")] = None,
 ) -> None:
-    """Gate an ONNX classifier: latency (and accuracy) vs budget. Exit 0 pass, 1 fail, 2 bad input."""
+    """Gate an ONNX classifier: latency vs budget and/or accuracy vs target. Exit 0 pass, 1 fail, 2 bad input
+    (including nothing to check, metadata that would loosen the gate, outputs that are not (N, classes) scores)."""
     with command_exit_codes():
+        from flexslim.deploy.gate import Measurement
         from flexslim.deploy.gate import validate as run_validate
         from flexslim.recipe.checks import check_output_path
 
         # before the measurement: a verdict must never be lost to an unwritable path
         report = check_output_path(report, "--report") if report is not None else None
         junit = check_output_path(junit, "--junit") if junit is not None else None
+        measure = Measurement(
+            batch=batch, percentile=percentile, threads=threads, warmup=warmup, runs=runs, min_seconds=min_seconds
+        )
         rep = run_validate(
-            model,
-            latency_ms=latency_ms,
-            min_accuracy=min_accuracy,
-            provider=provider.value,
-            batch=batch,
-            percentile=percentile,
-            dataset=dataset,
-            data=data,
-            threads=threads,
-            warmup=warmup,
-            runs=runs,
-            min_seconds=min_seconds,
+            model, latency_ms, min_accuracy, dataset=dataset, data=data, provider=provider.value, measure=measure
         )
         if report:
             rep.write_json(report)
@@ -382,10 +380,12 @@ def sweep(
 
 
 def _render_report(rep) -> None:
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     t = rep.timing
-    table = Table(title=f"flexslim validate: {rep.model}", show_header=True)
+    table = Table(title=f"flexslim validate: {escape(rep.model)}", show_header=True)
     table.add_column("check")
     table.add_column("measured", justify="right")
     table.add_column("limit", justify="right")
@@ -404,7 +404,10 @@ def _render_report(rep) -> None:
     if rep.accuracy is not None:
         lim = "-" if rep.min_accuracy is None else f"{rep.min_accuracy:g}"
         table.add_row(
-            f"accuracy ({rep.dataset}, {rep.num_test} images)", f"{rep.accuracy:.4f}", lim, _verdict(rep, "accuracy")
+            f"accuracy ({escape(str(rep.dataset))}, {rep.num_test} images)",
+            f"{rep.accuracy:.4f}",
+            lim,
+            _verdict(rep, "accuracy"),
         )
     out.print(table)
     out.print(
@@ -412,11 +415,10 @@ def _render_report(rep) -> None:
         f"threads {t.threads or 'default'}, {t.runs} timed runs after {t.warmup} warm-up "
         f"({t.quiet_windows} of {t.windows} windows undisturbed), {t.runtime}"
     )
-    out.print(
-        ("[green]PASS[/green]" if rep.passed else "[red]FAIL[/red]")
-        + f" {rep.summary()[7:] if rep.checks else 'no budget or target given'}",
-        highlight=False,
-    )
+    # plain text, not markup: the verdict names the metadata's values in [brackets]
+    verdict = Text("PASS" if rep.passed else "FAIL", style="green" if rep.passed else "red")
+    verdict.append(" " + rep.summary().split(" - ", 1)[1])
+    out.print(verdict, highlight=False)
 
 
 def _verdict(rep, name: str) -> str:

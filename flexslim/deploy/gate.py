@@ -1,16 +1,24 @@
-"""The gate: per-sample latency (and accuracy, when a dataset is known) of ANY ONNX image classifier
-against a budget -> Report (JSON, JUnit XML). Also the library call behind `flexslim validate`:
+"""The gate: per-sample latency and/or accuracy of ANY ONNX image classifier against a budget and/or a target
+-> Report (JSON, JUnit XML). Also the library call behind `flexslim validate`:
 
-    report = flexslim.validate("model.onnx", latency_ms=0.3, min_accuracy=0.94)
+    report = flexslim.validate("model.onnx", latency_ms=0.3, min_accuracy=0.94, dataset="cifar10")
     assert report.passed, report.summary()
 
-Budget, dataset, batch, thread count and percentile come from the arguments or, for flexslim models,
-from the `flexslim.*` metadata written at export (arguments win).
+The contract (README "What the gate promises"), kept here and nowhere else:
+- a verdict comes only from checks that ran: with nothing to check (no budget from the arguments or the
+  metadata, no accuracy target) the gate refuses (BadInput), and a Report without checks never passes;
+- accuracy is computed only when asked for (a target, or an explicit dataset or data folder), and only from one
+  finite (N, classes) output whose class count is the dataset's (or the `flexslim.class_names` metadata's);
+- the budget, dataset, batch, thread count and percentile come from the arguments, else from the model's
+  `flexslim.*` metadata, else from the defaults; metadata may describe, never loosen: a percentile under the
+  default, a batch over the default (or the model's fixed batch), more threads than the CPUs the runtime's default
+  uses are refused unless the argument (flag) asks for that value.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -28,6 +36,17 @@ DEFAULT_BATCH = 32
 
 @dataclass(frozen=True)
 class Check:
+    """One check the gate ran, and its verdict.
+
+    Attributes:
+        name: `latency` or `accuracy`.
+        passed: measured <= limit (latency) or measured >= limit (accuracy).
+        measured: per-sample latency at the percentile (ms), or top-1 accuracy (a fraction in [0, 1]).
+        limit: the budget (ms) or the minimum accuracy (fraction).
+        unit: `ms` or `fraction`.
+        message: one line for people: measured vs limit, where the limit came from, provider and batch.
+    """
+
     name: str  # latency | accuracy
     passed: bool
     measured: float
@@ -38,6 +57,23 @@ class Check:
 
 @dataclass(frozen=True)
 class Report:
+    """What the gate measured and judged; `passed` is the verdict (exit 0 / 1 of `flexslim validate`).
+
+    Attributes:
+        model: the ONNX file.
+        requested_provider: the provider asked for (`timing.provider` is the one that ran).
+        timing: the latency measurement (batch, input shape, threads, percentile, p50 / p90, runtime).
+        budget_ms: the latency budget judged against (None: no latency check).
+        dataset: the dataset the accuracy was computed on (None: no accuracy was asked for).
+        accuracy: top-1 accuracy on its test split (None: not computed).
+        num_test: images the accuracy was computed on.
+        min_accuracy: the accuracy target (None: no accuracy check).
+        checks: the checks that ran; a report without checks never passes.
+        metadata: the model's metadata_props.
+        host: the machine that measured.
+        from_metadata: the settings the model's `flexslim.*` metadata supplied (setting name -> value).
+    """
+
     model: str
     requested_provider: str
     timing: Timing
@@ -53,7 +89,8 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        """The verdict: at least one check ran and every check passed."""
+        return bool(self.checks) and all(c.passed for c in self.checks)
 
     @property
     def latency_ms(self) -> float:
@@ -61,10 +98,10 @@ class Report:
         return self.timing.at_percentile_ms
 
     def summary(self) -> str:
-        parts = [f"{c.name}: {c.message}" for c in self.checks] or [
-            f"latency p{self.timing.percentile:g} {self.latency_ms:.4f} ms/sample (no budget)"
-        ]
-        given = ", ".join(f"{k}={v}" for k, v in self.from_metadata.items())
+        """The one-line verdict, e.g. `PASS - latency: p90 0.0570 ms/sample <= budget 0.1 ms (...) [from the
+        model's metadata: flexslim.budget_ms=0.1]`; it names every value the model's metadata supplied."""
+        parts = [f"{c.name}: {c.message}" for c in self.checks] or ["nothing was checked"]
+        given = ", ".join(f"{METADATA_SETTINGS[k][0]}={v}" for k, v in self.from_metadata.items())
         return (
             ("PASS" if self.passed else "FAIL")
             + " - "
@@ -73,6 +110,7 @@ class Report:
         )
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready data (report.json)."""
         return {
             "model": self.model,
             "passed": self.passed,
@@ -104,9 +142,11 @@ class Report:
         }
 
     def write_json(self, path: str | Path) -> Path:
+        """Write `to_dict()` atomically as JSON; returns the path."""
         return atomic_write_json(path, self.to_dict())
 
     def write_junit(self, path: str | Path) -> Path:
+        """Write the checks as JUnit XML (one testcase per check) atomically; returns the path."""
         suite = ET.Element(
             "testsuite",
             name="flexslim.validate",
@@ -154,6 +194,57 @@ METADATA_SETTINGS: dict[str, tuple[str, str, Callable]] = {
     "dataset": ("flexslim.dataset", "--dataset", lambda v, o: checks.choice(v, o, DATASETS)),
 }
 DEFAULTS = {"budget_ms": None, "percentile": 90.0, "threads": 0, "batch": DEFAULT_BATCH, "dataset": None}
+NOTHING_TO_CHECK = "nothing to check: give --latency-ms and/or --min-accuracy"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """How the gate times the model. `batch`, `percentile` and `threads` left at None come from the model's metadata
+    (describing only, never loosening) or the defaults (the model's fixed batch or 32, p90, the runtime's threads).
+
+    Attributes:
+        batch: samples per timed pass (latency is per sample: time of one pass / batch).
+        percentile: the percentile of the timed passes the budget applies to.
+        threads: onnxruntime intra-op threads (0 = the runtime's default).
+        warmup: untimed passes first.
+        runs: at least this many timed passes.
+        min_seconds: at least this many seconds of timed passes.
+    """
+
+    batch: int | None = None
+    percentile: float | None = None
+    threads: int | None = None
+    warmup: int = 10
+    runs: int = 50
+    min_seconds: float = GATE_SECONDS
+
+    @classmethod
+    def of_run(cls, latency: dict | None) -> Measurement:
+        """The settings a run measured its budget with (its recipe's `latency` section: batch, threads,
+        percentile), as explicit settings: a job gating its own model with them loosens nothing."""
+        lat = latency or {}
+        return cls(batch=lat.get("batch"), percentile=lat.get("percentile"), threads=lat.get("threads"))
+
+    def flags(self) -> list[str]:
+        """The `flexslim validate` flags for the settings that differ from the defaults (a child process that runs
+        the gate's command line measures with the same settings)."""
+        default = Measurement()
+        return [
+            a
+            for name, flag_name in _FLAGS.items()
+            if getattr(self, name) != getattr(default, name)
+            for a in (flag_name, str(getattr(self, name)))
+        ]
+
+
+_FLAGS = {
+    "batch": "--batch",
+    "percentile": "--percentile",
+    "threads": "--threads",
+    "warmup": "--warmup",
+    "runs": "--runs",
+    "min_seconds": "--min-seconds",
+}
 
 
 @dataclass(frozen=True)
@@ -164,7 +255,7 @@ class GateSettings:
     percentile: float
     threads: int
     batch: int
-    dataset: str | None
+    dataset: str | None  # None: no accuracy is computed
     fixed_batch: int | None  # the model's own batch dimension, when it is fixed
     from_metadata: dict[str, float | int | str] = field(default_factory=dict)  # the values the model supplied
 
@@ -173,46 +264,76 @@ def validate(
     model: str | Path,
     latency_ms: float | None = None,
     min_accuracy: float | None = None,
-    provider: str = "auto",
-    batch: int | None = None,
-    percentile: float | None = None,
+    *,
     dataset: str | None = None,
     data: str | Path | None = None,
-    threads: int | None = None,
-    warmup: int = 10,
-    runs: int = 50,
-    min_seconds: float = GATE_SECONDS,
+    provider: str = "auto",
+    measure: Measurement | None = None,
 ) -> Report:
     """Measure an ONNX classifier and judge it against a latency budget and/or an accuracy target.
 
-    Settings not passed come from the model's `flexslim.*` metadata (checked like the arguments, and listed in
-    `Report.from_metadata`), else from the defaults. Every setting is checked before anything is measured.
+    Settings not passed come from the model's `flexslim.*` metadata (checked like the arguments, never laxer than
+    the defaults, and listed in `Report.from_metadata`), else from the defaults. Every setting is checked before
+    anything is measured.
+
+    Args:
+        model: the ONNX file: one float32 (N, C, H, W) input of images in [0, 1].
+        latency_ms: the budget: per-sample latency (ms) at the percentile (default: the metadata's budget).
+        min_accuracy: the minimum top-1 accuracy (fraction) on the dataset's test split.
+        dataset: the dataset for accuracy (default, when accuracy is asked for: the metadata's).
+        data: the dataset's folder (CIFAR-10 files, or a folder of class sub-folders for `folder`).
+        provider: onnxruntime execution provider (auto, cpu, cuda).
+        measure: batch, percentile, threads and the number and length of the timed passes (default: Measurement()).
+
+    Returns:
+        The Report; `report.passed` is the verdict.
+
+    Raises:
+        BadInput: an invalid argument, file or metadata value, metadata that would loosen the gate, nothing to
+            check, or outputs that are not finite (N, classes) class scores.
+
+    Example:
+        >>> report = validate("model.onnx", latency_ms=0.3, min_accuracy=0.94, dataset="cifar10")
     """
-    args = {"budget_ms": latency_ms, "percentile": percentile, "threads": threads, "batch": batch, "dataset": dataset}
-    _check_arguments(args, min_accuracy, provider, warmup, runs, min_seconds)
+    m = measure or Measurement()
+    args = {
+        "budget_ms": latency_ms,
+        "percentile": m.percentile,
+        "threads": m.threads,
+        "batch": m.batch,
+        "dataset": dataset,
+    }
+    _check_arguments(args, min_accuracy, provider, m)
     proto = load_onnx(model)
     meta = {p.key: p.value for p in proto.metadata_props}
-    settings = resolve_settings(args, meta, _input_dims(proto, model), model)
-    if min_accuracy is not None and settings.dataset is None:
-        raise BadInput(f"--min-accuracy needs a dataset: pass --dataset ({', '.join(DATASETS)}); the model names none")
+    asked = min_accuracy is not None or dataset is not None or data is not None  # accuracy only when asked
+    settings = resolve_settings(args, meta, _input_dims(proto, model), model, accuracy_asked=asked)
+    if settings.budget_ms is None and min_accuracy is None:
+        raise BadInput(f"{NOTHING_TO_CHECK} (the model's metadata holds no {METADATA_SETTINGS['budget_ms'][0]})")
+    names = _class_names(meta) if asked else []
+    if asked:
+        if settings.dataset is None:
+            why = "--min-accuracy" if min_accuracy is not None else "--data"
+            raise BadInput(f"{why} needs a dataset: pass --dataset ({', '.join(DATASETS)}); the model names none")
+        if settings.dataset == "folder" and data is None:
+            raise BadInput("the folder dataset needs --data DIR (a folder of class sub-folders, e.g. DIR/val)")
+        _check_declared_output(proto, model, names)
     del proto
     session = _open_session(model, provider, settings.threads)
     timing = time_session(
         session,
         settings.batch,
-        warmup=warmup,
-        runs=runs,
+        warmup=m.warmup,
+        runs=m.runs,
         percentile=settings.percentile,
         threads=settings.threads,
-        min_seconds=min_seconds,
+        min_seconds=m.min_seconds,
     )
     accuracy, n_test = None, 0
-    # a folder dataset can only be read where --data names it (export's gate has none): then no accuracy check
-    unreadable = settings.dataset == "folder" and data is None and min_accuracy is None
-    if settings.dataset is not None and not unreadable:
-        names = json.loads(meta.get("flexslim.class_names", "[]"))
-        accuracy, n_test = _accuracy(session, settings.dataset, data, timing.input_shape, settings.fixed_batch, names)
-    judged = _judge(timing, settings, accuracy, n_test, min_accuracy)
+    if settings.dataset is not None:
+        accuracy, n_test = _accuracy(
+            session, settings.dataset, data, timing.input_shape, settings.fixed_batch, names, model
+        )
     return Report(
         str(model),
         provider,
@@ -222,13 +343,13 @@ def validate(
         accuracy,
         n_test,
         min_accuracy,
-        judged,
+        _judge(timing, settings, accuracy, n_test, min_accuracy),
         meta,
         from_metadata=dict(settings.from_metadata),
     )
 
 
-def _check_arguments(args: dict, min_accuracy, provider: str, warmup, runs, min_seconds) -> None:
+def _check_arguments(args: dict, min_accuracy, provider: str, m: Measurement) -> None:
     """Check the explicit arguments (flags) before the model is even read."""
     for name, value in args.items():
         if value is not None:
@@ -237,20 +358,27 @@ def _check_arguments(args: dict, min_accuracy, provider: str, warmup, runs, min_
     if min_accuracy is not None:
         checks.fraction(min_accuracy, checks.flag("--min-accuracy"))
     checks.choice(provider, checks.flag("--provider"), PROVIDERS)
-    checks.warmup(warmup, checks.flag("--warmup"))
-    checks.runs(runs, checks.flag("--runs"))
-    checks.min_seconds(min_seconds, checks.flag("--min-seconds"))
+    checks.warmup(m.warmup, checks.flag("--warmup"))
+    checks.runs(m.runs, checks.flag("--runs"))
+    checks.min_seconds(m.min_seconds, checks.flag("--min-seconds"))
 
 
-def resolve_settings(args: dict, meta: dict[str, str], input_dims: list, model: str | Path) -> GateSettings:
-    """Arguments win; missing ones come from checked metadata, then defaults. A model's fixed batch wins over
-    metadata and defaults; an argument batch that contradicts it is BadInput."""
+def resolve_settings(
+    args: dict, meta: dict[str, str], input_dims: list, model: str | Path, accuracy_asked: bool = True
+) -> GateSettings:
+    """Arguments win; missing ones come from checked metadata, then defaults. Metadata only describes: a value that
+    would make the measurement laxer than the default is BadInput naming the flag that allows it. A model's fixed
+    batch wins over the default; an argument batch that contradicts it, or metadata that does, is BadInput. The
+    dataset is resolved only when accuracy is asked for (a latency-only gate touches no dataset)."""
     values, from_meta = {}, {}
     for name, (key, flag_name, check) in METADATA_SETTINGS.items():
-        if args[name] is not None:
+        given = check(meta[key], checks.metadata_key(key, flag_name)) if key in meta else None  # checked, used or not
+        if name == "dataset" and not accuracy_asked:
+            values[name] = None
+        elif args[name] is not None:
             values[name] = check(args[name], checks.flag(flag_name))
-        elif key in meta:
-            values[name] = from_meta[name] = check(meta[key], checks.metadata_key(key, flag_name))
+        elif given is not None:
+            values[name] = from_meta[name] = given
         else:
             values[name] = DEFAULTS[name]
     sample = tuple(input_dims[1:])
@@ -264,11 +392,51 @@ def resolve_settings(args: dict, meta: dict[str, str], input_dims: list, model: 
         )
         if args["batch"] is not None and args["batch"] != fixed:
             raise BadInput(f"{model} has a fixed batch of {fixed}; drop --batch or pass --batch {fixed}")
+        _refuse_loosening(from_meta, fixed, model)
         values["batch"] = fixed
-        from_meta.pop("batch", None)
-    elif static:
-        checks.batch(values["batch"], _batch_origin(args, from_meta), sample)
+        from_meta.pop("batch", None)  # it said what the model says
+    else:
+        if static:
+            checks.batch(values["batch"], _batch_origin(args, from_meta), sample)
+        _refuse_loosening(from_meta, None, model)
     return GateSettings(fixed_batch=fixed, from_metadata=from_meta, **values)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: onnxruntime's default thread count (one per core) is at most this."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _refuse_loosening(from_meta: dict, fixed_batch: int | None, model: str | Path) -> None:
+    """BadInput when a value the metadata supplied would make the measurement laxer than the gate's defaults: a
+    lower percentile, a larger batch (or one that is not the model's fixed batch), more threads than the CPUs."""
+    looser = []
+    if "percentile" in from_meta and from_meta["percentile"] < DEFAULTS["percentile"]:
+        looser.append(("percentile", f"the gate's default is p{DEFAULTS['percentile']:g}"))
+    if "threads" in from_meta and from_meta["threads"] > available_cpus():
+        looser.append(("threads", f"more than the {available_cpus()} CPUs the runtime's default uses"))
+    if "batch" in from_meta:
+        key, b = METADATA_SETTINGS["batch"][0], from_meta["batch"]
+        if fixed_batch is not None and b != fixed_batch:
+            raise BadInput(
+                f"model metadata {key}={b} does not describe {model}: its input has a fixed batch of {fixed_batch}; "
+                f"re-export it with {key}={fixed_batch} or without {key}"
+            )
+        if fixed_batch is None and b > DEFAULT_BATCH:
+            looser.append(
+                ("batch", f"the gate's default is batch {DEFAULT_BATCH}; a larger batch is faster per sample")
+            )
+    if looser:
+        name, why = looser[0]
+        key, flag_name, _ = METADATA_SETTINGS[name]
+        v = from_meta[name]
+        shown = f"{v:g}" if isinstance(v, float) else str(v)
+        raise BadInput(
+            f"model metadata {key}={shown} would loosen the gate: pass {flag_name} {shown} to allow it ({why})"
+        )
 
 
 def _batch_origin(args: dict, from_meta: dict) -> checks.Origin:
@@ -289,7 +457,8 @@ def _open_session(model: str | Path, provider: str, threads: int):
 
 
 def _judge(timing: Timing, s: GateSettings, accuracy: float | None, n_test: int, min_accuracy) -> tuple[Check, ...]:
-    """The latency check (when there is a budget) and the accuracy check (when there is a target)."""
+    """The checks that ran: latency (when there is a budget) and accuracy (when there is a target). The one place a
+    verdict is made: never from no checks, never from an accuracy outside [0, 1] (a bug: exit 3, not a pass)."""
     judged = []
     if s.budget_ms is not None:
         ok = timing.at_percentile_ms <= s.budget_ms
@@ -306,6 +475,8 @@ def _judge(timing: Timing, s: GateSettings, accuracy: float | None, n_test: int,
             )
         )
     if min_accuracy is not None:
+        if accuracy is None or not 0.0 <= accuracy <= 1.0 or n_test < 1:
+            raise RuntimeError(f"the gate computed an accuracy of {accuracy!r} on {n_test} images (a bug)")
         ok = accuracy >= min_accuracy
         judged.append(
             Check(
@@ -317,7 +488,69 @@ def _judge(timing: Timing, s: GateSettings, accuracy: float | None, n_test: int,
                 f"{accuracy:.4f} {'>=' if ok else '<'} {min_accuracy:g} on {s.dataset} test ({n_test} images)",
             )
         )
+    if not judged:  # validate() refuses this before measuring; a verdict from no checks is never given
+        raise BadInput(NOTHING_TO_CHECK)
     return tuple(judged)
+
+
+def _class_names(meta: dict[str, str]) -> list[str]:
+    """The model's `flexslim.class_names` (a JSON list of names), [] when absent."""
+    key = "flexslim.class_names"
+    if key not in meta:
+        return []
+    try:
+        names = json.loads(meta[key])
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise BadInput(f"model metadata {key} is not a JSON list of class names; re-export the model")
+    return names
+
+
+def _shape_text(dims) -> str:
+    return "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _check_declared_output(proto, path, class_names: list[str]) -> None:
+    """Before any accuracy: the graph declares exactly one output, of shape (N, classes) where the graph says."""
+    outputs = list(proto.graph.output)
+    if len(outputs) != 1:
+        raise BadInput(
+            f"{path} has {len(outputs)} outputs ({', '.join(o.name for o in outputs)}); the gate computes accuracy "
+            "only from exactly one output of class scores, shape (N, classes)"
+        )
+    t = outputs[0].type.tensor_type
+    if not t.HasField("shape"):
+        return  # checked on the scores themselves
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+    _check_scores_shape(dims, path, len(class_names) or None, "declares an output of shape")
+
+
+def _check_scores_shape(dims, path, classes: int | None, what: str) -> None:
+    if len(dims) != 2 or (classes is not None and isinstance(dims[1], int) and dims[1] != classes):
+        need = f"(N, {classes})" if classes is not None else "(N, classes)"
+        raise BadInput(
+            f"{path} {what} {_shape_text(dims)}; accuracy needs class scores of shape {need} "
+            "(flatten the head, e.g. torch.flatten(x, 1), and give one score per class)"
+        )
+
+
+def _scores(outputs: list, rows: int, classes: int | None, path):
+    """The model's class scores for one batch: exactly one finite array of shape (rows, classes), else BadInput."""
+    import numpy as np
+
+    if len(outputs) != 1:
+        raise BadInput(f"{path} gives {len(outputs)} outputs; accuracy needs exactly one, class scores (N, classes)")
+    scores = np.asarray(outputs[0])
+    _check_scores_shape(list(scores.shape), path, classes, "gives class scores of shape")
+    if scores.shape[0] != rows:
+        raise BadInput(f"{path} gives scores of shape {_shape_text(scores.shape)} for a batch of {rows} images")
+    if not np.issubdtype(scores.dtype, np.floating) or not np.isfinite(scores).all():
+        raise BadInput(
+            f"{path} gives non-finite class scores (NaN or inf, shape {_shape_text(scores.shape)}, {scores.dtype}); "
+            "a model that scores NaN has no accuracy: fix the model"
+        )
+    return scores
 
 
 def _input_dims(proto, path) -> list:
@@ -332,10 +565,12 @@ def _input_dims(proto, path) -> list:
     return dims
 
 
-def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch, class_names=()) -> tuple[float, int]:
+def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch, class_names=(), model="model"):
     """Top-1 accuracy on the dataset's test split, images in [0, 1] resized to the model's H, W if needed.
 
-    `folder`: the images under --data (a split of class folders, or a root with val/), labelled by `class_names`.
+    The scores are checked on every batch (one finite (N, classes) output; classes = the dataset's class count and
+    the model's `class_names`, which must agree). `folder`: the images under --data (a split of class folders, or a
+    root with val/), labelled by `class_names`.
     """
     import numpy as np
     import torch
@@ -346,6 +581,7 @@ def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch, class_n
 
     _, c, h, w = input_shape
     step = fixed_batch or 256
+    classes = len(class_names) or None
     if dataset == "folder":  # streamed: a validation folder need not fit in memory
         from flexslim.data.folders import eval_folder_batches
 
@@ -354,6 +590,12 @@ def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch, class_n
         ds = load_dataset(DataConfig(dataset=dataset, image_size=h), data_dir)
         if ds.input_shape[0] != c:
             raise BadInput(f"the model takes {c}-channel images but {dataset} has {ds.input_shape[0]}")
+        if classes is not None and classes != ds.num_classes:
+            raise BadInput(
+                f"model metadata flexslim.class_names names {classes} classes but {dataset} has {ds.num_classes}; "
+                "pass the --dataset the model was trained on"
+            )
+        classes = ds.num_classes
         batches = ds.test_batches(step)
     name = session.get_inputs()[0].name
     correct = total = 0
@@ -363,7 +605,13 @@ def _accuracy(session, dataset: str, data_dir, input_shape, fixed_batch, class_n
         n = len(x)
         if fixed_batch and n < fixed_batch:
             x = torch.cat([x, x.new_zeros(fixed_batch - n, *x.shape[1:])])
-        logits = session.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0][:n]
-        correct += int((logits.argmax(1) == y.numpy()).sum())
+        outputs = session.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})
+        scores = _scores(outputs, len(x), classes, model)[:n]
+        labels = y.numpy()
+        if classes is None and labels.size and int(labels.max()) >= scores.shape[1]:
+            raise BadInput(f"{model} gives {scores.shape[1]} class scores but the data has label {int(labels.max())}")
+        correct += int((scores.argmax(1) == labels).sum())
         total += n
-    return correct / max(1, total), total
+    if total == 0:
+        raise BadInput(f"the {dataset} test split has no images; point --data at a split with images")
+    return correct / total, total

@@ -45,7 +45,15 @@ def export_run(
     result = export_model(model, arch, output, provenance(arch, recipe.name if recipe else "unknown", budget, lat))
     if not gate or budget is None:
         return RunExport(result, None)
-    report = gate_in_fresh_process(result.path, budget, provider or (lat or {}).get("provider", "auto"))
+    from flexslim.deploy.gate import Measurement
+
+    # the run's own latency settings, explicitly (metadata only describes); accuracy on the run's dataset, which a
+    # folder run can only read where --data names it (export has none): then the gate is latency-only
+    dataset = arch.dataset if arch.dataset != "folder" else None
+    measure = Measurement.of_run(lat)
+    report = gate_in_fresh_process(
+        result.path, budget, provider or (lat or {}).get("provider", "auto"), measure, dataset
+    )
     return RunExport(result, report)
 
 
@@ -54,7 +62,7 @@ def _latency_settings(recipe) -> dict:
     return {"provider": s.provider, "batch": s.batch, "threads": s.threads, "percentile": s.percentile}
 
 
-def gate_in_fresh_process(path: Path, budget_ms: float, provider: str):
+def gate_in_fresh_process(path: Path, budget_ms: float, provider: str, measure=None, dataset: str | None = None):
     """Run `validate` in the isolated timing process (a fresh interpreter, as in CI): right after an export,
     this process still has the exporter's threads and heap churn, which showed up as p90 spikes of 2-3x on
     a 2-core machine."""
@@ -62,4 +70,6 @@ def gate_in_fresh_process(path: Path, budget_ms: float, provider: str):
     from flexslim.latency.runtime import run_isolated
 
     # the helper process keeps the working directory it was started in: hand it an absolute path
-    return run_isolated(validate, Path(path).resolve(), latency_ms=budget_ms, provider=provider)
+    return run_isolated(
+        validate, Path(path).resolve(), latency_ms=budget_ms, provider=provider, measure=measure, dataset=dataset
+    )

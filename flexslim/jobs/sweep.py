@@ -69,7 +69,7 @@ def plan_sweep(recipe: str, overrides: list[str], n: int, out: Path, data_dir, r
 def delivered_latency(run_dir: Path, budget_ms: float, repeats: int) -> dict:
     """Export the run's network (model.pt, else the searched weights) with the run's metadata, as `flexslim export`
     does, and time it `repeats` times with `flexslim validate` in a fresh process each, as a CI job would (the gate
-    reads the budget's batch, threads and percentile from the metadata)
+    reads the budget from the metadata; the run's batch, threads and percentile are passed as flags)
     -> {"delivered_ms": median p90, "delivered_runs", "accuracy"}."""
     from flexslim.deploy.export import export_model, provenance
     from flexslim.system.runs import RunRecord
@@ -80,7 +80,8 @@ def delivered_latency(run_dir: Path, budget_ms: float, repeats: int) -> dict:
     path = run_dir / "delivered.onnx"
     record = RunRecord.load(run_dir)  # the run's latency settings (provider, batch, threads, percentile) travel
     export_model(model, arch, path, provenance(arch, record["recipe"], budget_ms, record["latency"]))  # as metadata
-    reports = [gate_in_fresh_process(path, run_dir / f"delivered-{i + 1}.json") for i in range(repeats)]
+    flags = _gate_flags(record["latency"], arch.dataset)
+    reports = [gate_in_fresh_process(path, run_dir / f"delivered-{i + 1}.json", flags) for i in range(repeats)]
     p90s = [r["latency_ms"] for r in reports]
     return {
         "delivered_ms": statistics.median(p90s),
@@ -90,7 +91,15 @@ def delivered_latency(run_dir: Path, budget_ms: float, repeats: int) -> dict:
     }
 
 
-def gate_in_fresh_process(model: Path, report: Path) -> dict:
+def _gate_flags(latency: dict | None, dataset: str | None) -> list[str]:
+    """The run's own latency settings as explicit flags (metadata only describes), and its dataset so the report
+    has an accuracy (a folder run's images are not known here: latency only)."""
+    from flexslim.deploy.gate import Measurement
+
+    return Measurement.of_run(latency).flags() + (["--dataset", dataset] if dataset and dataset != "folder" else [])
+
+
+def gate_in_fresh_process(model: Path, report: Path, flags: list[str] | tuple[str, ...] = ()) -> dict:
     """`flexslim validate MODEL --report REPORT` in a new interpreter (exit 0 or 1: a report either way) -> the
     report. Anything else is an error naming the command's last line."""
     import subprocess
@@ -98,7 +107,7 @@ def gate_in_fresh_process(model: Path, report: Path) -> dict:
 
     from flexslim.system.children import child_env
 
-    cmd = [sys.executable, "-m", "flexslim", "validate", str(model), "--report", str(report)]
+    cmd = [sys.executable, "-m", "flexslim", "validate", str(model), "--report", str(report), *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())  # it dies with this process
     if proc.returncode not in (0, 1) or not report.is_file():
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -3,7 +3,11 @@ the process group (gloo on CPUs, nccl for CUDA tensors), rank-0-only side effect
 the search and the retraining need.
 
 Without torchrun (no WORLD_SIZE, or WORLD_SIZE=1) every function here is the single-process identity: no
-process group, `rank() == 0`, `on_main(fn) == fn()`, gradients untouched. Under torchrun with N ranks:
+process group, `rank() == 0`, `on_main(fn) == fn()`, gradients untouched. The environment counts as torchrun's
+only when torchrun's own variables are there (`launched_by_torchrun`): TORCHELASTIC_RUN_ID, or RANK, LOCAL_RANK,
+WORLD_SIZE and MASTER_ADDR together. A stray RANK or WORLD_SIZE (left over in a shell or a CI job) is ignored, with
+a one-line note (`stray_rank_note`): otherwise `RANK=1 flexslim validate ...` would believe it is rank 1, skip every
+write and exit 0 with no report. Under torchrun with N ranks:
 
 - every rank iterates the same GLOBAL batches (the recipe's batch size, same shuffles and augmentation) and
   trains on its own slice of each (`shard`); weight and mu gradients are averaged (`average_gradients`), so
@@ -53,9 +57,34 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")  # set together by torchrun for every worker
+_STRAY_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def launched_by_torchrun() -> bool:
+    """True when this process is a worker that torchrun started: its TORCHELASTIC_RUN_ID is set, or RANK,
+    LOCAL_RANK, WORLD_SIZE and MASTER_ADDR all are (a launcher that sets torchrun's env:// variables itself)."""
+    env = os.environ
+    return bool(env.get("TORCHELASTIC_RUN_ID")) or all(env.get(k) for k in TORCHRUN_VARS)
+
+
+def stray_rank_note() -> str | None:
+    """One line to print when RANK / WORLD_SIZE / LOCAL_RANK are set but torchrun did not start this process (they
+    are ignored: it runs as the single process), else None."""
+    if launched_by_torchrun():
+        return None
+    stray = [f"{k}={os.environ[k]}" for k in _STRAY_VARS if os.environ.get(k)]
+    if not stray:
+        return None
+    return (
+        f"note: ignoring {' '.join(stray)}: not a torchrun launch (no TORCHELASTIC_RUN_ID, nor RANK, LOCAL_RANK, "
+        "WORLD_SIZE and MASTER_ADDR together); running as a single process"
+    )
+
+
 def rank() -> int:
-    """This process's rank (torchrun's RANK; 0 without torchrun)."""
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank (torchrun's RANK; 0 without torchrun, whatever a stray RANK says)."""
+    return int(os.environ["RANK"]) if launched_by_torchrun() and os.environ.get("RANK") else 0
 
 
 def is_main() -> bool:
@@ -65,7 +94,7 @@ def is_main() -> bool:
 
 def launched_world() -> int:
     """The world size torchrun announced in the environment (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
 
 
 def init(device: str = "auto") -> bool:
