@@ -85,6 +85,7 @@ RULES: dict[str, Rule] = {
     "search.dual_lr": checks.non_negative,
     "search.init_multiplier": checks.non_negative,
     "search.average_last": lambda v, o: checks.finite(v, o, low=0.0, high=1.0, low_open=True),
+    "search.warmup": lambda v, o: checks.finite(v, o, low=0.0, high=0.9),
     "search.dmask_small": _width_range,
     "search.dmask_large": _width_range,
     "search.dmask_step": _count(cap=checks.MAX_WIDTH),
@@ -141,6 +142,12 @@ def check_recipe(recipe: Recipe, source: str | None = None) -> Recipe:
     for i, m in enumerate(recipe.bench.methods):
         checks.choice(m, checks.recipe_key(f"bench.methods[{i}]", source), BENCH_METHODS)
     _check_stages(recipe, source)
+    if recipe.search.warmup + recipe.search.average_last > 1.0:
+        raise BadInput(
+            f"recipe keys search.warmup = {recipe.search.warmup} and search.average_last = "
+            f"{recipe.search.average_last}{f' ({source})' if source else ''}: the averaged end of the search would "
+            "include warm-up steps (mu not yet searched); keep warmup + average_last <= 1"
+        )
     channels = DATASET_CHANNELS[recipe.data.dataset]
     sample = (channels, recipe.data.image_size, recipe.data.image_size)
     for key in ("latency.batch", "train.batch_size", "search.batch_size"):

@@ -105,6 +105,8 @@ class SearchConfig:
     hysteresis: float = 0.5  # shrink only when the allocation exceeds its target by more than this many sigmas
     dual_lr: float = 0.5  # budget controller: multiplier += dual_lr * (E[lat] / target - 1) per arch step
     init_multiplier: float = 0.0
+    warmup: float = 0.25  # the first warmup x epochs (rounded down) train the weights only: mu, the logits and the
+    # budget controller start once cross-entropy can defend a width (FBNetV2's warm-up; 0: arch steps from the start)
     average_last: float = 0.3  # mu handed to the bake = its mean over this last fraction of the search's steps
     trim: bool = True  # the measured bake: trim until the network measures within the budget, then grow stages
     # back while they fit (off: the rounded widths are only measured)

@@ -272,10 +272,20 @@ def arch_step(
     return ce_mean, float(lat.detach())
 
 
+def warmup_epochs(cfg: SearchConfig) -> int:
+    """The first search epochs that train the weights alone (`search.warmup` x epochs, rounded down): mu, the
+    option logits and the budget controller wait until the weights can tell which widths matter (FBNetV2's
+    warm-up). Without it the latency term moves mu from the first step on untrained weights, and the early,
+    high-resolution stages - the dearest per channel - collapse to min_width before cross-entropy can defend them."""
+    return int(cfg.warmup * cfg.epochs)
+
+
 def train_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, epoch: int) -> dict[str, float]:
     """Search epoch `epoch` (0-based) up to, not including, re-allocation: per-epoch updates, then a weights
-    step, an architecture step and a controller update per batch pair. Returns the epoch's mean losses."""
+    step, an architecture step and a controller update per batch pair (a warm-up epoch: the weights step
+    alone, E[latency] only read). Returns the epoch's mean losses."""
     cfg, sn = loop.cfg, st.supernet
+    warm = epoch < warmup_epochs(cfg)
     augment = Augment(loop.recipe.data, seed=cfg.seed * 1000 + epoch)  # one stream per epoch: resumed runs match
     sn.train()
     sn.start_epoch(epoch, cfg.epochs, cfg)
@@ -284,8 +294,11 @@ def train_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, epo
     sums = {"weight_loss": 0.0, "arch_ce": 0.0, "mean_step_latency_ms": 0.0}
     for (xt, yt), (xs, ys) in zip(bt, bs):
         w_loss = weight_step(st, loop, augment, xt, yt)
-        a_ce, lat_ms = arch_step(st, loop, augment, xs, ys)
-        st.multiplier += cfg.dual_lr * (lat_ms / loop.budget.limit_ms - 1.0)  # dual ascent
+        if warm:
+            a_ce, lat_ms = 0.0, _expected_latency(sn, loop)
+        else:
+            a_ce, lat_ms = arch_step(st, loop, augment, xs, ys)
+            st.multiplier += cfg.dual_lr * (lat_ms / loop.budget.limit_ms - 1.0)  # dual ascent
         if st.step >= loop.average_from:
             for k, v in sn.mean_widths().items():
                 st.mu_sum[k] = st.mu_sum.get(k, 0.0) + v
@@ -299,6 +312,11 @@ def train_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, epo
         )
     loop.reporter.stop()
     return {key: v / loop.steps_per_epoch for key, v in sums.items()}
+
+
+def _expected_latency(sn: Supernet, loop: SearchLoop) -> float:
+    with torch.no_grad():
+        return float(loop.latency.predict_expected(sn.width_distributions()))
 
 
 def reallocate(st: SearchState, cfg: SearchConfig) -> tuple[dict[str, int], dict[str, int]]:
@@ -339,6 +357,7 @@ def epoch_record(st: SearchState, loop: SearchLoop, alloc: tuple[dict, dict], me
         "mean_step_latency_ms": means["mean_step_latency_ms"],
         "lr": cosine_lr(loop.cfg.lr, st.step, loop.total_steps),
         "steps": loop.steps_per_epoch,
+        "warmup": st.epoch <= warmup_epochs(loop.cfg),  # weights only: mu and the multiplier did not move
     }
 
 
