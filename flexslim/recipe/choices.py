@@ -34,11 +34,13 @@ SEARCH_METHODS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class BenchMethod:
-    """One row of the bench: `search` is a SEARCH_METHODS name (None: uniform scaling, no search)."""
+    """One row of the bench: `search` is a SEARCH_METHODS name, or None for a `baseline` without a supernet
+    (uniform: one width multiplier; random: random search inside the budget)."""
 
     name: str
     search: str | None
     overrides: tuple[str, ...] = ()
+    baseline: str | None = None
 
 
 BENCH_METHODS: dict[str, BenchMethod] = {
@@ -47,7 +49,8 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         BenchMethod("flexcharts", "flexcharts"),
         BenchMethod("dmask-small", "dmask", ("search.dmask_range=small",)),
         BenchMethod("dmask-large", "dmask", ("search.dmask_range=large",)),
-        BenchMethod("uniform", None),
+        BenchMethod("uniform", None, baseline="uniform"),
+        BenchMethod("random", None, baseline="random"),
     )
 }
 

@@ -106,6 +106,7 @@ RULES: dict[str, Rule] = {
     "latency.near": _count(low=0, cap=1000),
     "latency.confidence": checks.non_negative,
     "bench.latency_ms": lambda v, o: v if v == 0 else checks.budget_ms(v, o),  # 0 = pass --latency-ms
+    "bench.random_seconds": checks.positive,
 }
 
 

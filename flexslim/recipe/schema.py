@@ -151,6 +151,7 @@ class BenchConfig:
     latency_ms: float = 0.0  # the budget every method searches for (0 = pass --latency-ms)
     methods: tuple[str, ...] = ("flexcharts", "dmask-small", "dmask-large", "uniform")
     retrain: bool = False  # also retrain each result and report test accuracy
+    random_seconds: float = 60.0  # random search's time when no FlexCHarts run precedes it (else FlexCHarts' own)
 
 
 @dataclass(frozen=True)
