@@ -9,15 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DATASETS = (
-    "quickstart",
-    "cifar10",
-    "folder",
-    "synthetic",
-)  # the one table of dataset names (flexslim.data.sources loads them)
+DATASETS: dict[str, str] = {
+    "quickstart": "flexslim.data.sources:load_quickstart",
+    "cifar10": "flexslim.data.sources:load_cifar10",
+    "fashion-mnist": "flexslim.data.sources:load_idx",
+    "mnist": "flexslim.data.sources:load_idx",
+    "kmnist": "flexslim.data.sources:load_idx",
+    "folder": "flexslim.data.folders:load_folder",
+    "synthetic": "flexslim.data.synthetic:load_synthetic",
+}  # the one dataset table: name -> `loader(cfg: DataConfig, data_dir)`, resolved by flexslim.data.sources
 DATASET_CHANNELS = {
     "quickstart": 1,
     "cifar10": 3,
+    "fashion-mnist": 1,
+    "mnist": 1,
+    "kmnist": 1,
     "folder": 3,
     "synthetic": 3,
 }  # folder: 3 at most (data.channels: 1 or 3)

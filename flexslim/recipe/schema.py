@@ -36,7 +36,8 @@ class StageSpec:
 class DataConfig:
     """[data]: which dataset, its size and split, augmentation, streaming (see the key comments)."""
 
-    dataset: str = "cifar10"  # cifar10 | quickstart | folder (--data DIR with train/ and val/ of class folders)
+    dataset: str = "cifar10"  # cifar10 | quickstart | fashion-mnist | mnist | kmnist | folder (--data DIR with
+    # train/ and val/ of class folders) | synthetic; the table is recipe.choices.DATASETS
     image_size: int = 32  # pixels; quickstart's 8x8 digits are resized to this, CIFAR-10 is 32 already
     crop_padding: int = 4  # pixels of zero padding for the random crop; 0 disables it
     flip: bool = True  # random horizontal flip (off for digits: a mirrored 3 is not a 3)
@@ -49,6 +50,8 @@ class DataConfig:
     max_in_memory_mb: int = 4096  # folder: decoded train + test images above this size stream from disk (folders.py)
     stream: bool = False  # folder: stream from disk through DataLoader workers even when the set fits in memory
     workers: int = -1  # folder, streaming: DataLoader worker processes per batch stream; -1 = min(4, CPU cores)
+    train_subset: int = 0  # training images per class (class-balanced, drawn by split_seed) of an in-memory
+    # dataset; 0 = all of them. A class with fewer keeps all of its images; the test set is never cut
 
 
 @dataclass(frozen=True)
