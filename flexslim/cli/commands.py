@@ -289,11 +289,20 @@ def bench(
     latency_table: Annotated[
         Optional[Path], typer.Option(help="Share this latency.json (flexslim profile) instead of measuring one.")
     ] = None,
+    floor_x: Annotated[
+        Optional[str],
+        typer.Option(
+            "--floor-x",
+            help="Several budgets, as multiples of the family's measured floor (e.g. 1.5,2.5,4): one bench each on "
+            "one shared table, then pareto.md/.png over them.",
+        ),
+    ] = None,
     data: DataOpt = None,
     device: DeviceOpt = Device.auto,
     set_: SetOpt = None,
 ) -> None:
-    """Compare FlexCHarts, DMaskingNAS (small/large range) and uniform scaling at one budget (paper Table 1)."""
+    """Compare FlexCHarts, DMaskingNAS, uniform scaling and random search at equal measured latency (paper Table 1,
+    Fig. 4 with --floor-x)."""
     with command_exit_codes():
         from flexslim.recipe.checks import check_output_dir
 
@@ -315,10 +324,32 @@ def bench(
             seeds=seeds,
             latency_table=latency_table,
         )
-        rows = run_bench(request, log=lambda line: err.print(line, highlight=False))
-        out.print((out_dir / "bench.md").read_text())
+        from flexslim.errors import BadInput
+
+        log = lambda line: err.print(line, highlight=False)  # noqa: E731
+        if floor_x is not None:
+            from flexslim.bench.pareto import run_budgets
+
+            if latency_ms is not None:
+                raise BadInput("--latency-ms and --floor-x are exclusive: give one budget or multiples of the floor")
+            rows = run_budgets(request, _floats(floor_x, "--floor-x"), log=log)
+            out.print((out_dir / "pareto.md").read_text())
+        else:
+            rows = run_bench(request, log=log)
+            out.print((out_dir / "bench.md").read_text())
         if any("error" in r for r in rows):
             raise typer.Exit(1)
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    """A comma-separated list of finite numbers; BadInput naming the flag otherwise."""
+    from flexslim.errors import BadInput
+    from flexslim.recipe import checks
+
+    try:
+        return tuple(checks.finite(float(x), checks.flag(flag)) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise BadInput(f"{flag} takes comma-separated numbers (e.g. 1.5,2.5,4), got {text!r}") from None
 
 
 def _print_throughput(recipe: str, set_, data, device) -> None:
