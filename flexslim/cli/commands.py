@@ -382,17 +382,27 @@ def sweep(
         bool, typer.Option(help="Retrain every delivered network (accuracy of the retrained net).")
     ] = False,
     repeats: Annotated[int, typer.Option(help="Gate measurements of each delivered network (median).")] = 3,
+    min_accuracy: Annotated[
+        Optional[float],
+        typer.Option(help="The fastest delivered network whose retrained accuracy reaches this (needs --retrain)."),
+    ] = None,
     data: DataOpt = None,
     device: DeviceOpt = Device.auto,
     set_: SetOpt = None,
 ) -> None:
-    """Search N budgets on one shared latency table; measure what each delivered network really runs at."""
+    """Search N budgets on one shared latency table; measure what each delivered network really runs at. With
+    --min-accuracy: the fastest network reaching it (exit 1, naming the best found, when none does)."""
     with command_exit_codes():
-        from flexslim.jobs.sweep import SweepRequest, failed, sweep_job
-        from flexslim.recipe.checks import check_output_dir
+        from flexslim.errors import BadInput
+        from flexslim.jobs.sweep import SweepRequest, failed, fastest_reaching, sweep_job
+        from flexslim.recipe import checks
         from flexslim.system.console import RichReporter
 
-        check_output_dir(out_dir, "--out")
+        checks.check_output_dir(out_dir, "--out")
+        if min_accuracy is not None:
+            checks.fraction(min_accuracy, checks.flag("--min-accuracy"))
+            if not retrain:
+                raise BadInput("--min-accuracy judges retrained networks: pass --retrain too")
 
         request = SweepRequest(
             recipe,
@@ -406,6 +416,18 @@ def sweep(
         )
         rows = sweep_job(request, reporter=RichReporter(err))
         out.print((out_dir / "sweep.md").read_text())
+        if min_accuracy is not None:
+            fastest, best = fastest_reaching(rows, min_accuracy)
+            if fastest is None:
+                found = f"the best found: {best['widths']} at {best['accuracy']:.4f}" if best else "no network"
+                out.print(f"FAIL: no delivered network reaches accuracy {min_accuracy:g}; {found}", markup=False)
+                raise typer.Exit(1)
+            out.print(
+                f"fastest network reaching accuracy {min_accuracy:g}: {fastest['widths']} at "
+                f"{fastest['delivered_ms']:.4f} ms (budget {fastest['budget_ms']:g} ms), accuracy "
+                f"{fastest['accuracy']:.4f}, run {fastest['run_dir']}",
+                markup=False,
+            )
         if any(failed(r) for r in rows):
             raise typer.Exit(1)
 
