@@ -310,7 +310,7 @@ def bench(
         if throughput:
             _print_throughput(recipe, set_, data, device)
             return
-        from flexslim.bench.run import BenchRequest, run_bench
+        from flexslim.bench.run import BenchRequest
 
         request = BenchRequest(
             recipe,
@@ -324,21 +324,28 @@ def bench(
             seeds=seeds,
             latency_table=latency_table,
         )
-        from flexslim.errors import BadInput
-
-        log = lambda line: err.print(line, highlight=False)  # noqa: E731
-        if floor_x is not None:
-            from flexslim.bench.pareto import run_budgets
-
-            if latency_ms is not None:
-                raise BadInput("--latency-ms and --floor-x are exclusive: give one budget or multiples of the floor")
-            rows = run_budgets(request, _floats(floor_x, "--floor-x"), log=log)
-            out.print((out_dir / "pareto.md").read_text())
-        else:
-            rows = run_bench(request, log=log)
-            out.print((out_dir / "bench.md").read_text())
+        rows = _bench_rows(request, floor_x)
         if any("error" in r for r in rows):
             raise typer.Exit(1)
+
+
+def _bench_rows(request, floor_x: str | None) -> list[dict]:
+    """One bench (bench.md), or one per budget of `--floor-x` (pareto.md); the table printed, the rows returned."""
+    from flexslim.bench.run import run_bench
+    from flexslim.errors import BadInput
+
+    log = lambda line: err.print(line, highlight=False)  # noqa: E731
+    if floor_x is None:
+        rows = run_bench(request, log=log)
+        out.print((request.out / "bench.md").read_text())
+        return rows
+    from flexslim.bench.pareto import run_budgets
+
+    if request.budget_ms is not None:
+        raise BadInput("--latency-ms and --floor-x are exclusive: give one budget or multiples of the floor")
+    rows = run_budgets(request, _floats(floor_x, "--floor-x"), log=log)
+    out.print((request.out / "pareto.md").read_text())
+    return rows
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
