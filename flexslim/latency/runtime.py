@@ -104,6 +104,7 @@ def make_session(model: str | Path | bytes, provider: str = "auto", threads: int
     if provider != "cuda":
         return ort.InferenceSession(src, sess_options=opts, providers=names)
     what = "the model" if isinstance(model, bytes) else str(model)
+    ort.set_default_logger_severity(4)  # a CUDA library that fails to load is our one error line, not ORT's log
     try:
         session = ort.InferenceSession(src, sess_options=opts, providers=names, enable_fallback=0)
     except Exception as err:  # noqa: BLE001 - a CUDA provider error is what the caller asked about
