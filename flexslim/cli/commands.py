@@ -26,7 +26,7 @@ from flexslim.cli.app import (
     err,
     out,
 )
-from flexslim.latency.runtime import GATE_SECONDS
+from flexslim.latency.runtime import DEFAULT_TIMEOUT, GATE_SECONDS
 from flexslim.recipe.choices import BENCH_METHODS
 from flexslim.system.distributed import is_main
 
@@ -232,6 +232,10 @@ def validate(
         float, typer.Option(help="Minimum seconds of timed runs, cut into windows; disturbed windows are left out.")
     ] = GATE_SECONDS,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
+    timeout: Annotated[
+        float,
+        typer.Option(help="Seconds the measurement may take; past it the gate fails (exit 1, 'timed out after S s')."),
+    ] = DEFAULT_TIMEOUT,
     dataset: Annotated[
         Optional[str],
         typer.Option(
@@ -244,8 +248,9 @@ def validate(
     report: Annotated[Optional[str], typer.Option(help="Write the report as JSON here.")] = None,
     junit: Annotated[Optional[str], typer.Option(help="Write the checks as JUnit XML here.")] = None,
 ) -> None:
-    """Gate an ONNX classifier: latency vs budget and/or accuracy vs target. Exit 0 pass, 1 fail, 2 bad input
-    (including nothing to check, metadata that would loosen the gate, outputs that are not (N, classes) scores)."""
+    """Gate an ONNX classifier: latency vs budget and/or accuracy vs target. Exit 0 pass, 1 fail (also: timed out,
+    or warm-up already far over the budget), 2 bad input (including nothing to check, metadata that would loosen the
+    gate, outputs that are not (N, classes) scores, --provider cuda when onnxruntime would run it on the CPU)."""
     with command_exit_codes():
         from flexslim.deploy.gate import Measurement
         from flexslim.deploy.gate import validate as run_validate
@@ -255,7 +260,13 @@ def validate(
         report = check_output_path(report, "--report") if report is not None else None
         junit = check_output_path(junit, "--junit") if junit is not None else None
         measure = Measurement(
-            batch=batch, percentile=percentile, threads=threads, warmup=warmup, runs=runs, min_seconds=min_seconds
+            batch=batch,
+            percentile=percentile,
+            threads=threads,
+            warmup=warmup,
+            runs=runs,
+            min_seconds=min_seconds,
+            timeout=timeout,
         )
         rep = run_validate(
             model, latency_ms, min_accuracy, dataset=dataset, data=data, provider=provider.value, measure=measure
@@ -459,6 +470,8 @@ def _render_report(rep) -> None:
         _verdict(rep, "latency"),
     )
     table.add_row("latency p50 / p90 (ms/sample)", f"{t.p50_ms:.4f} / {t.p90_ms:.4f}", "", "")
+    if t.stopped == "timeout":
+        table.add_row("time taken (s)", f"{t.elapsed_s:.1f}", f"{t.timeout_s:g}", _verdict(rep, "timeout"))
     if t.all_passes_ms is not None and t.quiet_windows < t.windows:
         table.add_row(f"latency {pct}, every pass (ms/sample)", f"{t.all_passes_ms:.4f}", "", "")
     if rep.accuracy is not None:
@@ -473,8 +486,12 @@ def _render_report(rep) -> None:
     out.print(
         f"provider {t.provider} (asked: {rep.requested_provider}), batch {t.batch}, input {list(t.input_shape)}, "
         f"threads {t.threads or 'default'}, {t.runs} timed runs after {t.warmup} warm-up "
-        f"({t.quiet_windows} of {t.windows} windows undisturbed), {t.runtime}"
+        f"({t.quiet_windows} of {t.windows} windows undisturbed), {t.runtime}",
+        highlight=False,
+        markup=False,
     )
+    for note in rep.notes:
+        out.print(f"note: {note}", highlight=False, markup=False)
     # plain text, not markup: the verdict names the metadata's values in [brackets]
     verdict = Text("PASS" if rep.passed else "FAIL", style="green" if rep.passed else "red")
     verdict.append(" " + rep.summary().split(" - ", 1)[1])

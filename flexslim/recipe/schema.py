@@ -145,6 +145,7 @@ class LatencyConfig:
     near: int = 4  # fit networks measured near each budget (predicted within 12%), plus one held out
     confidence: float = 2.0  # the measured network must sit this many timing spreads under the budget
     bake_seconds: float = 2.0  # timed seconds per session when the bake measures (the gate's --min-seconds)
+    timeout: float = 600.0  # seconds one measurement may take; past it the timing helper is stopped (exit 1)
 
 
 @dataclass(frozen=True)
