@@ -19,14 +19,13 @@ torch.set_num_threads(1)  # bit-reproducible float reductions, and no oversubscr
 _calls = [0]
 
 
-def fake_time_isolated(
-    model, provider, threads, batch, warmup, runs, percentile, seed=0, min_seconds=0.0, timeout=600.0
-):
+def fake_time_isolated(model, provider, plan):
     _calls[0] += 1
     print(f"fake timing {_calls[0]}", file=sys.stderr, flush=True)
     time.sleep(float(os.environ.get("FAKE_TIMING_SLEEP", "0")))
     ms = 1e-6 * len(model)  # ~0.05 ms for the tiny quickstart network
-    return runtime.Timing("cpu", batch, (batch,), threads, warmup, runs, percentile, ms, ms, ms, ms, "fake")
+    p = plan
+    return runtime.Timing("cpu", p.batch, (p.batch,), p.threads, p.warmup, p.runs, p.percentile, ms, ms, ms, ms, "fake")
 
 
 runtime.time_isolated = fake_time_isolated

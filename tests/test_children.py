@@ -209,7 +209,8 @@ def test_the_isolated_timing_helper_stops_mid_measurement_when_its_parent_is_kil
         from flexslim.latency import runtime
         def measure():  # 300 s of timed runs: still measuring when the parent dies
             model = Path({str(model)!r}).read_bytes()
-            runtime.isolated_pool().submit(runtime.time_model_bytes, model, "cpu", 1, 8, 1, 10, 90.0, 0, 300.0)
+            plan = runtime.TimingPlan(batch=8, warmup=1, runs=10, percentile=90.0, threads=1, seed=0, min_seconds=300.0)
+            runtime.isolated_pool().submit(runtime.time_model_bytes, model, "cpu", plan)
         if __name__ == "__main__":  # the spawned helper imports this file
             if {from_thread}:
                 t = threading.Thread(target=measure); t.start(); t.join()

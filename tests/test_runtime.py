@@ -6,6 +6,7 @@ from flexslim.errors import BadInput
 from flexslim.latency.runtime import (
     QUIET,
     Timing,
+    TimingPlan,
     cuda_usable,
     make_session,
     provider_list,
@@ -54,7 +55,7 @@ def test_auto_session_runs_on_cpu(exported):
 
 def test_time_session(exported):
     sess = make_session(exported.path, "cpu", threads=1)
-    t = time_session(sess, batch=3, warmup=1, runs=7, percentile=75.0, threads=1)
+    t = time_session(sess, TimingPlan(batch=3, warmup=1, runs=7, percentile=75.0, threads=1))
     assert isinstance(t, Timing)
     assert t.provider == "cpu" and t.batch == 3 and t.input_shape == (3, 1, 16, 16)
     assert (t.runs, t.warmup, t.threads, t.percentile) == (7, 1, 1, 75.0)
@@ -101,7 +102,7 @@ def test_undisturbed_keeps_short_runs_whole():
 
 def test_time_session_reports_windows(exported):
     sess = make_session(exported.path, "cpu", threads=1)
-    t = time_session(sess, batch=2, warmup=1, runs=60, threads=1)
+    t = time_session(sess, TimingPlan(batch=2, warmup=1, runs=60, threads=1))
     assert t.windows == 6 and 1 <= t.quiet_windows <= 6
     assert t.all_passes_ms is not None and t.all_passes_ms > 0
     assert t.to_dict()["quiet_windows"] == t.quiet_windows
@@ -110,14 +111,14 @@ def test_time_session_reports_windows(exported):
 def test_time_session_is_per_sample(exported):
     """Per-sample latency: a batch of 64 costs less per image than 64 times a batch of one (and not more)."""
     sess = make_session(exported.path, "cpu", threads=1)
-    one = time_session(sess, batch=1, warmup=2, runs=15)
-    many = time_session(sess, batch=64, warmup=2, runs=15)
+    one = time_session(sess, TimingPlan(batch=1, warmup=2, runs=15))
+    many = time_session(sess, TimingPlan(batch=64, warmup=2, runs=15))
     assert many.p50_ms < one.p50_ms * 4  # a whole-batch time would be ~64x larger than the per-image one
 
 
 def test_percentile_50_is_p50(exported):
     sess = make_session(exported.path, "cpu")
-    t = time_session(sess, batch=2, warmup=0, runs=5, percentile=50.0)
+    t = time_session(sess, TimingPlan(batch=2, warmup=0, runs=5, percentile=50.0))
     assert t.at_percentile_ms == t.p50_ms
 
 
@@ -134,19 +135,19 @@ def test_percentile_50_is_p50(exported):
 def test_time_session_rejects_impossible_arguments(exported, kw):
     sess = make_session(exported.path, "cpu")
     with pytest.raises(BadInput):
-        time_session(sess, **kw)
+        time_session(sess, TimingPlan(**kw))
 
 
 def test_dynamic_spatial_dims_are_bad_input(make_onnx):
     path = make_onnx(inputs=(("img", ["N", 3, "H", "W"]),))
     sess = make_session(path, "cpu")
     with pytest.raises(BadInput, match="img"):
-        time_session(sess, batch=2, warmup=0, runs=1)
+        time_session(sess, TimingPlan(batch=2, warmup=0, runs=1))
 
 
 def test_fixed_graph_times_with_its_shape(make_onnx):
     sess = make_session(make_onnx(inputs=(("x", ["N", 2, 5, 7]),)), "cpu")
-    t = time_session(sess, batch=4, warmup=0, runs=3)
+    t = time_session(sess, TimingPlan(batch=4, warmup=0, runs=3))
     assert t.input_shape == (4, 2, 5, 7)
     out = sess.run(None, {"x": -np.ones((1, 2, 5, 7), np.float32)})[0]
     assert np.all(out == 0)  # the graph really is the Relu it claims to be
@@ -157,7 +158,7 @@ def test_cuda_provider_runs_on_cuda(exported):
     assert provider_list("auto")[0] == "CUDAExecutionProvider"
     sess = make_session(exported.path, "cuda")
     assert ran_provider(sess) == "cuda"
-    t = time_session(sess, batch=8, warmup=2, runs=5)
+    t = time_session(sess, TimingPlan(batch=8, warmup=2, runs=5))
     assert t.provider == "cuda" and t.p50_ms <= t.p90_ms
 
 
@@ -168,7 +169,7 @@ def test_time_session_applies_the_caps(exported, kw, needle):
     session = make_session(exported.path, "cpu", 1)
     args = {"batch": 2, "warmup": 0, "runs": 1, **kw}
     with pytest.raises(BadInput, match=needle):
-        time_session(session, **args)
+        time_session(session, TimingPlan(**args))
 
 
 def test_a_dead_timing_process_is_an_error_not_a_silent_rerun():
@@ -335,7 +336,7 @@ def test_a_fallback_during_timing_is_bad_input(exported, monkeypatch):
 
     monkeypatch.setattr(runtime, "_runner", runner)
     with pytest.raises(BadInput, match="fell back to the CPU"):
-        time_session(fake, 4, warmup=1, runs=2, where=Placement("cuda"))
+        time_session(fake, TimingPlan(4, warmup=1, runs=2), where=Placement("cuda"))
 
 
 def test_a_cuda_failure_during_timing_is_bad_input(exported, monkeypatch):
@@ -352,7 +353,7 @@ def test_a_cuda_failure_during_timing_is_bad_input(exported, monkeypatch):
 
     monkeypatch.setattr(runtime, "_runner", runner)
     with pytest.raises(BadInput, match="CUDA provider failed while timing .*illegal memory access"):
-        time_session(real, 4, warmup=1, runs=2, where=Placement("cuda"))
+        time_session(real, TimingPlan(4, warmup=1, runs=2), where=Placement("cuda"))
 
 
 @pytest.mark.gpu
@@ -366,5 +367,5 @@ def test_cuda_session_is_strict_on_a_gpu(exported):
     assert sess._enable_fallback is False  # disable_fallback(): a CUDA error in run() raises, no CPU re-run
     p = placement(sess, onnx.load(str(exported.path)).graph)
     assert p.provider == "cuda" and p.known
-    t = time_session(sess, batch=8, warmup=2, runs=5, where=p)
+    t = time_session(sess, TimingPlan(batch=8, warmup=2, runs=5), where=p)
     assert t.provider == "cuda" and t.cpu_nodes == ()

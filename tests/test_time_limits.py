@@ -74,7 +74,7 @@ def test_a_timing_past_its_limit_stops_and_says_so(slow_model):
     limit = max(0.5, 2.5 * per_pass)
     session = runtime.make_session(slow_model, "cpu", 1)
     t0 = time.perf_counter()
-    t = runtime.time_session(session, 32, warmup=2, runs=1000, threads=1, timeout=limit)
+    t = runtime.time_session(session, runtime.TimingPlan(32, warmup=2, runs=1000, threads=1, timeout=limit))
     took = time.perf_counter() - t0
     assert t.stopped == "timeout" and t.timeout_s == limit
     assert t.runs < 1000 and took < limit + 2 * per_pass + 1.0  # stopped at the limit, not after 1000 passes
@@ -87,7 +87,7 @@ def test_a_pass_in_flight_is_cancelled_at_the_limit(slow_model):
     session = runtime.make_session(slow_model, "cpu", 1)
     limit = per_pass / 4
     t0 = time.perf_counter()
-    t = runtime.time_session(session, 32, warmup=0, runs=5, threads=1, timeout=limit)
+    t = runtime.time_session(session, runtime.TimingPlan(32, warmup=0, runs=5, threads=1, timeout=limit))
     assert t.stopped == "timeout" and t.runs == 0 and t.warmup == 0
     assert time.perf_counter() - t0 < per_pass + 0.5  # did not finish the pass, let alone five
     assert t.at_percentile_ms >= limit * 1e3 / 32 * 0.9  # a lower bound: the pass took at least this long
@@ -95,7 +95,8 @@ def test_a_pass_in_flight_is_cancelled_at_the_limit(slow_model):
 
 def test_no_limit_hit_times_in_full(exported):
     session = runtime.make_session(exported.path, "cpu", 1)
-    t = runtime.time_session(session, 4, warmup=1, runs=5, threads=1, timeout=60.0, budget_ms=1e4)
+    plan = runtime.TimingPlan(4, warmup=1, runs=5, threads=1, timeout=60.0)
+    t = runtime.time_session(session, plan, budget_ms=1e4)
     assert t.stopped is None and t.runs == 5 and t.warmup == 1
 
 
@@ -103,7 +104,7 @@ def test_no_limit_hit_times_in_full(exported):
 def test_impossible_timeouts_are_bad_input(exported, bad):
     session = runtime.make_session(exported.path, "cpu", 1)
     with pytest.raises(BadInput, match="timeout"):
-        runtime.time_session(session, 4, warmup=0, runs=1, timeout=bad)
+        runtime.time_session(session, runtime.TimingPlan(4, warmup=0, runs=1, timeout=bad))
 
 
 # ---------------------------------------------------------------- early FAIL: warm-up far over the budget
@@ -236,7 +237,9 @@ def test_time_isolated_uses_the_limit_and_raises_timed_out(slow_model):
     limit and that is TimedOut (exit 1), not a partial figure."""
     model = slow_model.read_bytes()
     with pytest.raises(TimedOut, match="timed out after 0.3 s"):
-        runtime.time_isolated(model, "cpu", 1, 32, 0, 10_000, 90.0, 0, 0.0, timeout=0.3)
+        runtime.time_isolated(
+            model, "cpu", runtime.TimingPlan(batch=32, warmup=0, runs=10_000, percentile=90.0, threads=1, timeout=0.3)
+        )
 
 
 def test_recipe_latency_timeout_key():

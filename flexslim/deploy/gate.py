@@ -37,6 +37,7 @@ from flexslim.latency.runtime import (
     GATE_SECONDS,
     PROVIDER_KEY,
     Timing,
+    TimingPlan,
     cuda_usable,
     make_session,
     placement,
@@ -255,6 +256,18 @@ class Measurement:
             timeout=lat.get("timeout", DEFAULT_TIMEOUT),
         )
 
+    def plan(self, s: GateSettings) -> TimingPlan:
+        """The timing plan of these passes with the resolved batch, percentile and threads (`resolve_settings`)."""
+        return TimingPlan(
+            batch=s.batch,
+            warmup=self.warmup,
+            runs=self.runs,
+            percentile=s.percentile,
+            threads=s.threads,
+            min_seconds=self.min_seconds,
+            timeout=self.timeout,
+        )
+
     def flags(self) -> list[str]:
         """The `flexslim validate` flags for the settings that differ from the defaults (a child process that runs
         the gate's command line measures with the same settings)."""
@@ -330,52 +343,13 @@ def validate(
         >>> report = validate("model.onnx", latency_ms=0.3, min_accuracy=0.94, dataset="cifar10")
     """
     m = measure or Measurement()
-    args = {
-        "budget_ms": latency_ms,
-        "percentile": m.percentile,
-        "threads": m.threads,
-        "batch": m.batch,
-        "dataset": dataset,
-    }
-    _check_arguments(args, min_accuracy, provider, m)
-    proto = load_onnx(model)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    asked = min_accuracy is not None or dataset is not None or data is not None  # accuracy only when asked
-    settings = resolve_settings(args, meta, _input_dims(proto, model), model, accuracy_asked=asked)
-    if settings.budget_ms is None and min_accuracy is None:
-        raise BadInput(f"{NOTHING_TO_CHECK} (the model's metadata holds no {METADATA_SETTINGS['budget_ms'][0]})")
-    names = _class_names(meta) if asked else []
-    if asked:
-        if settings.dataset is None:
-            why = "--min-accuracy" if min_accuracy is not None else "--data"
-            raise BadInput(f"{why} needs a dataset: pass --dataset ({', '.join(DATASETS)}); the model names none")
-        if settings.dataset == "folder" and data is None:
-            raise BadInput("the folder dataset needs --data DIR (a folder of class sub-folders, e.g. DIR/val)")
-        _check_declared_output(proto, model, names)
-    run_on, notes = resolve_provider(provider, meta)
-    graph = proto.graph
-    del proto
-    session = _open_session(model, run_on, settings.threads)
-    where = placement(session, graph)
+    args = _checked_arguments(latency_ms, min_accuracy, dataset, provider, m)
+    meta, settings, names, graph = _read_model(model, args, min_accuracy, data)
+    session, where, notes = _open_checked_session(model, provider, meta, settings.threads, graph)
     del graph
-    timing = time_session(
-        session,
-        settings.batch,
-        warmup=m.warmup,
-        runs=m.runs,
-        percentile=settings.percentile,
-        threads=settings.threads,
-        min_seconds=m.min_seconds,
-        timeout=m.timeout,
-        budget_ms=settings.budget_ms,
-        where=where,
-    )
+    timing = time_session(session, m.plan(settings), budget_ms=settings.budget_ms, where=where)
     notes += _placement_notes(timing, meta)
-    accuracy, n_test = None, 0
-    if settings.dataset is not None and timing.stopped != "timeout":  # past its time limit the gate does no more
-        accuracy, n_test = _accuracy(
-            session, settings.dataset, data, timing.input_shape, settings.fixed_batch, names, model
-        )
+    accuracy, n_test = _measured_accuracy(session, settings, data, timing, names, model)
     return Report(
         str(model),
         provider,
@@ -390,6 +364,42 @@ def validate(
         from_metadata=dict(settings.from_metadata),
         notes=notes,
     )
+
+
+def _read_model(model: str | Path, args: dict, min_accuracy, data):
+    """(the model's metadata, its GateSettings, its class names, its ONNX graph): the file read and checked, the
+    settings resolved (`resolve_settings`), and what an accuracy needs checked before anything is measured."""
+    accuracy_asked = min_accuracy is not None or args["dataset"] is not None or data is not None  # only when asked
+    proto = load_onnx(model)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    settings = resolve_settings(args, meta, _input_dims(proto, model), model, accuracy_asked=accuracy_asked)
+    if settings.budget_ms is None and min_accuracy is None:
+        raise BadInput(f"{NOTHING_TO_CHECK} (the model's metadata holds no {METADATA_SETTINGS['budget_ms'][0]})")
+    names = _class_names(meta) if accuracy_asked else []
+    if accuracy_asked:
+        if settings.dataset is None:
+            why = "--min-accuracy" if min_accuracy is not None else "--data"
+            raise BadInput(f"{why} needs a dataset: pass --dataset ({', '.join(DATASETS)}); the model names none")
+        if settings.dataset == "folder" and data is None:
+            raise BadInput("the folder dataset needs --data DIR (a folder of class sub-folders, e.g. DIR/val)")
+        _check_declared_output(proto, model, names)
+    return meta, settings, names, proto.graph
+
+
+def _open_checked_session(model: str | Path, provider: str, meta: dict[str, str], threads: int, graph):
+    """(the session, its Placement, notes on the provider): opened on the provider `resolve_provider` picks, and
+    checked where it runs (`cuda` is refused unless CUDA runs every compute node)."""
+    run_on, notes = resolve_provider(provider, meta)
+    session = _open_session(model, run_on, threads)
+    return session, placement(session, graph), notes
+
+
+def _measured_accuracy(session, s: GateSettings, data, timing: Timing, class_names: list[str], model):
+    """(top-1 accuracy, images) when a dataset was asked for and the timing did not run past its limit, else
+    (None, 0)."""
+    if s.dataset is None or timing.stopped == "timeout":  # past its time limit the gate does no more
+        return None, 0
+    return _accuracy(session, s.dataset, data, timing.input_shape, s.fixed_batch, class_names, model)
 
 
 def resolve_provider(asked: str, meta: dict[str, str]) -> tuple[str, tuple[str, ...]]:
@@ -423,8 +433,16 @@ def _placement_notes(timing: Timing, meta: dict[str, str]) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def _check_arguments(args: dict, min_accuracy, provider: str, m: Measurement) -> None:
-    """Check the explicit arguments (flags) before the model is even read."""
+def _checked_arguments(latency_ms, min_accuracy, dataset, provider: str, m: Measurement) -> dict:
+    """The settings the arguments give (setting -> value or None), every explicit argument (flag) checked before the
+    model is even read."""
+    args = {
+        "budget_ms": latency_ms,
+        "percentile": m.percentile,
+        "threads": m.threads,
+        "batch": m.batch,
+        "dataset": dataset,
+    }
     for name, value in args.items():
         if value is not None:
             _, flag_name, check = METADATA_SETTINGS[name]
@@ -436,6 +454,7 @@ def _check_arguments(args: dict, min_accuracy, provider: str, m: Measurement) ->
     checks.runs(m.runs, checks.flag("--runs"))
     checks.min_seconds(m.min_seconds, checks.flag("--min-seconds"))
     checks.timeout(m.timeout, checks.flag("--timeout"))
+    return args
 
 
 def resolve_settings(
@@ -537,64 +556,74 @@ def _judge(timing: Timing, s: GateSettings, accuracy: float | None, n_test: int,
     check. The one place a verdict is made: never from no checks, never from an accuracy outside [0, 1] (a bug: exit
     3, not a pass)."""
     if timing.stopped == "timeout":  # nothing was measured in full: one failed check says so, and nothing else
-        return (
-            Check(
-                "timeout",
-                False,
-                timing.elapsed_s,
-                float(timing.timeout_s or 0.0),
-                "s",
-                f"timed out after {timing.timeout_s:g} s ({timing.warmup} warm-up and {timing.runs} "
-                f"timed passes done, at least {timing.fastest_ms or timing.p50_ms:.4g} ms/sample; {timing.provider}, "
-                f"batch {timing.batch}); pass a longer --timeout to measure it",
-            ),
-        )
-    judged = []
-    if timing.stopped == "over_budget":  # no timed passes: the warm-up already showed the verdict
-        fastest = float(timing.fastest_ms or timing.p50_ms)
-        judged.append(
-            Check(
-                "latency",
-                False,
-                fastest,
-                float(s.budget_ms),
-                "ms",
-                f"fastest of {timing.warmup} warm-up passes {fastest:.4f} ms/sample > budget {s.budget_ms:g} ms "
-                f"x {EARLY_STOP:g}: stopped after the warm-up, no timed passes ({timing.provider}, batch "
-                f"{timing.batch})",
-            )
-        )
-    elif s.budget_ms is not None:
-        ok = timing.at_percentile_ms <= s.budget_ms
-        source = " from the model's metadata" if "budget_ms" in s.from_metadata else ""
-        judged.append(
-            Check(
-                "latency",
-                ok,
-                timing.at_percentile_ms,
-                s.budget_ms,
-                "ms",
-                f"p{s.percentile:g} {timing.at_percentile_ms:.4f} ms/sample {'<=' if ok else '>'} budget "
-                f"{s.budget_ms:g} ms{source} ({timing.provider}, batch {timing.batch})",
-            )
-        )
-    if min_accuracy is not None:
-        if accuracy is None or not 0.0 <= accuracy <= 1.0 or n_test < 1:
-            raise RuntimeError(f"the gate computed an accuracy of {accuracy!r} on {n_test} images (a bug)")
-        ok = accuracy >= min_accuracy
-        judged.append(
-            Check(
-                "accuracy",
-                ok,
-                accuracy,
-                min_accuracy,
-                "fraction",
-                f"{accuracy:.4f} {'>=' if ok else '<'} {min_accuracy:g} on {s.dataset} test ({n_test} images)",
-            )
-        )
+        return (_timeout_check(timing),)
+    judged = [
+        c for c in (_latency_check(timing, s), _accuracy_check(s, accuracy, n_test, min_accuracy)) if c is not None
+    ]
     if not judged:  # validate() refuses this before measuring; a verdict from no checks is never given
         raise BadInput(NOTHING_TO_CHECK)
     return tuple(judged)
+
+
+def _timeout_check(timing: Timing) -> Check:
+    """The failed `timeout` check of a timing that ran past its limit."""
+    return Check(
+        "timeout",
+        False,
+        timing.elapsed_s,
+        float(timing.timeout_s or 0.0),
+        "s",
+        f"timed out after {timing.timeout_s:g} s ({timing.warmup} warm-up and {timing.runs} "
+        f"timed passes done, at least {timing.fastest_ms or timing.p50_ms:.4g} ms/sample; {timing.provider}, "
+        f"batch {timing.batch}); pass a longer --timeout to measure it",
+    )
+
+
+def _latency_check(timing: Timing, s: GateSettings) -> Check | None:
+    """The `latency` check: failed from the warm-up alone when timing stopped over budget, else the percentile
+    against the budget; None without a budget."""
+    if timing.stopped == "over_budget":  # no timed passes: the warm-up already showed the verdict
+        fastest = float(timing.fastest_ms or timing.p50_ms)
+        return Check(
+            "latency",
+            False,
+            fastest,
+            float(s.budget_ms),
+            "ms",
+            f"fastest of {timing.warmup} warm-up passes {fastest:.4f} ms/sample > budget {s.budget_ms:g} ms "
+            f"x {EARLY_STOP:g}: stopped after the warm-up, no timed passes ({timing.provider}, batch "
+            f"{timing.batch})",
+        )
+    if s.budget_ms is None:
+        return None
+    ok = timing.at_percentile_ms <= s.budget_ms
+    source = " from the model's metadata" if "budget_ms" in s.from_metadata else ""
+    return Check(
+        "latency",
+        ok,
+        timing.at_percentile_ms,
+        s.budget_ms,
+        "ms",
+        f"p{s.percentile:g} {timing.at_percentile_ms:.4f} ms/sample {'<=' if ok else '>'} budget "
+        f"{s.budget_ms:g} ms{source} ({timing.provider}, batch {timing.batch})",
+    )
+
+
+def _accuracy_check(s: GateSettings, accuracy: float | None, n_test: int, min_accuracy) -> Check | None:
+    """The `accuracy` check (None without a target); an accuracy outside [0, 1] or on no images is a bug (exit 3)."""
+    if min_accuracy is None:
+        return None
+    if accuracy is None or not 0.0 <= accuracy <= 1.0 or n_test < 1:
+        raise RuntimeError(f"the gate computed an accuracy of {accuracy!r} on {n_test} images (a bug)")
+    ok = accuracy >= min_accuracy
+    return Check(
+        "accuracy",
+        ok,
+        accuracy,
+        min_accuracy,
+        "fraction",
+        f"{accuracy:.4f} {'>=' if ok else '<'} {min_accuracy:g} on {s.dataset} test ({n_test} images)",
+    )
 
 
 def _class_names(meta: dict[str, str]) -> list[str]:

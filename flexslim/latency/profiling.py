@@ -37,7 +37,7 @@ def measure(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: i
 
 def measure_sessions(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: int = 0):
     """(Timing of the median session, every session's percentile) for one network; see `measure`."""
-    from flexslim.latency.runtime import time_isolated
+    from flexslim.latency.runtime import TimingPlan, time_isolated
     from flexslim.models.families import build_network
     from flexslim.models.onnx_graph import onnx_bytes
 
@@ -46,7 +46,9 @@ def measure_sessions(arch: Arch, widths: dict[str, int], settings: LatencyConfig
     s, n = settings, max(1, settings.repeats)
     timings = [
         time_isolated(
-            model, s.provider, s.threads, s.batch, s.warmup, s.runs, s.percentile, seed, s.min_seconds / n, s.timeout
+            model,
+            s.provider,
+            TimingPlan(s.batch, s.warmup, s.runs, s.percentile, s.threads, seed, s.min_seconds / n, s.timeout),
         )
         for _ in range(n)
     ]

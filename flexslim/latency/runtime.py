@@ -27,12 +27,13 @@ running) when a call outlives its limit (`run_isolated(..., limit_s=)`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flexslim.errors import BadInput, TimedOut, TimingFailed
@@ -245,26 +246,42 @@ class Timing:
         return d
 
 
+@dataclass(frozen=True)
+class TimingPlan:
+    """How one session is timed: the input, the passes, the statistic and the time limit.
+
+    Attributes:
+        batch: samples per pass (per-sample latency = time of one pass / batch).
+        warmup: untimed passes first.
+        runs: at least this many timed passes.
+        percentile: the percentile of the timed passes reported as `Timing.at_percentile_ms`.
+        threads: onnxruntime intra-op threads the session was made with (0 = the runtime's default); recorded.
+        seed: seed of the random input.
+        min_seconds: keep timing until this many seconds have passed since the first warm-up pass (at most
+            `checks.MAX_RUNS` timed passes).
+        timeout: seconds the measurement may take (None: no limit in `time_session`, DEFAULT_TIMEOUT in
+            `time_model_bytes` and `time_isolated`).
+    """
+
+    batch: int
+    warmup: int = 10
+    runs: int = 50
+    percentile: float = 90.0
+    threads: int = 0
+    seed: int = 0
+    min_seconds: float = 0.0
+    timeout: float | None = None
+
+
 def time_session(
-    session,
-    batch: int,
-    warmup: int = 10,
-    runs: int = 50,
-    percentile: float = 90.0,
-    threads: int = 0,
-    seed: int = 0,
-    min_seconds: float = 0.0,
-    *,
-    timeout: float | None = None,
-    budget_ms: float | None = None,
-    where: Placement | None = None,
+    session, plan: TimingPlan, *, budget_ms: float | None = None, where: Placement | None = None
 ) -> Timing:
-    """Time at least `runs` forward passes, and keep going until `min_seconds` of timed passes have been
+    """Time at least `plan.runs` forward passes, and keep going until `plan.min_seconds` of timed passes have been
     collected; per-sample = pass time / batch; the figures are read over the undisturbed windows' passes
     (`undisturbed`). The time floor matters for small models: 50 passes of a 2 ms graph span 0.1 s, too
     short to tell a disturbed stretch from the network's own time.
 
-    Stops early, with `Timing.stopped` set and the figures of the passes that ran: at `timeout` seconds
+    Stops early, with `Timing.stopped` set and the figures of the passes that ran: at `plan.timeout` seconds
     ("timeout"; a pass in flight is cancelled), or when `budget_ms` is given and even the fastest warm-up pass
     (from the second on, or the only one) is over EARLY_STOP x the budget ("over_budget"). `where`: the session's
     `placement` (default: read from the session). A CUDA session that fails or falls back to the CPU while timing is
@@ -272,99 +289,142 @@ def time_session(
     import numpy as np
     import onnxruntime as ort
 
-    runs = checks.runs(runs, "timing runs")
-    warmup = checks.warmup(warmup, "timing warm-up")
-    min_seconds = checks.min_seconds(min_seconds, "timing min_seconds")
-    percentile = checks.percentile(percentile, "timing percentile")
-    threads = checks.threads(threads, "timing threads")
-    if timeout is not None:
-        timeout = checks.timeout(timeout, "timing timeout")
+    plan, name, shape = _checked_plan(plan, session)
+    feeds = {name: np.random.default_rng(plan.seed).random(shape, dtype=np.float32)}
+    where = where or placement(session)
+    options = ort.RunOptions()
+    passes = _Passes(_runner(session, feeds, where.provider, options), options, where.provider, plan)
+    with _alarm(options, plan.timeout):
+        warm, stopped = _warm_up(passes, plan.warmup, budget_ms)
+        samples = []
+        if stopped is None:
+            samples, stopped = _timed_passes(passes, plan.runs, plan.min_seconds)
+    elapsed = passes.elapsed()
+    if where.provider == "cuda" and ran_provider(session) != "cuda":  # onnxruntime re-created the session on the CPU
+        raise BadInput(
+            "onnxruntime's CUDA provider failed while timing and the session fell back to the CPU; "
+            "nothing was timed on CUDA alone. Use --provider cpu"
+        )
+    return _read_timing(plan, tuple(shape), where, warm, samples, stopped, elapsed)
+
+
+def _checked_plan(plan: TimingPlan, session) -> tuple[TimingPlan, str, list[int]]:
+    """(the plan with every value checked, the session's input name, the timed input's shape); BadInput for an
+    impossible value or an input with a dynamic non-batch dimension."""
+    runs = checks.runs(plan.runs, "timing runs")
+    warmup = checks.warmup(plan.warmup, "timing warm-up")
+    min_seconds = checks.min_seconds(plan.min_seconds, "timing min_seconds")
+    percentile = checks.percentile(plan.percentile, "timing percentile")
+    threads = checks.threads(plan.threads, "timing threads")
+    timeout = None if plan.timeout is None else checks.timeout(plan.timeout, "timing timeout")
     inp = session.get_inputs()[0]
     sample = [_static_dim(d, inp.name) for d in inp.shape[1:]]
-    batch = checks.batch(batch, "timing batch", tuple(sample))  # caps the input allocation too
-    shape = [batch] + sample
-    x = np.random.default_rng(seed).random(shape, dtype=np.float32)
-    feeds = {inp.name: x}
-    where = where or placement(session)
-    provider = where.provider
-    options = ort.RunOptions()
-    run = _runner(session, feeds, provider, options)
-    warm, samples, stopped = [], [], None
-    start = time.perf_counter()
-    alarm = None
-    if timeout is not None:  # cancels a pass still running at the limit (onnxruntime checks between nodes)
-        alarm = threading.Timer(timeout, setattr, (options, "terminate", True))
-        alarm.daemon = True
-        alarm.start()
+    batch = checks.batch(plan.batch, "timing batch", tuple(sample))  # caps the input allocation too
+    checked = TimingPlan(batch, warmup, runs, percentile, threads, plan.seed, min_seconds, timeout)
+    return checked, inp.name, [batch] + sample
 
-    def one_pass() -> float | None:
+
+class _Passes:
+    """One forward pass at a time, in ms/sample, under the measurement's time limit (counted from creation)."""
+
+    def __init__(self, run, options, provider: str, plan: TimingPlan):
+        self.run, self.options, self.provider = run, options, provider
+        self.batch, self.timeout = plan.batch, plan.timeout
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the measurement started."""
+        return time.perf_counter() - self.start
+
+    def one(self) -> float | None:
         """ms/sample of one pass; None when the time limit ended it (or it would start past the limit)."""
-        if timeout is not None and time.perf_counter() - start >= timeout:
+        if self.timeout is not None and self.elapsed() >= self.timeout:
             return None
         t0 = time.perf_counter()
         try:
-            run()
+            self.run()
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types
-            if options.terminate:
+            if self.options.terminate:
                 return None
-            if provider == "cuda":
+            if self.provider == "cuda":
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 raise BadInput(
                     f"onnxruntime's CUDA provider failed while timing ({first[:160]}); nothing was timed "
                     "on CUDA. Use --provider cpu"
                 ) from None
             raise
-        return (time.perf_counter() - t0) * 1e3 / batch
+        return (time.perf_counter() - t0) * 1e3 / self.batch
 
+
+@contextlib.contextmanager
+def _alarm(options, timeout: float | None):
+    """While open, cancels a pass still running at `timeout` seconds (onnxruntime checks between nodes)."""
+    alarm = None
+    if timeout is not None:
+        alarm = threading.Timer(timeout, setattr, (options, "terminate", True))
+        alarm.daemon = True
+        alarm.start()
     try:
-        for i in range(warmup):
-            ms = one_pass()
-            if ms is None:
-                stopped = "timeout"
-                break
-            warm.append(ms)
-            judged = warm[1:] or warm  # the first pass carries one-time set-up
-            if budget_ms is not None and (i >= 1 or warmup == 1) and min(judged) > EARLY_STOP * budget_ms:
-                stopped = "over_budget"
-                break
-        while stopped is None and (
-            len(samples) < runs or (time.perf_counter() - start < min_seconds and len(samples) < checks.MAX_RUNS)
-        ):
-            ms = one_pass()
-            if ms is None:
-                stopped = "timeout"
-                break
-            samples.append(ms)
+        yield
     finally:
         if alarm is not None:
             alarm.cancel()
-    elapsed = time.perf_counter() - start
-    if provider == "cuda" and ran_provider(session) != "cuda":  # onnxruntime re-created the session on the CPU
-        raise BadInput(
-            "onnxruntime's CUDA provider failed while timing and the session fell back to the CPU; "
-            "nothing was timed on CUDA alone. Use --provider cpu"
-        )
-    figures = samples or warm or [elapsed * 1e3 / batch]  # stopped in the first pass: it took at least this long
+
+
+def _warm_up(passes: _Passes, warmup: int, budget_ms: float | None) -> tuple[list[float], str | None]:
+    """(the warm-up passes' ms/sample, why timing stops: None, "timeout" or "over_budget"). With a budget, the
+    early FAIL: the fastest warm-up pass (from the second on, or the only one) over EARLY_STOP x the budget."""
+    warm = []
+    for i in range(warmup):
+        ms = passes.one()
+        if ms is None:
+            return warm, "timeout"
+        warm.append(ms)
+        judged = warm[1:] or warm  # the first pass carries one-time set-up
+        if budget_ms is not None and (i >= 1 or warmup == 1) and min(judged) > EARLY_STOP * budget_ms:
+            return warm, "over_budget"
+    return warm, None
+
+
+def _timed_passes(passes: _Passes, runs: int, min_seconds: float) -> tuple[list[float], str | None]:
+    """(the timed passes' ms/sample, None or "timeout"): at least `runs`, and more until `min_seconds` have passed
+    since the measurement started (at most checks.MAX_RUNS)."""
+    samples = []
+    while len(samples) < runs or (passes.elapsed() < min_seconds and len(samples) < checks.MAX_RUNS):
+        ms = passes.one()
+        if ms is None:
+            return samples, "timeout"
+        samples.append(ms)
+    return samples, None
+
+
+def _read_timing(plan: TimingPlan, shape: tuple, where: Placement, warm, samples, stopped, elapsed) -> Timing:
+    """The Timing of the passes that ran: the figures over the undisturbed windows' timed passes (the warm-up's
+    when timing stopped before any; the elapsed time when it stopped in the first pass)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    figures = samples or warm or [elapsed * 1e3 / plan.batch]  # stopped in the first pass: it took at least this long
     arr, windows, quiet = undisturbed(figures) if samples else (np.asarray(figures, dtype=float), 1, 1)
     return Timing(
-        provider=provider,
-        batch=batch,
-        input_shape=tuple(shape),
-        threads=threads,
+        provider=where.provider,
+        batch=plan.batch,
+        input_shape=shape,
+        threads=plan.threads,
         warmup=len(warm),
         runs=len(samples),
-        percentile=percentile,
+        percentile=plan.percentile,
         p50_ms=float(np.percentile(arr, 50)),
         p90_ms=float(np.percentile(arr, 90)),
-        at_percentile_ms=float(np.percentile(arr, percentile)),
+        at_percentile_ms=float(np.percentile(arr, plan.percentile)),
         mean_ms=float(statistics.fmean(arr)),
         runtime=f"onnxruntime {ort.__version__}",
         windows=windows,
         quiet_windows=quiet,
-        all_passes_ms=float(np.percentile(figures, percentile)),
+        all_passes_ms=float(np.percentile(figures, plan.percentile)),
         stopped=stopped,
         elapsed_s=elapsed,
-        timeout_s=timeout,
+        timeout_s=plan.timeout,
         fastest_ms=float(min(warm + samples)) if warm or samples else None,
         cpu_nodes=where.cpu_nodes,
     )
@@ -430,26 +490,18 @@ def _runner(session, feeds: dict, provider: str, options=None):
     return run
 
 
-def time_model_bytes(
-    model: bytes,
-    provider: str,
-    threads: int,
-    batch: int,
-    warmup: int,
-    runs: int,
-    percentile: float,
-    seed: int = 0,
-    min_seconds: float = 0.0,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> Timing:
+def time_model_bytes(model: bytes, provider: str, plan: TimingPlan) -> Timing:
     """Session + timing of a serialised model: the unit of work of the isolated timing process. A timing that
-    outlives `timeout` seconds is TimedOut (exit 1): a network that cannot be measured in time has no latency."""
-    session = make_session(model, provider, threads)
-    t = time_session(session, batch, warmup, runs, percentile, threads, seed, min_seconds, timeout=timeout)
+    outlives `plan.timeout` seconds (None: DEFAULT_TIMEOUT) is TimedOut (exit 1): a network that cannot be measured
+    in time has no latency."""
+    if plan.timeout is None:
+        plan = replace(plan, timeout=DEFAULT_TIMEOUT)
+    session = make_session(model, provider, plan.threads)
+    t = time_session(session, plan)
     if t.stopped == "timeout":
         raise TimedOut(
-            f"gate failed: timed out after {timeout:g} s timing a network ({t.warmup} warm-up, {t.runs} timed passes "
-            f"of batch {t.batch} on {t.provider}, at least {t.fastest_ms or t.p50_ms:.4g} ms/sample); "
+            f"gate failed: timed out after {plan.timeout:g} s timing a network ({t.warmup} warm-up, {t.runs} timed "
+            f"passes of batch {t.batch} on {t.provider}, at least {t.fastest_ms or t.p50_ms:.4g} ms/sample); "
             "raise latency.timeout to measure it"
         )
     return t
@@ -533,7 +585,8 @@ def _kill_pool() -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def time_isolated(*args, **kwargs) -> Timing:
-    """`time_model_bytes` in the isolated helper process, killed HELPER_GRACE seconds after its `timeout`."""
-    timeout = kwargs.get("timeout", args[9] if len(args) > 9 else DEFAULT_TIMEOUT)
-    return run_isolated(time_model_bytes, *args, limit_s=timeout + HELPER_GRACE, **kwargs)
+def time_isolated(model: bytes, provider: str, plan: TimingPlan) -> Timing:
+    """`time_model_bytes` in the isolated helper process, killed HELPER_GRACE seconds after `plan.timeout` (None:
+    DEFAULT_TIMEOUT)."""
+    timeout = DEFAULT_TIMEOUT if plan.timeout is None else plan.timeout
+    return run_isolated(time_model_bytes, model, provider, plan, limit_s=timeout + HELPER_GRACE)
