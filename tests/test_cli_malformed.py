@@ -100,7 +100,7 @@ for flag_name, value in [
     ("--min-seconds", "inf"),
     ("--min-seconds", "-1"),
     ("--provider", "tpu"),
-    ("--dataset", "mnist"),
+    ("--dataset", "emnist"),
 ]:
     case(f"validate {flag_name}={value}", flag_name)(
         lambda w, f=flag_name, v=value: ["validate", w.onnx(), *FAST, f"{f}={v}"]

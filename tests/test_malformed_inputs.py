@@ -213,7 +213,7 @@ FLAG_CASES = [
     ({"min_seconds": float("inf")}, "--min-seconds"),
     ({"min_seconds": -1.0}, "--min-seconds"),
     ({"provider": "tpu"}, "--provider"),
-    ({"dataset": "mnist"}, "--dataset"),
+    ({"dataset": "emnist"}, "--dataset"),
 ]
 
 
