@@ -108,6 +108,8 @@ class SearchConfig:
     hysteresis: float = 0.5  # shrink only when the allocation exceeds its target by more than this many sigmas
     dual_lr: float = 0.5  # budget controller: multiplier += dual_lr * (E[lat] / target - 1) per arch step
     init_multiplier: float = 0.0
+    clamp_multiplier: bool = False  # keep the multiplier >= 0 (E[lat] <= limit as an inequality: under the budget
+    # cross-entropy alone moves mu) instead of steering E[lat] to the limit from both sides
     warmup: float = 0.25  # the first warmup x epochs (rounded down) train the weights only: mu, the logits and the
     # budget controller start once cross-entropy can defend a width (FBNetV2's warm-up; 0: arch steps from the start)
     average_last: float = 0.3  # mu handed to the bake = its mean over this last fraction of the search's steps

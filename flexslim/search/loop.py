@@ -299,6 +299,8 @@ def train_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, epo
         else:
             a_ce, lat_ms = arch_step(st, loop, augment, xs, ys)
             st.multiplier += cfg.dual_lr * (lat_ms / loop.budget.limit_ms - 1.0)  # dual ascent
+            if cfg.clamp_multiplier:  # E[lat] <= limit is an inequality: its multiplier is never a reward
+                st.multiplier = max(0.0, st.multiplier)
         if st.step >= loop.average_from:
             for k, v in sn.mean_widths().items():
                 st.mu_sum[k] = st.mu_sum.get(k, 0.0) + v
