@@ -14,6 +14,7 @@ import time
 import torch
 
 from flexslim.latency import runtime
+from flexslim.latency.model import provider_that_runs
 
 torch.set_num_threads(1)  # bit-reproducible float reductions, and no oversubscription on a shared CPU
 _calls = [0]
@@ -24,7 +25,7 @@ def fake_time_isolated(model, provider, threads, batch, warmup, runs, percentile
     print(f"fake timing {_calls[0]}", file=sys.stderr, flush=True)
     time.sleep(float(os.environ.get("FAKE_TIMING_SLEEP", "0")))
     ms = 1e-6 * len(model)  # ~0.05 ms for the tiny quickstart network
-    ran = "cuda" if runtime.provider_list(provider)[0] == "CUDAExecutionProvider" else "cpu"  # as a table checks it
+    ran = provider_that_runs(provider)  # what a real timing reports: tables are checked against the recipe
     return runtime.Timing(ran, batch, (batch,), threads, warmup, runs, percentile, ms, ms, ms, ms, "fake")
 
 

@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 
 import pytest
-from search_fixtures import FAST_SET, TINY_SET, sets, single_thread  # noqa: F401
+from search_fixtures import FAST_SET, TINY_SET, hand_latency_model, sets, single_thread  # noqa: F401
 from typer.testing import CliRunner
 
 from flexslim.cli import app
+from flexslim.data.sources import load_dataset
 from flexslim.errors import BadInput
 from flexslim.latency.model import LatencyModel
+from flexslim.models.arch import Arch
 from flexslim.recipe.schema import load_recipe, recipe_to_toml
 from flexslim.system.runs import mark_latest
 
@@ -109,9 +111,6 @@ def test_the_profiled_table_passes(table, tmp_path):
     path.write_text(json.dumps(table))
     recipe = load_recipe("quickstart", [*TINY_SET, *FAST_SET, "latency.provider=cpu"])
     model = LatencyModel.load(path)
-    from flexslim.data.sources import load_dataset
-    from flexslim.models.arch import Arch
-
     model.check_compatible(Arch.for_data(recipe.model, load_dataset(recipe.data)), recipe.latency, str(path))
     assert json.loads(json.dumps(model.to_dict()))["fit_points"] == table["fit_points"]
 
@@ -174,3 +173,15 @@ def test_a_resumed_runs_own_bad_latency_json_is_exit_2_before_the_run_is_touched
     mark_latest(other)
     argv = ["search", "--latency-ms", "1", "--resume", "--run-dir", str(run), "--no-retrain"]
     _refused(tmp_path, argv, str(run / "latency.json"), "settings.near = 100000")
+
+
+def test_a_hand_made_table_without_points_loads(tmp_path):
+    """A table made by hand (known coefficients, no measured points, a region up to the width cap) is valid: the
+    run measures near its budget. tests/test_distributed.py hands such a table to torchrun searches."""
+    recipe = load_recipe("quickstart", list(TINY_SET))
+    arch = Arch.for_data(recipe.model, load_dataset(recipe.data))
+    hand = hand_latency_model(arch, recipe.latency)
+    loaded = LatencyModel.load(hand.save(tmp_path / "hand.json"))
+    loaded.check_compatible(arch, recipe.latency, "hand.json")
+    assert loaded.to_dict() == hand.to_dict() and not loaded.fit_points
+    assert float(loaded.predict(arch.widths)) == float(hand.predict(arch.widths))

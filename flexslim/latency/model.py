@@ -246,7 +246,7 @@ class LatencyModel:
             )
             if mine != theirs
         ]
-        wanted = _ran_provider(settings.provider)
+        wanted = provider_that_runs(settings.provider)
         if self.provider != wanted:
             shown = wanted if settings.provider == wanted else f"{settings.provider}, which runs {wanted} here"
             differ.insert(0, f"provider {self.provider} (the recipe's latency.provider: {shown})")
@@ -261,7 +261,8 @@ def check_table(model: LatencyModel, path: str | Path) -> LatencyModel:
     """`model` (read from `path`) with every number converted and in range, else BadInput naming the file and the
     key: the block, probe timings, coefficients and intercept (finite, >= 0: the fit is non-negative), the sampled
     region and every point (widths of the table's stages, milliseconds finite and > 0), the floor, the budgets,
-    and the terms (the family's cost terms, one coefficient each). Tables are data from outside: they are checked
+    and the terms (the family's cost terms, one coefficient each; the predictions finite). A table may hold no
+    points (made by hand: the run measures near its budget). Tables are data from outside: they are checked
     like recipes."""
     key = lambda k: checks.table_key(path, k)  # noqa: E731
     stages = set(model.arch.widths)
@@ -276,22 +277,20 @@ def check_table(model: LatencyModel, path: str | Path) -> LatencyModel:
     model.region = {s: _range(v, key(f"region.{s}")) for s, v in model.region.items()}
     for name, points in (("fit_points", model.fit_points), ("holdout_points", model.holdout_points)):
         points[:] = [_checked_point(p, f"{name}[{i}]", path, stages) for i, p in enumerate(points)]
-    if not model.fit_points:
-        raise _table_error(path, "fit_points is empty")
     model.floor_ms = _ms(model.floor_ms, key("floor_ms"))
     model.measure_seconds = checks.non_negative(model.measure_seconds, key("measure_seconds"))
     model.budgets = [checks.budget_ms(b, key(f"budgets[{i}]")) for i, b in enumerate(model.budgets)]
     from flexslim.models.families import cost_terms
 
-    known: set[str] = set()
-    for p in model.fit_points:
-        known |= set(cost_terms(model.arch, model.effective(p.widths)))
+    nets = {"the table's network": dict(model.arch.widths)} | {f"fit_points[{i}]": p.widths for i, p in
+                                                               enumerate(model.fit_points)}  # fmt: skip
+    known = {t for w in nets.values() for t in cost_terms(model.arch, model.effective(w))}
     for i, t in enumerate(model.terms):
         if not isinstance(t, str) or t not in known:
             raise _table_error(path, f"terms[{i}] = {str(t)[:40]!r} is not a cost term of this network")
-    for i, p in enumerate(model.fit_points):
-        if not math.isfinite(float(model.predict(p.widths))):
-            raise _table_error(path, f"coef predicts a latency that is not finite for fit_points[{i}]")
+    for where, w in nets.items():
+        if not math.isfinite(float(model.predict(w))):
+            raise _table_error(path, f"coef predicts a latency that is not finite for {where}")
     return model
 
 
@@ -359,8 +358,9 @@ def _table_error(path, what: str) -> BadInput:
     return BadInput(f"latency table {path}: {what}; {checks.table_key(path, '').fix}")
 
 
-def _ran_provider(provider: str) -> str:
-    """The provider a recipe's choice runs on here ('cpu' or 'cuda'): what a table measured with it records."""
+def provider_that_runs(provider: str) -> str:
+    """The provider a recipe's choice (auto | cpu | cuda) runs on here, 'cpu' or 'cuda': what a table measured
+    with it records as its `provider`."""
     from flexslim.latency.runtime import provider_list
 
     return "cuda" if provider_list(provider)[0] == "CUDAExecutionProvider" else "cpu"
