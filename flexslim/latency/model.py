@@ -302,7 +302,7 @@ def _settings(d: object, path: str | Path) -> LatencyConfig:
 
     if not isinstance(d, dict):
         raise ValueError("settings must be a JSON object")
-    known = {f.name for f in fields(LatencyConfig)}
+    known = {f.name: f.default for f in fields(LatencyConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise _table_error(path, f"settings.{unknown[0][:40]} is not a [latency] key")
@@ -311,7 +311,7 @@ def _settings(d: object, path: str | Path) -> LatencyConfig:
         origin = checks.table_key(path, f"settings.{name}")
         if name == "provider":
             out[name] = checks.choice(value, origin, PROVIDERS)
-        elif name == "probe":
+        elif isinstance(known[name], bool):  # probe: a switch
             if not isinstance(value, bool):
                 raise BadInput(f"{origin.label} = {str(value)[:40]!r}: must be true or false; {origin.fix}")
             out[name] = value
