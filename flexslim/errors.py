@@ -1,7 +1,8 @@
 """The error taxonomy and its exit codes: what CI reads as a verdict.
 
     EXIT_OK          0    done / gate passed
-    EXIT_GATE        1    gate failed (over budget, under accuracy, parity)       GateFailed
+    EXIT_GATE        1    gate failed (over budget, under accuracy, parity,       GateFailed
+                          a measurement past its time limit)                      TimedOut
     EXIT_BAD_INPUT   2    bad input (file, key, value, path); one line + fix      BadInput
     EXIT_INTERNAL    3    internal error: a bug, or the machinery itself failed   InternalError (and any
                           (e.g. the isolated timing process died)                 unexpected exception)
@@ -28,6 +29,11 @@ class BadInput(Exception):
 
 class GateFailed(Exception):
     """A model was checked and did not pass (latency over budget, accuracy under target, parity). Exit 1."""
+
+
+class TimedOut(GateFailed):
+    """A measurement did not finish within its time limit (`--timeout`, `latency.timeout`): a model that cannot be
+    measured in the time given is not a pass. Exit 1, one line `gate failed: timed out after S s ...`."""
 
 
 class InternalError(Exception):

@@ -20,7 +20,9 @@ torch.set_num_threads(1)  # bit-reproducible float reductions, and no oversubscr
 _calls = [0]
 
 
-def fake_time_isolated(model, provider, threads, batch, warmup, runs, percentile, seed=0, min_seconds=0.0):
+def fake_time_isolated(
+    model, provider, threads, batch, warmup, runs, percentile, seed=0, min_seconds=0.0, timeout=600.0
+):
     _calls[0] += 1
     print(f"fake timing {_calls[0]}", file=sys.stderr, flush=True)
     time.sleep(float(os.environ.get("FAKE_TIMING_SLEEP", "0")))

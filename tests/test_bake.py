@@ -343,3 +343,29 @@ def test_an_exchange_that_costs_capability_beyond_the_noise_is_refused():
         res = _scored_bake(table, (16.0, 8.0, 16.0), score, headroom=0.03)
         assert ("exchange", {"a": 8, "b": 8, "c": 24}) in [(s["step"], s["widths"]) for s in res.steps]
         assert res.widths == ({"a": 8, "b": 8, "c": 24} if kept else {"a": 16, "b": 8, "c": 16})
+
+
+def test_supernet_score_is_the_d_s_accuracy_of_the_sliced_weights_cached():
+    """SupernetScore(widths) = D_s accuracy of Supernet.dense(widths) after BatchNorm recalibration on D_t; each
+    widths scored once; noise is the binomial standard error on the images scored."""
+    import torch
+
+    from flexslim.data.sources import load_dataset
+    from flexslim.models.arch import Arch
+    from flexslim.recipe.schema import load_recipe
+    from flexslim.search.capability import SupernetScore
+    from flexslim.search.loop import build_state
+    from flexslim.train.loop import evaluate_batches, recalibrate
+
+    recipe = load_recipe("quickstart", ["data.image_size=8", "search.batch_size=64"])
+    ds = load_dataset(recipe.data)
+    st = build_state(Arch.for_data(recipe.model, ds), recipe, torch.device("cpu"))
+    score = SupernetScore(st.supernet, ds, recipe, torch.device("cpu"))
+    widths = {"stage1": 8, "stage2": 16, "stage3": 24}
+    got = score(widths)
+    d_t, d_s = ds.search_halves(recipe.data.split_seed)
+    _, dense = st.supernet.dense(widths)
+    recalibrate(dense, d_t.train_batches(64), torch.device("cpu"))
+    assert got == evaluate_batches(dense, d_s.train_batches(64), torch.device("cpu"))[1]
+    assert score.scored_images == d_s.num_train and score(widths) == got and len(score.cache) == 1
+    assert score.noise(0.5) == pytest.approx((0.25 / d_s.num_train) ** 0.5)

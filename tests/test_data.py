@@ -69,7 +69,7 @@ def test_quickstart_is_deterministic_and_seeded():
 
 def test_unknown_dataset():
     with pytest.raises(BadInput, match="quickstart"):
-        load_dataset(DataConfig(dataset="mnist"))
+        load_dataset(DataConfig(dataset="emnist"))  # not in the table
 
 
 # ---------------------------------------------------------------- cifar10 offline

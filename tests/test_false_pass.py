@@ -87,6 +87,12 @@ class World:
         return str(_with_metadata(src, self.root / "named.onnx", **meta))
 
 
+def _cuda_here() -> bool:
+    from flexslim.latency.runtime import cuda_usable
+
+    return cuda_usable()
+
+
 ACC = ["--dataset", "quickstart", "--min-accuracy", "0"]  # a target every accuracy in [0, 1] meets
 CASES: list[tuple[str, object, str]] = []  # (id, argv builder, text the error line must contain)
 
@@ -154,6 +160,17 @@ case("only a dataset in metadata", NOTHING)(lambda w: [w.named(dataset="quicksta
 case("only --dataset", NOTHING)(lambda w: [w.model(), "--dataset", "quickstart"])
 case("only --data", NOTHING)(lambda w: [w.model(), "--data", "."])
 case("--min-accuracy without a dataset", "--dataset")(lambda w: [w.model(), "--min-accuracy", "0"])
+
+# -- the provider that ran must be the one asked for; a time limit must be a real one (#18.3, #18.4) ----------------
+if not _cuda_here():  # asked for cuda where it cannot run: once timed on the CPU and judged
+    case("--provider cuda without a usable CUDA", "--provider cuda")(
+        lambda w: [w.plain(), "--latency-ms", "1e4", "--provider", "cuda"]
+    )
+case("metadata latency_provider=tpu", "flexslim.latency_provider")(
+    lambda w: [w.plain(latency_provider="tpu"), "--latency-ms", "1e4"]
+)
+for bad in ("0", "-1", "inf", "nan", "1e9"):
+    case(f"--timeout {bad}", "--timeout")(lambda w, b=bad: [w.plain(), "--latency-ms", "1e4", "--timeout", b])
 
 
 def test_the_table_is_large_enough():

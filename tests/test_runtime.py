@@ -183,3 +183,188 @@ def test_a_dead_timing_process_is_an_error_not_a_silent_rerun():
         run_isolated(os._exit, 1)
     assert "timing process died" in str(err.value) and exit_code_for(err.value) == EXIT_INTERNAL
     assert run_isolated(os.getpid) != os.getpid()  # a fresh helper, still not this process
+
+
+# ------------------------------------------------ the provider that ran is the provider asked for (#18.3)
+
+
+class _Node:
+    def __init__(self, op_type: str, name: str = ""):
+        self.op_type, self.name, self.domain = op_type, name, ""
+
+
+class _Subgraph:
+    def __init__(self, ep: str, *nodes: _Node):
+        self.ep_name, self._nodes = ep, list(nodes)
+
+    def get_nodes(self):
+        return self._nodes
+
+
+class FakeSession:
+    """What onnxruntime reports about a session: its providers and (optionally) each node's provider."""
+
+    def __init__(self, providers, assigned=None):
+        self._providers, self._assigned = list(providers), assigned
+
+    def get_providers(self):
+        return list(self._providers)
+
+    def get_provider_graph_assignment_info(self):
+        if self._assigned is None:
+            raise RuntimeError("session.record_ep_graph_assignment_info must be set")
+        return self._assigned
+
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def _graph_with_shape_arithmetic():
+    """x -> Conv 'conv' -> Reshape 'reshape' (shape: Shape 'shape' -> Gather 'gather' -> Concat 'concat') -> y."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Shape", ["c"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "zero"], ["n"], name="gather"),
+        helper.make_node("Concat", ["n", "minus_one"], ["target"], name="concat", axis=0),
+        helper.make_node("Reshape", ["c", "target"], ["y"], name="reshape"),
+    ]
+    inits = [
+        helper.make_tensor("w", TensorProto.FLOAT, [2, 3, 1, 1], [0.0] * 6),
+        helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("minus_one", TensorProto.INT64, [1], [-1]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", None])
+    return helper.make_graph(nodes, "g", [x], [y], initializer=inits)
+
+
+def test_placement_of_a_cpu_session_is_cpu():
+    from flexslim.latency.runtime import placement, require_cuda
+
+    p = placement(FakeSession([CPU]))
+    assert p.provider == "cpu"
+    with pytest.raises(BadInput, match="ran the model on the CPU"):
+        require_cuda(p)
+
+
+def test_placement_finds_compute_nodes_left_on_the_cpu():
+    from flexslim.latency.runtime import placement, require_cuda
+
+    assigned = [
+        _Subgraph(CUDA, _Node("Conv", "conv")),
+        _Subgraph(CPU, _Node("Shape", "shape")),
+        _Subgraph(CPU, _Node("Gather", "gather"), _Node("Concat", "concat")),
+        _Subgraph(CPU, _Node("Reshape", "reshape")),  # reads the Conv's values: compute on the CPU
+    ]
+    p = placement(FakeSession([CUDA, CPU], assigned), _graph_with_shape_arithmetic())
+    assert p.provider == "cuda" and p.cpu_nodes == ("Reshape 'reshape'",)  # shape arithmetic is allowed
+    with pytest.raises(BadInput, match=r"placed 1 compute node\(s\) of m.onnx on the CPU \(Reshape 'reshape'\)"):
+        require_cuda(p, "m.onnx")
+    # without the graph, or for a node onnxruntime made, every CPU node but Shape/Size counts
+    p = placement(FakeSession([CUDA, CPU], assigned))
+    assert p.cpu_nodes == ("Gather 'gather'", "Concat 'concat'", "Reshape 'reshape'")
+
+
+def test_placement_all_on_cuda_passes():
+    from flexslim.latency.runtime import placement, require_cuda
+
+    assigned = [_Subgraph(CUDA, _Node("Conv", "conv"), _Node("Reshape", "reshape")), _Subgraph(CPU, _Node("Shape"))]
+    p = placement(FakeSession([CUDA, CPU], assigned), _graph_with_shape_arithmetic())
+    assert p.provider == "cuda" and p.cpu_nodes == () and p.known
+    require_cuda(p)
+
+
+def test_placement_unknown_is_refused_for_cuda():
+    """An onnxruntime that cannot report node placement: `cuda` cannot be verified, so it is not a pass."""
+    from flexslim.latency.runtime import placement, require_cuda
+
+    p = placement(FakeSession([CUDA, CPU], assigned=None))
+    assert p.provider == "cuda" and not p.known
+    with pytest.raises(BadInput, match="cannot report which provider runs each node"):
+        require_cuda(p)
+
+
+def test_real_cpu_session_records_node_placement(exported):
+    """The method works on this onnxruntime: the CPU session reports every node on the CPU."""
+    from flexslim.latency.runtime import placement
+
+    sess = make_session(exported.path, "cpu", 1)
+    assigned = sess.get_provider_graph_assignment_info()
+    assert assigned and {s.ep_name for s in assigned} == {CPU}
+    assert placement(sess).provider == "cpu"
+
+
+@no_cuda
+def test_cuda_asked_where_its_library_does_not_load_is_bad_input_naming_the_cpu(exported, monkeypatch):
+    """onnxruntime lists CUDA here, but its library cannot load: the session it makes runs on the CPU. Asked for
+    cuda, that is BadInput naming the CPU (before: timed on the CPU, reported `cpu (asked: cuda)`, verdict kept)."""
+    from flexslim.latency import runtime
+
+    monkeypatch.setattr(runtime, "cuda_usable", lambda: True)
+    with pytest.raises(BadInput, match="--provider cuda: onnxruntime ran .*tiny.onnx on the CPU"):
+        make_session(exported.path, "cuda", 1)
+
+
+def test_a_fallback_during_timing_is_bad_input(exported, monkeypatch):
+    """The session starts on CUDA and onnxruntime re-creates it on the CPU mid-timing (its run-time fallback):
+    detected after the passes, BadInput, never a CPU timing reported as CUDA."""
+    from flexslim.latency import runtime
+    from flexslim.latency.runtime import Placement
+
+    real = make_session(exported.path, "cpu", 1)
+
+    class FallingBack:
+        providers = [CUDA, CPU]
+
+        def get_inputs(self):
+            return real.get_inputs()
+
+        def get_providers(self):
+            return list(self.providers)
+
+    fake = FallingBack()
+
+    def runner(session, feeds, provider, options=None):
+        def run():
+            real.run(None, feeds)
+            fake.providers = [CPU]  # what `set_providers(fallback)` leaves behind
+
+        return run
+
+    monkeypatch.setattr(runtime, "_runner", runner)
+    with pytest.raises(BadInput, match="fell back to the CPU"):
+        time_session(fake, 4, warmup=1, runs=2, where=Placement("cuda"))
+
+
+def test_a_cuda_failure_during_timing_is_bad_input(exported, monkeypatch):
+    from flexslim.latency import runtime
+    from flexslim.latency.runtime import Placement
+
+    real = make_session(exported.path, "cpu", 1)
+
+    def runner(session, feeds, provider, options=None):
+        def run():
+            raise RuntimeError("CUDA failure 700: an illegal memory access was encountered")
+
+        return run
+
+    monkeypatch.setattr(runtime, "_runner", runner)
+    with pytest.raises(BadInput, match="CUDA provider failed while timing .*illegal memory access"):
+        time_session(real, 4, warmup=1, runs=2, where=Placement("cuda"))
+
+
+@pytest.mark.gpu
+def test_cuda_session_is_strict_on_a_gpu(exported):
+    """On a GPU: no fallback at creation or in runs, every compute node on CUDA, and the timing says cuda."""
+    import onnx
+
+    from flexslim.latency.runtime import placement
+
+    sess = make_session(exported.path, "cuda", 1)
+    assert sess._enable_fallback is False  # disable_fallback(): a CUDA error in run() raises, no CPU re-run
+    p = placement(sess, onnx.load(str(exported.path)).graph)
+    assert p.provider == "cuda" and p.known
+    t = time_session(sess, batch=8, warmup=2, runs=5, where=p)
+    assert t.provider == "cuda" and t.cpu_nodes == ()

@@ -16,6 +16,7 @@ from flexslim.models.arch import Arch
 from flexslim.recipe.schema import load_recipe
 from flexslim.search.loop import SearchFolder, load_state, run_search
 from flexslim.search.supernet import Supernet
+from flexslim.system.console import Reporter
 from flexslim.train.schedules import cosine_lr
 
 CPU = torch.device("cpu")
@@ -268,3 +269,42 @@ def test_batch_larger_than_the_split_is_bad_input(tiny_setup):
     big = dataclasses.replace(recipe, search=dataclasses.replace(recipe.search, batch_size=10_000))
     with pytest.raises(BadInput, match="batch_size"):
         search(arch, big, ds, 1.0, hand_latency_model(arch))
+
+
+def test_warmup_epochs_train_the_weights_alone(setup):
+    """search.warmup = 0.5 of 2 epochs: the first epoch moves neither mu nor the multiplier (and records so); the
+    second searches."""
+    recipe, ds, arch, init_ms = setup
+    warm = dataclasses.replace(recipe, search=dataclasses.replace(recipe.search, warmup=0.5, init_multiplier=0.0))
+    st = search(arch, warm, ds, 0.4 * init_ms, hand_latency_model(arch))
+    first, second = st.history
+    assert first["warmup"] and not second["warmup"]
+    assert first["multiplier"] == 0.0 and first["arch_ce"] == 0.0
+    assert all(first["mu"][s] == pytest.approx(w) for s, w in arch.widths.items())  # mu still at the start
+    assert second["multiplier"] > 0 and all(second["mu"][s] < w for s, w in arch.widths.items())  # tight: down
+
+
+def test_warmup_lets_cross_entropy_speak_for_the_widths(setup):
+    """Oracle of the warm-up's effect on a toy problem (the digits): on untrained weights the cross-entropy barely
+    depends on the widths, so only the latency term moves mu; after one weights-only epoch the cross-entropy's
+    gradient with respect to mu is about twice as large (the latency term's is unchanged) - it can defend a width."""
+    from flexslim.data.augment import Augment
+    from flexslim.search.loop import SearchLoop, build_state, search_batches, train_epoch
+
+    recipe, ds, arch, init_ms = setup
+    warm = dataclasses.replace(recipe, search=dataclasses.replace(recipe.search, warmup=0.5))
+    st = build_state(arch, warm, CPU)
+    bt, bs = search_batches(ds, warm, 0)
+    loop = SearchLoop(warm, Budget(init_ms, headroom=0.05), hand_latency_model(arch), CPU, Reporter(), len(bt))
+    x, y = next(iter(bs))
+
+    def ce_grad() -> float:
+        st.supernet.eval()  # no dropout / BN batch statistics noise between the two readings
+        ce = torch.nn.functional.cross_entropy(st.supernet(Augment(warm.data, seed=0)(x.float())), y)
+        grads = torch.autograd.grad(ce, st.supernet.arch_parameters())
+        return float(sum(g.abs().sum() for g in grads))
+
+    before = ce_grad()
+    train_epoch(st, loop, bt, bs, 0)  # a warm-up epoch: weights only
+    assert all(float(m.mu.detach()) == pytest.approx(arch.widths[s]) for s, m in st.supernet.masks.items())
+    assert ce_grad() > 1.5 * before

@@ -102,3 +102,31 @@ def test_the_gate_runs_in_a_fresh_process_and_its_report_is_read(tmp_path, expor
 
     report = gate_in_fresh_process(exported.path, tmp_path / "r.json")
     assert report["latency_ms"] > 0 and report["provider"] == "cpu" and (tmp_path / "r.json").is_file()
+
+
+def test_min_accuracy_picks_the_fastest_network_that_reaches_it():
+    """The high-resource scenario: the fastest delivered network at or above the accuracy; failed budgets and
+    rows over their budget never count; none reaching it gives the most accurate as the best found."""
+    from flexslim.jobs.sweep import fastest_reaching
+
+    rows = [
+        {"budget_ms": 0.1, "delivered_ms": 0.095, "accuracy": 0.86, "widths": {"a": 8}},
+        {"budget_ms": 0.2, "delivered_ms": 0.19, "accuracy": 0.90, "widths": {"a": 16}},
+        {"budget_ms": 0.3, "delivered_ms": 0.29, "accuracy": 0.91, "widths": {"a": 24}},
+        {"budget_ms": 0.15, "delivered_ms": 0.16, "accuracy": 0.95, "widths": {"a": 12}},  # over its budget
+        {"budget_ms": 0.05, "error": "impossible"},
+    ]
+    fastest, best = fastest_reaching(rows, 0.89)
+    assert fastest["widths"] == {"a": 16} and best["widths"] == {"a": 24}
+    assert fastest_reaching(rows, 0.95) == (None, rows[2])
+
+
+def test_min_accuracy_without_retrain_is_exit_2(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flexslim.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for args in (["--min-accuracy", "0.9"], ["--min-accuracy", "1.5", "--retrain"]):
+        res = CliRunner().invoke(app, ["sweep", "--recipe", "quickstart", "--out", "s", *args])
+        assert res.exit_code == 2 and res.output.count("error:") == 1 and "Traceback" not in res.output, res.output

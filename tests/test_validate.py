@@ -291,3 +291,88 @@ def test_min_seconds_keeps_timing_past_the_minimum_runs(exported):
     # each pass of this tiny graph takes well under a millisecond: 0.3 s of passes is far more than 5
     assert rep.timing.runs > 5
     assert rep.timing.runs * rep.timing.batch * rep.timing.p50_ms >= 0.3e3 * 0.5  # passes span >= 0.3 s
+
+
+# ---------------------------------------------------------------- the provider that ran is the provider asked for
+
+
+def _with_provider(src, dst, value: str):
+    import onnx
+
+    proto = onnx.load(str(src))
+    kept = [p for p in proto.metadata_props if p.key != "flexslim.latency_provider"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "flexslim.latency_provider", value
+    onnx.save(proto, str(dst))
+    return dst
+
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+
+
+@no_cuda
+def test_cli_cuda_asked_without_cuda_is_exit_2_naming_it(tmp_path, cli, exported, one_line_error):
+    report = tmp_path / "r.json"
+    res = cli.invoke(
+        app, ["validate", str(exported.path), "--latency-ms", "1000", "--provider", "cuda", "--report", str(report)]
+    )
+    assert res.exit_code == 2
+    line = one_line_error(res)
+    assert "--provider cuda" in line and "cannot run here" in line
+    assert not report.exists()
+
+
+@no_cuda
+def test_cli_cuda_asked_where_onnxruntime_runs_the_cpu_is_exit_2(tmp_path, cli, exported, one_line_error, monkeypatch):
+    """onnxruntime-gpu lists CUDA on this machine but cannot load it: the session it makes runs on the CPU. Before,
+    the gate timed on the CPU and kept the verdict (`provider cpu (asked: cuda)`); now that is exit 2."""
+    from flexslim.latency import runtime
+
+    monkeypatch.setattr(runtime, "cuda_usable", lambda: True)
+    report = tmp_path / "r.json"
+    res = cli.invoke(
+        app,
+        ["validate", str(exported.path), "--latency-ms", "1000", "--provider", "cuda", "--report", str(report)],
+    )
+    assert res.exit_code == 2, res.output
+    line = one_line_error(res)
+    assert "--provider cuda" in line and "on the CPU" in line
+    assert not report.exists()
+
+
+@no_cuda
+def test_auto_with_a_cuda_model_on_a_cpu_machine_measures_cpu_and_says_so(tmp_path, cli, exported):
+    model = _with_provider(exported.path, tmp_path / "cuda.onnx", "cuda")
+    rep = validate(model, latency_ms=1000.0, **FAST)
+    assert rep.passed and rep.timing.provider == "cpu" and rep.requested_provider == "auto"
+    (note,) = [n for n in rep.notes if "flexslim.latency_provider" in n]
+    assert "searched for cuda" in note and "measured on cpu" in note
+    assert rep.to_dict()["notes"] == list(rep.notes)
+    res = cli.invoke(app, ["validate", str(model), "--latency-ms", "1000", *FAST_ARGS])
+    assert res.exit_code == 0, res.output
+    assert "note: the model was searched for cuda" in res.stdout
+
+
+def test_auto_takes_the_models_cpu_provider(tmp_path):
+    from flexslim.deploy.gate import resolve_provider
+
+    assert resolve_provider("auto", {"flexslim.latency_provider": "cpu"}) == ("cpu", ())
+    assert resolve_provider("auto", {"flexslim.latency_provider": "auto"}) == ("auto", ())
+    assert resolve_provider("auto", {}) == ("auto", ())
+    assert resolve_provider("cpu", {"flexslim.latency_provider": "cuda"}) == ("cpu", ())  # the flag wins
+
+
+def test_auto_with_a_cuda_model_prefers_cuda_where_it_runs(monkeypatch):
+    from flexslim.deploy import gate
+
+    monkeypatch.setattr(gate, "cuda_usable", lambda: True)
+    assert gate.resolve_provider("auto", {"flexslim.latency_provider": "cuda"}) == ("auto", ())  # CUDA first
+
+
+def test_unknown_provider_in_metadata_is_exit_2(tmp_path, cli, exported, one_line_error):
+    model = _with_provider(exported.path, tmp_path / "tpu.onnx", "tpu")
+    res = cli.invoke(app, ["validate", str(model), "--latency-ms", "1000", "--provider", "cpu", *FAST_ARGS])
+    assert res.exit_code == 2
+    assert "flexslim.latency_provider" in one_line_error(res)

@@ -3,8 +3,11 @@ process (so peak memory is its own), then a table shaped like the paper's Table 
 a CSV, the per-run JSON and an accuracy-vs-latency PNG.
 
 Methods: flexcharts | dmask-small | dmask-large (DMaskingNAS over the recipe's small / large fixed range) |
-uniform (one width multiplier, bisection on measured latency). Every row carries the same two latency figures:
-the shared latency table's prediction and one measurement on the deployment runtime (the gate's statistic).
+uniform (one width multiplier, bisection on measured latency) | random (random search inside the budget, within the
+FlexCHarts run's search time). Every method's widths then go through the SAME measured bake (`search.bake`, the
+search job's: trim, fill, exchange to the window [0.90, 1.00] x budget; capability-ranked by the supernet where
+the method has one) before retraining, so methods are compared at equal measured latency. Every row carries the
+same two latency figures: the shared latency table's prediction and the bake's measurement (the gate's statistic).
 Search time is the search loop alone (latency measurement made during the search is reported apart). Memory:
 `tensor_peak_mb`, the peak bytes of live tensors over a window of search steps at the widest allocation the
 search used (torch.profiler memory events on the CPU, max_memory_allocated on CUDA; see memory.tensor_peak),
@@ -57,7 +60,7 @@ def worker(spec: dict) -> dict:
     dev = pick_device(spec["device"])
     ds = load_dataset(recipe.data, spec.get("data"))  # warm the data path so the memory baseline includes it
     t0 = time.perf_counter()
-    run = _uniform_row if method.search is None else _search_row
+    run = {None: _search_row, "uniform": _uniform_row, "random": _random_row}[method.baseline]
     row, baked = run(spec, method, recipe, ds, dev)
     table = LatencyModel.load(spec["latency_table"])
     row.update(
@@ -100,14 +103,14 @@ def _range_ms(recipe, table) -> list[float]:
 
 
 def _search_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, object]:
-    """A searched method: the search job on the bench's shared latency table (untrimmed), then the tensor-memory
-    window at the widest allocation the search used."""
+    """A searched method: the search job on the bench's shared latency table (its measured bake to the window, as
+    for every method), then the tensor-memory window at the widest allocation the search used."""
     from flexslim.jobs.search import SearchRequest, search_job
 
     request = SearchRequest(
         spec["budget_ms"],
         recipe=spec["recipe"],
-        overrides=(*run_overrides(spec, method), "search.trim=false"),
+        overrides=tuple(run_overrides(spec, method)),
         data_dir=spec.get("data"),
         run_dir=Path(spec["out"]) / spec["run"],
         device=spec["device"],
@@ -183,28 +186,68 @@ def search_window_memory(spec: dict, recipe, ds, dev, allocation: dict[str, int]
 
 
 def _uniform_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, object]:
-    """Uniform scaling: one multiplier bisected on measured latency (its "search"), then optional retraining."""
+    """Uniform scaling: one multiplier bisected on measured latency (its "search"), then the same measured bake as
+    every method and optional retraining."""
     from flexslim.bench.uniform import uniform_scale
-    from flexslim.latency.model import LatencyModel, with_grid
-    from flexslim.models.arch import Arch
+    from flexslim.latency.model import with_grid
 
     memory = SearchMemory(dev)
     memory.start()
-    arch = Arch.for_data(recipe.model, ds)
-    table = LatencyModel.load(spec["latency_table"])
-    table.check_compatible(arch, recipe.latency, spec["latency_table"])
+    arch, table, budget = _shared(spec, recipe, ds)
     res = uniform_scale(
         arch,
-        budget=_budget(spec["budget_ms"], recipe, table),
+        budget=budget,
         settings=recipe.latency,
         min_width=recipe.model.min_width,
         round_to=with_grid(recipe, table).model.round_to,
         measure=spec.get("measure"),
     )
+    fitted = _baked(arch, res.widths, budget, table, recipe)
     # its "search" is all latency measurement: no training, no tensor memory to speak of
-    row = {"search_seconds": 0.0, "latency_seconds": res.seconds, "measured_ms": res.measured_ms}
-    row.update(memory.stop(), multiplier=res.multiplier, acc_supernet=None, acc_retrained=None)
-    baked = arch.with_widths(res.widths)
+    row = {"search_seconds": 0.0, "latency_seconds": res.seconds + fitted.seconds, "measured_ms": fitted.measured_ms}
+    row.update(memory.stop(), multiplier=res.multiplier, uniform_widths=res.widths, acc_supernet=None)
+    return _retrained(row, arch.with_widths(fitted.widths), spec, recipe, ds, dev)
+
+
+def _random_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, object]:
+    """Random search within the time the FlexCHarts run of this seed searched (`random_seconds`), then the same
+    measured bake as every method and optional retraining."""
+    from flexslim.bench.random_search import random_search
+
+    memory = SearchMemory(dev)
+    memory.start()
+    arch, table, budget = _shared(spec, recipe, ds)
+    res = random_search(arch, recipe, ds, table=table, budget=budget, seconds=spec["random_seconds"], device=dev)
+    fitted = _baked(arch, res.widths, budget, table, recipe)
+    row = {"search_seconds": res.seconds, "latency_seconds": fitted.seconds, "measured_ms": fitted.measured_ms}
+    row.update(memory.stop(), candidates=len(res.candidates), acc_random_proxy=res.score, acc_supernet=None)
+    return _retrained(row, arch.with_widths(fitted.widths), spec, recipe, ds, dev)
+
+
+def _shared(spec: dict, recipe, ds):
+    """The run's arch, the bench's shared latency table (checked against it) and the budget every method uses."""
+    from flexslim.latency.model import LatencyModel
+    from flexslim.models.arch import Arch
+
+    arch = Arch.for_data(recipe.model, ds)
+    table = LatencyModel.load(spec["latency_table"])
+    table.check_compatible(arch, recipe.latency, spec["latency_table"])
+    return arch, table, _budget(spec["budget_ms"], recipe, table)
+
+
+def _baked(arch, widths: dict, budget: Budget, table, recipe):
+    """The search job's measured bake (trim, fill, exchange to the window) of a baseline's widths (no supernet: by
+    latency inside the window)."""
+    from flexslim.latency.model import with_grid
+    from flexslim.search.bake import BakePlan, bake
+
+    plan = BakePlan.for_recipe(with_grid(recipe, table))
+    return bake(arch, {s: float(w) for s, w in widths.items()}, budget=budget, latency=table, plan=plan)
+
+
+def _retrained(row: dict, baked, spec: dict, recipe, ds, dev) -> tuple[dict, object]:
+    """`row` with the retrained test accuracy of `baked` when the bench retrains (None otherwise)."""
+    row["acc_retrained"] = None
     if spec["retrain"]:
         from flexslim.jobs.train import train_arch
 
@@ -284,7 +327,11 @@ def run_bench(request: BenchRequest, log=print) -> list[dict]:
         "device": device,
         "data": str(data_dir) if data_dir else None,
     }
-    rows = [_run_method({**base, **run}, out, log) for run in _runs(methods, seeds, recipe.search.seed)]
+    rows: list[dict] = []
+    for run in _runs(methods, seeds, recipe.search.seed):
+        if run["method"] == "random":
+            run["random_seconds"] = _random_seconds(rows, run["seed"], recipe)
+        rows.append(_run_method({**base, **run}, out, log))
     write_outputs(rows, out, budget, recipe.name)
     return rows
 
@@ -298,8 +345,18 @@ def _checked_budget_and_seeds(recipe, budget_ms: float | None, seeds) -> float:
     return budget
 
 
+def _random_seconds(rows: list[dict], seed, recipe) -> float:
+    """Random search's time allowance: the search time of the FlexCHarts run of the same seed (else of any), else
+    `bench.random_seconds`."""
+    searched = [r for r in rows if r.get("method") == "flexcharts" and "error" not in r]
+    same = [r for r in searched if r.get("seed") == seed] or searched
+    return float(same[-1]["search_seconds"]) if same else recipe.bench.random_seconds
+
+
 def _runs(methods: list[str], seeds: int, first_seed: int) -> list[dict]:
-    """The runs of a bench: every method per seed ({"method", "seed", "run": the run folder's name})."""
+    """The runs of a bench: every method per seed ({"method", "seed", "run": the run folder's name}); random search
+    runs after FlexCHarts (it gets FlexCHarts' search time)."""
+    methods = sorted(methods, key=lambda m: m == "random")
     runs = []
     for i in range(seeds):
         seed = first_seed + i if seeds > 1 else None

@@ -26,7 +26,7 @@ from flexslim.cli.app import (
     err,
     out,
 )
-from flexslim.latency.runtime import GATE_SECONDS
+from flexslim.latency.runtime import DEFAULT_TIMEOUT, GATE_SECONDS
 from flexslim.recipe.choices import BENCH_METHODS
 from flexslim.system.distributed import is_main
 
@@ -232,6 +232,10 @@ def validate(
         float, typer.Option(help="Minimum seconds of timed runs, cut into windows; disturbed windows are left out.")
     ] = GATE_SECONDS,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
+    timeout: Annotated[
+        float,
+        typer.Option(help="Seconds the measurement may take; past it the gate fails (exit 1, 'timed out after S s')."),
+    ] = DEFAULT_TIMEOUT,
     dataset: Annotated[
         Optional[str],
         typer.Option(
@@ -244,8 +248,9 @@ def validate(
     report: Annotated[Optional[str], typer.Option(help="Write the report as JSON here.")] = None,
     junit: Annotated[Optional[str], typer.Option(help="Write the checks as JUnit XML here.")] = None,
 ) -> None:
-    """Gate an ONNX classifier: latency vs budget and/or accuracy vs target. Exit 0 pass, 1 fail, 2 bad input
-    (including nothing to check, metadata that would loosen the gate, outputs that are not (N, classes) scores)."""
+    """Gate an ONNX classifier: latency vs budget and/or accuracy vs target. Exit 0 pass, 1 fail (also: timed out,
+    or warm-up already far over the budget), 2 bad input (including nothing to check, metadata that would loosen the
+    gate, outputs that are not (N, classes) scores, --provider cuda when onnxruntime would run it on the CPU)."""
     with command_exit_codes():
         from flexslim.deploy.gate import Measurement
         from flexslim.deploy.gate import validate as run_validate
@@ -255,7 +260,13 @@ def validate(
         report = check_output_path(report, "--report") if report is not None else None
         junit = check_output_path(junit, "--junit") if junit is not None else None
         measure = Measurement(
-            batch=batch, percentile=percentile, threads=threads, warmup=warmup, runs=runs, min_seconds=min_seconds
+            batch=batch,
+            percentile=percentile,
+            threads=threads,
+            warmup=warmup,
+            runs=runs,
+            min_seconds=min_seconds,
+            timeout=timeout,
         )
         rep = run_validate(
             model, latency_ms, min_accuracy, dataset=dataset, data=data, provider=provider.value, measure=measure
@@ -289,11 +300,20 @@ def bench(
     latency_table: Annotated[
         Optional[Path], typer.Option(help="Share this latency.json (flexslim profile) instead of measuring one.")
     ] = None,
+    floor_x: Annotated[
+        Optional[str],
+        typer.Option(
+            "--floor-x",
+            help="Several budgets, as multiples of the family's measured floor (e.g. 1.5,2.5,4): one bench each on "
+            "one shared table, then pareto.md/.png over them.",
+        ),
+    ] = None,
     data: DataOpt = None,
     device: DeviceOpt = Device.auto,
     set_: SetOpt = None,
 ) -> None:
-    """Compare FlexCHarts, DMaskingNAS (small/large range) and uniform scaling at one budget (paper Table 1)."""
+    """Compare FlexCHarts, DMaskingNAS, uniform scaling and random search at equal measured latency (paper Table 1,
+    Fig. 4 with --floor-x)."""
     with command_exit_codes():
         from flexslim.recipe.checks import check_output_dir
 
@@ -301,7 +321,7 @@ def bench(
         if throughput:
             _print_throughput(recipe, set_, data, device)
             return
-        from flexslim.bench.run import BenchRequest, run_bench
+        from flexslim.bench.run import BenchRequest
 
         request = BenchRequest(
             recipe,
@@ -315,10 +335,39 @@ def bench(
             seeds=seeds,
             latency_table=latency_table,
         )
-        rows = run_bench(request, log=lambda line: err.print(line, highlight=False))
-        out.print((out_dir / "bench.md").read_text())
+        rows = _bench_rows(request, floor_x)
         if any("error" in r for r in rows):
             raise typer.Exit(1)
+
+
+def _bench_rows(request, floor_x: str | None) -> list[dict]:
+    """One bench (bench.md), or one per budget of `--floor-x` (pareto.md); the table printed, the rows returned."""
+    from flexslim.bench.run import run_bench
+    from flexslim.errors import BadInput
+
+    log = lambda line: err.print(line, highlight=False)  # noqa: E731
+    if floor_x is None:
+        rows = run_bench(request, log=log)
+        out.print((request.out / "bench.md").read_text())
+        return rows
+    from flexslim.bench.pareto import run_budgets
+
+    if request.budget_ms is not None:
+        raise BadInput("--latency-ms and --floor-x are exclusive: give one budget or multiples of the floor")
+    rows = run_budgets(request, _floats(floor_x, "--floor-x"), log=log)
+    out.print((request.out / "pareto.md").read_text())
+    return rows
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    """A comma-separated list of finite numbers; BadInput naming the flag otherwise."""
+    from flexslim.errors import BadInput
+    from flexslim.recipe import checks
+
+    try:
+        return tuple(checks.finite(float(x), checks.flag(flag)) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise BadInput(f"{flag} takes comma-separated numbers (e.g. 1.5,2.5,4), got {text!r}") from None
 
 
 def _print_throughput(recipe: str, set_, data, device) -> None:
@@ -351,17 +400,27 @@ def sweep(
         bool, typer.Option(help="Retrain every delivered network (accuracy of the retrained net).")
     ] = False,
     repeats: Annotated[int, typer.Option(help="Gate measurements of each delivered network (median).")] = 3,
+    min_accuracy: Annotated[
+        Optional[float],
+        typer.Option(help="The fastest delivered network whose retrained accuracy reaches this (needs --retrain)."),
+    ] = None,
     data: DataOpt = None,
     device: DeviceOpt = Device.auto,
     set_: SetOpt = None,
 ) -> None:
-    """Search N budgets on one shared latency table; measure what each delivered network really runs at."""
+    """Search N budgets on one shared latency table; measure what each delivered network really runs at. With
+    --min-accuracy: the fastest network reaching it (exit 1, naming the best found, when none does)."""
     with command_exit_codes():
-        from flexslim.jobs.sweep import SweepRequest, failed, sweep_job
-        from flexslim.recipe.checks import check_output_dir
+        from flexslim.errors import BadInput
+        from flexslim.jobs.sweep import SweepRequest, failed, fastest_reaching, sweep_job
+        from flexslim.recipe import checks
         from flexslim.system.console import RichReporter
 
-        check_output_dir(out_dir, "--out")
+        checks.check_output_dir(out_dir, "--out")
+        if min_accuracy is not None:
+            checks.fraction(min_accuracy, checks.flag("--min-accuracy"))
+            if not retrain:
+                raise BadInput("--min-accuracy judges retrained networks: pass --retrain too")
 
         request = SweepRequest(
             recipe,
@@ -375,6 +434,18 @@ def sweep(
         )
         rows = sweep_job(request, reporter=RichReporter(err))
         out.print((out_dir / "sweep.md").read_text())
+        if min_accuracy is not None:
+            fastest, best = fastest_reaching(rows, min_accuracy)
+            if fastest is None:
+                found = f"the best found: {best['widths']} at {best['accuracy']:.4f}" if best else "no network"
+                out.print(f"FAIL: no delivered network reaches accuracy {min_accuracy:g}; {found}", markup=False)
+                raise typer.Exit(1)
+            out.print(
+                f"fastest network reaching accuracy {min_accuracy:g}: {fastest['widths']} at "
+                f"{fastest['delivered_ms']:.4f} ms (budget {fastest['budget_ms']:g} ms), accuracy "
+                f"{fastest['accuracy']:.4f}, run {fastest['run_dir']}",
+                markup=False,
+            )
         if any(failed(r) for r in rows):
             raise typer.Exit(1)
 
@@ -399,6 +470,8 @@ def _render_report(rep) -> None:
         _verdict(rep, "latency"),
     )
     table.add_row("latency p50 / p90 (ms/sample)", f"{t.p50_ms:.4f} / {t.p90_ms:.4f}", "", "")
+    if t.stopped == "timeout":
+        table.add_row("time taken (s)", f"{t.elapsed_s:.1f}", f"{t.timeout_s:g}", _verdict(rep, "timeout"))
     if t.all_passes_ms is not None and t.quiet_windows < t.windows:
         table.add_row(f"latency {pct}, every pass (ms/sample)", f"{t.all_passes_ms:.4f}", "", "")
     if rep.accuracy is not None:
@@ -413,8 +486,12 @@ def _render_report(rep) -> None:
     out.print(
         f"provider {t.provider} (asked: {rep.requested_provider}), batch {t.batch}, input {list(t.input_shape)}, "
         f"threads {t.threads or 'default'}, {t.runs} timed runs after {t.warmup} warm-up "
-        f"({t.quiet_windows} of {t.windows} windows undisturbed), {t.runtime}"
+        f"({t.quiet_windows} of {t.windows} windows undisturbed), {t.runtime}",
+        highlight=False,
+        markup=False,
     )
+    for note in rep.notes:
+        out.print(f"note: {note}", highlight=False, markup=False)
     # plain text, not markup: the verdict names the metadata's values in [brackets]
     verdict = Text("PASS" if rep.passed else "FAIL", style="green" if rep.passed else "red")
     verdict.append(" " + rep.summary().split(" - ", 1)[1])

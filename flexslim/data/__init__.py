@@ -1,8 +1,9 @@
 """flexslim.data: datasets as tensors on the training device.
 
-Modules: `tensors` (Dataset, StreamedDataset, the D_t/D_s split, batch iterators), `sources` (the dataset names ->
-their loaders: digits, CIFAR-10, image folders, synthetic), `augment` (batched augmentation), `folders` (image
-folders, in memory or streamed), `synthetic` (CIFAR-shaped random data).
+Modules: `tensors` (the TrainingData protocol, Dataset, StreamedDataset, the D_t/D_s split, batch iterators, the
+class-balanced subset), `sources` (the dataset table resolved: digits, CIFAR-10, the IDX sets Fashion-MNIST / MNIST /
+KMNIST, image folders, synthetic), `augment` (batched augmentation), `folders` (image folders, in memory or
+streamed), `synthetic` (CIFAR-shaped random data).
 
 May import: recipe, errors. Independent of system and models. Imported by train and above.
 """

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from flexslim.data.tensors import Dataset, StreamBatches, StreamedDataset, default_workers, worker_init
+from flexslim.data.tensors import Dataset, StreamBatches, StreamedDataset, TrainingData, default_workers, worker_init
 from flexslim.errors import BadInput
 from flexslim.recipe.schema import DataConfig
 
@@ -203,7 +203,7 @@ def decoded_mb(n: int, channels: int, size: int) -> float:
     return n * channels * size * size / 2**20
 
 
-def load_folder(cfg: DataConfig, data_dir: str | Path | None) -> Dataset | StreamedDataset:
+def load_folder(cfg: DataConfig, data_dir: str | Path | None) -> TrainingData:
     """The `folder` dataset of a recipe: train/ and val/ (or test/) under `data_dir`; in memory, or streamed when
     `data.stream` is set or the decoded images would take more than `data.max_in_memory_mb`."""
     if data_dir is None:

@@ -8,6 +8,8 @@ accuracy measured on it is meaningless (chance, 0.1): the bench shows "n/a (synt
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from flexslim.data.tensors import Dataset
@@ -26,7 +28,7 @@ def is_synthetic(name: str) -> bool:
     return name == NAME
 
 
-def load_synthetic(cfg: DataConfig) -> Dataset:
+def load_synthetic(cfg: DataConfig, data_dir: str | Path | None = None) -> Dataset:
     """TRAIN_SIZE + TEST_SIZE random uint8 images at cfg.image_size with random labels, seeded by cfg.split_seed."""
     g = torch.Generator().manual_seed(cfg.split_seed)
     side = cfg.image_size

@@ -3,13 +3,17 @@
 - `quickstart`: scikit-learn's bundled handwritten digits (1,797 real 8x8 images, no download), resized
   to `image_size`, split 80/20 into train/test with a fixed seed, stratified by class.
 - `cifar10`: torchvision's CIFAR-10, read from `--data DIR` or downloaded into a cache folder.
+- `fashion-mnist`, `mnist`, `kmnist`: torchvision's readers of the IDX files (28x28 grey, 10 classes), from
+  `--data DIR`, a system folder, or a download into the cache folder (see `sources.py`).
 - `folder`: the user's images, `--data DIR` with train/ and val/ (or test/) of class folders (see `folders.py`).
 
-Images are kept as uint8 (CIFAR-10) or float32 in [0, 1] (quickstart); `Batches` turns them into float32
-batches in [0, 1]. A folder too large for memory (or with `data.stream = true`) is a `StreamedDataset` instead:
-images decoded per batch in DataLoader worker processes (pinned memory on CUDA), `StreamBatches` yielding the same
-batches in the same order. Both kinds answer the loops' questions alike: `train_batches`, `test_batches`,
-`search_halves`, `to(device)`, `num_train`, `input_shape`.
+Images are kept as uint8 (CIFAR-10, the IDX sets, folders) or float32 in [0, 1] (quickstart); `Batches` turns them
+into float32 batches in [0, 1]. A folder too large for memory (or with `data.stream = true`) is a `StreamedDataset`
+instead: images decoded per batch in DataLoader worker processes (pinned memory on CUDA), `StreamBatches` yielding
+the same batches in the same order. Both kinds answer the loops' questions alike, written down as the
+`TrainingData` protocol: `train_batches`, `test_batches`, `search_halves`, `to(device)`, `num_train`,
+`input_shape`, and the description `name`, `num_classes`, `mean`, `std`, `class_names`. `balanced_subset` picks the
+`data.train_subset` images per class of an in-memory training set.
 
 Normalisation lives inside the network (`spaces.layers.Normalize`), so the ONNX export takes [0, 1] images too.
 Augmentation runs on whole batches on the device: random crop with zero padding (or ImageNet-style
@@ -24,6 +28,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -31,6 +36,52 @@ from flexslim.errors import BadInput
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class TrainingData(Protocol):
+    """What the search and training loops ask of a dataset, in memory (`Dataset`) or streamed (`StreamedDataset`).
+
+    Batches are float32 images in [0, 1] (N x C x H x W) with int64 labels, on the dataset's device.
+    """
+
+    @property
+    def name(self) -> str: ...  # the dataset's name (recipe.choices.DATASETS); travels into arch.json
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def mean(self) -> tuple[float, ...]: ...  # per-channel normalisation, in [0, 1] units
+
+    @property
+    def std(self) -> tuple[float, ...]: ...
+
+    @property
+    def class_names(self) -> tuple[str, ...]: ...  # index -> name; () when the data does not name its classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]: ...  # C, H, W of one image
+
+    @property
+    def num_train(self) -> int: ...  # training images
+
+    def to(self, device: torch.device | str) -> TrainingData:
+        """The same data, its batches on `device`."""
+        ...
+
+    def train_batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+    ) -> Batches | StreamBatches:
+        """Batches of the training set; for the same seed and size the same order in either kind."""
+        ...
+
+    def test_batches(self, batch_size: int = 500) -> Batches | StreamBatches:
+        """Batches of the test set, in order."""
+        ...
+
+    def search_halves(self, seed: int = 0) -> tuple[TrainingData, TrainingData]:
+        """The data with its training set cut to D_t, and to D_s (two disjoint random halves, `split_indices`)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -82,6 +133,21 @@ def split_indices(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The D_t and D_s indices of a training set of n: two disjoint random halves (seeded)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[: n // 2], perm[n // 2 :]
+
+
+def balanced_subset(labels: torch.Tensor, per_class: int, seed: int = 0) -> torch.Tensor:
+    """Indices (ascending) of `per_class` images of each class drawn at random (seeded); a class with fewer keeps
+    all of its images.
+
+    Example: labels [0, 0, 0, 1, 1, 2], per_class 2 -> two of the first three, both 1s, the 2.
+    """
+    y = labels.cpu()
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    by_class = order[torch.argsort(y[order], stable=True)]  # grouped by class, random within each class
+    counts = torch.bincount(y)
+    first = torch.cumsum(counts, 0) - counts  # where each class starts in by_class
+    rank = torch.arange(len(y)) - first[y[by_class]]  # position of each image within its class
+    return by_class[rank < per_class].sort().values
 
 
 def search_split(

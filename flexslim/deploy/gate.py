@@ -12,7 +12,12 @@ The contract (README "What the gate promises"), kept here and nowhere else:
 - the budget, dataset, batch, thread count and percentile come from the arguments, else from the model's
   `flexslim.*` metadata, else from the defaults; metadata may describe, never loosen: a percentile under the
   default, a batch over the default (or the model's fixed batch), more threads than the CPUs the runtime's default
-  uses are refused unless the argument (flag) asks for that value.
+  uses are refused unless the argument (flag) asks for that value;
+- the provider that ran is the provider asked for: `cuda` is refused (BadInput) when onnxruntime would run any compute
+  node on the CPU; `auto` prefers the model's `flexslim.latency_provider` when it can run here, and says when not;
+- a measurement has a time limit (`Measurement.timeout`): past it the gate fails (exit 1) with a `timeout` check and
+  measures nothing more; when the warm-up passes are already over EARLY_STOP x the budget, the latency check fails
+  without the timed passes.
 """
 
 from __future__ import annotations
@@ -26,7 +31,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flexslim.errors import BadInput
-from flexslim.latency.runtime import GATE_SECONDS, Timing, make_session, time_session
+from flexslim.latency.runtime import (
+    DEFAULT_TIMEOUT,
+    EARLY_STOP,
+    GATE_SECONDS,
+    PROVIDER_KEY,
+    Timing,
+    cuda_usable,
+    make_session,
+    placement,
+    time_session,
+)
 from flexslim.recipe import checks
 from flexslim.recipe.choices import DATASETS, PROVIDERS
 from flexslim.system.files import atomic_write_bytes, atomic_write_json
@@ -72,6 +87,8 @@ class Report:
         metadata: the model's metadata_props.
         host: the machine that measured.
         from_metadata: the settings the model's `flexslim.*` metadata supplied (setting name -> value).
+        notes: what people should know about the measurement: the provider `auto` could not use, CPU nodes in a CUDA
+            session, an early stop.
     """
 
     model: str
@@ -86,6 +103,7 @@ class Report:
     metadata: dict[str, str] = field(default_factory=dict)
     host: str = field(default_factory=platform.node)
     from_metadata: dict[str, float | int | str] = field(default_factory=dict)  # settings the model's metadata gave
+    notes: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -139,6 +157,11 @@ class Report:
             "host": self.host,
             "metadata": {k: v for k, v in self.metadata.items() if k != "flexslim.arch"},
             "from_metadata": dict(self.from_metadata),
+            "stopped": self.timing.stopped,
+            "elapsed_s": self.timing.elapsed_s,
+            "timeout_s": self.timing.timeout_s,
+            "cpu_nodes": list(self.timing.cpu_nodes),
+            "notes": list(self.notes),
         }
 
     def write_json(self, path: str | Path) -> Path:
@@ -209,6 +232,7 @@ class Measurement:
         warmup: untimed passes first.
         runs: at least this many timed passes.
         min_seconds: at least this many seconds of timed passes.
+        timeout: seconds the measurement may take (warm-up and timed passes); past it the gate fails (exit 1).
     """
 
     batch: int | None = None
@@ -217,13 +241,19 @@ class Measurement:
     warmup: int = 10
     runs: int = 50
     min_seconds: float = GATE_SECONDS
+    timeout: float = DEFAULT_TIMEOUT
 
     @classmethod
     def of_run(cls, latency: dict | None) -> Measurement:
         """The settings a run measured its budget with (its recipe's `latency` section: batch, threads,
         percentile), as explicit settings: a job gating its own model with them loosens nothing."""
         lat = latency or {}
-        return cls(batch=lat.get("batch"), percentile=lat.get("percentile"), threads=lat.get("threads"))
+        return cls(
+            batch=lat.get("batch"),
+            percentile=lat.get("percentile"),
+            threads=lat.get("threads"),
+            timeout=lat.get("timeout", DEFAULT_TIMEOUT),
+        )
 
     def flags(self) -> list[str]:
         """The `flexslim validate` flags for the settings that differ from the defaults (a child process that runs
@@ -244,6 +274,7 @@ _FLAGS = {
     "warmup": "--warmup",
     "runs": "--runs",
     "min_seconds": "--min-seconds",
+    "timeout": "--timeout",
 }
 
 
@@ -282,7 +313,10 @@ def validate(
         min_accuracy: the minimum top-1 accuracy (fraction) on the dataset's test split.
         dataset: the dataset for accuracy (default, when accuracy is asked for: the metadata's).
         data: the dataset's folder (CIFAR-10 files, or a folder of class sub-folders for `folder`).
-        provider: onnxruntime execution provider (auto, cpu, cuda).
+        provider: onnxruntime execution provider (auto, cpu, cuda). `cuda` is strict: BadInput when onnxruntime would
+            run the model, or any compute node of it, on the CPU. `auto` takes the model's `flexslim.latency_provider`
+            when that provider can run here (else CUDA when usable, else the CPU; a note says when the model's could
+            not run).
         measure: batch, percentile, threads and the number and length of the timed passes (default: Measurement()).
 
     Returns:
@@ -290,7 +324,7 @@ def validate(
 
     Raises:
         BadInput: an invalid argument, file or metadata value, metadata that would loosen the gate, nothing to
-            check, or outputs that are not finite (N, classes) class scores.
+            check, outputs that are not finite (N, classes) class scores, or `cuda` asked for and not what ran.
 
     Example:
         >>> report = validate("model.onnx", latency_ms=0.3, min_accuracy=0.94, dataset="cifar10")
@@ -318,8 +352,12 @@ def validate(
         if settings.dataset == "folder" and data is None:
             raise BadInput("the folder dataset needs --data DIR (a folder of class sub-folders, e.g. DIR/val)")
         _check_declared_output(proto, model, names)
+    run_on, notes = resolve_provider(provider, meta)
+    graph = proto.graph
     del proto
-    session = _open_session(model, provider, settings.threads)
+    session = _open_session(model, run_on, settings.threads)
+    where = placement(session, graph)
+    del graph
     timing = time_session(
         session,
         settings.batch,
@@ -328,9 +366,13 @@ def validate(
         percentile=settings.percentile,
         threads=settings.threads,
         min_seconds=m.min_seconds,
+        timeout=m.timeout,
+        budget_ms=settings.budget_ms,
+        where=where,
     )
+    notes += _placement_notes(timing, meta)
     accuracy, n_test = None, 0
-    if settings.dataset is not None:
+    if settings.dataset is not None and timing.stopped != "timeout":  # past its time limit the gate does no more
         accuracy, n_test = _accuracy(
             session, settings.dataset, data, timing.input_shape, settings.fixed_batch, names, model
         )
@@ -346,7 +388,39 @@ def validate(
         _judge(timing, settings, accuracy, n_test, min_accuracy),
         meta,
         from_metadata=dict(settings.from_metadata),
+        notes=notes,
     )
+
+
+def resolve_provider(asked: str, meta: dict[str, str]) -> tuple[str, tuple[str, ...]]:
+    """(the provider to open the session with, notes). `auto` prefers the provider the model was searched for
+    (`flexslim.latency_provider`) when it can run here; `cpu` and `cuda` are taken as asked. The metadata value is
+    checked whether used or not (an unknown provider is BadInput)."""
+    recorded = None
+    if PROVIDER_KEY in meta:
+        recorded = checks.choice(meta[PROVIDER_KEY].strip(), checks.metadata_key(PROVIDER_KEY, "--provider"), PROVIDERS)
+    if asked != "auto" or recorded in (None, "auto"):
+        return asked, ()
+    if recorded == "cuda" and not cuda_usable():
+        return "cpu", (
+            f"the model was searched for cuda ({PROVIDER_KEY}=cuda) but onnxruntime's CUDA provider cannot run here: "
+            "measured on cpu; run the gate on the deployment machine with --provider cuda",
+        )
+    return ("cpu" if recorded == "cpu" else "auto"), ()
+
+
+def _placement_notes(timing: Timing, meta: dict[str, str]) -> tuple[str, ...]:
+    """Notes on what ran, for `auto` (a strict `cuda` never gets here with a CPU node)."""
+    notes = []
+    if timing.cpu_nodes:
+        shown = ", ".join(timing.cpu_nodes[:5]) + (" ..." if len(timing.cpu_nodes) > 5 else "")
+        notes.append(f"{len(timing.cpu_nodes)} compute node(s) ran on the CPU inside the CUDA session: {shown}")
+    wanted = meta.get(PROVIDER_KEY, "").strip()
+    if wanted == "cuda" and timing.provider != "cuda" and cuda_usable():
+        notes.append(f"the model was searched for cuda ({PROVIDER_KEY}) but onnxruntime ran it on {timing.provider}")
+    if timing.stopped == "over_budget":
+        notes.append(f"timing stopped after {timing.warmup} warm-up passes: over {EARLY_STOP:g}x the budget")
+    return tuple(notes)
 
 
 def _check_arguments(args: dict, min_accuracy, provider: str, m: Measurement) -> None:
@@ -361,6 +435,7 @@ def _check_arguments(args: dict, min_accuracy, provider: str, m: Measurement) ->
     checks.warmup(m.warmup, checks.flag("--warmup"))
     checks.runs(m.runs, checks.flag("--runs"))
     checks.min_seconds(m.min_seconds, checks.flag("--min-seconds"))
+    checks.timeout(m.timeout, checks.flag("--timeout"))
 
 
 def resolve_settings(
@@ -457,10 +532,39 @@ def _open_session(model: str | Path, provider: str, threads: int):
 
 
 def _judge(timing: Timing, s: GateSettings, accuracy: float | None, n_test: int, min_accuracy) -> tuple[Check, ...]:
-    """The checks that ran: latency (when there is a budget) and accuracy (when there is a target). The one place a
-    verdict is made: never from no checks, never from an accuracy outside [0, 1] (a bug: exit 3, not a pass)."""
+    """The checks that ran: latency (when there is a budget) and accuracy (when there is a target); a timing past its
+    limit is one failed `timeout` check instead, and a warm-up already over EARLY_STOP x the budget a failed `latency`
+    check. The one place a verdict is made: never from no checks, never from an accuracy outside [0, 1] (a bug: exit
+    3, not a pass)."""
+    if timing.stopped == "timeout":  # nothing was measured in full: one failed check says so, and nothing else
+        return (
+            Check(
+                "timeout",
+                False,
+                timing.elapsed_s,
+                float(timing.timeout_s or 0.0),
+                "s",
+                f"timed out after {timing.timeout_s:g} s ({timing.warmup} warm-up and {timing.runs} "
+                f"timed passes done, at least {timing.fastest_ms or timing.p50_ms:.4g} ms/sample; {timing.provider}, "
+                f"batch {timing.batch}); pass a longer --timeout to measure it",
+            ),
+        )
     judged = []
-    if s.budget_ms is not None:
+    if timing.stopped == "over_budget":  # no timed passes: the warm-up already showed the verdict
+        fastest = float(timing.fastest_ms or timing.p50_ms)
+        judged.append(
+            Check(
+                "latency",
+                False,
+                fastest,
+                float(s.budget_ms),
+                "ms",
+                f"fastest of {timing.warmup} warm-up passes {fastest:.4f} ms/sample > budget {s.budget_ms:g} ms "
+                f"x {EARLY_STOP:g}: stopped after the warm-up, no timed passes ({timing.provider}, batch "
+                f"{timing.batch})",
+            )
+        )
+    elif s.budget_ms is not None:
         ok = timing.at_percentile_ms <= s.budget_ms
         source = " from the model's metadata" if "budget_ms" in s.from_metadata else ""
         judged.append(

@@ -185,6 +185,16 @@ def _one_budget(request, repeats: int, reporter: Reporter) -> dict:
     return row
 
 
+def fastest_reaching(rows: list[dict], min_accuracy: float) -> tuple[dict | None, dict | None]:
+    """The paper's high-resource scenario: (the fastest delivered network whose accuracy reaches `min_accuracy`,
+    the most accurate one) over the rows that delivered a network; either is None when there is none."""
+    done = [r for r in rows if not failed(r) and r.get("accuracy") is not None]
+    reaching = [r for r in done if r["accuracy"] >= min_accuracy]
+    fastest = min(reaching, key=lambda r: r["delivered_ms"]) if reaching else None
+    best = max(done, key=lambda r: r["accuracy"]) if done else None
+    return fastest, best
+
+
 def failed(row: dict) -> bool:
     """A budget whose search failed or whose delivered network measured over it."""
     return "error" in row or row["delivered_ms"] > row["budget_ms"]

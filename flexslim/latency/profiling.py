@@ -45,7 +45,9 @@ def measure_sessions(arch: Arch, widths: dict[str, int], settings: LatencyConfig
     model = onnx_bytes(build_network(arch, widths).eval(), arch.input_shape, fast=True)
     s, n = settings, max(1, settings.repeats)
     timings = [
-        time_isolated(model, s.provider, s.threads, s.batch, s.warmup, s.runs, s.percentile, seed, s.min_seconds / n)
+        time_isolated(
+            model, s.provider, s.threads, s.batch, s.warmup, s.runs, s.percentile, seed, s.min_seconds / n, s.timeout
+        )
         for _ in range(n)
     ]
     timings.sort(key=lambda t: t.at_percentile_ms)

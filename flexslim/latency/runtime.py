@@ -12,6 +12,17 @@ VM: 6-34% of 1 s stretches run 5-60% slow for seconds at a time, the network unc
 over the passes of the undisturbed windows, so the same network gives the same number from run to run; the
 percentile over every pass is kept next to it (`all_passes_ms`), with the count of windows kept. Nothing is
 dropped when the machine is quiet.
+
+The provider that ran is the provider asked for: `--provider cuda` opens the session without onnxruntime's fallback
+(`enable_fallback=0` at creation, `disable_fallback()` for runs), and refuses (BadInput) a session whose first
+provider is not CUDA or that placed any compute node on the CPU (onnxruntime's recorded node assignment,
+`session.record_ep_graph_assignment_info`; shape arithmetic, which onnxruntime keeps on the CPU on purpose, is
+allowed). A CUDA failure during timing is BadInput too, never a CPU timing reported as CUDA.
+
+Time limits: a measurement stops at `timeout` seconds (checked between passes; a pass in flight is cancelled
+through RunOptions.terminate) and, when a budget is given, as soon as the warm-up passes are already far over it
+(`EARLY_STOP` x budget per sample). The Timing then says why (`stopped`). The isolated helper is killed (not left
+running) when a call outlives its limit (`run_isolated(..., limit_s=)`).
 """
 
 from __future__ import annotations
@@ -19,15 +30,22 @@ from __future__ import annotations
 import functools
 import math
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flexslim.errors import BadInput, TimingFailed
+from flexslim.errors import BadInput, TimedOut, TimingFailed
 from flexslim.recipe import checks
 from flexslim.recipe.choices import PROVIDERS
 
 _NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDER_KEY = "flexslim.latency_provider"  # model metadata: the provider the model was searched (and budgeted) for
+_ASSIGNMENT = "session.record_ep_graph_assignment_info"  # session config: record which provider runs each node
+_SHAPE_OPS = frozenset({"Shape", "Size"})  # read only a tensor's shape, never its values
+DEFAULT_TIMEOUT = 600.0  # seconds one measurement may take (validate --timeout, recipe latency.timeout)
+EARLY_STOP = 3.0  # warm-up passes over this many times the budget per sample: the gate fails without timing
+HELPER_GRACE = 60.0  # seconds the isolated helper gets beyond a timing's own limit (spawn, imports, session)
 
 
 @functools.cache
@@ -69,16 +87,117 @@ def provider_list(provider: str) -> list[str]:
 
 
 def make_session(model: str | Path | bytes, provider: str = "auto", threads: int = 0):
-    """An InferenceSession on the chosen provider; `threads` > 0 fixes the intra-op thread count."""
+    """An InferenceSession on the chosen provider; `threads` > 0 fixes the intra-op thread count.
+
+    `cuda` is strict: no fallback at creation or during runs, and BadInput unless CUDA runs every compute node
+    (`require_cuda`). `auto` keeps onnxruntime's fallback to the CPU (the Timing says what ran)."""
     import onnxruntime as ort
 
+    names = provider_list(provider)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: no warnings about unused providers on a CPU machine
+    opts.add_session_config_entry(_ASSIGNMENT, "1")
     if threads > 0:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     src = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(src, sess_options=opts, providers=provider_list(provider))
+    if provider != "cuda":
+        return ort.InferenceSession(src, sess_options=opts, providers=names)
+    what = "the model" if isinstance(model, bytes) else str(model)
+    ort.set_default_logger_severity(4)  # a CUDA library that fails to load is our one error line, not ORT's log
+    try:
+        session = ort.InferenceSession(src, sess_options=opts, providers=names, enable_fallback=0)
+    except Exception as err:  # noqa: BLE001 - a CUDA provider error is what the caller asked about
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BadInput(
+            f"--provider cuda: onnxruntime could not open {what} on CUDA ({first[:160]}); nothing ran. "
+            "Use --provider cpu or auto"
+        ) from None
+    session.disable_fallback()  # a CUDA failure in a run raises instead of re-running on the CPU
+    require_cuda(placement(session, _graph(model)), what)
+    return session
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where onnxruntime put a session's graph.
+
+    Attributes:
+        provider: `cuda` when the session's first provider is CUDA, else `cpu`.
+        cpu_nodes: compute nodes a CUDA session placed on the CPU, as `OpType 'name'` (shape arithmetic excluded).
+        known: False when this onnxruntime cannot report node placement (then `cpu_nodes` is empty, unchecked).
+    """
+
+    provider: str
+    cpu_nodes: tuple[str, ...] = ()
+    known: bool = True
+
+
+def placement(session, graph=None) -> Placement:
+    """Which provider runs `session`, and which compute nodes a CUDA session left on the CPU.
+
+    A CPU node counts as compute when it reads the image's values: with the ONNX `graph` given, when one of its
+    inputs depends on the graph input other than through Shape/Size; without it (or for a node onnxruntime created),
+    every CPU node but Shape/Size counts. The session must have been made with `make_session` (which records the
+    node assignment)."""
+    if session.get_providers()[0] != _NAMES["cuda"]:
+        return Placement("cpu")
+    try:
+        assigned = session.get_provider_graph_assignment_info()
+    except Exception:  # noqa: BLE001 - an onnxruntime without the call, or a session that did not record it
+        return Placement("cuda", (), known=False)
+    on_cpu = [n for sub in assigned if sub.ep_name == _NAMES["cpu"] for n in sub.get_nodes()]
+    data = _data_nodes(graph) if graph is not None else None
+    compute = [
+        n for n in on_cpu if n.op_type not in _SHAPE_OPS and (data is None or not n.name or data.get(n.name, True))
+    ]
+    return Placement("cuda", tuple(f"{n.op_type} '{n.name}'" if n.name else n.op_type for n in compute))
+
+
+def require_cuda(p: Placement, what: str = "the model") -> None:
+    """BadInput unless CUDA runs every compute node of `what` (what `--provider cuda` promises)."""
+    if p.provider != "cuda":
+        raise BadInput(
+            f"--provider cuda: onnxruntime ran {what} on the CPU (its CUDA provider did not load); a CPU timing "
+            "is no CUDA verdict. Fix the CUDA/cuDNN libraries, or use --provider cpu"
+        )
+    if not p.known:
+        raise BadInput(
+            f"--provider cuda: this onnxruntime cannot report which provider runs each node of {what}, so CPU "
+            "nodes in the CUDA session cannot be ruled out; upgrade onnxruntime (>= 1.24) or use --provider auto"
+        )
+    if p.cpu_nodes:
+        shown = ", ".join(p.cpu_nodes[:5]) + (f" and {len(p.cpu_nodes) - 5} more" if len(p.cpu_nodes) > 5 else "")
+        raise BadInput(
+            f"--provider cuda: onnxruntime placed {len(p.cpu_nodes)} compute node(s) of {what} on the CPU ({shown}): "
+            "no CUDA kernel for them; the model did not run on CUDA alone. Use --provider auto to time it anyway"
+        )
+
+
+def _graph(model: str | Path | bytes):
+    """The ONNX graph of `model` (weights left out), for telling compute nodes from shape arithmetic."""
+    import onnx
+
+    try:
+        if isinstance(model, bytes):
+            return onnx.load_model_from_string(model).graph
+        return onnx.load(str(model), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - onnxruntime read it; without the graph every CPU node counts as compute
+        return None
+
+
+def _data_nodes(graph) -> dict[str, bool]:
+    """Node name -> whether the node reads values that depend on the graph's input (not only its shape)."""
+    consts = {i.name for i in graph.initializer}
+    live = {i.name for i in graph.input if i.name not in consts}  # tensors carrying the image's values
+    reads = {}
+    for node in graph.node:  # ONNX nodes are topologically sorted
+        uses = any(t in live for t in node.input)
+        if node.name:
+            reads[node.name] = uses and node.op_type not in _SHAPE_OPS
+        if uses and node.op_type not in _SHAPE_OPS:
+            live.update(node.output)
+    return reads
 
 
 def ran_provider(session) -> str:
@@ -107,6 +226,11 @@ class Timing:
     quiet_windows: int = 1  # ... of which these were undisturbed (their passes give the figures above)
     all_passes_ms: float | None = None  # the percentile over every timed pass, disturbed windows included
     sessions: tuple[float, ...] = ()  # when this is the median of several sessions: each session's percentile
+    stopped: str | None = None  # None: timed in full; "timeout" (past `timeout_s`) | "over_budget" (EARLY_STOP)
+    elapsed_s: float = 0.0  # seconds from the first warm-up pass to the end (or the stop)
+    timeout_s: float | None = None  # the limit the measurement ran under
+    fastest_ms: float | None = None  # the fastest pass (ms/sample), warm-up included: what an early stop judged
+    cpu_nodes: tuple[str, ...] = ()  # compute nodes a CUDA session ran on the CPU (`placement`)
 
     def spread(self) -> float | None:
         """Largest relative deviation of one session from this (median) one; None for a single session."""
@@ -117,6 +241,7 @@ class Timing:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
         d["sessions"] = list(self.sessions)
+        d["cpu_nodes"] = list(self.cpu_nodes)
         return d
 
 
@@ -129,11 +254,21 @@ def time_session(
     threads: int = 0,
     seed: int = 0,
     min_seconds: float = 0.0,
+    *,
+    timeout: float | None = None,
+    budget_ms: float | None = None,
+    where: Placement | None = None,
 ) -> Timing:
     """Time at least `runs` forward passes, and keep going until `min_seconds` of timed passes have been
     collected; per-sample = pass time / batch; the figures are read over the undisturbed windows' passes
     (`undisturbed`). The time floor matters for small models: 50 passes of a 2 ms graph span 0.1 s, too
-    short to tell a disturbed stretch from the network's own time."""
+    short to tell a disturbed stretch from the network's own time.
+
+    Stops early, with `Timing.stopped` set and the figures of the passes that ran: at `timeout` seconds
+    ("timeout"; a pass in flight is cancelled), or when `budget_ms` is given and even the fastest warm-up pass
+    (from the second on, or the only one) is over EARLY_STOP x the budget ("over_budget"). `where`: the session's
+    `placement` (default: read from the session). A CUDA session that fails or falls back to the CPU while timing is
+    BadInput."""
     import numpy as np
     import onnxruntime as ort
 
@@ -142,29 +277,81 @@ def time_session(
     min_seconds = checks.min_seconds(min_seconds, "timing min_seconds")
     percentile = checks.percentile(percentile, "timing percentile")
     threads = checks.threads(threads, "timing threads")
+    if timeout is not None:
+        timeout = checks.timeout(timeout, "timing timeout")
     inp = session.get_inputs()[0]
     sample = [_static_dim(d, inp.name) for d in inp.shape[1:]]
     batch = checks.batch(batch, "timing batch", tuple(sample))  # caps the input allocation too
     shape = [batch] + sample
     x = np.random.default_rng(seed).random(shape, dtype=np.float32)
     feeds = {inp.name: x}
-    provider = ran_provider(session)
-    run = _runner(session, feeds, provider)
-    for _ in range(warmup):
-        run()
-    samples = []
+    where = where or placement(session)
+    provider = where.provider
+    options = ort.RunOptions()
+    run = _runner(session, feeds, provider, options)
+    warm, samples, stopped = [], [], None
     start = time.perf_counter()
-    while len(samples) < runs or (time.perf_counter() - start < min_seconds and len(samples) < checks.MAX_RUNS):
+    alarm = None
+    if timeout is not None:  # cancels a pass still running at the limit (onnxruntime checks between nodes)
+        alarm = threading.Timer(timeout, setattr, (options, "terminate", True))
+        alarm.daemon = True
+        alarm.start()
+
+    def one_pass() -> float | None:
+        """ms/sample of one pass; None when the time limit ended it (or it would start past the limit)."""
+        if timeout is not None and time.perf_counter() - start >= timeout:
+            return None
         t0 = time.perf_counter()
-        run()
-        samples.append((time.perf_counter() - t0) * 1e3 / batch)
-    arr, windows, quiet = undisturbed(samples)
+        try:
+            run()
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types
+            if options.terminate:
+                return None
+            if provider == "cuda":
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise BadInput(
+                    f"onnxruntime's CUDA provider failed while timing ({first[:160]}); nothing was timed "
+                    "on CUDA. Use --provider cpu"
+                ) from None
+            raise
+        return (time.perf_counter() - t0) * 1e3 / batch
+
+    try:
+        for i in range(warmup):
+            ms = one_pass()
+            if ms is None:
+                stopped = "timeout"
+                break
+            warm.append(ms)
+            judged = warm[1:] or warm  # the first pass carries one-time set-up
+            if budget_ms is not None and (i >= 1 or warmup == 1) and min(judged) > EARLY_STOP * budget_ms:
+                stopped = "over_budget"
+                break
+        while stopped is None and (
+            len(samples) < runs or (time.perf_counter() - start < min_seconds and len(samples) < checks.MAX_RUNS)
+        ):
+            ms = one_pass()
+            if ms is None:
+                stopped = "timeout"
+                break
+            samples.append(ms)
+    finally:
+        if alarm is not None:
+            alarm.cancel()
+    elapsed = time.perf_counter() - start
+    if provider == "cuda" and ran_provider(session) != "cuda":  # onnxruntime re-created the session on the CPU
+        raise BadInput(
+            "onnxruntime's CUDA provider failed while timing and the session fell back to the CPU; "
+            "nothing was timed on CUDA alone. Use --provider cpu"
+        )
+    figures = samples or warm or [elapsed * 1e3 / batch]  # stopped in the first pass: it took at least this long
+    arr, windows, quiet = undisturbed(figures) if samples else (np.asarray(figures, dtype=float), 1, 1)
     return Timing(
         provider=provider,
         batch=batch,
         input_shape=tuple(shape),
         threads=threads,
-        warmup=warmup,
+        warmup=len(warm),
         runs=len(samples),
         percentile=percentile,
         p50_ms=float(np.percentile(arr, 50)),
@@ -174,7 +361,12 @@ def time_session(
         runtime=f"onnxruntime {ort.__version__}",
         windows=windows,
         quiet_windows=quiet,
-        all_passes_ms=float(np.percentile(samples, percentile)),
+        all_passes_ms=float(np.percentile(figures, percentile)),
+        stopped=stopped,
+        elapsed_s=elapsed,
+        timeout_s=timeout,
+        fastest_ms=float(min(warm + samples)) if warm or samples else None,
+        cpu_nodes=where.cpu_nodes,
     )
 
 
@@ -215,14 +407,14 @@ def _static_dim(d, name: str) -> int:
     raise BadInput(f"input '{name}' has a dynamic non-batch dimension ({d!r}); only the batch axis may be dynamic")
 
 
-def _runner(session, feeds: dict, provider: str):
-    """A zero-argument callable doing one synchronous forward pass.
+def _runner(session, feeds: dict, provider: str, options=None):
+    """A zero-argument callable doing one synchronous forward pass (under `options`, onnxruntime RunOptions).
 
     On CUDA the input is bound once on the device (IO binding), so the timing covers the graph, not the
     host-to-device copy of the random input; outputs stay on the device.
     """
     if provider != "cuda":
-        return lambda: session.run(None, feeds)
+        return lambda: session.run(None, feeds, options)
     import onnxruntime as ort
 
     binding = session.io_binding()
@@ -232,7 +424,7 @@ def _runner(session, feeds: dict, provider: str):
         binding.bind_output(out.name, "cuda")
 
     def run():
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, options)
         binding.synchronize_outputs()
 
     return run
@@ -248,10 +440,19 @@ def time_model_bytes(
     percentile: float,
     seed: int = 0,
     min_seconds: float = 0.0,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Timing:
-    """Session + timing of a serialised model: the unit of work of the isolated timing process."""
+    """Session + timing of a serialised model: the unit of work of the isolated timing process. A timing that
+    outlives `timeout` seconds is TimedOut (exit 1): a network that cannot be measured in time has no latency."""
     session = make_session(model, provider, threads)
-    return time_session(session, batch, warmup, runs, percentile, threads, seed, min_seconds)
+    t = time_session(session, batch, warmup, runs, percentile, threads, seed, min_seconds, timeout=timeout)
+    if t.stopped == "timeout":
+        raise TimedOut(
+            f"gate failed: timed out after {timeout:g} s timing a network ({t.warmup} warm-up, {t.runs} timed passes "
+            f"of batch {t.batch} on {t.provider}, at least {t.fastest_ms or t.p50_ms:.4g} ms/sample); "
+            "raise latency.timeout to measure it"
+        )
+    return t
 
 
 _POOL = None
@@ -283,28 +484,56 @@ def isolated_pool():
     return _POOL
 
 
-def run_isolated(fn, *args, **kwargs):
+def run_isolated(fn, *args, limit_s: float | None = None, **kwargs):
     """fn(*args, **kwargs) in the isolated helper process; its errors (BadInput included) are raised here.
 
     If the helper process dies (killed, out of memory, cannot be spawned), that is `TimingFailed` (exit 3):
     timing is never re-run in this process, which measures up to 40% slow. The next call starts a new helper.
+    With `limit_s`, a call still running after that many seconds is `TimedOut` (exit 1) and the helper is killed
+    (not left timing on the CPU the next measurement uses); the next call starts a new one.
     """
     global _POOL
+    from concurrent.futures import TimeoutError as FutureTimeout
     from concurrent.futures.process import BrokenProcessPool
 
+    name = getattr(fn, "__name__", "a measurement")
     try:
-        return isolated_pool().submit(fn, *args, **kwargs).result()
+        return isolated_pool().submit(fn, *args, **kwargs).result(timeout=limit_s)
+    except FutureTimeout:
+        _kill_pool()
+        raise TimedOut(
+            f"gate failed: timed out after {limit_s:g} s: {name} in the isolated timing process did not finish, "
+            "and the process was stopped; give the measurement more time (--timeout, latency.timeout)"
+        ) from None
     except BrokenProcessPool as err:
         pool, _POOL = _POOL, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
         raise TimingFailed(
-            f"the isolated timing process died while running {getattr(fn, '__name__', 'a measurement')} "
+            f"the isolated timing process died while running {name} "
             f"({str(err).strip() or 'no reason given'}); flexslim does not time in the main process (it measures up "
             "to 40% slow). Check memory and rerun; a script run from stdin cannot spawn it, save it to a file"
         ) from None
 
 
+def _kill_pool() -> None:
+    """Terminate the helper process (SIGTERM, then SIGKILL after 2 s) and forget the pool."""
+    global _POOL
+    pool, _POOL = _POOL, None
+    if pool is None:
+        return
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # ProcessPoolExecutor's own workers
+    for proc in workers:
+        proc.terminate()
+    for proc in workers:
+        proc.join(2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2.0)
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 def time_isolated(*args, **kwargs) -> Timing:
-    """`time_model_bytes` in the isolated helper process."""
-    return run_isolated(time_model_bytes, *args, **kwargs)
+    """`time_model_bytes` in the isolated helper process, killed HELPER_GRACE seconds after its `timeout`."""
+    timeout = kwargs.get("timeout", args[9] if len(args) > 9 else DEFAULT_TIMEOUT)
+    return run_isolated(time_model_bytes, *args, limit_s=timeout + HELPER_GRACE, **kwargs)

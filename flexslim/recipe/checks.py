@@ -24,6 +24,7 @@ MAX_INPUT_BYTES = 512 * 2**20  # one float32 input batch (batch * C * H * W * 4 
 MAX_RUNS = 100_000  # timed passes
 MAX_WARMUP = 10_000  # untimed passes
 MAX_MIN_SECONDS = 600.0  # seconds of timed passes per measurement
+MAX_TIMEOUT = 86_400.0  # seconds one measurement may be allowed (a day)
 MAX_THREADS = 1024  # onnxruntime intra-op threads
 MAX_IMAGE_SIZE = 4096  # pixels per side
 MAX_EPOCHS = 100_000
@@ -175,6 +176,11 @@ def warmup(value: object, origin: Origin | str) -> int:
 def min_seconds(value: object, origin: Origin | str) -> float:
     """Seconds of timed passes: 0 .. MAX_MIN_SECONDS."""
     return finite(value, origin, low=0.0, high=MAX_MIN_SECONDS, unit=" of seconds")
+
+
+def timeout(value: object, origin: Origin | str) -> float:
+    """Seconds one measurement may take: > 0 .. MAX_TIMEOUT."""
+    return finite(value, origin, low=0.0, low_open=True, high=MAX_TIMEOUT, unit=" of seconds")
 
 
 def batch(value: object, origin: Origin | str, sample_shape: tuple[int, ...] | None = None) -> int:

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DATASETS = (
-    "quickstart",
-    "cifar10",
-    "folder",
-    "synthetic",
-)  # the one table of dataset names (flexslim.data.sources loads them)
+DATASETS: dict[str, str] = {
+    "quickstart": "flexslim.data.sources:load_quickstart",
+    "cifar10": "flexslim.data.sources:load_cifar10",
+    "fashion-mnist": "flexslim.data.sources:load_idx",
+    "mnist": "flexslim.data.sources:load_idx",
+    "kmnist": "flexslim.data.sources:load_idx",
+    "folder": "flexslim.data.folders:load_folder",
+    "synthetic": "flexslim.data.synthetic:load_synthetic",
+}  # the one dataset table: name -> `loader(cfg: DataConfig, data_dir)`, resolved by flexslim.data.sources
 DATASET_CHANNELS = {
     "quickstart": 1,
     "cifar10": 3,
+    "fashion-mnist": 1,
+    "mnist": 1,
+    "kmnist": 1,
     "folder": 3,
     "synthetic": 3,
 }  # folder: 3 at most (data.channels: 1 or 3)
@@ -34,11 +40,13 @@ SEARCH_METHODS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class BenchMethod:
-    """One row of the bench: `search` is a SEARCH_METHODS name (None: uniform scaling, no search)."""
+    """One row of the bench: `search` is a SEARCH_METHODS name, or None for a `baseline` without a supernet
+    (uniform: one width multiplier; random: random search inside the budget)."""
 
     name: str
     search: str | None
     overrides: tuple[str, ...] = ()
+    baseline: str | None = None
 
 
 BENCH_METHODS: dict[str, BenchMethod] = {
@@ -47,7 +55,8 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         BenchMethod("flexcharts", "flexcharts"),
         BenchMethod("dmask-small", "dmask", ("search.dmask_range=small",)),
         BenchMethod("dmask-large", "dmask", ("search.dmask_range=large",)),
-        BenchMethod("uniform", None),
+        BenchMethod("uniform", None, baseline="uniform"),
+        BenchMethod("random", None, baseline="random"),
     )
 }
 

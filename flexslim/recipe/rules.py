@@ -56,6 +56,7 @@ RULES: dict[str, Rule] = {
     "data.resized_crop": lambda v, o: checks.finite(v, o, low=0.0, high=1.0),
     "data.channels": _channels,
     "data.max_in_memory_mb": _count(cap=10_000_000),
+    "data.train_subset": _count(low=0, cap=10_000_000),  # images per class; 0 = all
     "model.stem_width": _count(cap=checks.MAX_WIDTH),
     "model.head_width": _count(low=0, cap=checks.MAX_WIDTH),
     "model.min_width": _count(cap=checks.MAX_WIDTH),
@@ -99,6 +100,7 @@ RULES: dict[str, Rule] = {
     "latency.runs": checks.runs,
     "latency.min_seconds": checks.min_seconds,
     "latency.bake_seconds": checks.min_seconds,
+    "latency.timeout": checks.timeout,
     "latency.percentile": checks.percentile,
     "latency.samples": _count(cap=10_000),
     "latency.holdout": _count(low=0, cap=10_000),
@@ -106,6 +108,7 @@ RULES: dict[str, Rule] = {
     "latency.near": _count(low=0, cap=1000),
     "latency.confidence": checks.non_negative,
     "bench.latency_ms": lambda v, o: v if v == 0 else checks.budget_ms(v, o),  # 0 = pass --latency-ms
+    "bench.random_seconds": checks.positive,
 }
 
 
@@ -124,7 +127,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
 
 
 def check_recipe(recipe: Recipe, source: str | None = None) -> Recipe:
-    """Check every value of a recipe through `flexslim.recipe.checks`; BadInput (one line: key, value, fix) otherwise."""
+    """Check every value of a recipe through `flexslim.recipe.checks`; else BadInput (one line: key, value, fix)."""
     if not RECIPE_NAME.fullmatch(recipe.name):
         raise BadInput(
             f"recipe name {recipe.name[:80]!r}"

@@ -36,7 +36,8 @@ class StageSpec:
 class DataConfig:
     """[data]: which dataset, its size and split, augmentation, streaming (see the key comments)."""
 
-    dataset: str = "cifar10"  # cifar10 | quickstart | folder (--data DIR with train/ and val/ of class folders)
+    dataset: str = "cifar10"  # cifar10 | quickstart | fashion-mnist | mnist | kmnist | folder (--data DIR with
+    # train/ and val/ of class folders) | synthetic; the table is recipe.choices.DATASETS
     image_size: int = 32  # pixels; quickstart's 8x8 digits are resized to this, CIFAR-10 is 32 already
     crop_padding: int = 4  # pixels of zero padding for the random crop; 0 disables it
     flip: bool = True  # random horizontal flip (off for digits: a mirrored 3 is not a 3)
@@ -49,6 +50,8 @@ class DataConfig:
     max_in_memory_mb: int = 4096  # folder: decoded train + test images above this size stream from disk (folders.py)
     stream: bool = False  # folder: stream from disk through DataLoader workers even when the set fits in memory
     workers: int = -1  # folder, streaming: DataLoader worker processes per batch stream; -1 = min(4, CPU cores)
+    train_subset: int = 0  # training images per class (class-balanced, drawn by split_seed) of an in-memory
+    # dataset; 0 = all of them. A class with fewer keeps all of its images; the test set is never cut
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class LatencyConfig:
     near: int = 4  # fit networks measured near each budget (predicted within 12%), plus one held out
     confidence: float = 2.0  # the measured network must sit this many timing spreads under the budget
     bake_seconds: float = 2.0  # timed seconds per session when the bake measures (the gate's --min-seconds)
+    timeout: float = 600.0  # seconds one measurement may take; past it the timing helper is stopped (exit 1)
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,7 @@ class BenchConfig:
     latency_ms: float = 0.0  # the budget every method searches for (0 = pass --latency-ms)
     methods: tuple[str, ...] = ("flexcharts", "dmask-small", "dmask-large", "uniform")
     retrain: bool = False  # also retrain each result and report test accuracy
+    random_seconds: float = 60.0  # random search's time when no FlexCHarts run precedes it (else FlexCHarts' own)
 
 
 @dataclass(frozen=True)
