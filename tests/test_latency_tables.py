@@ -67,6 +67,8 @@ NUMBER_CASES = [
     ("hostile runs", "settings.runs", 10**9, "settings.runs = 1000000000"),
     ("settings NaN min_seconds", "settings.min_seconds", float("nan"), "settings.min_seconds = nan"),
     ("settings samples zero", "settings.samples", 0, "settings.samples = 0"),
+    ("settings timeout NaN", "settings.timeout", float("nan"), "settings.timeout = nan"),
+    ("settings probe not a switch", "settings.probe", "yes", "settings.probe = 'yes'"),
     ("settings provider", "settings.provider", "tpu", "settings.provider = 'tpu'"),
     ("unknown term", "terms.0", "macs@nowhere", "terms[0] = 'macs@nowhere'"),
 ]

@@ -303,7 +303,7 @@ def _settings(d: object, path: str | Path) -> LatencyConfig:
     if not isinstance(d, dict):
         raise ValueError("settings must be a JSON object")
     known = {f.name: f.default for f in fields(LatencyConfig)}
-    unknown = sorted(set(d) - known)
+    unknown = sorted(set(d) - set(known))
     if unknown:
         raise _table_error(path, f"settings.{unknown[0][:40]} is not a [latency] key")
     out = {}
