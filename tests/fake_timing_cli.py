@@ -14,6 +14,7 @@ import time
 import torch
 
 from flexslim.latency import runtime
+from flexslim.latency.model import provider_that_runs
 
 torch.set_num_threads(1)  # bit-reproducible float reductions, and no oversubscription on a shared CPU
 _calls = [0]
@@ -24,8 +25,8 @@ def fake_time_isolated(model, provider, plan):
     print(f"fake timing {_calls[0]}", file=sys.stderr, flush=True)
     time.sleep(float(os.environ.get("FAKE_TIMING_SLEEP", "0")))
     ms = 1e-6 * len(model)  # ~0.05 ms for the tiny quickstart network
-    p = plan
-    return runtime.Timing("cpu", p.batch, (p.batch,), p.threads, p.warmup, p.runs, p.percentile, ms, ms, ms, ms, "fake")
+    p, ran = plan, provider_that_runs(provider)  # what a real timing reports: tables are checked against the recipe
+    return runtime.Timing(ran, p.batch, (p.batch,), p.threads, p.warmup, p.runs, p.percentile, ms, ms, ms, ms, "fake")
 
 
 runtime.time_isolated = fake_time_isolated

@@ -150,21 +150,22 @@ def hand_latency_model(
 ):
     """A LatencyModel with known coefficients (no measuring): intercept + ms_per_mmac * (MACs in millions),
     valid over a huge region so the search never needs to extend it."""
-    from flexslim.latency.model import LatencyModel
+    from flexslim.latency.model import LatencyModel, provider_that_runs
     from flexslim.models.families import cost_terms
+    from flexslim.recipe.checks import MAX_WIDTH
 
     terms = sorted(cost_terms(arch, arch.widths))
     coef = [ms_per_mmac if t.startswith("macs") else 0.0 for t in terms]
     model = LatencyModel(
         arch=arch,
         settings=settings or LatencyConfig(),
-        provider="cpu",
+        provider=provider_that_runs(settings.provider) if settings else "cpu",  # as if measured with `settings`
         runtime="hand-made",
         host="test",
         terms=terms,
         coef=coef,
         intercept=intercept,
-        region={s: [1, 100_000] for s in arch.widths},
+        region={s: [1, MAX_WIDTH] for s in arch.widths},
     )
     model.floor_ms = float(model.predict({s: 1 for s in arch.widths})) if floor_ms is None else floor_ms
     return model

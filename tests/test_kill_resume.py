@@ -4,7 +4,9 @@ resumable run (exit 143, one line).
 
 The searches run in subprocesses through tests/fake_timing_cli.py: `python -m flexslim` with a deterministic
 timer (a function of the ONNX model's size that sleeps FAKE_TIMING_SLEEP per call), so a measurement repeated
-after the kill gives the same number and the comparison can be exact.
+after the kill gives the same number and the comparison can be exact. One test times for real (`python -m
+flexslim`, tiny settings): killed in the search epochs and resumed with --latency-table, it must measure nothing
+again (latency.json byte for byte) and continue the trajectory it had.
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ def _run(cwd: Path, args: list[str], sleep: float = 0.0) -> subprocess.Completed
     return proc
 
 
-def _interrupt(cwd: Path, trigger, sig: int, sleep: float = 0.5) -> tuple[int, str]:
-    """Start the search, send `sig` when `trigger(line, seen_lines)` is true for a stderr line; (exit, stderr)."""
+def _interrupt(cwd: Path, trigger, sig: int, sleep: float = 0.5, argv: list[str] | None = None) -> tuple[int, str]:
+    """Start the search (`argv`: the whole command, default the fake-timer one), send `sig` when
+    `trigger(line, seen_lines)` is true for a stderr line; (exit, stderr)."""
     proc = subprocess.Popen(
-        [sys.executable, HARNESS, *SEARCH],
+        argv or [sys.executable, HARNESS, *SEARCH],
         cwd=cwd,
         env=_env(sleep),
         stdout=subprocess.DEVNULL,
@@ -149,3 +152,78 @@ def test_sigterm_leaves_a_resumable_run(tmp_path, reference):
     run = (cwd / "runs" / "latest").resolve()
     assert (run / "search_state.pt").is_file() and not list(run.glob(".*.tmp"))
     _resume_and_compare(cwd, reference)
+
+
+# -- real timings: a resumed run reads its own latency model, never the table again ----------------------------------
+REAL_EPOCHS = 4
+REAL = sets(*TINY_SET, *FAST_SET, "latency.near=2", f"search.epochs={REAL_EPOCHS}", "search.trim=false")
+
+
+def _flexslim(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexslim", *args], cwd=cwd, env=_env(0.0), capture_output=True, text=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr}"
+    return proc
+
+
+def _refined_budget(table: Path, near: int = 2) -> str:
+    """A budget the run must refine the table at (the measuring the bug repeated on resume): fewer than `near` of
+    its fit points lie near it and unmeasured grid networks are predicted near it."""
+    import itertools
+
+    from flexslim.latency.model import NEAR, LatencyModel
+
+    model = LatencyModel.load(table)
+    measured = [p.widths for p in model.fit_points + model.holdout_points]
+    grids = [range(lo, hi + 1, 8) for lo, hi in model.region.values()]
+    nets = [dict(zip(model.region, w)) for w in itertools.product(*grids)]
+    preds = {tuple(w.values()): float(model.predict(w)) for w in nets if w not in measured}
+    for b in sorted(preds.values(), key=lambda b: len(model.near(b))):
+        if len(model.near(b)) < near and sum(abs(p / b - 1) <= NEAR for p in preds.values()) >= 2:
+            return f"{b:.6f}"
+    raise AssertionError("no budget to refine this table at")
+
+
+def test_real_timings_killed_in_the_search_resume_without_measuring_again(tmp_path):
+    """profile -> search --latency-table (real onnxruntime timings), kill -9 after epoch 2, the same command with
+    --resume: exit 0, latency.json unchanged byte for byte (the table was not reloaded, nothing re-measured), the
+    epochs before the kill are the same lines, the search goes on from epoch 2. A later resume with another table
+    says so in one note line and still reads nothing of it."""
+    _flexslim(tmp_path, ["profile", "--out", "t.json", *REAL])
+    budget = _refined_budget(tmp_path / "t.json")
+    search = ["search", "--latency-ms", budget, "--latency-table", "t.json", "--no-retrain", "--run-dir", "R", *REAL]
+    code, log = _interrupt(
+        tmp_path,
+        lambda line, seen: line.startswith(f"epoch   2/{REAL_EPOCHS}"),
+        signal.SIGKILL,
+        argv=[sys.executable, "-m", "flexslim", *search],
+    )
+    assert code == -signal.SIGKILL and "searched widths" not in log, log
+    run = tmp_path / "R"
+    latency_json = (run / "latency.json").read_bytes()
+    before = [json.loads(x) for x in (run / "search.jsonl").read_text().splitlines()]
+    assert len(before) >= 2 and (run / "search_state.pt").is_file()
+    table_points = len(json.loads((tmp_path / "t.json").read_text())["fit_points"])
+    assert len(json.loads(latency_json)["fit_points"]) > table_points  # the run refined the table near its budget
+    assert json.loads((run / "run.json").read_text())["latency_table"]["path"] == str(tmp_path / "t.json")
+
+    proc = _flexslim(tmp_path, [*search, "--resume"])
+    assert f"resuming search after epoch {len(before)}/{REAL_EPOCHS}" in proc.stderr, proc.stderr
+    assert "note:" not in proc.stderr and "measuring" not in proc.stderr
+    assert (run / "latency.json").read_bytes() == latency_json  # the run's own model, not re-measured or refit
+    after = [json.loads(x) for x in (run / "search.jsonl").read_text().splitlines()]
+    assert after[: len(before)] == before and [h["epoch"] for h in after] == list(range(1, REAL_EPOCHS + 1))
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "searched" and not (run / "search_state.pt").exists()
+
+    other = json.loads((tmp_path / "t.json").read_text())
+    other["floor_ms"] *= 1.5  # a valid table, not the one the run started with
+    (tmp_path / "t2.json").write_text(json.dumps(other))
+    again = [*search, "--resume"]
+    again[again.index("t.json")] = "t2.json"
+    proc = _flexslim(tmp_path, again)
+    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "t2.json" in notes[0] and "t.json" in notes[0], proc.stderr
+    assert (run / "latency.json").read_bytes() == latency_json

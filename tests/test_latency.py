@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -217,9 +218,27 @@ def test_check_compatible_rejects_another_structure_or_other_settings(profiled):
     for arch in (other_blocks, other_input, other_head):
         with pytest.raises(BadInput, match="another network structure"):
             profiled.check_compatible(arch, FAST_LATENCY, "table.json")
-    for change in ({"batch": 16}, {"threads": 2}):
-        with pytest.raises(BadInput, match="batch"):
+    for change, both in [
+        ({"batch": 16}, "batch 8 (the recipe's latency.batch: 16)"),
+        ({"threads": 2}, "threads 1 (the recipe's latency.threads: 2)"),
+        ({"percentile": 50.0}, "percentile 90 (the recipe's latency.percentile: 50)"),
+    ]:
+        with pytest.raises(BadInput, match=re.escape(both)):
             profiled.check_compatible(profiled.arch, dataclasses.replace(FAST_LATENCY, **change), "table.json")
+
+
+def test_check_compatible_compares_the_provider_that_ran(profiled):
+    cuda_table = copy.deepcopy(profiled)
+    cuda_table.provider = "cuda"
+    with pytest.raises(BadInput, match=re.escape("provider cuda (the recipe's latency.provider: cpu)")):
+        cuda_table.check_compatible(profiled.arch, FAST_LATENCY, "table.json")
+    auto = dataclasses.replace(FAST_LATENCY, provider="auto")  # auto runs cpu where CUDA cannot load
+    from flexslim.latency.runtime import cuda_usable
+
+    if not cuda_usable():
+        profiled.check_compatible(profiled.arch, auto, "table.json")
+        with pytest.raises(BadInput, match=re.escape("(the recipe's latency.provider: auto, which runs cpu here)")):
+            cuda_table.check_compatible(profiled.arch, auto, "table.json")
 
 
 def test_load_rejects_what_is_not_a_table(tmp_path):

@@ -1,10 +1,11 @@
-"""The run's latency model: `--latency-table`, else the run's own latency.json (resume), else measured here, then
+"""The run's latency model: the run's own latency.json (resume), else `--latency-table`, else measured here, then
 measured near the budget and saved before the search reads it (`latency_model_for`); the budget its timing spread
 gives, recorded in run.json (`latency_stage`); `flexslim profile` (`profile_job`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -21,22 +22,31 @@ from flexslim.system.runs import RunRecord
 
 # -- the run's latency model -------------------------------------------------------------------------------
 def latency_model_for(
-    arch: Arch, recipe: Recipe, run_dir: Path, table: Path | None, reporter: Reporter, budgets: list[float]
+    arch: Arch,
+    recipe: Recipe,
+    run_dir: Path,
+    table: Path | None,
+    reporter: Reporter,
+    budgets: list[float],
+    *,
+    resume: bool = False,
 ) -> LatencyModel:
-    """--latency-table, else the run's own latency.json (resume), else measure one here; then measured where
-    `budgets` need it (`latency.refine`), and saved in the run before the search reads it."""
+    """The run's own latency.json when resuming (what it measured and refined: never measured again, whatever
+    `table` is), else --latency-table (copied into the run before anything is measured), else measured here; then
+    measured where `budgets` need it (`latency.refine`), and saved in the run before the search reads it."""
     cached = run_dir / "latency.json"
 
     def save(model: LatencyModel) -> None:  # whenever it changed: a killed run resumes from what was measured
         model.save(cached)
 
-    if table is not None:
+    if resume and cached.is_file():
+        model = LatencyModel.load(cached)
+        model.check_compatible(arch, recipe.latency, str(cached))
+    elif table is not None:
         model = LatencyModel.load(table)
         model.check_compatible(arch, recipe.latency, str(table))
         model.arch = arch
-    elif cached.is_file():
-        model = LatencyModel.load(cached)
-        model.check_compatible(arch, recipe.latency, str(cached))
+        save(model)  # the run's own from here on: a resumed run reads this copy, never the table again
     else:
         s = recipe.latency
         reporter.log(
@@ -57,6 +67,24 @@ def latency_model_for(
     refine(model, budgets, grid=grid, reporter=reporter, checkpoint=save)
     save(model)
     return model
+
+
+def table_source(table: Path) -> dict:
+    """What run.json records of a --latency-table: its path and the sha256 of its bytes."""
+    return {"path": str(table), "sha256": hashlib.sha256(table.read_bytes()).hexdigest()}
+
+
+def _note_other_table(record: RunRecord, table: Path, reporter: Reporter) -> None:
+    """One note line when a resumed run is given a --latency-table other than the one it started with (it is not
+    read: the run continues on its own latency.json)."""
+    started = record.get("latency_table")
+    if isinstance(started, dict) and started.get("sha256") == table_source(table)["sha256"]:
+        return
+    was = f"it started with {started.get('path')}" if isinstance(started, dict) else "it measured its own"
+    reporter.log(
+        f"note: --latency-table {table} is not the table this run started with ({was}); the run continues on its "
+        f"own {record.run_dir / 'latency.json'} (as refined), measuring nothing again"
+    )
 
 
 def describe(lat: LatencyModel) -> str:
@@ -82,11 +110,20 @@ def latency_stage(
     table: Path | None,
     budget_ms: float,
     reporter: Reporter,
+    *,
+    resume: bool = False,
 ) -> tuple[LatencyModel, Budget]:
-    """The latency model and the budget its timing spread gives, both recorded in run.json; a budget the
-    narrowest network cannot meet is refused."""
+    """The latency model and the budget its timing spread gives, both recorded in run.json (with the source of a
+    --latency-table: path and sha256); a budget the narrowest network cannot meet is refused. A resumed run
+    continues on its own latency.json (see `latency_model_for`); a table other than the one it started with gets
+    one note line."""
     t0 = time.perf_counter()
-    lat = latency_model_for(arch, recipe, record.run_dir, table, reporter, [budget_ms])
+    own = resume and (record.run_dir / "latency.json").is_file()
+    if own and table is not None:
+        _note_other_table(record, table, reporter)
+    elif table is not None and not record.search_finished():
+        record.update(latency_table=table_source(table))  # before measuring: a killed run knows what it started on
+    lat = latency_model_for(arch, recipe, record.run_dir, table, reporter, [budget_ms], resume=resume)
     budget = Budget.for_noise(budget_ms, lat.noise(), recipe.latency.confidence)
     err = lat.error_summary()
     reporter.log(

@@ -127,7 +127,9 @@ def search_job(request: SearchRequest, reporter: Reporter | None = None) -> JobR
     reporter = reporter or Reporter()
     dev = pick_device(request.device)
     rcp, ds, arch, table, record = _checked_and_opened(request, str(dev))
-    lat, budget = distributed.on_main(lambda: latency_stage(arch, rcp, record, table, request.budget_ms, reporter))
+    lat, budget = distributed.on_main(
+        lambda: latency_stage(arch, rcp, record, table, request.budget_ms, reporter, resume=request.resume)
+    )
     run = _OpenRun(arch, with_grid(rcp, lat), ds, record, dev, reporter, request.resume)
     done = distributed.on_main(lambda: _finished_search(record)) if request.resume else None
     if done is not None:
@@ -158,8 +160,10 @@ def _checked_and_opened(req: SearchRequest, dev: str):
     with distributed.main_first():  # a download happens once
         ds = load_dataset(rcp.data, req.data_dir)
     arch = Arch.for_data(rcp.model, ds)
-    if table is not None:  # a table for another network is refused before the run exists
-        LatencyModel.load(table).check_compatible(arch, rcp.latency, str(table))
+    own = run_path / "latency.json" if req.resume and run_path is not None else None
+    for path in (table, own if own is not None and own.is_file() else None):
+        if path is not None:  # a table for another network or setting is refused before the run is touched
+            LatencyModel.load(path).check_compatible(arch, rcp.latency, str(path))
     record = distributed.on_main(lambda: _open_run(rcp, run_path, req, dev))
     return rcp, ds, arch, table, record
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 from flexslim.errors import BadInput
 from flexslim.latency.runtime import relative_spread
 from flexslim.models.arch import Arch
+from flexslim.recipe import checks
 from flexslim.recipe.schema import LatencyConfig
 from flexslim.system.files import atomic_write_json
 
@@ -190,49 +191,179 @@ class LatencyModel:
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyModel:
-        """Read a latency.json; a missing, foreign, old or corrupt file is BadInput naming it."""
+        """Read a latency.json; a missing, foreign, old or corrupt file is BadInput naming it, and a number that is
+        not finite or out of range (coefficients, points, floor, the `settings` block by the recipe's own rules) is
+        BadInput naming the file and the key (see `check_table`)."""
         path = Path(path)
         if not path.is_file():
             raise BadInput(f"latency table {path} does not exist")
         try:
             d = json.loads(path.read_text())
+            if not isinstance(d, dict):
+                raise ValueError("expected a JSON object")
             if d.get("version") != TABLE_VERSION:
                 raise ValueError(f"version {d.get('version')!r}, this flexslim reads {TABLE_VERSION}: re-profile")
-            return cls(
+            model = cls(
                 arch=Arch.from_dict(d["arch"], str(path)),
-                settings=LatencyConfig(**d["settings"]),
-                provider=d["provider"],
-                runtime=d["runtime"],
-                host=d["host"],
-                block=_positive_int(d["block"]),
-                probe={str(k): float(v) for k, v in d["probe"].items()},
+                settings=_settings(d["settings"], path),
+                provider=str(d["provider"]),
+                runtime=str(d["runtime"]),
+                host=str(d["host"]),
+                block=d["block"],
+                probe=dict(d["probe"]),
                 terms=list(d["terms"]),
-                coef=[float(c) for c in d["coef"]],
-                intercept=float(d["intercept"]),
-                region={k: [int(v[0]), int(v[1])] for k, v in d["region"].items()},
+                coef=list(d["coef"]),
+                intercept=d["intercept"],
+                region=dict(d["region"]),
                 fit_points=[_point(p) for p in d["fit_points"]],
                 holdout_points=[_point(p) for p in d["holdout_points"]],
-                floor_ms=float(d["floor_ms"]),
-                measure_seconds=float(d.get("measure_seconds", 0.0)),
-                budgets=[float(b) for b in d.get("budgets", [])],
+                floor_ms=d["floor_ms"],
+                measure_seconds=d.get("measure_seconds", 0.0),
+                budgets=list(d.get("budgets", [])),
             )
         except BadInput:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as err:
             raise BadInput(f"{path} is not a flexslim latency table ({type(err).__name__}: {err})") from None
+        return check_table(model, path)
 
     def check_compatible(self, arch: Arch, settings: LatencyConfig, where: str) -> None:
-        """BadInput unless this table was measured on `arch`'s structure at the recipe's batch and threads."""
+        """BadInput unless this table was measured on `arch`'s structure with the recipe's runtime settings: the
+        provider that ran (the recipe's, resolved here: auto is cuda where onnxruntime's CUDA provider can run),
+        the percentile, the batch and the threads. The message names both values of every setting that differs."""
         if _structure(self.arch) != _structure(arch):
             raise BadInput(
                 f"{where} was measured on another network structure; profile this recipe "
                 "(`flexslim profile --recipe ...`)"
             )
-        if (self.settings.batch, self.settings.threads) != (settings.batch, settings.threads):
-            raise BadInput(
-                f"{where} was measured at batch {self.settings.batch}, threads {self.settings.threads}; "
-                f"the recipe asks batch {settings.batch}, threads {settings.threads}"
+        s = self.settings
+        differ = [
+            f"{name} {mine} (the recipe's latency.{name}: {theirs})"
+            for name, mine, theirs in (
+                ("batch", s.batch, settings.batch),
+                ("threads", s.threads, settings.threads),
+                ("percentile", f"{s.percentile:g}", f"{settings.percentile:g}"),
             )
+            if mine != theirs
+        ]
+        wanted = provider_that_runs(settings.provider)
+        if self.provider != wanted:
+            shown = wanted if settings.provider == wanted else f"{settings.provider}, which runs {wanted} here"
+            differ.insert(0, f"provider {self.provider} (the recipe's latency.provider: {shown})")
+        if differ:
+            raise BadInput(
+                f"{where} was measured at {', '.join(differ)}: a table only serves the settings it was measured "
+                "with; profile this recipe (`flexslim profile --recipe ... --out FILE`) or drop --latency-table"
+            )
+
+
+def check_table(model: LatencyModel, path: str | Path) -> LatencyModel:
+    """`model` (read from `path`) with every number converted and in range, else BadInput naming the file and the
+    key: the block, probe timings, coefficients and intercept (finite, >= 0: the fit is non-negative), the sampled
+    region and every point (widths of the table's stages, milliseconds finite and > 0), the floor, the budgets,
+    and the terms (the family's cost terms, one coefficient each; the predictions finite). A table may hold no
+    points (made by hand: the run measures near its budget). Tables are data from outside: they are checked
+    like recipes."""
+    key = lambda k: checks.table_key(path, k)  # noqa: E731
+    stages = set(model.arch.widths)
+    model.block = checks.integer(model.block, key("block"), low=1, cap=checks.MAX_WIDTH)
+    model.probe = {str(w): _ms(v, key(f"probe.{w}")) for w, v in model.probe.items()}
+    if len(model.coef) != len(model.terms):
+        raise _table_error(path, f"{len(model.coef)} coef for {len(model.terms)} terms")
+    model.coef = [checks.non_negative(c, key(f"coef[{i}]")) for i, c in enumerate(model.coef)]
+    model.intercept = checks.non_negative(model.intercept, key("intercept"))
+    if set(model.region) != stages:
+        raise _stages_error(path, "region", sorted(model.region), stages)
+    model.region = {s: _range(v, key(f"region.{s}")) for s, v in model.region.items()}
+    for name, points in (("fit_points", model.fit_points), ("holdout_points", model.holdout_points)):
+        points[:] = [_checked_point(p, f"{name}[{i}]", path, stages) for i, p in enumerate(points)]
+    model.floor_ms = _ms(model.floor_ms, key("floor_ms"))
+    model.measure_seconds = checks.non_negative(model.measure_seconds, key("measure_seconds"))
+    model.budgets = [checks.budget_ms(b, key(f"budgets[{i}]")) for i, b in enumerate(model.budgets)]
+    from flexslim.models.families import cost_terms
+
+    nets = {"the table's network": dict(model.arch.widths)} | {f"fit_points[{i}]": p.widths for i, p in
+                                                               enumerate(model.fit_points)}  # fmt: skip
+    known = {t for w in nets.values() for t in cost_terms(model.arch, model.effective(w))}
+    for i, t in enumerate(model.terms):
+        if not isinstance(t, str) or t not in known:
+            raise _table_error(path, f"terms[{i}] = {str(t)[:40]!r} is not a cost term of this network")
+    for where, w in nets.items():
+        if not math.isfinite(float(model.predict(w))):
+            raise _table_error(path, f"coef predicts a latency that is not finite for {where}")
+    return model
+
+
+def _settings(d: object, path: str | Path) -> LatencyConfig:
+    """The table's `settings` block checked by the recipe's own rules for [latency] (a hostile `near` or `runs`
+    would hang the refinement), the values converted."""
+    from flexslim.recipe.choices import PROVIDERS
+    from flexslim.recipe.rules import RULES
+
+    if not isinstance(d, dict):
+        raise ValueError("settings must be a JSON object")
+    known = {f.name: f.default for f in fields(LatencyConfig)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise _table_error(path, f"settings.{unknown[0][:40]} is not a [latency] key")
+    out = {}
+    for name, value in d.items():
+        origin = checks.table_key(path, f"settings.{name}")
+        if name == "provider":
+            out[name] = checks.choice(value, origin, PROVIDERS)
+        elif isinstance(known[name], bool):  # probe: a switch
+            if not isinstance(value, bool):
+                raise BadInput(f"{origin.label} = {str(value)[:40]!r}: must be true or false; {origin.fix}")
+            out[name] = value
+        else:
+            out[name] = RULES[f"latency.{name}"](value, origin)
+    return LatencyConfig(**out)
+
+
+def _ms(value: object, origin: checks.Origin) -> float:
+    return checks.finite(value, origin, low=0.0, low_open=True, unit=" of milliseconds")
+
+
+def _width(value: object, origin: checks.Origin) -> int:
+    return checks.count(value, origin, cap=checks.MAX_WIDTH)
+
+
+def _range(value: object, origin: checks.Origin) -> list[int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise BadInput(f"{origin.label} = {str(value)[:40]}: must be [low, high] widths; {origin.fix}")
+    lo, hi = (_width(v, origin) for v in value)
+    if lo > hi:
+        raise BadInput(f"{origin.label} = {[lo, hi]}: must be [low, high] with low <= high; {origin.fix}")
+    return [lo, hi]
+
+
+def _checked_point(p: Point, where: str, path: str | Path, stages: set[str]) -> Point:
+    key = lambda k: checks.table_key(path, f"{where}.{k}")  # noqa: E731
+    if set(p.widths) != stages:
+        raise _stages_error(path, f"{where}.widths", sorted(p.widths), stages)
+    return Point(
+        {s: _width(w, key(f"widths.{s}")) for s, w in p.widths.items()},
+        _ms(p.ms, key("ms")),
+        _ms(p.p50_ms, key("p50_ms")),
+        tuple(_ms(r, key(f"repeats[{i}]")) for i, r in enumerate(p.repeats)),
+    )
+
+
+def _stages_error(path, key: str, got: list, stages: set[str]) -> BadInput:
+    shown = ", ".join(str(g)[:20] for g in got[:8])
+    return _table_error(path, f"{key} names stages [{shown}], the table's network has [{', '.join(sorted(stages))}]")
+
+
+def _table_error(path, what: str) -> BadInput:
+    return BadInput(f"latency table {path}: {what}; {checks.table_key(path, '').fix}")
+
+
+def provider_that_runs(provider: str) -> str:
+    """The provider a recipe's choice (auto | cpu | cuda) runs on here, 'cpu' or 'cuda': what a table measured
+    with it records as its `provider`."""
+    from flexslim.latency.runtime import provider_list
+
+    return "cuda" if provider_list(provider)[0] == "CUDAExecutionProvider" else "cpu"
 
 
 def _structure(arch: Arch) -> dict:
@@ -243,14 +374,7 @@ def _structure(arch: Arch) -> dict:
 
 
 def _point(d: dict) -> Point:
-    return Point({k: int(v) for k, v in d["widths"].items()}, float(d["ms"]), float(d["p50_ms"]),
-                 tuple(float(r) for r in d.get("repeats", ())))  # fmt: skip
-
-
-def _positive_int(v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"block must be a positive integer, got {v!r}")
-    return v
+    return Point(dict(d["widths"]), d["ms"], d["p50_ms"], tuple(d.get("repeats", ())))
 
 
 def with_grid(recipe, latency: LatencyModel):

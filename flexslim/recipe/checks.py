@@ -61,6 +61,11 @@ def metadata_key(key: str, flag_name: str | None = None) -> Origin:
     return Origin(f"model metadata {key}", f"{override}re-export the model with a valid value")
 
 
+def table_key(path: str | Path, key: str) -> Origin:
+    """A value of a latency table (`--latency-table` or a run's latency.json), e.g. table_key("t.json", "coef[2]")."""
+    return Origin(f"latency table {path}: {key}", "measure the table again (`flexslim profile --out FILE`)")
+
+
 def _origin(origin: Origin | str) -> Origin:
     return origin if isinstance(origin, Origin) else Origin(origin, f"pass a valid {origin}")
 
