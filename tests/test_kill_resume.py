@@ -170,7 +170,8 @@ def _flexslim(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
 
 def _refined_budget(table: Path, near: int = 2) -> str:
     """A budget the run must refine the table at (the measuring the bug repeated on resume): fewer than `near` of
-    its fit points lie near it and unmeasured grid networks are predicted near it."""
+    its fit points lie near it and unmeasured grid networks are predicted near it; well above the floor (a fit of
+    noisy timings can predict networks under the narrowest one's measurement)."""
     import itertools
 
     from flexslim.latency.model import NEAR, LatencyModel
@@ -180,7 +181,8 @@ def _refined_budget(table: Path, near: int = 2) -> str:
     grids = [range(lo, hi + 1, 8) for lo, hi in model.region.values()]
     nets = [dict(zip(model.region, w)) for w in itertools.product(*grids)]
     preds = {tuple(w.values()): float(model.predict(w)) for w in nets if w not in measured}
-    for b in sorted(preds.values(), key=lambda b: len(model.near(b))):
+    above = [b for b in preds.values() if b > 1.2 * model.floor_ms]
+    for b in sorted(above, key=lambda b: len(model.near(b))):
         if len(model.near(b)) < near and sum(abs(p / b - 1) <= NEAR for p in preds.values()) >= 2:
             return f"{b:.6f}"
     raise AssertionError("no budget to refine this table at")

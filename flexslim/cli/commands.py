@@ -259,25 +259,23 @@ def validate(
         # before the measurement: a verdict must never be lost to an unwritable path
         report = check_output_path(report, "--report") if report is not None else None
         junit = check_output_path(junit, "--junit") if junit is not None else None
-        measure = Measurement(
-            batch=batch,
-            percentile=percentile,
-            threads=threads,
-            warmup=warmup,
-            runs=runs,
-            min_seconds=min_seconds,
-            timeout=timeout,
-        )
+        timing = {"warmup": warmup, "runs": runs, "min_seconds": min_seconds, "timeout": timeout}
+        measure = Measurement(batch=batch, percentile=percentile, threads=threads, **timing)
         rep = run_validate(
             model, latency_ms, min_accuracy, dataset=dataset, data=data, provider=provider.value, measure=measure
         )
-        if report:
-            rep.write_json(report)
-        if junit:
-            rep.write_junit(junit)
-        _render_report(rep)
-        if not rep.passed:
-            raise typer.Exit(1)
+        _write_and_render(rep, report, junit)
+
+
+def _write_and_render(rep, report: str | None, junit: str | None) -> None:
+    """The gate's report files (checked paths), its lines on the console, and exit 1 when it failed."""
+    if report:
+        rep.write_json(report)
+    if junit:
+        rep.write_junit(junit)
+    _render_report(rep)
+    if not rep.passed:
+        raise typer.Exit(1)
 
 
 @app.command()
