@@ -80,8 +80,9 @@ def test_the_delivered_network_is_timed_with_the_runs_latency_settings(tmp_path,
 
     seen = {}
 
-    def fake_gate(model, report):
+    def fake_gate(model, report, flags=()):
         seen.update({p.key: p.value for p in onnx.load(str(model)).metadata_props})
+        seen["flags"] = list(flags)
         return {"latency_ms": 0.05, "accuracy": 0.9}
 
     run = tmp_path / "run"
@@ -95,12 +96,14 @@ def test_the_delivered_network_is_timed_with_the_runs_latency_settings(tmp_path,
     assert out["delivered_ms"] == 0.05 and out["delivered_runs"] == [0.05, 0.05]
     assert seen["flexslim.latency_threads"] == "1" and seen["flexslim.latency_batch"] == "7"
     assert seen["flexslim.budget_ms"] == repr(0.1)
+    assert seen["flags"][seen["flags"].index("--threads") + 1] == "1"  # passed as flags too: metadata only describes
 
 
 def test_the_gate_runs_in_a_fresh_process_and_its_report_is_read(tmp_path, exported):
     from flexslim.jobs.sweep import gate_in_fresh_process
 
-    report = gate_in_fresh_process(exported.path, tmp_path / "r.json")
+    # a model without a budget in its metadata: the budget as a flag (a gate with nothing to check is exit 2)
+    report = gate_in_fresh_process(exported.path, tmp_path / "r.json", ["--latency-ms", "1000"])
     assert report["latency_ms"] > 0 and report["provider"] == "cpu" and (tmp_path / "r.json").is_file()
 
 
