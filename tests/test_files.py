@@ -24,7 +24,7 @@ def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-# -- the lock ---------------------------------------------------------------------------------------------------------
+# -- the lock ------------------------------------------------------------------------------------------------------
 def test_a_symlinked_lock_is_refused_and_its_target_untouched(tmp_path):
     victim = tmp_path / "bashrc"
     victim.write_text("keep me\n")
@@ -68,7 +68,7 @@ def test_a_plain_lock_still_works(tmp_path):
         release_run(run)
 
 
-# -- modes, fsync, full disks -----------------------------------------------------------------------------------------
+# -- modes, fsync, full disks --------------------------------------------------------------------------------------
 def test_new_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
@@ -113,7 +113,7 @@ def test_an_unmapped_full_disk_is_exit_2_not_a_bug():
     assert out.code == 2 and out.line.startswith("error: disk full writing /x/model.pt") and out.traceback is None
 
 
-# -- JSON lines ---------------------------------------------------------------------------------------------------------
+# -- JSON lines -------------------------------------------------------------------------------------------------
 def test_a_torn_last_line_is_ignored_and_cut_on_resume(tmp_path):
     path = tmp_path / "search.jsonl"
     path.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')
@@ -130,7 +130,7 @@ def test_a_last_line_without_newline_but_whole_is_kept(tmp_path):
     assert read_jsonl(path) == [{"epoch": 1}, {"epoch": 2}]
 
 
-# -- runs/latest, run folders, export ---------------------------------------------------------------------------------
+# -- runs/latest, run folders, export ------------------------------------------------------------------------------
 def test_latest_is_the_newest_finished_run_and_started_is_for_resume(tmp_path):
     root = tmp_path / "runs"
     first = new_run_dir("a", root)
