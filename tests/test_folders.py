@@ -143,3 +143,30 @@ def test_mixed_modes_convert_when_asked(copy_of):
 def test_folder_needs_data_dir():
     with pytest.raises(BadInput, match="--data"):
         load_dataset(FOLDER, None)
+
+
+# -- issue #18.8: only regular files inside the root; a val/ without train/ is refused ----------------------------
+def test_links_out_of_the_root_loops_and_fifos_are_not_read(copy_of, tmp_path):
+    import os
+
+    from flexslim.data.folders import scan
+
+    root = copy_of()
+    cls = root / "train" / NAMES[0]
+    outside = tmp_path / "outside.png"
+    shutil.copy(next(cls.iterdir()), outside)
+    (cls / "out.png").symlink_to(outside)  # out of the root: skipped
+    (cls / "loop").symlink_to(cls)  # a folder link (a loop): not followed
+    os.mkfifo(cls / "x.jpg")  # would block forever when opened
+    before = len(list((root / "train").rglob("*.png")))
+    _, samples = scan(root / "train")
+    names = {os.path.basename(p) for p, _ in samples}
+    assert "x.jpg" not in names and "out.png" not in names
+    assert len(samples) == before - 1  # rglob counted out.png
+
+
+def test_a_root_with_val_but_no_train_is_refused(copy_of):
+    root = copy_of()
+    shutil.rmtree(root / "train")
+    with pytest.raises(BadInput, match="no train/"):
+        load_eval_folder(root, 32, 3)

@@ -118,8 +118,8 @@ def test_corrupt_jsonl_is_bad_input_naming_it(tmp_path):
     from flexslim.system.files import read_jsonl
 
     path = tmp_path / "search.jsonl"
-    path.write_text('{"epoch": 1}\n{"epo')
-    with pytest.raises(BadInput, match="search.jsonl"):
+    path.write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')  # a broken line in the middle (a torn LAST line is
+    with pytest.raises(BadInput, match="search.jsonl"):  # a kill mid-append: tests/test_files.py)
         read_jsonl(path)
 
 

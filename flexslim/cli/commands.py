@@ -180,6 +180,9 @@ def train(
         )
         if not is_main():
             return
+        from flexslim.system.runs import mark_latest
+
+        mark_latest(run.run_dir)  # a finished training: a bare `export` now picks this run
         last = history[-1]
         out.print(f"trained {run.run_dir / 'model.pt'}: test accuracy {last.test_acc:.4f} after {last.epoch} epochs")
 
@@ -187,7 +190,9 @@ def train(
 @app.command()
 def export(
     output: Annotated[Path, typer.Argument(help="Where to write the ONNX model (.onnx).")],
-    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/latest).")] = None,
+    run_dir: Annotated[
+        Optional[Path], typer.Option(help="Run directory (default: runs/latest, the newest finished run).")
+    ] = None,
     validate: Annotated[bool, typer.Option(help="Gate the exported model against the run's budget.")] = True,
     provider: Annotated[Optional[Provider], typer.Option(help="Provider for the gate (default: the recipe's).")] = None,
 ) -> None:
@@ -197,7 +202,8 @@ def export(
 
         result = export_run(output, run_dir, provider=provider.value if provider else None, gate=validate)
         out.print(
-            f"wrote {result.export.path} ({result.export.size_bytes / 1e6:.2f} MB, opset {result.export.opset}); "
+            f"run {result.run_dir}: wrote {result.export.path} ({result.export.size_bytes / 1e6:.2f} MB, "
+            f"opset {result.export.opset}); "
             f"parity max |onnx - torch| = {result.export.parity_max_abs:.2e}"
         )
         if result.report is None:

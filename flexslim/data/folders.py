@@ -113,16 +113,41 @@ def find_split(root: Path, split: str | None = None) -> Path:
 
 
 def scan(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted sub-folders) and (path, index) samples, by torchvision's ImageFolder rules."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    """Class names (sorted sub-folders) and (path, index) samples, by torchvision's ImageFolder rules, except that
+    only regular files are read (a FIFO named x.jpg would block) and no symbolic link is followed out of
+    `split_dir` or into a folder (no link loops)."""
+    import stat
 
-    classes, index = find_classes(str(split_dir)) if any(p.is_dir() for p in split_dir.iterdir()) else ([], {})
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    inside = os.path.realpath(split_dir)
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir(follow_symlinks=False))
     if not classes:
         raise BadInput(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>, one folder per class")
-    try:
-        samples = make_dataset(str(split_dir), index, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as err:  # a class folder without a single image file
-        raise BadInput(f"{split_dir}: {str(err).strip().splitlines()[0]}") from None
+    samples: list[tuple[str, int]] = []
+    for index, name in enumerate(classes):
+        found = []
+        for folder, dirs, names in os.walk(split_dir / name, followlinks=False):
+            dirs.sort()
+            for file in sorted(names):
+                path = os.path.join(folder, file)
+                if not file.lower().endswith(IMG_EXTENSIONS):
+                    continue
+                real = os.path.realpath(path)
+                if os.path.commonpath([inside, real]) != inside:
+                    continue  # a link out of the dataset folder is not read
+                try:
+                    if not stat.S_ISREG(os.stat(real).st_mode):
+                        continue  # FIFOs, devices, sockets: never opened
+                except OSError:
+                    continue  # a dangling link
+                found.append((path, index))
+        if not found:
+            raise BadInput(
+                f"{split_dir}: class folder {name} has no image file ({', '.join(IMG_EXTENSIONS[:4])}, ...); add "
+                "images or remove the folder"
+            )
+        samples += found
     return classes, samples
 
 
@@ -309,7 +334,15 @@ def eval_samples(data_dir: str | Path | None, class_names: Sequence[str] = ()) -
     root = Path(data_dir)
     if not root.is_dir():
         raise BadInput(f"--data {root} is not a folder")
-    split = find_split(root) if (root / "train").is_dir() else root
+    if (root / "train").is_dir():
+        split = find_split(root)
+    elif any((root / name).is_dir() for name in TEST_SPLITS):
+        raise BadInput(
+            f"--data {root} has {'/'.join(n for n in TEST_SPLITS if (root / n).is_dir())}/ but no train/: pass the "
+            f"split folder itself (e.g. --data {root / next(n for n in TEST_SPLITS if (root / n).is_dir())})"
+        )
+    else:
+        split = root
     classes, samples = scan(split)
     if class_names:
         unknown = sorted(set(classes) - set(class_names))

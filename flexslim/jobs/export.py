@@ -15,10 +15,11 @@ from flexslim.system.runs import RunRecord, resolve_run_dir
 
 @dataclass(frozen=True)
 class RunExport:
-    """The exported file and, when the gate ran, its validate.Report."""
+    """The exported file, the run it came from and, when the gate ran, its validate.Report."""
 
     export: ExportResult
     report: object | None  # validate.Report when the run has a budget and the gate ran
+    run_dir: Path | None = None  # the run exported (runs/latest resolved when no run_dir was given)
 
 
 def export_run(
@@ -44,7 +45,7 @@ def export_run(
     budget = record.get("budget_ms")
     result = export_model(model, arch, output, provenance(arch, recipe.name if recipe else "unknown", budget, lat))
     if not gate or budget is None:
-        return RunExport(result, None)
+        return RunExport(result, None, run)
     from flexslim.deploy.gate import Measurement
 
     # the run's own latency settings, explicitly (metadata only describes); accuracy on the run's dataset, which a
@@ -54,7 +55,7 @@ def export_run(
     report = gate_in_fresh_process(
         result.path, budget, provider or (lat or {}).get("provider", "auto"), measure, dataset
     )
-    return RunExport(result, report)
+    return RunExport(result, report, run)
 
 
 def _latency_settings(recipe) -> dict:

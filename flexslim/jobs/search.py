@@ -29,10 +29,17 @@ from flexslim.search.bake import BakePlan, Fitted, bake
 from flexslim.search.methods import check_search_method
 from flexslim.system import distributed
 from flexslim.system.console import Reporter
-from flexslim.system.files import atomic_write_text, read_jsonl, remove
+from flexslim.system.files import atomic_write_text, drop_torn_line, read_jsonl, remove
 from flexslim.system.locks import lock_run
 from flexslim.system.memory import SearchMemory
-from flexslim.system.runs import RunRecord, check_run_dir_path, mark_latest, new_run_dir, resolve_run_dir
+from flexslim.system.runs import (
+    RunRecord,
+    check_run_dir_path,
+    mark_latest,
+    mark_started,
+    new_run_dir,
+    resolve_run_dir,
+)
 
 
 @dataclass(frozen=True)
@@ -78,12 +85,13 @@ class SearchRequest:
         recipe: shipped recipe name or .toml path (ignored with `resume`: the run's own recipe is used).
         overrides: `section.key=value` strings applied to the recipe.
         data_dir: where the dataset is read (`--data`).
-        run_dir: the run directory (default `runs/<time>-<recipe>`; with `resume`, `runs/latest`).
+        run_dir: the run directory (default `runs/<time>-<recipe>`; with `resume`, the newest search started here,
+            `runs/.started`, else `runs/latest`).
         device: auto, cpu or cuda (training).
         latency_table: a latency.json from `flexslim profile` to use instead of measuring here.
         retrain: retrain the baked network from scratch (model.pt).
         resume: continue the interrupted (or finished) run in `run_dir`.
-        mark: point `runs/latest` at the run.
+        mark: point `runs/.started` at the run when it is created and `runs/latest` when the job finishes.
     """
 
     budget_ms: float
@@ -136,6 +144,8 @@ def search_job(request: SearchRequest, reporter: Reporter | None = None) -> JobR
         reporter.log(f"search already finished: widths {done.arch.widths}")
     s = done or _search_stage(run, budget, lat)
     test_acc = _retrain_stage(run, s.arch) if request.retrain else None
+    if request.mark:  # only now: a bare `export` never picks a run that is still being written
+        distributed.on_main(lambda: mark_latest(record.run_dir))
     return JobResult(
         record.run_dir,
         s.arch,
@@ -186,7 +196,7 @@ def _check_run(req: SearchRequest) -> tuple[Recipe, Path | None]:
     budget_ms, overrides, run_dir = req.budget_ms, list(req.overrides), req.run_dir
     checks.budget_ms(budget_ms, checks.flag("--latency-ms"))  # the Budget itself is built by the latency stage
     if req.resume:
-        run_dir = resolve_run_dir(run_dir)
+        run_dir = resolve_run_dir(run_dir, resume=True)
         recipe = _resumed_recipe(run_dir, overrides)
         record = RunRecord.load(run_dir)  # a corrupt run.json is BadInput naming it
         if record.get("budget_ms") not in (None, budget_ms):
@@ -202,7 +212,8 @@ def _check_run(req: SearchRequest) -> tuple[Recipe, Path | None]:
 
 def _open_run(recipe: Recipe, run_dir: Path | None, req: SearchRequest, dev: str) -> RunRecord:
     """Create (or reopen and lock) the run directory, write recipe.toml (a new run only: a resumed run keeps its
-    own), point runs/latest at it and start the record. Runs only after every input was checked."""
+    own), point runs/.started at a new one (runs/latest moves when the job finishes) and start the record. Runs only
+    after every input was checked."""
     if req.resume:
         lock_run(run_dir)  # before anything in it changes
         record = RunRecord.load(run_dir)
@@ -214,8 +225,8 @@ def _open_run(recipe: Recipe, run_dir: Path | None, req: SearchRequest, dev: str
             raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
         record = RunRecord(run_dir)
         atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
-    if req.mark:
-        mark_latest(run_dir)
+    if req.mark and not req.resume:
+        mark_started(run_dir)
     started = {"status": "started", "device": dev, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if record.search_finished():  # keep what the finished search recorded (status among it)
         started.pop("status")
@@ -283,6 +294,8 @@ def _search_stage(run: _OpenRun, budget: Budget, lat: LatencyModel) -> Searched:
     run_dir = record.run_dir
     if not run.resume:
         remove(run_dir / "search.jsonl")
+    else:  # a kill mid-append left half a line: the next epoch's line must start a line of its own
+        drop_torn_line(run_dir / "search.jsonl")
     memory = SearchMemory(dev)
     memory.start()
     st = run_search(

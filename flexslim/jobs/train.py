@@ -95,7 +95,7 @@ def open_train_run(
     from flexslim.models.arch import arch_json
     from flexslim.system.files import atomic_write_text
     from flexslim.system.locks import lock_run
-    from flexslim.system.runs import mark_latest, new_run_dir
+    from flexslim.system.runs import mark_started, new_run_dir
 
     arch, recipe, run_dir = _train_target(target, recipe_name, overrides, resume)
     if resume:
@@ -116,7 +116,7 @@ def open_train_run(
         run_dir = distributed.on_main(lambda: new_run_dir(recipe.name))
         lock_run(run_dir)
         atomic_write_text(run_dir / "arch.json", arch_json(arch))
-        mark_latest(run_dir)
+        mark_started(run_dir, resumable=False)  # runs/latest only in a workspace's first run; else when trained
     else:
         lock_run(run_dir)  # BadInput when another job is writing this run
     if not resume:  # a resumed training keeps the recipe.toml it started with (checked equal above)

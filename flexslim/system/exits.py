@@ -9,6 +9,7 @@ The CLI wraps each command in `exit_codes(echo, debug)`; library users can call 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import time
@@ -29,6 +30,12 @@ from flexslim.errors import (
 )
 
 LOG_DIR_ENV = "FLEXSLIM_LOG_DIR"  # where crash logs go; default <tempdir>/flexslim
+DISK_FULL = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """A write that ran out of space or quota and was not mapped where it happened: bad input, not a bug."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
 
 
 @dataclass(frozen=True)
@@ -42,10 +49,10 @@ class Outcome:
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """The exit code of an exception: 1 gate, 2 bad input, 130 interrupt, 3 anything else (a bug)."""
+    """The exit code of an exception: 1 gate, 2 bad input (a full disk too), 130 interrupt, 3 anything else (a bug)."""
     if isinstance(exc, GateFailed):
         return EXIT_GATE
-    if isinstance(exc, BadInput):
+    if isinstance(exc, BadInput) or _disk_full(exc):
         return EXIT_BAD_INPUT
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
@@ -80,6 +87,9 @@ def outcome_for(exc: BaseException, debug: bool = False, log_dir: Path | None = 
     """Classify `exc`. Internal errors keep their traceback: printed with `debug`, else written to a log file."""
     code = exit_code_for(exc)
     message = one_line(str(exc)) or type(exc).__name__
+    if code == EXIT_BAD_INPUT and _disk_full(exc):
+        where = exc.filename if getattr(exc, "filename", None) else "a file"
+        return Outcome(code, f"error: disk full writing {where} ({os.strerror(exc.errno)}); free some space")
     if code == EXIT_BAD_INPUT:
         return Outcome(code, f"error: {message}")
     if code == EXIT_GATE:

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from flexslim.errors import BadInput
@@ -25,7 +27,7 @@ def lock_run(run_dir: str | Path) -> Path:
     if key in _HELD or not is_main():  # under torchrun rank 0 holds the run's lock for the whole job
         return Path(run_dir)
     path = Path(run_dir) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -43,6 +45,24 @@ def lock_run(run_dir: str | Path) -> Path:
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[key] = fd
     return Path(run_dir)
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file opened for writing, never through a symbolic link (a crafted run folder's `.lock -> ~/.bashrc`
+    would be truncated) and only when it is a regular file; BadInput otherwise."""
+    refuse = BadInput(f"{path} is not a plain file (a symbolic link or special file); delete it and rerun")
+    if path.is_symlink():
+        raise refuse
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise refuse from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refuse
+    return fd
 
 
 def release_run(run_dir: str | Path) -> None:

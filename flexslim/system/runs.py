@@ -1,4 +1,11 @@
-"""Run directories, atomic writes and the `runs/latest` pointer.
+"""Run directories, atomic writes and the `runs/latest` and `runs/.started` pointers.
+
+`runs/latest` is the newest run that FINISHED (its search, and its retraining when it retrains; a `flexslim train`
+run: its training), so a bare `flexslim export` never picks a run another job in the same workspace is still
+writing; the one exception is a workspace's first run, which `runs/latest` points at from its start (there is no
+other run it could be confused with). `runs/.started` is the newest search started here: a bare
+`flexslim search --resume` continues it, finished or not (a finished search and retraining are reused, a run
+another job still holds is refused by its lock, exit 2), and falls back to `runs/latest` where there is none.
 
 Every file flexslim writes goes through `atomic_write_*`: a temp file in the same folder, fsync, then
 os.replace, so a crash leaves either the old file or the new one, never half of one. Under torchrun only rank 0
@@ -24,25 +31,45 @@ def new_run_dir(recipe_name: str, root: Path = RUNS_ROOT) -> Path:
     """A new, empty `root/<time>-<recipe>` folder (suffixed -2, -3, ... when the name is taken). Under torchrun,
     call it on rank 0 (`distributed.on_main`) and hand the path to the others."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = root / f"{stamp}-{recipe_name}"
+    root.mkdir(parents=True, exist_ok=True)
     n = 1
-    while path.exists():
-        n += 1
-        path = root / f"{stamp}-{recipe_name}-{n}"
-    path.mkdir(parents=True)
-    return path
+    while True:  # mkdir is the claim: two runs started in the same second each get a folder of their own
+        path = root / (f"{stamp}-{recipe_name}" if n == 1 else f"{stamp}-{recipe_name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+
+
+LATEST = "latest"  # the newest finished run (export, train and validate read it by default)
+STARTED = ".started"  # the newest search started here (a bare `search --resume` continues it)
+
+
+def _point(name: str, run_dir: Path, root: Path) -> None:
+    """Point `root/name` at run_dir (a relative symlink, swapped atomically)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{name.lstrip('.')}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path(os.path.relpath(Path(run_dir).resolve(), root.resolve())))
+    os.replace(tmp, root / name)
 
 
 def mark_latest(run_dir: Path, root: Path = RUNS_ROOT) -> None:
-    """Point `root/latest` at run_dir (a relative symlink, swapped atomically); rank 0 only."""
+    """Point `root/latest` at run_dir, a run that has finished (see the module notes); rank 0 only."""
+    if is_main():
+        _point(LATEST, run_dir, root)
+
+
+def mark_started(run_dir: Path, root: Path = RUNS_ROOT, *, resumable: bool = True) -> None:
+    """A run was just created: `root/.started` points at it (`resumable`, a search), and `root/latest` too only
+    when it points at no run yet (a workspace's first run); rank 0 only."""
     if not is_main():
         return
-    root.mkdir(parents=True, exist_ok=True)
-    link = root / "latest"
-    tmp = root / f".latest.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(Path(os.path.relpath(run_dir.resolve(), root.resolve())))
-    os.replace(tmp, link)
+    if resumable:
+        _point(STARTED, run_dir, root)
+    if not (root / LATEST).is_dir():
+        _point(LATEST, run_dir, root)
 
 
 def check_run_dir_path(run_dir: str | Path | None, flag_name: str = "--run-dir") -> Path | None:
@@ -53,10 +80,14 @@ def check_run_dir_path(run_dir: str | Path | None, flag_name: str = "--run-dir")
     return None if run_dir is None else check_output_dir(run_dir, flag_name)
 
 
-def resolve_run_dir(run_dir: str | Path | None, root: Path = RUNS_ROOT) -> Path:
-    """`run_dir`, or the run `root/latest` points at; BadInput when there is none."""
+def resolve_run_dir(run_dir: str | Path | None, root: Path = RUNS_ROOT, *, resume: bool = False) -> Path:
+    """`run_dir`, or the run `root/latest` points at (with `resume`: `root/.started` first); BadInput when there
+    is none."""
     if run_dir is None:
-        latest = root / "latest"
+        started = root / STARTED
+        if resume and started.is_dir():
+            return started.resolve()
+        latest = root / LATEST
         if not latest.exists():
             raise BadInput(
                 f"no run found at {latest}; run `flexslim search` or `flexslim train` first, or pass --run-dir"
