@@ -132,6 +132,9 @@ def session(device: str = "auto") -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, _stopped_by_launcher)
     try:
         yield
+        # every rank done before any leaves: rank 0 hosts the store, and a rank still tearing down its group when
+        # rank 0 has gone aborts in gloo's destructor (seen: SIGABRT "terminate called without an active exception")
+        dist.barrier()
     except (BadInput, RanksLost):
         raise
     except Exception as err:
