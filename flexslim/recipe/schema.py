@@ -100,6 +100,8 @@ class SearchConfig:
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
     arch_lr: float = 0.1  # Adam on mu; mu is in CHANNELS, so Adam moves mu by about arch_lr channels per step
+    relative_arch_lr: bool = False  # each stage's mu moves by arch_lr x (its width / the widest stage's) per step:
+    # the same fraction of its width in every stage, instead of the same number of channels
     arch_beta1: float = 0.5
     arch_beta2: float = 0.999
     sigma: float = 8.0  # Gaussian width in channels

@@ -109,7 +109,12 @@ def build_state(arch: Arch, recipe: Recipe, device: torch.device) -> SearchState
         load_pretrained(sn.body, recipe.model.pretrained)
     sn = prepare(sn, device)
     betas = (cfg.arch_beta1, cfg.arch_beta2)
-    a_opt = torch.optim.Adam(sn.arch_parameters(), lr=sn.arch_lr(cfg), betas=betas, weight_decay=0.0)
+    widest = max(arch.widths.values())
+    groups = [
+        {"params": list(m.parameters()), "lr": m.stage_lr(cfg, arch.widths[name], widest)}
+        for name, m in sn.masks.items()
+    ]
+    a_opt = torch.optim.Adam(groups, lr=sn.arch_lr(cfg), betas=betas, weight_decay=0.0)
     return SearchState(sn, weight_sgd(sn, cfg), a_opt, cfg.init_multiplier)
 
 

@@ -58,6 +58,11 @@ class Mask(nn.Module, abc.ABC):
         """The Adam learning rate of this kind's architecture parameters (default: search.arch_lr)."""
         return cfg.arch_lr
 
+    def stage_lr(self, cfg: SearchConfig, width: int, widest: int) -> float:
+        """This stage's Adam learning rate: `arch_lr` (kinds whose parameters are not in channels ignore the
+        stage's `width` among the recipe's `widest`)."""
+        return self.arch_lr(cfg)
+
     @abc.abstractmethod
     def options(self) -> torch.Tensor:
         """Candidate widths f_k (float, increasing, the last one <= allocated)."""
@@ -122,6 +127,13 @@ class GaussianMask(Mask):
         self.mu = nn.Parameter(torch.tensor(float(mu)))
         self.sigma, self.step, self.min_width, self.round_to = float(sigma), int(step), int(min_width), int(round_to)
         self.allocated = int(allocated)
+
+    def stage_lr(self, cfg: SearchConfig, width: int, widest: int) -> float:
+        """mu is in channels and Adam moves it by about its learning rate per step: with `search.relative_arch_lr`
+        a stage's rate is scaled by its width among the recipe's widest, so every stage moves by the same FRACTION
+        of its width (in absolute channels a narrow early stage loses half its width while the widest loses a
+        quarter, and reaches min_width first)."""
+        return cfg.arch_lr * (width / widest if cfg.relative_arch_lr else 1.0)
 
     def options(self) -> torch.Tensor:
         """Candidate widths f_k: multiples of `step` from min_width to the allocated width (inclusive)."""
