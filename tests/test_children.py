@@ -363,32 +363,46 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 
 @pytest.mark.slow
-def test_a_torchrun_search_with_a_killed_rank_leaves_nothing_and_resumes(tmp_path):
+def test_a_torchrun_search_with_a_killed_rank_stops_says_so_leaves_nothing_and_resumes(tmp_path):
+    """Rank 1 killed: rank 0 (the store's host, with the timing helper) says so and exits, nothing is left."""
     from dist_workers import free_port
 
     from flexslim.system import distributed
 
     env = {**ENV, distributed.TIMEOUT_ENV: "60"}  # a rank waiting longer than this in a collective is a failure
+    epochs = 4
+    args = [*_search_args(), "--set", f"search.epochs={epochs}", "--set", "distributed.sync_bn=true"]
+    jsonl = tmp_path / "R" / "search.jsonl"
 
     def torchrun() -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                 str(free_port()), "-m", "flexslim"]  # fmt: skip
 
-    with _Job(_search_args(), tmp_path, torchrun(), env) as job:
+    with _Job(args, tmp_path, torchrun(), env) as job:
         rank0 = _wait_for(lambda: _rank_pid(job.proc.pid, 0), "rank 0", job.proc, log=job.lines)
         _wait_for(
             lambda: (tmp_path / "R" / "search_state.pt").is_file(), "an epoch checkpoint", job.proc, log=job.lines
         )
         assert any("multiprocessing.spawn" in _cmdline(p) for p in _descendants(rank0)), "rank 0 has no helper"
         started = _descendants(job.proc.pid)  # both ranks, rank 0's helper and its resource tracker
-        os.kill(rank0, signal.SIGKILL)
-        job.proc.wait(timeout=TIMEOUT)  # torchrun stops the other rank and exits
+        os.kill(_rank_pid(job.proc.pid, 1), signal.SIGKILL)
+        assert job.proc.wait(timeout=TIMEOUT) != 0  # no hang: torchrun stops the other rank and exits
         left = _still_alive_after(started)
         for p in left:
             os.kill(p, signal.SIGKILL)
         assert left == [], [(p, _cmdline(p)) for p in left]
+    time.sleep(0.2)  # the stderr thread reads what the job printed last
+    said = "\n".join(job.lines)
+    assert "error: rank 0 of 2: the distributed job stopped" in said, said
+    assert "rerun the same torchrun command with --resume" in said
+    done_before = jsonl.read_text().count("\n")
+    assert 1 <= done_before < epochs
     resumed = subprocess.run(
-        [*torchrun(), *_search_args(), "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        [*torchrun(), *args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming search after epoch" in resumed.stdout + resumed.stderr
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == list(range(1, epochs + 1))
+    assert (tmp_path / "R" / "arch.json").is_file()
     assert json.loads((tmp_path / "R" / "run.json").read_text())["status"] == "searched"
