@@ -170,3 +170,84 @@ def test_a_root_with_val_but_no_train_is_refused(copy_of):
     shutil.rmtree(root / "train")
     with pytest.raises(BadInput, match="no train/"):
         load_eval_folder(root, 32, 3)
+
+
+# -- issue #18.8: a pixel cap (data.max_pixels) from the header, and PIL's decompression-bomb check, by name -----
+CAP = 32 * 32  # the digits are 32 x 32: exactly at the cap, so only the added image is over it
+
+
+def _pil_check_off(monkeypatch):
+    """PIL's own decompression-bomb check disabled: the cap's own header check must still refuse."""
+    monkeypatch.setattr(Image, "_decompression_bomb_check", lambda size, **kw: None)
+
+
+@pytest.mark.parametrize(
+    "side, pil",
+    [
+        (40, "off"),  # 1,600 pixels: the cap's own header check
+        (40, "on"),  # PIL's DecompressionBombWarning (over the limit), raised as an error
+        (50, "on"),  # 2,500 pixels, over twice the limit: PIL's DecompressionBombError at the header
+    ],
+)
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"stream": True, "workers": 0}, {"stream": True, "channels": 3, "workers": 0}],
+    ids=["in-memory", "streamed", "streamed-rgb"],
+)
+def test_an_image_over_the_pixel_cap_is_refused_naming_it(copy_of, monkeypatch, side, pil, settings):
+    root = copy_of()
+    big = root / "train" / "three" / "big.png"
+    Image.new("RGB", (side, side), (200, 10, 10)).save(big)
+    if pil == "off":
+        _pil_check_off(monkeypatch)
+    with pytest.raises(BadInput) as err:
+        load_dataset(dataclasses.replace(FOLDER, max_pixels=CAP, **settings), root)
+    msg = str(err.value)
+    assert "\n" not in msg and str(big) in msg and "data.max_pixels = 1,024" in msg
+    assert f"{side * side:,} pixels" in msg and f"set data.max_pixels={side * side} to allow it" in msg
+    from PIL import Image as PILImage
+
+    ds = load_dataset(dataclasses.replace(FOLDER, max_pixels=side * side, **settings), root)  # the fix it names
+    assert ds.num_train == 121 and PILImage.MAX_IMAGE_PIXELS == side * side  # PIL's check follows the key
+
+
+def test_a_file_grown_over_the_cap_after_loading_fails_its_batch_in_a_worker(copy_of):
+    """A streamed folder decodes in DataLoader workers: a refusal there comes back as the same one line."""
+    root = copy_of()
+    ds = load_dataset(dataclasses.replace(FOLDER, max_pixels=CAP, stream=True, workers=1), root)
+    grown = root / "train" / "five" / "000.png"
+    Image.new("RGB", (40, 40)).save(grown)  # after the header pass: the worker's decoding refuses it
+    with pytest.raises(BadInput) as err:
+        for _ in ds.train_batches(64):
+            pass
+    msg = str(err.value)
+    assert "\n" not in msg and str(grown) in msg and "set data.max_pixels=1600" in msg
+
+
+def test_validate_folders_have_the_default_cap(copy_of, monkeypatch):
+    from flexslim.data import folders
+
+    root = copy_of()
+    monkeypatch.setattr(folders, "EVAL_MAX_PIXELS", CAP)
+    big = root / "val" / "one" / "big.png"
+    Image.new("RGB", (40, 40)).save(big)
+    refusal = "over the limit of 1,024 pixels an image may have; shrink or remove it"  # validate has no recipe key
+    with pytest.raises(BadInput, match=refusal):
+        folders.load_eval_folder(root, 16, 3)
+    with pytest.raises(BadInput, match=refusal):
+        for _ in folders.eval_folder_batches(root, 16, 3):  # streamed: refused at its batch
+            pass
+    assert DataConfig().max_pixels == 50_000_000  # the default, documented in recipe/schema.py
+
+
+def test_cli_refuses_an_image_over_the_cap_exit_2(copy_of, tmp_path, monkeypatch, one_line_error):
+    root = copy_of()
+    big = root / "val" / "seven" / "big.png"
+    Image.new("L", (20, 60)).save(big)  # 1,200 pixels
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--recipe", "imagenet-resnet18", "--data", str(root), "--device", "cpu"]
+    res = CliRunner().invoke(app, [*args, "--set", f"data.max_pixels={CAP}"])
+    assert res.exit_code == 2, res.output
+    line = one_line_error(res)
+    assert str(big) in line and "data.max_pixels = 1,024" in line and "set data.max_pixels=1200" in line
+    assert not list(tmp_path.rglob("model.pt"))  # refused while loading, before any training

@@ -84,6 +84,7 @@ def test_run_json_records_budget_widths_and_measurement(run):
     assert b["ms"] == run.budget and b["low_ms"] == pytest.approx(0.9 * run.budget) and b["limit_ms"] < run.budget
     assert info["measured_ms"] <= b["limit_ms"] and info["budget_met"]
     assert info["latency"]["provider"] == "cpu" and info["latency"]["floor_ms"] == run.table["floor_ms"]
+    assert info["latency"]["timeout"] == 600.0  # latency.timeout, for the gate of `flexslim export`
     # the bake's log: every measured network, the delivered one among those that measured within the limit
     steps = info["bake"]
     assert steps and all(s["step"] in ("choose", "trim", "grow", "grow-rejected", "exchange") for s in steps)
@@ -231,7 +232,11 @@ def test_search_retrain_export_validate_end_to_end(tmp_path, monkeypatch):
 
     # --resume on a finished run redoes neither the search nor the retraining
     model_pt = (run_dir / "model.pt").read_bytes()
-    for target in ("flexslim.search.loop.run_search", "flexslim.jobs.train.train_arch", "flexslim.jobs.latency.profile"):
+    for target in (
+        "flexslim.search.loop.run_search",
+        "flexslim.jobs.train.train_arch",
+        "flexslim.jobs.latency.profile",
+    ):
         monkeypatch.setattr(target, _forbid(target))
     res = ok(invoke("search", "--latency-ms", budget, "--resume"))
     assert (run_dir / "model.pt").read_bytes() == model_pt

@@ -250,3 +250,89 @@ def test_recipe_latency_timeout_key():
     for bad in ("0", "-5", "inf"):
         with pytest.raises(BadInput, match="latency.timeout"):
             load_recipe("quickstart", [f"latency.timeout={bad}"])
+
+
+# ---------------------------------------------------------------- the export gate: the run's recorded latency.timeout
+
+
+@pytest.fixture
+def export_run_dir(tmp_path, monkeypatch, tiny_arch, tiny_model, exported):
+    """Factory: a run folder with the tiny model.pt and a run.json of budget 1000 ms and the given latency settings
+    (+ a recipe.toml when given); the export reuses the session's graph instead of the slow dynamo export."""
+    import copy
+
+    from flexslim.deploy import export as export_mod
+    from flexslim.recipe.schema import load_recipe, recipe_to_toml
+    from flexslim.train.checkpoint import save_model
+
+    graph = onnx.load(str(exported.path))
+    monkeypatch.setattr(export_mod, "_dynamo_proto", lambda model, sample: copy.deepcopy(graph))
+    monkeypatch.chdir(tmp_path)
+
+    def make(latency: dict, recipe_overrides: list[str] | None = None) -> Path:
+        run = tmp_path / "run"
+        run.mkdir(exist_ok=True)
+        save_model(run / "model.pt", tiny_arch, copy.deepcopy(tiny_model), load_recipe("quickstart"), {})
+        (run / "run.json").write_text(json.dumps({"budget_ms": 1000.0, "latency": latency}))
+        if recipe_overrides is not None:
+            (run / "recipe.toml").write_text(recipe_to_toml(load_recipe("quickstart", recipe_overrides)))
+        return run
+
+    return make
+
+
+RUN_LATENCY = {"provider": "cpu", "batch": 4, "threads": 1, "percentile": 90.0}  # run.json's, before the timeout
+
+
+def test_export_gates_under_the_runs_recorded_timeout(export_run_dir):
+    """A run whose latency.timeout is 0.5 s: the gate's 2 s of timed passes cannot fit, so export's gate ends with
+    the failed `timeout` check (exit 1, `timed out after 0.5 s`), not the 600 s default."""
+    run = export_run_dir({**RUN_LATENCY, "timeout": 0.5})
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(app, ["export", "out.onnx", "--run-dir", str(run)])
+    assert time.perf_counter() - t0 < 60.0
+    assert res.exit_code == EXIT_GATE, res.output
+    assert "timed out after 0.5 s" in res.stdout and "FAIL" in res.stdout
+    assert (run.parent / "out.onnx").is_file()  # the export itself is written; only the gate failed
+
+
+def test_export_reads_an_old_run_json_without_the_timeout(export_run_dir):
+    """run.json from before latency.timeout was recorded: the default (600 s), and the gate runs as before."""
+    from flexslim.jobs.export import export_run
+
+    run = export_run_dir(dict(RUN_LATENCY))
+    result = export_run("old.onnx", run)
+    assert result.report.passed and result.report.timing.timeout_s == runtime.DEFAULT_TIMEOUT
+    assert result.report.timing.stopped is None
+
+
+def test_export_timeout_falls_back_to_the_runs_recipe_and_a_bad_one_is_bad_input(export_run_dir, monkeypatch):
+    from flexslim.jobs import export as export_job
+
+    seen = []
+    monkeypatch.setattr(
+        export_job, "gate_in_fresh_process", lambda path, budget, provider, measure, dataset: seen.append(measure)
+    )
+    export_job.export_run("a.onnx", export_run_dir(dict(RUN_LATENCY), ["latency.timeout=30"]))
+    assert seen[-1].timeout == 30.0  # an old run.json: the run's own recipe.toml
+    export_job.export_run("b.onnx", export_run_dir({**RUN_LATENCY, "timeout": 7.5}))
+    assert seen[-1].timeout == 7.5  # recorded: it wins
+    for bad in (0, -1, "abc", 1e9):
+        run = export_run_dir({**RUN_LATENCY, "timeout": bad})
+        with pytest.raises(BadInput, match=r"run\.json latency\.timeout"):
+            export_job.export_run("c.onnx", run)
+    assert not Path("c.onnx").exists() and len(seen) == 2  # refused before the export and the gate
+
+
+def test_export_gate_helper_has_a_kill_after_limit(monkeypatch):
+    """As `time_isolated`: the helper running export's gate is killed past the timeout + HELPER_GRACE (+ the
+    accuracy pass's allowance when the gate reads a dataset)."""
+    from flexslim.jobs import export as export_job
+
+    limits = []
+    monkeypatch.setattr(runtime, "run_isolated", lambda fn, *a, limit_s=None, **kw: limits.append(limit_s))
+    export_job.gate_in_fresh_process(Path("m.onnx"), 1.0, "cpu", Measurement(timeout=2.0), None)
+    export_job.gate_in_fresh_process(Path("m.onnx"), 1.0, "cpu", Measurement(timeout=2.0), "quickstart")
+    export_job.gate_in_fresh_process(Path("m.onnx"), 1.0, "cpu", None, None)
+    grace = runtime.HELPER_GRACE
+    assert limits == [2.0 + grace, 2.0 + grace + export_job.ACCURACY_SECONDS, runtime.DEFAULT_TIMEOUT + grace]

@@ -19,13 +19,23 @@ same decoding, so the same pixels and, for the same seeds, the same batches). Lo
 headers (for the colour check) and, unless `data.mean`/`data.std` are given, decodes the training images once
 for their statistics. A file that does not decode then fails the batch it is in, naming it.
 
+Pixel cap: an image whose header says width x height > `data.max_pixels` is refused before any of its pixels are
+decoded (a decompression bomb: a small file that decodes to gigabytes), naming the file and the key that raises the
+cap. PIL's own decompression-bomb check (`Image.MAX_IMAGE_PIXELS`, which also guards GIF frames while decoding) is
+set to the same limit, and its warning and error are the same refusal. Every file's header is read when the folder
+is loaded (in memory: the decoding pass; streamed: the header pass), so a run fails before it trains.
+
 Bad input is one `BadInput` line each: no train/ or val/, a split without class folders, an image that does
-not decode (named), a class in train but not in val (or the reverse), mixed grey/colour images.
+not decode or is over the pixel cap (named), a class in train but not in val (or the reverse), mixed grey/colour
+images. Decoding workers never raise: they hand back the error line, and the main process raises it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,65 +49,134 @@ TEST_SPLITS = ("val", "test")
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 
 
-class _Images(torch.utils.data.Dataset):
-    """(path, label) -> (uint8 3xSxS tensor or None when the file does not decode, label, was-grey)."""
+_PIL_PIXELS = re.compile(r"\((\d+) pixels\)")  # the pixel count in PIL's decompression-bomb message
+EVAL_MAX_PIXELS = DataConfig().max_pixels  # `validate --data` reads no recipe: the key's default applies
 
-    def __init__(self, samples: Sequence[tuple[str, int]], size: int):
-        self.samples, self.size = list(samples), int(size)
+
+class _Refused(Exception):
+    """An image file that is not read; its text is the whole error line (raised by the main process)."""
+
+
+def _too_large(path: str, pixels: int | None, max_pixels: int, key: str | None) -> str:
+    """The error line of an image over the cap (`pixels`: its width x height, when known)."""
+    size = f"{pixels:,} pixels (width x height)" if pixels else "more pixels than that"
+    if key is None:
+        return (
+            f"image {path} has {size}, over the limit of {max_pixels:,} pixels an image may have; shrink or remove it"
+        )
+    fix = f"set {key}={pixels} to allow it" if pixels else f"raise {key} to allow it"
+    return f"image {path} has {size}, over {key} = {max_pixels:,}; {fix}, or remove the image"
+
+
+def _not_decoding(path: str) -> str:
+    return f"image {path} does not decode; remove or replace it"
+
+
+BROKEN = (OSError, ValueError, SyntaxError)  # what PIL's decoders raise for broken or foreign files
+
+
+@contextlib.contextmanager
+def _checked_image(path: str, max_pixels: int, key: str | None, decode: bool):
+    """The image at `path`, opened by PIL lazily (the header read) and, with `decode`, its pixels decoded; closed on
+    exit. `_Refused` when PIL cannot identify or decode it, or it has more than `max_pixels` pixels: by its header,
+    before any pixel is decoded, and by PIL's decompression-bomb check (header, GIF frames), set to the same limit
+    with its warning raised as an error. `key` names the setting that raises the cap (None: none does)."""
+    from PIL import Image
+
+    def refused(err: Exception) -> _Refused:
+        if isinstance(err, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
+            found = _PIL_PIXELS.search(str(err))
+            return _Refused(_too_large(path, int(found.group(1)) if found else None, max_pixels, key))
+        return _Refused(_not_decoding(path))
+
+    bombs = (Image.DecompressionBombWarning, Image.DecompressionBombError)
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own check at the key's limit (set in every worker: spawn or fork)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # past the limit: a refusal, not a warning
+        try:
+            img = Image.open(path)
+        except (*bombs, *BROKEN) as err:
+            raise refused(err) from None
+        with img:
+            pixels = img.width * img.height
+            if pixels > max_pixels:  # the cap's own check of the header, whatever PIL's global says meanwhile
+                raise _Refused(_too_large(path, pixels, max_pixels, key))
+            if decode:
+                try:
+                    img.load()
+                except (*bombs, *BROKEN) as err:
+                    raise refused(err) from None
+            yield img
+
+
+class _Images(torch.utils.data.Dataset):
+    """(path, label) -> (uint8 3xSxS tensor, label, was-grey), or (None, label, the error line) when the file does
+    not decode or is over `max_pixels` (`_checked_image`)."""
+
+    def __init__(
+        self, samples: Sequence[tuple[str, int]], size: int, max_pixels: int, key: str | None = "data.max_pixels"
+    ):
+        self.samples, self.size, self.max_pixels, self.key = list(samples), int(size), int(max_pixels), key
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
         path, label = self.samples[i]
         try:
-            with Image.open(path) as img:
-                img.load()
+            with _checked_image(path, self.max_pixels, self.key, decode=True) as img:
                 grey = img.mode in GREY_MODES
                 x = TF.pil_to_tensor(img.convert("RGB"))
-        except (OSError, ValueError, SyntaxError):  # PIL's decoders raise these for broken or foreign files
-            return None, label, False
+        except _Refused as refused:
+            return None, label, str(refused)
+        except BROKEN:  # the conversion of a broken file
+            return None, label, _not_decoding(path)
         x = TF.center_crop(TF.resize(x, self.size, antialias=True), [self.size, self.size])
         return x, label, grey
 
 
 class _StreamImages(_Images):
-    """(path, label) -> (uint8 `channels` x S x S tensor, label, "") or (None, label, path) when it does not decode:
+    """(path, label) -> (uint8 `channels` x S x S tensor, label, "") or (None, label, the error line naming the file):
     the items of a streamed folder (`data.collate_items` gathers them)."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], size: int, channels: int):
-        super().__init__(samples, size)
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        size: int,
+        channels: int,
+        max_pixels: int,
+        key: str | None = "data.max_pixels",
+    ):
+        super().__init__(samples, size, max_pixels, key)
         self.channels = channels
 
     def __getitem__(self, i: int):
-        x, label, _ = super().__getitem__(i)
-        return (None, label, self.samples[i][0]) if x is None else (to_channels(x, self.channels), label, "")
+        x, label, grey_or_error = super().__getitem__(i)
+        return (None, label, grey_or_error) if x is None else (to_channels(x, self.channels), label, "")
 
 
-class _Modes(torch.utils.data.Dataset):
-    """path -> was-grey (True/False) from the image header alone, or None when PIL cannot identify the file."""
+class _Headers(torch.utils.data.Dataset):
+    """path -> was-grey (True/False) from the image header alone (`_checked_image`), or the error line when PIL cannot
+    identify the file or it is over `max_pixels`."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]]):
-        self.paths = [path for path, _ in samples]
+    def __init__(self, samples: Sequence[tuple[str, int]], max_pixels: int):
+        self.paths, self.max_pixels = [path for path, _ in samples], int(max_pixels)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         try:
-            with Image.open(self.paths[i]) as img:  # lazy: reads the header, not the pixels
+            with _checked_image(self.paths[i], self.max_pixels, "data.max_pixels", decode=False) as img:
                 return img.mode in GREY_MODES
-        except (OSError, ValueError, SyntaxError):
-            return None
+        except _Refused as refused:
+            return str(refused)
 
 
 def _keep(batch):
-    return batch  # a list of (tensor | None, label, grey): the main process decides what a failure means
+    return batch  # a list of (tensor | None, label, grey or error line): the main process raises the errors
 
 
 def find_split(root: Path, split: str | None = None) -> Path:
@@ -152,12 +231,17 @@ def scan(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def decode(
-    samples: Sequence[tuple[str, int]], size: int, workers: int | None = None
+    samples: Sequence[tuple[str, int]],
+    size: int,
+    workers: int | None = None,
+    max_pixels: int = EVAL_MAX_PIXELS,
+    key: str | None = "data.max_pixels",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(uint8 N x 3 x size x size, int64 labels, bool was-grey) of every sample; BadInput names a broken file."""
+    """(uint8 N x 3 x size x size, int64 labels, bool was-grey) of every sample; BadInput names a file that does not
+    decode or is over `max_pixels` (`_checked_image`)."""
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     loader = torch.utils.data.DataLoader(
-        _Images(samples, size),
+        _Images(samples, size, max_pixels, key),
         batch_size=64,
         num_workers=workers if len(samples) > 2048 else 0,  # starting workers costs more than a few images
         collate_fn=_keep,
@@ -168,7 +252,7 @@ def decode(
     for batch in loader:
         for x, label, grey in batch:
             if x is None:
-                raise BadInput(f"image {samples[i][0]} does not decode; remove or replace it")
+                raise BadInput(grey)  # the worker's error line, naming the file
             xs.append(x)
             ys.append(label)
             greys.append(grey)
@@ -253,8 +337,8 @@ def load_folder(cfg: DataConfig, data_dir: str | Path | None) -> TrainingData:
     mb = decoded_mb(len(train_samples) + len(test_samples), cfg.channels or 3, cfg.image_size)
     if cfg.stream or mb > cfg.max_in_memory_mb:
         return _streamed_folder(cfg, train_samples, test_samples, tuple(classes))
-    trx, try_, tr_grey = decode(train_samples, cfg.image_size)
-    tex, tey, te_grey = decode(test_samples, cfg.image_size)
+    trx, try_, tr_grey = decode(train_samples, cfg.image_size, max_pixels=cfg.max_pixels)
+    tex, tey, te_grey = decode(test_samples, cfg.image_size, max_pixels=cfg.max_pixels)
     channels = _channels(cfg.channels, torch.cat([tr_grey, te_grey]), train_samples + test_samples)
     trx, tex = to_channels(trx, channels), to_channels(tex, channels)
     given = _given_mean_std(cfg, channels)
@@ -270,19 +354,20 @@ def _given_mean_std(cfg: DataConfig, channels: int) -> tuple[tuple[float, ...], 
     return tuple(cfg.mean), tuple(cfg.std)
 
 
-def _header_greys(samples: Sequence[tuple[str, int]], workers: int) -> torch.Tensor:
-    """Was-grey of every sample from its header (no decoding); BadInput names a file PIL cannot identify."""
+def _header_greys(samples: Sequence[tuple[str, int]], workers: int, max_pixels: int) -> torch.Tensor:
+    """Was-grey of every sample from its header (no decoding); BadInput names a file PIL cannot identify or one
+    over `max_pixels`."""
     loader = torch.utils.data.DataLoader(
-        _Modes(samples),
+        _Headers(samples, max_pixels),
         batch_size=256,
         num_workers=workers if len(samples) > 2048 else 0,
         collate_fn=_keep,
         worker_init_fn=worker_init(),
     )
     greys = [g for batch in loader for g in batch]
-    for (path, _), g in zip(samples, greys):
-        if g is None:
-            raise BadInput(f"image {path} does not decode; remove or replace it")
+    for g in greys:
+        if isinstance(g, str):
+            raise BadInput(g)  # the worker's error line, naming the file
     return torch.tensor(greys, dtype=torch.bool)
 
 
@@ -292,13 +377,14 @@ def _streamed_folder(
     test_samples: list[tuple[str, int]],
     classes: tuple[str, ...],
 ) -> StreamedDataset:
-    """The folder as file lists decoded per batch (see the module notes): the colour check from the headers and,
-    unless given, the training images' mean/std from one decoding pass."""
+    """The folder as file lists decoded per batch (see the module notes): every header read (the pixel cap and the
+    colour check) and, unless given, the training images' mean/std from one decoding pass."""
     workers = default_workers() if cfg.workers < 0 else cfg.workers
     everything = train_samples + test_samples
-    channels = cfg.channels or _channels(0, _header_greys(everything, workers), everything)
-    train = _StreamImages(train_samples, cfg.image_size, channels)
-    test = _StreamImages(test_samples, cfg.image_size, channels)
+    greys = _header_greys(everything, workers, cfg.max_pixels)  # before training: a file over the cap fails the load
+    channels = cfg.channels or _channels(0, greys, everything)
+    train = _StreamImages(train_samples, cfg.image_size, channels, cfg.max_pixels)
+    test = _StreamImages(test_samples, cfg.image_size, channels, cfg.max_pixels)
     given = _given_mean_std(cfg, channels)
     if given is None:
         chunks = StreamBatches(train, STATS_CHUNK, workers=workers)
@@ -314,7 +400,7 @@ def load_eval_folder(
 
     Labels follow `class_names` (the model's, from its metadata) when given, else the sorted folder names.
     """
-    x, y, _ = decode(eval_samples(data_dir, class_names), image_size)
+    x, y, _ = decode(eval_samples(data_dir, class_names), image_size, max_pixels=EVAL_MAX_PIXELS, key=None)
     return to_channels(x, channels), y
 
 
@@ -324,7 +410,8 @@ def eval_folder_batches(
     """The images of `load_eval_folder`, streamed: float [0, 1] batches and labels, in order, decoded by workers."""
     samples = eval_samples(data_dir, class_names)
     workers = default_workers() if len(samples) > 2048 else 0  # starting workers costs more than a few images
-    return StreamBatches(_StreamImages(samples, image_size, channels), batch_size, workers=workers)
+    items = _StreamImages(samples, image_size, channels, EVAL_MAX_PIXELS, key=None)
+    return StreamBatches(items, batch_size, workers=workers)
 
 
 def eval_samples(data_dir: str | Path | None, class_names: Sequence[str] = ()) -> list[tuple[str, int]]:

@@ -231,7 +231,7 @@ def die_with_owner(owner_pid: int, death_signal: bool, worker_id: int) -> None:
 @dataclass(frozen=True)
 class StreamedDataset:
     """A dataset read from disk batch by batch: `train` and `test` are map-style datasets of
-    (uint8 C x H x W tensor, or None when the item cannot be read; int label; where: a name for the error) decoded
+    (uint8 C x H x W tensor, or None when the item cannot be read; int label; the error line naming it, or "") decoded
     in `workers` DataLoader processes; batches are pinned when the dataset is on CUDA (`to`)."""
 
     name: str
@@ -297,7 +297,7 @@ class _Order:
 
 
 def collate_items(items):
-    """(uint8 N x C x H x W, int64 labels, names of the items that could not be read)."""
+    """(uint8 N x C x H x W, int64 labels, the error lines of the items that could not be read)."""
     bad = [where for x, _, where in items if x is None]
     if bad:
         return None, None, bad
@@ -341,7 +341,7 @@ class StreamBatches:
         self.sampler.order = _epoch_order(len(self.items), self.shuffle, self.generator)
         for x, y, bad in self.loader:
             if bad:
-                raise BadInput(f"image {bad[0]} does not decode; remove or replace it")
+                raise BadInput(bad[0])  # the item's own error line, naming it
             yield x, y
 
     def __iter__(self):

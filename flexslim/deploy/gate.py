@@ -104,7 +104,8 @@ class Measurement:
     @classmethod
     def of_run(cls, latency: dict | None) -> Measurement:
         """The settings a run measured its budget with (its recipe's `latency` section: batch, threads,
-        percentile), as explicit settings: a job gating its own model with them loosens nothing."""
+        percentile, timeout; a record without `timeout` gets DEFAULT_TIMEOUT), as explicit settings: a job gating
+        its own model with them loosens nothing."""
         lat = latency or {}
         return cls(
             batch=lat.get("batch"),

@@ -25,7 +25,8 @@ class RunExport:
 def export_run(
     output: str | Path, run_dir: str | Path | None = None, *, provider: str | None = None, gate: bool = True
 ) -> RunExport:
-    """Export runs/latest (or `run_dir`) to ONNX, then gate it against the run's budget when it has one.
+    """Export runs/latest (or `run_dir`) to ONNX, then gate it against the run's budget when it has one, measured
+    with the run's recorded latency settings (provider, batch, threads, percentile, timeout: `_with_timeout`).
 
     Args:
         output: the .onnx file to write (atomically, only when the parity check passes).
@@ -41,7 +42,7 @@ def export_run(
     record = RunRecord.load(run)  # a corrupt run.json is BadInput naming it
     arch, model, _ = load_model(run / "model.pt")
     recipe = load_recipe(str(run / "recipe.toml")) if (run / "recipe.toml").is_file() else None
-    lat = record.get("latency") or (_latency_settings(recipe) if recipe else None)
+    lat = _with_timeout(record.get("latency") or (_latency_settings(recipe) if recipe else None), recipe, record)
     budget = record.get("budget_ms")
     result = export_model(model, arch, output, provenance(arch, recipe.name if recipe else "unknown", budget, lat))
     if not gate or budget is None:
@@ -60,17 +61,53 @@ def export_run(
 
 def _latency_settings(recipe) -> dict:
     s = recipe.latency
-    return {"provider": s.provider, "batch": s.batch, "threads": s.threads, "percentile": s.percentile}
+    return {
+        "provider": s.provider,
+        "batch": s.batch,
+        "threads": s.threads,
+        "percentile": s.percentile,
+        "timeout": s.timeout,
+    }
+
+
+def _with_timeout(lat: dict | None, recipe, record: RunRecord) -> dict | None:
+    """The run's latency settings with its `timeout` (seconds one gate measurement may take) checked. A run.json
+    from before the key was recorded takes the run's recipe.toml (`latency.timeout`), else the default."""
+    if lat is None:
+        return None
+    if "timeout" not in lat:
+        from flexslim.latency.runtime import DEFAULT_TIMEOUT
+
+        return {**lat, "timeout": recipe.latency.timeout if recipe else DEFAULT_TIMEOUT}
+    from flexslim.recipe import checks
+
+    where = checks.Origin(f"{record.path} latency.timeout", "fix it there, or delete the key for the default")
+    return {**lat, "timeout": checks.timeout(lat["timeout"], where)}
+
+
+ACCURACY_SECONDS = 600.0  # the export gate's accuracy on the run's test split (a shipped set: <= 10,000 images)
 
 
 def gate_in_fresh_process(path: Path, budget_ms: float, provider: str, measure=None, dataset: str | None = None):
     """Run `validate` in the isolated timing process (a fresh interpreter, as in CI): right after an export,
     this process still has the exporter's threads and heap churn, which showed up as p90 spikes of 2-3x on
-    a 2-core machine."""
-    from flexslim.deploy.gate import validate
-    from flexslim.latency.runtime import run_isolated
+    a 2-core machine.
 
+    The measurement stops itself at `measure.timeout` (a failed `timeout` check, exit 1); the helper is killed
+    (TimedOut, exit 1) when the whole call outlives that by HELPER_GRACE (+ ACCURACY_SECONDS when the gate also
+    reads `dataset`), as `time_isolated` kills a timing of the latency model."""
+    from flexslim.deploy.gate import Measurement, validate
+    from flexslim.latency.runtime import HELPER_GRACE, run_isolated
+
+    measure = measure or Measurement()
+    limit_s = measure.timeout + HELPER_GRACE + (ACCURACY_SECONDS if dataset else 0.0)
     # the helper process keeps the working directory it was started in: hand it an absolute path
     return run_isolated(
-        validate, Path(path).resolve(), latency_ms=budget_ms, provider=provider, measure=measure, dataset=dataset
+        validate,
+        Path(path).resolve(),
+        latency_ms=budget_ms,
+        provider=provider,
+        measure=measure,
+        dataset=dataset,
+        limit_s=limit_s,
     )

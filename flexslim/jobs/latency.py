@@ -130,7 +130,13 @@ def latency_stage(
         f"latency model: floor {lat.floor_ms:.4f} ms (all stages at {recipe.model.min_width}), {describe(lat)}"
     )
     s = recipe.latency
-    settings = {"provider": lat.provider, "batch": s.batch, "threads": s.threads, "percentile": s.percentile}
+    settings = {
+        "provider": lat.provider,
+        "batch": s.batch,
+        "threads": s.threads,
+        "percentile": s.percentile,
+        "timeout": s.timeout,  # the gate of `flexslim export` measures under it too
+    }
     if not record.search_finished():  # a finished search keeps what it recorded
         record.update(
             latency={**settings, "floor_ms": lat.floor_ms, "error": err, "block": lat.block},

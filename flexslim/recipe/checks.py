@@ -27,6 +27,7 @@ MAX_MIN_SECONDS = 600.0  # seconds of timed passes per measurement
 MAX_TIMEOUT = 86_400.0  # seconds one measurement may be allowed (a day)
 MAX_THREADS = 1024  # onnxruntime intra-op threads
 MAX_IMAGE_SIZE = 4096  # pixels per side
+MAX_IMAGE_PIXELS = 1_000_000_000  # pixels (width x height) of one image file read from a folder: 3 GB as RGB
 MAX_EPOCHS = 100_000
 MAX_WIDTH = 65_536  # channels of one stage
 

@@ -56,6 +56,7 @@ RULES: dict[str, Rule] = {
     "data.resized_crop": lambda v, o: checks.finite(v, o, low=0.0, high=1.0),
     "data.channels": _channels,
     "data.max_in_memory_mb": _count(cap=10_000_000),
+    "data.max_pixels": _count(cap=checks.MAX_IMAGE_PIXELS),
     "data.train_subset": _count(low=0, cap=10_000_000),  # images per class; 0 = all
     "model.stem_width": _count(cap=checks.MAX_WIDTH),
     "model.head_width": _count(low=0, cap=checks.MAX_WIDTH),

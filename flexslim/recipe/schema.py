@@ -50,6 +50,9 @@ class DataConfig:
     max_in_memory_mb: int = 4096  # folder: decoded train + test images above this size stream from disk (folders.py)
     stream: bool = False  # folder: stream from disk through DataLoader workers even when the set fits in memory
     workers: int = -1  # folder, streaming: DataLoader worker processes per batch stream; -1 = min(4, CPU cores)
+    max_pixels: int = 50_000_000  # folder: most pixels (width x height, read from the header) an image may have;
+    # a larger one is refused naming it (decompression bombs: a small file that decodes to gigabytes). 50 M is a
+    # 50-megapixel photo (8160 x 6120), 150 MB decoded as RGB in each worker; PIL's own bomb check follows this key
     train_subset: int = 0  # training images per class (class-balanced, drawn by split_seed) of an in-memory
     # dataset; 0 = all of them. A class with fewer keeps all of its images; the test set is never cut
 
