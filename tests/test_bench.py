@@ -146,6 +146,39 @@ def test_seeds_below_one_is_bad_input(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "--seeds" in res.output
 
 
+@pytest.mark.parametrize("flag", ["1.5", "-1", "3,random=0", "3,nope=1", "random=", ",", "x"])
+def test_malformed_seeds_are_bad_input_naming_the_flag(tmp_path, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["bench", "--recipe", "quickstart", "--latency-ms", "1", "--seeds", flag])
+    assert res.exit_code == 2 and "--seeds" in res.output, res.output
+    assert not (tmp_path / "bench").exists()
+
+
+def test_seeds_per_method_run_each_method_its_own_count_in_seed_order():
+    from flexslim.bench.run import _runs, parse_seeds
+
+    assert parse_seeds("3") == 3
+    per = parse_seeds("3,random=1,dmask-large=1")
+    runs = _runs(["flexcharts", "random", "uniform", "dmask-large"], per, 10)
+    got = [(r["method"], r["seed"]) for r in runs]
+    assert got == [
+        ("flexcharts", 10), ("uniform", 10), ("dmask-large", 10), ("random", 10),
+        ("flexcharts", 11), ("uniform", 11),
+        ("flexcharts", 12), ("uniform", 12),
+    ]  # fmt: skip
+    assert {r["run"] for r in runs} >= {"random-seed10", "uniform-seed12"}
+    # methods not named get the largest count; one run each keeps the recipe's own seeds (unlabelled)
+    assert [r["method"] for r in _runs(["flexcharts", "uniform"], parse_seeds("uniform=2"), 0)].count("flexcharts") == 2
+    assert [r["seed"] for r in _runs(["flexcharts", "uniform"], parse_seeds("1,uniform=1"), 0)] == [None, None]
+
+
+def test_seeds_naming_a_method_the_bench_does_not_run_is_bad_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--recipe", "quickstart", "--latency-ms", "1", "--methods", "uniform", "--seeds", "2,random=1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "random" in res.output and "--seeds" in res.output, res.output
+
+
 def test_throughput_times_the_search_loops_own_step(monkeypatch):
     """`flexslim bench --throughput` times search.loop's weight_step and arch_step, not a copy of them."""
     import torch

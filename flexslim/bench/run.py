@@ -273,7 +273,8 @@ class BenchRequest:
         budget_ms: default the recipe's bench.latency_ms.
         retrain: retrain every result and report its test accuracy (default: the recipe's bench.retrain).
         seeds: runs per method; run i sets search.seed and train.seed to the recipe's search.seed + i
-            (1: the recipe's seeds as they are).
+            (1: the recipe's seeds as they are). An int, or per method: `{"flexcharts": 3, "random": 1}` (methods
+            not named get the largest count given; see `parse_seeds` for the flag's "3,random=1" form).
         latency_table: a latency.json of this recipe (`flexslim profile`) to share instead of measuring one.
         data_dir, device: as for `flexslim search`.
     """
@@ -286,7 +287,7 @@ class BenchRequest:
     overrides: tuple[str, ...] = ()
     data_dir: Path | None = None
     device: str = "auto"
-    seeds: int = 1
+    seeds: int | dict[str, int] = 1
     latency_table: Path | None = None
 
 
@@ -311,6 +312,8 @@ def run_bench(request: BenchRequest, log=print) -> list[dict]:
     recipe = load_recipe(recipe_name, overrides)
     methods = [bench_method(m).name for m in (methods or recipe.bench.methods)]
     budget = _checked_budget_and_seeds(recipe, budget_ms, seeds)
+    if isinstance(seeds, dict) and set(seeds) - {"*"} - set(methods):
+        raise BadInput(f"--seeds names {', '.join(sorted(set(seeds) - {'*'} - set(methods)))}, not among the methods")
     out.mkdir(parents=True, exist_ok=True)
     if latency_table is not None:
         table = _reuse_latency_table(Path(latency_table), out / "latency.json", log)
@@ -340,9 +343,33 @@ def _checked_budget_and_seeds(recipe, budget_ms: float | None, seeds) -> float:
     budget = budget_ms if budget_ms is not None else recipe.bench.latency_ms
     if not budget or budget <= 0:
         raise BadInput(f"recipe {recipe.name} sets no bench.latency_ms; pass --latency-ms")
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise BadInput(f"--seeds must be a whole number >= 1, got {seeds}")
+    counts = seeds.values() if isinstance(seeds, dict) else [seeds]
+    if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+        raise BadInput(f"--seeds must be a whole number >= 1 (or N,method=K,...), got {seeds}")
     return budget
+
+
+def parse_seeds(text: str) -> int | dict[str, int]:
+    """`--seeds`: "3" (every method 3 runs), or "3,random=1,dmask-large=1" (3 runs, random search and DMask-large
+    one each), or "flexcharts=3,uniform=3" (the methods not named: the largest count given)."""
+    from flexslim.recipe.choices import BENCH_METHODS
+
+    default, per, parts = None, {}, [p.strip() for p in str(text).split(",") if p.strip()]
+    for part in parts:
+        name, eq, count = part.rpartition("=") if "=" in part else ("", "", part)
+        if not count.isdigit() or int(count) < 1:
+            raise BadInput(f"--seeds must be a whole number >= 1 (or N,method=K,...), got {text!r}")
+        if not eq:
+            default = int(count)
+        elif name.strip() not in BENCH_METHODS:
+            raise BadInput(f"--seeds: unknown method {name.strip()!r} (known: {', '.join(BENCH_METHODS)})")
+        else:
+            per[name.strip()] = int(count)
+    if not parts or (default is None and not per):
+        raise BadInput(f"--seeds must be a whole number >= 1 (or N,method=K,...), got {text!r}")
+    if not per:
+        return default
+    return {**({"*": default} if default is not None else {}), **per}
 
 
 def _random_seconds(rows: list[dict], seed, recipe) -> float:
@@ -353,14 +380,29 @@ def _random_seconds(rows: list[dict], seed, recipe) -> float:
     return float(same[-1]["search_seconds"]) if same else recipe.bench.random_seconds
 
 
-def _runs(methods: list[str], seeds: int, first_seed: int) -> list[dict]:
-    """The runs of a bench: every method per seed ({"method", "seed", "run": the run folder's name}); random search
-    runs after FlexCHarts (it gets FlexCHarts' search time)."""
+def seeds_of(seeds: int | dict[str, int], methods: list[str]) -> dict[str, int]:
+    """Runs per method: an int for all, or a mapping (key "*": the methods not named; else the largest count)."""
+    if not isinstance(seeds, dict):
+        return {m: seeds for m in methods}
+    rest = seeds.get("*", max(seeds.values()))
+    return {m: seeds.get(m, rest) for m in methods}
+
+
+def _runs(methods: list[str], seeds: int | dict[str, int], first_seed: int) -> list[dict]:
+    """The runs of a bench: every method per seed ({"method", "seed", "run": the run folder's name}), seed by seed
+    (a method with fewer runs stops early); random search runs after FlexCHarts (it gets FlexCHarts' search time).
+    Seeds are labelled (search.seed = train.seed = first + i) as soon as any method runs more than once."""
     methods = sorted(methods, key=lambda m: m == "random")
+    counts = seeds_of(seeds, methods)
+    many = max(counts.values(), default=1) > 1
     runs = []
-    for i in range(seeds):
-        seed = first_seed + i if seeds > 1 else None
-        runs += [{"method": m, "seed": seed, "run": m if seed is None else f"{m}-seed{seed}"} for m in methods]
+    for i in range(max(counts.values(), default=0)):
+        seed = first_seed + i if many else None
+        runs += [
+            {"method": m, "seed": seed, "run": m if seed is None else f"{m}-seed{seed}"}
+            for m in methods
+            if i < counts[m]
+        ]
     return runs
 
 

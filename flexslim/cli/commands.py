@@ -299,8 +299,12 @@ def bench(
         bool, typer.Option("--throughput", help="Only time the search and retrain steps (images/s).")
     ] = False,
     seeds: Annotated[
-        int, typer.Option(help="Runs per method (search.seed = train.seed = base + i); the table shows mean ± std.")
-    ] = 1,
+        str,
+        typer.Option(
+            help="Runs per method (search.seed = train.seed = base + i), e.g. 3, or 3,random=1,dmask-large=1 "
+            "(per method); the table shows mean ± std."
+        ),
+    ] = "1",
     latency_table: Annotated[
         Optional[Path], typer.Option(help="Share this latency.json (flexslim profile) instead of measuring one.")
     ] = None,
@@ -325,7 +329,7 @@ def bench(
         if throughput:
             _print_throughput(recipe, set_, data, device)
             return
-        from flexslim.bench.run import BenchRequest
+        from flexslim.bench.run import BenchRequest, parse_seeds
 
         request = BenchRequest(
             recipe,
@@ -336,7 +340,7 @@ def bench(
             overrides=tuple(set_ or []),
             data_dir=data,
             device=device.value,
-            seeds=seeds,
+            seeds=parse_seeds(seeds),
             latency_table=latency_table,
         )
         rows = _bench_rows(request, floor_x)
