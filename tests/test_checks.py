@@ -1,4 +1,5 @@
-"""flexslim.recipe.checks (every number, every output path) and flexslim.system.exits (exception -> exit code + one line)."""
+"""flexslim.recipe.checks (every number, every output path) and flexslim.system.exits (exception -> exit code +
+one line)."""
 
 import math
 import os

@@ -55,6 +55,8 @@ class Score(Protocol):
     def noise(self, value: float) -> float:
         """How far two scores may differ by chance alone near `value`."""
         ...
+
+
 ENUMERATE_UP_TO = 10  # stages; more than that: a beam over the stages
 BEAM = 32
 MEASURE_FIRST = 3  # rounded neighbours measured before trimming or filling

@@ -1,5 +1,4 @@
-"""Run-folder locks: one job at a time in a run folder (flock on `<run>/.lock`, held for the process's life).
-"""
+"""Run-folder locks: one job at a time in a run folder (flock on `<run>/.lock`, held for the process's life)."""
 
 from __future__ import annotations
 

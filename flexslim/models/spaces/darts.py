@@ -60,7 +60,8 @@ class ChunkedConv2d(nn.Conv2d):
 
 
 class ChunkedLinear(nn.Linear):
-    """A Linear whose input is a concatenation of `in_chunks` equal chunks (cell outputs), so re-allocation keeps each chunk's weights."""
+    """A Linear whose input is a concatenation of `in_chunks` equal chunks (cell outputs), so re-allocation keeps
+    each chunk's weights."""
 
     def __init__(self, *args, in_chunks: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
