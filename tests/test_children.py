@@ -311,18 +311,14 @@ def _resume_finishes(cwd: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_search_killed_in_its_latency_stage_leaves_nothing_and_resumes(tmp_path):
+def test_a_search_killed_in_its_latency_stage_then_in_its_epochs_leaves_nothing_and_resumes(tmp_path):
+    """One run killed twice: while its helper measures the latency model, then (resumed) during its epochs."""
     with _Job(_search_args(), tmp_path) as job:
         helper = _wait_for(job.helper, "the timing helper", job.proc, log=job.lines)
         _wait_for(lambda: _busy(helper), "the helper to measure", job.proc, log=job.lines)
         assert not job.saw("latency model:"), "the latency stage ended before the kill"
         assert _kill_and_check(job.proc.pid, job.proc) == []
-    _resume_finishes(tmp_path)
-
-
-@pytest.mark.slow
-def test_a_search_killed_in_its_epochs_leaves_nothing_and_resumes(tmp_path):
-    with _Job(_search_args(), tmp_path) as job:
+    with _Job([*_search_args(), "--resume"], tmp_path) as job:
         _wait_for(lambda: job.saw("epoch   1/3"), "epoch 1", job.proc, log=job.lines)
         assert job.helper() is not None  # the helper lives on (idle) after the latency stage
         assert not job.saw("epoch   3/3")

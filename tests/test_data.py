@@ -67,6 +67,36 @@ def test_quickstart_is_deterministic_and_seeded():
     assert not torch.equal(a.test_x, c.test_x)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 7, 12345])
+@pytest.mark.parametrize("test_size", [0.2, 0.25, 0.5])
+def test_digits_and_their_split_are_scikit_learns_own(seed, test_size):
+    """data.digits reads the CSV and splits without importing scikit-learn: the same arrays, the same indices."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from flexslim.data import digits
+
+    assert digits.csv_path() is not None
+    images, target = digits.load()
+    ref = load_digits()
+    assert np.array_equal(images, ref.images) and np.array_equal(target, ref.target)
+    want = train_test_split(list(range(len(target))), test_size=test_size, random_state=seed, stratify=ref.target)
+    assert digits.split(target, test_size, seed) == (list(want[0]), list(want[1]))
+
+
+def test_loading_the_quickstart_data_does_not_import_scikit_learn():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from flexslim.data.sources import load_dataset; from flexslim.recipe.schema import DataConfig; "
+        "load_dataset(DataConfig(dataset='quickstart')); print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
 def test_unknown_dataset():
     with pytest.raises(BadInput, match="quickstart"):
         load_dataset(DataConfig(dataset="emnist"))  # not in the table

@@ -57,19 +57,17 @@ def load_dataset(cfg: DataConfig, data_dir: str | Path | None = None) -> Trainin
 
 
 def load_quickstart(cfg: DataConfig, data_dir: str | Path | None = None) -> Dataset:
-    """scikit-learn's bundled digits at `data.image_size`, split 80/20 (stratified, `data.split_seed`)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """scikit-learn's bundled digits at `data.image_size`, split 80/20 (stratified, `data.split_seed`; see
+    `data.digits`, which reads both without importing scikit-learn)."""
+    from flexslim.data import digits
 
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixel values are 0..16
+    images, target = digits.load()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixel values are 0..16
     if cfg.image_size != 8:
         x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
     x = x.clamp_(0, 1)
-    y = torch.tensor(digits.target, dtype=torch.int64)
-    idx_train, idx_test = train_test_split(
-        list(range(len(y))), test_size=0.2, random_state=cfg.split_seed, stratify=digits.target
-    )
+    y = torch.tensor(target, dtype=torch.int64)
+    idx_train, idx_test = digits.split(target, test_size=0.2, seed=cfg.split_seed)
     tr, te = torch.tensor(idx_train), torch.tensor(idx_test)
     mean, std = x[tr].mean().item(), x[tr].std().item()
     return Dataset("quickstart", x[tr], y[tr], x[te], y[te], 10, (mean,), (std,))
