@@ -43,6 +43,33 @@ if os.environ.get("FLEXSLIM_TEST_ONEDNN") != "1":
     torch.backends.mkldnn.enabled = False
 
 
+# -- the user's cache folder: never the real one, and never shared between tests -----------------------------------
+# $FLEXSLIM_CACHE holds the latency cache (and downloads): a test that expects to time a network must not be served
+# another test's timing of it. Set in the environment, so the flexslim processes a test starts inherit it. Three
+# layers: the session's (for session fixtures), each module's (module fixtures that profile), each test's own.
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLEXSLIM_CACHE", str(tmp_path_factory.mktemp("cache-session")))
+        mp.delenv("FLEXSLIM_NO_CACHE", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_cache(tmp_path_factory, _session_cache):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLEXSLIM_CACHE", str(tmp_path_factory.mktemp("cache-module")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def flexslim_cache(tmp_path_factory, monkeypatch, _module_cache) -> Path:
+    """This test's own $FLEXSLIM_CACHE folder (empty; the latency cache writes into `latency/` under it)."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("FLEXSLIM_CACHE", str(path))
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

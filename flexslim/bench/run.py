@@ -409,13 +409,17 @@ def _runs(methods: list[str], seeds: int | dict[str, int], first_seed: int) -> l
 def _shared_latency_table(recipe_name: str, overrides: list[str], table: Path, budget: float, data_dir, log):
     """Measure the one latency table every method uses (saved at `table`) -> the LatencyModel."""
     from flexslim.jobs.latency import profile_job
+    from flexslim.latency import cache
 
     log(f"bench {recipe_name}: budget {budget:g} ms; measuring the shared latency table")
     t0 = time.perf_counter()
+    before = cache.tally()
     model = profile_job(recipe_name, overrides, table, data_dir=data_dir)
+    used = cache.tally() - before
     log(
-        f"latency table: {time.perf_counter() - t0:.0f}s, hold-out error median "
-        f"{model.error_summary().get('median_pct', 0):.1f}%, floor {model.floor_ms:.4f} ms"
+        f"latency table: {time.perf_counter() - t0:.0f}s ({used.hits} of {used.hits + used.misses} networks from the "
+        f"latency cache), hold-out error median {model.error_summary().get('median_pct', 0):.1f}%, floor "
+        f"{model.floor_ms:.4f} ms"
     )
     return model
 

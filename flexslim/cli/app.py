@@ -1,6 +1,7 @@
 """The `flexslim` Typer app and what every command shares: one-line usage errors, the consoles (wide without a
 terminal), `--debug`, SIGTERM as an exception, exception -> exit code around each command body, and the option
-types (recipe, --set, --data, --device and the choice enums read from their tables). The commands are in commands.py.
+types (recipe, --set, --data, --device, --no-cache and the choice enums read from their tables). The commands are in
+commands.py.
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ DataOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Training device.")]
+NoCacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-cache",
+        help="Neither read nor add to the latency cache (`flexslim cache list`): time every network afresh.",
+    ),
+]
 
 
 class Terminated(KeyboardInterrupt):

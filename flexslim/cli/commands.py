@@ -18,6 +18,7 @@ from flexslim.cli.app import (
     Device,
     DeviceOpt,
     Method,
+    NoCacheOpt,
     Provider,
     RecipeOpt,
     SetOpt,
@@ -26,6 +27,7 @@ from flexslim.cli.app import (
     err,
     out,
 )
+from flexslim.latency.cache import switched_off
 from flexslim.latency.runtime import DEFAULT_TIMEOUT, GATE_SECONDS
 from flexslim.recipe.choices import BENCH_METHODS
 from flexslim.system.distributed import is_main
@@ -57,13 +59,14 @@ def search(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the interrupted run (runs/latest or --run-dir).")
     ] = False,
+    no_cache: NoCacheOpt = False,
 ) -> None:
     """The main job: latency model -> FlexCHarts search -> measured bake (trim, fill) -> retrain.
 
     Data-parallel on N processes or GPUs: `torchrun --nproc-per-node N -m flexslim search ...`."""
     from flexslim.system.distributed import session
 
-    with command_exit_codes(), session(device.value):
+    with command_exit_codes(), switched_off(no_cache), session(device.value):
         from flexslim.jobs.search import SearchRequest, search_job
         from flexslim.system.console import Reporter, RichReporter
 
@@ -118,21 +121,27 @@ def profile(
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the latency table.")] = Path("latency.json"),
     data: DataOpt = None,
     set_: SetOpt = None,
+    no_cache: NoCacheOpt = False,
 ) -> None:
-    """Measure and fit the latency model of a recipe's family on this machine (reuse with --latency-table)."""
-    with command_exit_codes():
+    """Measure and fit the latency model of a recipe's family on this machine (reuse with --latency-table); networks
+    already in the latency cache are read from it."""
+    with command_exit_codes(), switched_off(no_cache):
         from flexslim.jobs.latency import profile_job
+        from flexslim.latency import cache
         from flexslim.recipe.checks import check_output_path
         from flexslim.system.console import RichReporter
 
         check_output_path(out_path, "--out")  # before the measurement
         overrides = list(set_ or []) + ([f"latency.provider={provider.value}"] if provider else [])
+        before = cache.tally()
         model = profile_job(recipe, overrides, out_path, data_dir=data, reporter=RichReporter(err))
+        used = cache.tally() - before
         e = model.error_summary()
         out.print(
             f"wrote {out_path}: {len(model.fit_points)} fit + {len(model.holdout_points)} hold-out networks on "
-            f"{model.provider} in {model.measure_seconds:.1f}s; floor {model.floor_ms:.4f} ms; hold-out error "
-            f"median {e.get('median_pct', 0):.1f}% max {e.get('max_pct', 0):.1f}%"
+            f"{model.provider} in {model.measure_seconds:.1f}s ({used.hits} from the latency cache); floor "
+            f"{model.floor_ms:.4f} ms; hold-out error median {e.get('median_pct', 0):.1f}% "
+            f"max {e.get('max_pct', 0):.1f}%"
         )
 
 
@@ -319,10 +328,11 @@ def bench(
     data: DataOpt = None,
     device: DeviceOpt = Device.auto,
     set_: SetOpt = None,
+    no_cache: NoCacheOpt = False,
 ) -> None:
     """Compare FlexCHarts, DMaskingNAS, uniform scaling and random search at equal measured latency (paper Table 1,
     Fig. 4 with --floor-x)."""
-    with command_exit_codes():
+    with command_exit_codes(), switched_off(no_cache):  # the runs' own processes inherit it
         from flexslim.recipe.checks import check_output_dir
 
         check_output_dir(out_dir, "--out")  # before anything is measured
@@ -415,10 +425,12 @@ def sweep(
     data: DataOpt = None,
     device: DeviceOpt = Device.auto,
     set_: SetOpt = None,
+    no_cache: NoCacheOpt = False,
 ) -> None:
-    """Search N budgets on one shared latency table; measure what each delivered network really runs at. With
-    --min-accuracy: the fastest network reaching it (exit 1, naming the best found, when none does)."""
-    with command_exit_codes():
+    """Search N budgets on one shared latency table; measure what each delivered network really runs at (the gate:
+    never from the latency cache). With --min-accuracy: the fastest network reaching it (exit 1, naming the best
+    found, when none does)."""
+    with command_exit_codes(), switched_off(no_cache):
         from flexslim.errors import BadInput
         from flexslim.jobs.sweep import SweepRequest, failed, fastest_reaching, sweep_job
         from flexslim.recipe import checks
@@ -456,6 +468,51 @@ def sweep(
             )
         if any(failed(r) for r in rows):
             raise typer.Exit(1)
+
+
+cache_app = typer.Typer(
+    help="The latency cache: every network timed on this device, per device fingerprint ($FLEXSLIM_CACHE/latency).",
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list() -> None:
+    """Per device fingerprint: the device and timing settings, the networks held, the file's size and path."""
+    with command_exit_codes():
+        from rich.markup import escape
+        from rich.table import Table
+
+        from flexslim.latency.cache import describe, latency_folder, listing
+
+        files = listing()
+        if not files:
+            out.print(f"latency cache {latency_folder()}: empty", highlight=False, markup=False)
+            return
+        table = Table(title=f"latency cache {escape(str(latency_folder()))}")
+        for column in ("fingerprint", "device", "networks", "size"):
+            table.add_column(column, justify="right" if column in ("networks", "size") else "left", no_wrap=True)
+        table.add_column("path", overflow="fold")
+        for f in files:
+            held = f"{f.entries}" + (f" (+{f.corrupt} corrupt)" if f.corrupt else "")
+            table.add_row(f.id, escape(describe(f.fingerprint)), held, _size(f.size), escape(str(f.path)))
+        out.print(table)
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Delete the latency cache's files (only flexslim's latency files in the cache folder), naming each."""
+    with command_exit_codes():
+        from flexslim.latency.cache import clear, latency_folder
+
+        removed = clear()
+        for path in removed:
+            out.print(f"removed {path}", highlight=False, markup=False)
+        out.print(f"latency cache {latency_folder()}: {len(removed)} files removed", highlight=False, markup=False)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def _render_report(rep) -> None:

@@ -1,6 +1,7 @@
 """The run's latency model: the run's own latency.json (resume), else `--latency-table`, else measured here, then
 measured near the budget and saved before the search reads it (`latency_model_for`); the budget its timing spread
-gives, recorded in run.json (`latency_stage`); `flexslim profile` (`profile_job`).
+gives, recorded in run.json (`latency_stage`, with how many networks the latency cache served); `flexslim profile`
+(`profile_job`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from flexslim.data.sources import load_dataset
 from flexslim.errors import BadInput
+from flexslim.latency import cache as latency_cache
 from flexslim.latency.budget import Budget
 from flexslim.latency.model import LatencyModel, with_grid
 from flexslim.latency.profiling import Sampling, profile, refine
@@ -123,7 +125,10 @@ def latency_stage(
         _note_other_table(record, table, reporter)
     elif table is not None and not record.search_finished():
         record.update(latency_table=table_source(table))  # before measuring: a killed run knows what it started on
+    before = latency_cache.tally()
     lat = latency_model_for(arch, recipe, record.run_dir, table, reporter, [budget_ms], resume=resume)
+    cached = latency_cache.tally() - before
+    log_cache_use(cached, reporter)
     budget = Budget.for_noise(budget_ms, lat.noise(), recipe.latency.confidence)
     err = lat.error_summary()
     reporter.log(
@@ -142,6 +147,9 @@ def latency_stage(
             latency={**settings, "floor_ms": lat.floor_ms, "error": err, "block": lat.block},
             budget=budget.as_dict(),
             latency_seconds=time.perf_counter() - t0,
+            # summed over a killed run and its resumes (a resumed run's own latency.json is read, not measured)
+            latency_cache_hits=record.get("latency_cache_hits", 0) + cached.hits,
+            latency_cache_misses=record.get("latency_cache_misses", 0) + cached.misses,
         )
     try:
         budget.check_floor(lat.floor_ms, lat.provider, recipe.model.min_width)
@@ -149,6 +157,15 @@ def latency_stage(
         record.update(status="impossible budget")
         raise
     return lat, budget
+
+
+def log_cache_use(used: latency_cache.Tally, reporter: Reporter) -> None:
+    """One line on what the latency cache served of the networks a stage needed (none when it needed none)."""
+    total = used.hits + used.misses
+    if not total:
+        return
+    where = latency_cache.latency_folder() if latency_cache.enabled() else "the latency cache (off: --no-cache)"
+    reporter.log(f"latency cache: {used.hits} of {total} networks served from {where}, {used.misses} timed")
 
 
 # -- `flexslim profile` ---------------------------------------------------------------------------------------
@@ -168,8 +185,10 @@ def profile_job(
     ds = load_dataset(recipe.data, data_dir)
     arch = Arch.for_data(recipe.model, ds)
     s, m = recipe.latency, recipe.model
+    before = latency_cache.tally()
     model = profile(
         arch, s, m.min_width, m.round_to, sampling=Sampling(budgets=tuple(budgets or ())), reporter=reporter
     )
+    log_cache_use(latency_cache.tally() - before, reporter or Reporter())
     model.save(out)
     return model

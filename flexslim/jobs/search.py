@@ -2,7 +2,8 @@
 search (or reuse a finished one) -> bake and fit to the budget -> retrain (or reuse).
 
     runs/X/recipe.toml     resolved recipe
-    runs/X/run.json        budget, latency settings, status, measured latency, trims (through RunRecord only)
+    runs/X/run.json        budget, latency settings, status, measured latency, trims, what the latency cache
+                           served (`latency_cache_*`, `bake_cache_*`: hits and networks timed; through RunRecord)
     runs/X/latency.json    the latency model (reused by --resume; --latency-table brings another)
     runs/X/search.jsonl    one line per search epoch;  search.png  the trajectory
     runs/X/arch.json       the baked widths (after trimming);  model.pt  the retrained network
@@ -19,7 +20,8 @@ from pathlib import Path
 from flexslim.data.sources import load_dataset
 from flexslim.data.tensors import Dataset
 from flexslim.errors import BadInput
-from flexslim.jobs.latency import latency_stage
+from flexslim.jobs.latency import latency_stage, log_cache_use
+from flexslim.latency import cache as latency_cache
 from flexslim.latency.budget import Budget
 from flexslim.latency.model import LatencyModel, with_grid
 from flexslim.models.arch import Arch, arch_json, load_arch
@@ -313,11 +315,24 @@ def _search_stage(run: _OpenRun, budget: Budget, lat: LatencyModel) -> Searched:
     _write_search_outputs(st.history, run_dir, f"{recipe.search.method} search for {budget.ms:g} ms ({recipe.name})")
     centers = st.averaged_widths() or st.supernet.mean_widths()
     score = SupernetScore(st.supernet, ds, recipe, dev) if recipe.search.bake_rank == "supernet" else None
+    before = latency_cache.tally()
     fitted = distributed.on_main(lambda: _bake(arch, centers, budget, lat, recipe, reporter, score))
+    cached = latency_cache.tally() - before  # the bake runs on rank 0, which alone writes run.json
+    log_cache_use(cached, reporter)
     baked = arch.with_widths(fitted.widths)
     atomic_write_text(run_dir / "arch.json", arch_json(baked))
     _save_searched_weights(st.supernet, baked, recipe, run_dir, ds, dev)
-    _record_search(record, centers, fitted, budget, st.history, memory=memory_info, supernet_test_acc=supernet_acc)
+    _record_search(
+        record,
+        centers,
+        fitted,
+        budget,
+        st.history,
+        memory=memory_info,
+        supernet_test_acc=supernet_acc,
+        bake_cache_hits=cached.hits,
+        bake_cache_misses=cached.misses,
+    )
     remove(run_dir / "search_state.pt")
     reporter.log(
         f"searched widths { ({k: round(v, 1) for k, v in centers.items()}) } -> baked {fitted.widths}: measured "

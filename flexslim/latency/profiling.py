@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from flexslim.errors import BadInput
+from flexslim.latency import cache as latency_cache
 from flexslim.latency.model import NEAR, LatencyModel, Point
 from flexslim.models.arch import Arch
 from flexslim.recipe.schema import LatencyConfig
@@ -36,13 +37,24 @@ def measure(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: i
 
 
 def measure_sessions(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: int = 0):
-    """(Timing of the median session, every session's percentile) for one network; see `measure`."""
-    from flexslim.latency.runtime import TimingPlan, time_isolated
+    """(Timing of the median session, every session's percentile) for one network; see `measure`. The latency cache
+    answers when it holds this graph measured at least as thoroughly on this device (`latency.cache`); what is timed
+    here is added to it."""
     from flexslim.models.families import build_network
     from flexslim.models.onnx_graph import onnx_bytes
 
     torch.manual_seed(seed)
     model = onnx_bytes(build_network(arch, widths).eval(), arch.input_shape, fast=True)
+    network = {"family": arch.family, "widths": dict(widths), "input_shape": list(arch.input_shape)}
+    t = latency_cache.timing_of(model, settings, lambda: _timed_sessions(model, settings, seed), network)
+    return t, t.sessions
+
+
+def _timed_sessions(model: bytes, settings: LatencyConfig, seed: int):
+    """The Timing of the median of `settings.repeats` fresh sessions of `model` in the isolated timing process, with
+    every session's percentile in `sessions` (sorted)."""
+    from flexslim.latency.runtime import TimingPlan, time_isolated
+
     s, n = settings, max(1, settings.repeats)
     timings = [
         time_isolated(
@@ -53,8 +65,7 @@ def measure_sessions(arch: Arch, widths: dict[str, int], settings: LatencyConfig
         for _ in range(n)
     ]
     timings.sort(key=lambda t: t.at_percentile_ms)
-    sessions = tuple(t.at_percentile_ms for t in timings)
-    return replace(timings[(n - 1) // 2], sessions=sessions), sessions
+    return replace(timings[(n - 1) // 2], sessions=tuple(t.at_percentile_ms for t in timings))
 
 
 Measurer = Callable[[Arch, dict[str, int], LatencyConfig, int], tuple]

@@ -1,11 +1,14 @@
-"""Run-folder locks: one job at a time in a run folder (flock on `<run>/.lock`, held for the process's life)."""
+"""Run-folder locks: one job at a time in a run folder (flock on `<run>/.lock`, held for the process's life); and
+`exclusive`, a short flock around a read-modify-write of a shared file (the latency cache's writers)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import stat
+import time
 from pathlib import Path
 
 from flexslim.errors import BadInput
@@ -75,3 +78,25 @@ def release_runs() -> None:
     """Drop every run lock this process holds (the CLI calls it when a command ends)."""
     for key in list(_HELD):
         os.close(_HELD.pop(key))
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, wait_s: float = 10.0):
+    """Hold an exclusive flock on `path` (created if missing; a plain file, never through a link) for the block,
+    waiting up to `wait_s` seconds for another holder; TimeoutError past that, BadInput for a link or special file.
+    For short critical sections shared by processes (the kernel drops the lock when its holder dies, even on kill -9).
+    """
+    fd = _open_lock(Path(path))
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{path} stayed locked by another process for {wait_s:g} s") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # closing the only descriptor releases the flock
