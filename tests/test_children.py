@@ -30,11 +30,18 @@ from flexslim.system import children
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc")
 
 REPO = Path(flexslim.__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-    "OMP_NUM_THREADS": "1",
-}
+
+
+def _env() -> dict:
+    """The children's environment, read now: it carries this test's own $FLEXSLIM_CACHE (conftest), so a search
+    here times its networks instead of reading another test's (or the user's) latency cache."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
 GONE_WITHIN = 5.0  # seconds after the parent's death
 TIMEOUT = 90.0
 
@@ -131,7 +138,7 @@ def _kill_and_check(pid: int, proc: subprocess.Popen | None = None) -> list[int]
 def _parent(script: str, tmp_path: Path) -> subprocess.Popen:
     path = tmp_path / "parent.py"
     path.write_text(textwrap.dedent(script))
-    return subprocess.Popen([sys.executable, str(path)], env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(path)], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, text=True)
 
 
 def _line(proc: subprocess.Popen) -> str:
@@ -176,7 +183,7 @@ def test_a_subprocess_child_dies_with_its_killed_parent(tmp_path, from_thread):
 
 
 def test_a_child_whose_parent_is_already_gone_exits_at_once(tmp_path):
-    env = {**ENV, children.PARENT_ENV: "1:pdeathsig"}  # pid 1 is not its parent: the parent died before
+    env = {**_env(), children.PARENT_ENV: "1:pdeathsig"}  # pid 1 is not its parent: the parent died before
     proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == children.ORPHANED_EXIT and proc.stdout == ""
 
@@ -270,7 +277,7 @@ class _Job:
     def __init__(self, args: list[str], cwd: Path, cmd: list[str] | None = None, env: dict | None = None):
         cmd = cmd or [sys.executable, "-m", "flexslim"]
         self.proc = subprocess.Popen(
-            [*cmd, *args], cwd=cwd, env=env or ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            [*cmd, *args], cwd=cwd, env=env or _env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         self.lines: list[str] = []
         threading.Thread(
@@ -301,7 +308,7 @@ def _resume_finishes(cwd: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "flexslim", *_search_args(), "--resume"],
         cwd=cwd,
-        env=ENV,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -338,7 +345,7 @@ def test_a_validate_killed_while_timing_leaves_nothing_and_reruns(tmp_path, expo
     rerun = subprocess.run(
         [sys.executable, "-m", "flexslim", *args, "--min-seconds", "0.5", "--report", "r.json"],
         cwd=tmp_path,
-        env=ENV,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -365,7 +372,7 @@ def test_a_torchrun_search_with_a_killed_rank_stops_says_so_leaves_nothing_and_r
 
     from flexslim.system import distributed
 
-    env = {**ENV, distributed.TIMEOUT_ENV: "60"}  # a rank waiting longer than this in a collective is a failure
+    env = {**_env(), distributed.TIMEOUT_ENV: "60"}  # a rank waiting longer than this in a collective is a failure
     epochs = 4
     args = [*_search_args(), "--set", f"search.epochs={epochs}", "--set", "distributed.sync_bn=true"]
     jsonl = tmp_path / "R" / "search.jsonl"
