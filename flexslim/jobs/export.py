@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexslim.deploy.export import ExportResult, export_model, provenance
+from flexslim.jobs.latency import recorded_settings
 from flexslim.system.runs import RunRecord, resolve_run_dir
 
 
@@ -42,7 +43,8 @@ def export_run(
     record = RunRecord.load(run)  # a corrupt run.json is BadInput naming it
     arch, model, _ = load_model(run / "model.pt")
     recipe = load_recipe(str(run / "recipe.toml")) if (run / "recipe.toml").is_file() else None
-    lat = _with_timeout(record.get("latency") or (_latency_settings(recipe) if recipe else None), recipe, record)
+    recipe_lat = recorded_settings(recipe.latency, recipe.latency.provider) if recipe else None
+    lat = _with_timeout(record.get("latency") or recipe_lat, recipe, record)
     budget = record.get("budget_ms")
     result = export_model(model, arch, output, provenance(arch, recipe.name if recipe else "unknown", budget, lat))
     if not gate or budget is None:
@@ -57,17 +59,6 @@ def export_run(
         result.path, budget, provider or (lat or {}).get("provider", "auto"), measure, dataset
     )
     return RunExport(result, report, run)
-
-
-def _latency_settings(recipe) -> dict:
-    s = recipe.latency
-    return {
-        "provider": s.provider,
-        "batch": s.batch,
-        "threads": s.threads,
-        "percentile": s.percentile,
-        "timeout": s.timeout,
-    }
 
 
 def _with_timeout(lat: dict | None, recipe, record: RunRecord) -> dict | None:

@@ -134,14 +134,7 @@ def latency_stage(
     reporter.log(
         f"latency model: floor {lat.floor_ms:.4f} ms (all stages at {recipe.model.min_width}), {describe(lat)}"
     )
-    s = recipe.latency
-    settings = {
-        "provider": lat.provider,
-        "batch": s.batch,
-        "threads": s.threads,
-        "percentile": s.percentile,
-        "timeout": s.timeout,  # the gate of `flexslim export` measures under it too
-    }
+    settings = recorded_settings(recipe.latency, lat.provider)
     if not record.search_finished():  # a finished search keeps what it recorded
         record.update(
             latency={**settings, "floor_ms": lat.floor_ms, "error": err, "block": lat.block},
@@ -157,6 +150,18 @@ def latency_stage(
         record.update(status="impossible budget")
         raise
     return lat, budget
+
+
+def recorded_settings(s, provider: str) -> dict:
+    """The latency settings run.json records (and `flexslim export`'s gate measures with): provider, batch,
+    threads, percentile and the per-measurement timeout."""
+    return {
+        "provider": provider,
+        "batch": s.batch,
+        "threads": s.threads,
+        "percentile": s.percentile,
+        "timeout": s.timeout,
+    }
 
 
 def log_cache_use(used: latency_cache.Tally, reporter: Reporter) -> None:
