@@ -22,6 +22,7 @@ import dataclasses
 import importlib
 import os
 import shutil
+import sys
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -74,7 +75,18 @@ def load_quickstart(cfg: DataConfig, data_dir: str | Path | None = None) -> Data
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FLEXSLIM_CACHE", Path.home() / ".cache" / "flexslim"))
+    """The user's flexslim cache folder (downloads here, the latency cache in its `latency/`): $FLEXSLIM_CACHE,
+    else the platform's (`$XDG_CACHE_HOME/flexslim`, by default `~/.cache/flexslim`, on Linux;
+    `~/Library/Caches/flexslim` on macOS; `%LOCALAPPDATA%\\flexslim\\Cache` on Windows)."""
+    env = os.environ.get("FLEXSLIM_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser().absolute()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "flexslim"
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "flexslim" / "Cache"
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "flexslim"
 
 
 def load_cifar10(cfg: DataConfig, data_dir: str | Path | None = None) -> Dataset:
