@@ -86,7 +86,7 @@ class Report:
     def summary(self) -> str:
         """The one-line verdict, e.g. `PASS - latency: p90 0.0570 ms/sample <= budget 0.1 ms (...) [from the
         model's metadata: flexslim.budget_ms=0.1]`; it names every value the model's metadata supplied."""
-        from flexslim.deploy.gate import METADATA_SETTINGS  # the metadata keys live with the rules that read them
+        from flexslim.deploy.settings import METADATA_SETTINGS  # the metadata keys live with the rules that read them
 
         parts = [f"{c.name}: {c.message}" for c in self.checks] or ["nothing was checked"]
         given = ", ".join(f"{METADATA_SETTINGS[k][0]}={v}" for k, v in self.from_metadata.items())
