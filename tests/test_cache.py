@@ -21,6 +21,7 @@ from search_fixtures import FAST_LATENCY, FAST_SET, TINY_SET, sets
 
 from flexslim.cli import app
 from flexslim.latency import cache, runtime
+from flexslim.latency import fingerprint as latency_fingerprint
 from flexslim.latency.cache import LatencyCache, Thoroughness
 from flexslim.latency.runtime import Timing
 
@@ -89,15 +90,15 @@ def test_the_same_graph_on_the_same_device_hits_any_change_of_the_key_misses(mon
     assert clock.calls == 5
 
     host = cache._host()
-    monkeypatch.setattr(cache, "_host", lambda: {**host, "onnxruntime": "0.0.1"})  # another onnxruntime
+    monkeypatch.setattr(latency_fingerprint, "_host", lambda: {**host, "onnxruntime": "0.0.1"})  # another onnxruntime
     assert cache.timing_of(net, s, clock(s)) != first and clock.calls == 6
-    monkeypatch.setattr(cache, "_host", lambda: {**host, "cpu": "Another CPU"})  # another CPU
+    monkeypatch.setattr(latency_fingerprint, "_host", lambda: {**host, "cpu": "Another CPU"})  # another CPU
     assert cache.timing_of(net, s, clock(s)) != first and clock.calls == 7
-    monkeypatch.setattr(cache, "_host", lambda: host)
+    monkeypatch.setattr(latency_fingerprint, "_host", lambda: host)
     assert cache.timing_of(net, s, clock(s)) == first and clock.calls == 7  # back on this device: served again
 
     monkeypatch.setattr(latency_model, "provider_that_runs", lambda p: "cuda" if p == "cuda" else "cpu")
-    monkeypatch.setattr(cache, "_gpu", lambda: {"gpu": "Fake GPU", "capability": "9.0", "driver": "1.0"})
+    monkeypatch.setattr(latency_fingerprint, "_gpu", lambda: {"gpu": "Fake GPU", "capability": "9.0", "driver": "1.0"})
     on_cuda = dataclasses.replace(s, provider="cuda")
     assert cache.timing_of(net, on_cuda, clock(on_cuda)).provider == "cuda" and clock.calls == 8
 

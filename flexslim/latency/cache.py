@@ -1,23 +1,13 @@
-"""The latency cache: every network timed on this device, kept per device fingerprint (as TensorRT's timing cache and
-TVM's tuning logs keep theirs), so profile, search, sweep, bench and the bake never time the same network twice.
+"""The latency cache's store: every network timed on this device, kept per device fingerprint (as TensorRT's timing
+cache and TVM's tuning logs keep theirs), so profile, search, sweep, bench and the bake never time the same network
+twice. The key (the device fingerprint and the graph hash) is `flexslim.latency.fingerprint`; its names are
+re-exported here.
 
 Where: `$FLEXSLIM_CACHE/latency/`, else the platform's cache folder (`$XDG_CACHE_HOME/flexslim`, by default
 `~/.cache/flexslim`, on Linux; `~/Library/Caches/flexslim` on macOS; `%LOCALAPPDATA%\\flexslim\\Cache` on Windows).
 `$FLEXSLIM_NO_CACHE=1` (the commands' `--no-cache`) neither reads nor writes it. The gate (`validate`, `export`)
-never reads it: a verdict is always a fresh measurement.
-
-The key has two parts:
-- the device fingerprint (`fingerprint`): the CPU (model name and instruction-set flags from /proc/cpuinfo, else
-  `platform.processor()`; the cores this process may use), for CUDA the GPU (name, compute capability, memory, the
-  NVIDIA driver, CUDA and cuDNN versions), onnxruntime's version, the provider that runs, the intra-op threads, the
-  batch, the percentile and STATISTIC_VERSION (how a timing is read). Its sha256 (16 hex digits) names the files
-  `<id>.jsonl` (the entries), `<id>.json` (the fingerprint, readable) and `<id>.lock`;
-- the network (`graph_key`): the sha256 of the timed ONNX graph with the values of its float tensors (the weights)
-  left out, shapes, operators, attributes and integer constants kept. The graph, not the Arch fields that made it:
-  onnxruntime times the graph, so any change that alters it (a family's code, the exporter, torch, the opset) is a
-  miss by itself, with no version number to remember, and two settings that export the same graph share one
-  entry; the cost is one export per look-up (about 0.2 s for the small families), which a hit still saves many
-  times over (a measurement is at least `min_seconds` of timed passes plus a fresh session in the helper).
+never reads it: a verdict is always a fresh measurement. A fingerprint's sha256 (16 hex digits, `fingerprint_id`)
+names its files `<id>.jsonl` (the entries), `<id>.json` (the fingerprint, readable) and `<id>.lock`.
 
 An entry serves a request only when it was measured at least as thoroughly (`Thoroughness`: as many seconds of timed
 passes over all sessions, as many sessions, as many timed passes each): a quick probe never answers the bake's
@@ -35,12 +25,10 @@ bytes per fingerprint the oldest are dropped (the file rewritten atomically, und
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -50,6 +38,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from flexslim.errors import BadInput
+from flexslim.latency.fingerprint import (  # noqa: F401 - re-exported: the key, as before the split
+    STATISTIC_VERSION,
+    _cpu,
+    _gpu,
+    _host,
+    fingerprint,
+    fingerprint_id,
+    graph_key,
+)
 from flexslim.latency.runtime import Timing
 from flexslim.recipe.schema import LatencyConfig
 from flexslim.system.files import atomic_write_bytes, atomic_write_json
@@ -58,7 +55,6 @@ from flexslim.system.locks import exclusive
 CACHE_ENV = "FLEXSLIM_CACHE"  # the user's cache folder (the latency cache is its `latency/`; downloads live there too)
 NO_CACHE_ENV = "FLEXSLIM_NO_CACHE"  # 1: neither read nor write the latency cache (`--no-cache`)
 FOLDER = "latency"
-STATISTIC_VERSION = 1  # bump when what a Timing's figures mean changes (windows, percentile, median of sessions)
 ENTRY_VERSION = 1
 MAX_ENTRIES = 4000  # per fingerprint (a profile measures 20-60 networks, a bake up to 16)
 MAX_BYTES = 8 << 20  # per fingerprint; an entry is about 1 kB
@@ -119,114 +115,6 @@ def refreshing() -> Iterator[None]:
         yield
     finally:
         _READING.reset(token)
-
-
-# -- the key ------------------------------------------------------------------------------------------------------
-def fingerprint(settings: LatencyConfig) -> dict:
-    """What decides a given graph's latency here, as a JSON-ready dict (see the module notes)."""
-    from flexslim.latency.model import provider_that_runs
-
-    provider = provider_that_runs(settings.provider)
-    fp = {
-        "statistic": STATISTIC_VERSION,
-        "provider": provider,
-        "threads": int(settings.threads),
-        "batch": int(settings.batch),
-        "percentile": float(settings.percentile),
-        **_host(),
-    }
-    if provider == "cuda":
-        fp.update(_gpu())
-    return fp
-
-
-def fingerprint_id(fp: dict) -> str:
-    """16 hex digits of the sha256 of a fingerprint: its files' name."""
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@functools.cache
-def _host() -> dict:
-    """The CPU, the cores this process may use, the OS and onnxruntime's version (read once per process)."""
-    import onnxruntime as ort
-
-    model, flags = _cpu()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
-    return {
-        "cpu": model,
-        "cpu_flags": flags,
-        "cores": cores,
-        "machine": platform.machine(),
-        "system": platform.system(),
-        "onnxruntime": ort.__version__,
-    }
-
-
-def _cpu() -> tuple[str, str]:
-    """(CPU model, its instruction-set flags, sorted) from the first processor of /proc/cpuinfo (x86: `model name`
-    and `flags`; ARM: implementer/part and `Features`), else platform.processor() and no flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return platform.processor() or platform.machine(), ""
-    info: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            if info:
-                break  # the first processor's block
-            continue
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    arm = " ".join(
-        f"{k} {info[k]}" for k in ("CPU implementer", "CPU architecture", "CPU variant", "CPU part") if k in info
-    )
-    model = info.get("model name") or arm or platform.processor() or platform.machine()
-    flags = info.get("flags") or info.get("Features") or ""
-    return model, " ".join(sorted(flags.split()))
-
-
-@functools.cache
-def _gpu() -> dict:
-    """The CUDA device onnxruntime uses (device 0): name, compute capability, memory, driver, CUDA and cuDNN."""
-    out: dict = {"gpu": "unknown"}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            p = torch.cuda.get_device_properties(0)
-            out = {"gpu": p.name, "capability": f"{p.major}.{p.minor}", "gpu_memory_mb": int(p.total_memory) >> 20}
-            out.update(cuda=str(torch.version.cuda), cudnn=str(torch.backends.cudnn.version()))
-    except Exception:  # noqa: BLE001 - no torch CUDA here: the fingerprint says unknown, never another device's
-        pass
-    try:
-        first = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
-        out["driver"] = next((w for w in first.split() if re.fullmatch(r"\d+\.\d+(\.\d+)?", w)), first.strip())
-    except (OSError, IndexError):
-        out["driver"] = "unknown"
-    return out
-
-
-_FLOAT_TYPES = frozenset({1, 10, 11, 16})  # onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16: weights
-
-
-def graph_key(model: bytes) -> str:
-    """sha256 (32 hex digits) of an ONNX model with the values of its float tensors (initializers and Constant
-    nodes) and every doc string left out: the same network with other weights has the same key, another width,
-    operator, attribute, shape constant or opset another."""
-    import onnx
-
-    proto = onnx.load_model_from_string(model)
-    tensors = list(proto.graph.initializer)
-    for node in proto.graph.node:
-        node.doc_string = ""
-        tensors += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
-    for t in tensors:
-        if t.data_type in _FLOAT_TYPES:
-            for name in ("raw_data", "float_data", "double_data", "int32_data"):
-                t.ClearField(name)
-    proto.doc_string = ""
-    proto.graph.doc_string = ""
-    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
