@@ -23,6 +23,10 @@ Time limits: a measurement stops at `timeout` seconds (checked between passes; a
 through RunOptions.terminate) and, when a budget is given, as soon as the warm-up passes are already far over it
 (`EARLY_STOP` x budget per sample). The Timing then says why (`stopped`). The isolated helper is killed (not left
 running) when a call outlives its limit (`run_isolated(..., limit_s=)`).
+
+The helper process itself (`isolated_pool`, `run_isolated`, `HELPER_GRACE`) lives in `flexslim.latency.isolated` and
+is re-exported here; `time_isolated` stays here so that `runtime.time_isolated` can be replaced (tests, fakes) and
+its callers look it up at call time.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from flexslim.errors import BadInput, TimedOut, TimingFailed
+from flexslim.errors import BadInput, TimedOut
+from flexslim.latency.isolated import HELPER_GRACE, isolated_pool, run_isolated  # noqa: F401  (re-exported)
 from flexslim.recipe import checks
 from flexslim.recipe.choices import PROVIDERS
 
@@ -46,7 +51,6 @@ _ASSIGNMENT = "session.record_ep_graph_assignment_info"  # session config: recor
 _SHAPE_OPS = frozenset({"Shape", "Size"})  # read only a tensor's shape, never its values
 DEFAULT_TIMEOUT = 600.0  # seconds one measurement may take (validate --timeout, recipe latency.timeout)
 EARLY_STOP = 3.0  # warm-up passes over this many times the budget per sample: the gate fails without timing
-HELPER_GRACE = 60.0  # seconds the isolated helper gets beyond a timing's own limit (spawn, imports, session)
 
 
 @functools.cache
@@ -505,84 +509,6 @@ def time_model_bytes(model: bytes, provider: str, plan: TimingPlan) -> Timing:
             "raise latency.timeout to measure it"
         )
     return t
-
-
-_POOL = None
-
-
-def isolated_pool():
-    """One long-lived helper process (spawned, so it holds no torch state) that does the timing.
-
-    Timing inside a process that has just trained or exported with torch measured up to 40% slower on a
-    2-core machine (torch's worker threads and heap churn compete with onnxruntime); the helper process
-    only runs onnxruntime, as the deployment will.
-    """
-    global _POOL
-    if _POOL is None:
-        import atexit
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        from flexslim.system.children import pool_initargs, pool_initializer
-
-        # the helper dies with this process, however it ends (a kill -9 left it timing, orphaned: issue #22)
-        _POOL = ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=pool_initializer,
-            initargs=pool_initargs(),
-        )
-        atexit.register(_POOL.shutdown)
-    return _POOL
-
-
-def run_isolated(fn, *args, limit_s: float | None = None, **kwargs):
-    """fn(*args, **kwargs) in the isolated helper process; its errors (BadInput included) are raised here.
-
-    If the helper process dies (killed, out of memory, cannot be spawned), that is `TimingFailed` (exit 3):
-    timing is never re-run in this process, which measures up to 40% slow. The next call starts a new helper.
-    With `limit_s`, a call still running after that many seconds is `TimedOut` (exit 1) and the helper is killed
-    (not left timing on the CPU the next measurement uses); the next call starts a new one.
-    """
-    global _POOL
-    from concurrent.futures import TimeoutError as FutureTimeout
-    from concurrent.futures.process import BrokenProcessPool
-
-    name = getattr(fn, "__name__", "a measurement")
-    try:
-        return isolated_pool().submit(fn, *args, **kwargs).result(timeout=limit_s)
-    except FutureTimeout:
-        _kill_pool()
-        raise TimedOut(
-            f"gate failed: timed out after {limit_s:g} s: {name} in the isolated timing process did not finish, "
-            "and the process was stopped; give the measurement more time (--timeout, latency.timeout)"
-        ) from None
-    except BrokenProcessPool as err:
-        pool, _POOL = _POOL, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        raise TimingFailed(
-            f"the isolated timing process died while running {name} "
-            f"({str(err).strip() or 'no reason given'}); flexslim does not time in the main process (it measures up "
-            "to 40% slow). Check memory and rerun; a script run from stdin cannot spawn it, save it to a file"
-        ) from None
-
-
-def _kill_pool() -> None:
-    """Terminate the helper process (SIGTERM, then SIGKILL after 2 s) and forget the pool."""
-    global _POOL
-    pool, _POOL = _POOL, None
-    if pool is None:
-        return
-    workers = list((getattr(pool, "_processes", None) or {}).values())  # ProcessPoolExecutor's own workers
-    for proc in workers:
-        proc.terminate()
-    for proc in workers:
-        proc.join(2.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(2.0)
-    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def time_isolated(model: bytes, provider: str, plan: TimingPlan) -> Timing:
