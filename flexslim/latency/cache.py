@@ -63,16 +63,11 @@ _FILE = re.compile(r"[0-9a-f]{16}\.(jsonl|json|lock)|\.[0-9a-f]{16}\.(jsonl|json
 
 
 def cache_root() -> Path:
-    """The user's flexslim cache folder: $FLEXSLIM_CACHE, else the platform's (see the module notes)."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env:
-        return Path(env).expanduser().absolute()
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "flexslim"
-    if os.name == "nt":
-        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "flexslim" / "Cache"
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "flexslim"
+    """The user's flexslim cache folder: $FLEXSLIM_CACHE, else the platform's (`data.sources.default_cache_dir`,
+    which downloads use too)."""
+    from flexslim.data.sources import default_cache_dir
+
+    return default_cache_dir()
 
 
 def latency_folder() -> Path:

@@ -32,8 +32,8 @@ MaskFactory = Callable[[str], "nn.Module"]
 class Family(Protocol):
     """What a family module provides. Example (`models/spaces/resnet.py`)::
 
-        def build(arch, widths, mask=None, auxiliary=False) -> nn.Module: ...   # stem, stages, head at `widths`
-        def cost_terms(arch, widths) -> dict: ...                                # {"conv:stage1": macs, ...}
+    def build(arch, widths, mask=None, auxiliary=False) -> nn.Module: ...   # stem, stages, head at `widths`
+    def cost_terms(arch, widths) -> dict: ...                                # {"conv:stage1": macs, ...}
     """
 
     def build(self, arch: Arch, widths: dict, mask: MaskFactory | None, auxiliary: bool) -> nn.Module:
