@@ -1,7 +1,7 @@
 """The `flexslim` Typer app and what every command shares: one-line usage errors, the consoles (wide without a
 terminal), `--debug`, SIGTERM as an exception, exception -> exit code around each command body, and the option
 types (recipe, --set, --data, --device, --no-cache and the choice enums read from their tables). The commands are in
-commands.py.
+commands.py (search, profile, train, export, validate), compare.py (bench, sweep) and cache.py (cache list|clear).
 """
 
 from __future__ import annotations
