@@ -86,5 +86,5 @@ def _kill_pool() -> None:
         proc.join(2.0)
         if proc.is_alive():
             proc.kill()
-            proc.join(2.0)
+            proc.join()  # SIGKILL cannot be caught: wait until it is reaped (a loaded machine may take seconds)
     pool.shutdown(wait=False, cancel_futures=True)
