@@ -348,6 +348,7 @@ def _verdict(rep, name: str) -> str:
 
 
 def main() -> None:  # pragma: no cover
+    """The `flexslim` console script: run the Typer app."""
     app()
 
 

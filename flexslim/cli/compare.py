@@ -66,36 +66,20 @@ def bench(
     """Compare FlexCHarts, DMaskingNAS, uniform scaling and random search at equal measured latency (paper Table 1,
     Fig. 4 with --floor-x)."""
     with command_exit_codes(), switched_off(no_cache):  # the runs' own processes inherit it
+        from flexslim.bench.run import BenchRequest, parse_seeds
         from flexslim.recipe.checks import check_output_dir
 
         check_output_dir(out_dir, "--out")  # before anything is measured
         if throughput:
-            _print_throughput(recipe, set_, data, device)
-            return
-        request = _bench_request(
-            recipe, methods, out_dir, latency_ms, retrain, seeds, latency_table, data, device, set_
-        )
+            return _print_throughput(recipe, set_, data, device)
+        names = tuple(methods.split(",")) if methods else None
+        request = BenchRequest(
+            recipe, names, out_dir, budget_ms=latency_ms, retrain=retrain, overrides=tuple(set_ or []),
+            data_dir=data, device=device.value, seeds=parse_seeds(seeds), latency_table=latency_table,
+        )  # fmt: skip
         rows = _bench_rows(request, floor_x)
         if any("error" in r for r in rows):
             raise typer.Exit(1)
-
-
-def _bench_request(recipe, methods, out_dir, latency_ms, retrain, seeds, latency_table, data, device, set_):
-    """`bench`'s options as one BenchRequest."""
-    from flexslim.bench.run import BenchRequest, parse_seeds
-
-    return BenchRequest(
-        recipe,
-        tuple(methods.split(",")) if methods else None,
-        out_dir,
-        budget_ms=latency_ms,
-        retrain=retrain,
-        overrides=tuple(set_ or []),
-        data_dir=data,
-        device=device.value,
-        seeds=parse_seeds(seeds),
-        latency_table=latency_table,
-    )
 
 
 def _bench_rows(request, floor_x: str | None) -> list[dict]:
