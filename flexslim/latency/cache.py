@@ -10,8 +10,9 @@ never reads it: a verdict is always a fresh measurement. A fingerprint's sha256 
 names its files `<id>.jsonl` (the entries), `<id>.json` (the fingerprint, readable) and `<id>.lock`.
 
 An entry serves a request only when it was measured at least as thoroughly (`Thoroughness`: as many seconds of timed
-passes over all sessions, as many sessions, as many timed passes each): a quick probe never answers the bake's
-gate-length measurement, the other way round it does. The newest such entry serves, as it was measured (the Timing
+passes over all sessions, as many sessions, as many timed passes each, and a stopping precision at least as fine - 0,
+timed in full, is the finest): a quick probe never answers the bake's gate-length measurement, the other way round
+it does. The newest such entry serves, as it was measured (the Timing
 is stored whole and comes back equal), so a run served from the cache gives the numbers of the run that measured.
 
 Files: one JSON line per entry, each with a checksum of its content; appended under an flock on `<id>.lock` (a
@@ -115,20 +116,24 @@ def refreshing() -> Iterator[None]:
 @dataclass(frozen=True)
 class Thoroughness:
     """How thoroughly a network is (or was) measured: seconds of timed passes over all its sessions, the sessions,
-    the timed passes each had at least."""
+    the timed passes each had at least, and the precision its sessions could stop at (0: timed in full)."""
 
     seconds: float
     repeats: int
     runs: int
+    precision: float = 0.0
 
     @classmethod
     def of(cls, settings: LatencyConfig) -> Thoroughness:
         """What `profiling.measure` asks for with `settings` (min_seconds is split among the repeats)."""
-        return cls(float(settings.min_seconds), max(1, int(settings.repeats)), int(settings.runs))
+        return cls(
+            float(settings.min_seconds), max(1, int(settings.repeats)), int(settings.runs), float(settings.precision)
+        )
 
     def serves(self, wanted: Thoroughness) -> bool:
         """True when a measurement this thorough may answer a request for `wanted`."""
-        return self.seconds >= wanted.seconds and self.repeats >= wanted.repeats and self.runs >= wanted.runs
+        finer = self.precision == 0 or 0 < self.precision <= wanted.precision
+        return self.seconds >= wanted.seconds and self.repeats >= wanted.repeats and self.runs >= wanted.runs and finer
 
 
 @dataclass(frozen=True)
@@ -261,7 +266,12 @@ class LatencyCache:
             "fp": self.id,
             "key": key,
             "at": time.time(),
-            "measured": {"seconds": measured.seconds, "repeats": measured.repeats, "runs": measured.runs},
+            "measured": {
+                "seconds": measured.seconds,
+                "repeats": measured.repeats,
+                "runs": measured.runs,
+                "precision": measured.precision,
+            },
             "network": network,
             "timing": timing.to_dict(),
         }
@@ -348,7 +358,8 @@ def _entry(line: bytes, fp_id: str, fp: dict) -> Entry | None:
         if d["sum"] != _checksum(body) or d["v"] != ENTRY_VERSION or d["fp"] != fp_id:
             return None
         m = d["measured"]
-        measured = Thoroughness(_number(m["seconds"], 0.0), _whole(m["repeats"], 1), _whole(m["runs"], 0))
+        precision = _number(m.get("precision", 0.0), 0.0)  # entries made before precision were timed in full
+        measured = Thoroughness(_number(m["seconds"], 0.0), _whole(m["repeats"], 1), _whole(m["runs"], 0), precision)
         timing = _timing(d["timing"])
         if not isinstance(d["key"], str) or not _belongs(timing, fp):
             return None
@@ -359,7 +370,7 @@ def _entry(line: bytes, fp_id: str, fp: dict) -> Entry | None:
 
 
 _POSITIVE_MS = ("p50_ms", "p90_ms", "at_percentile_ms", "mean_ms")
-_OPTIONAL_MS = ("all_passes_ms", "fastest_ms", "timeout_s")
+_OPTIONAL_MS = ("all_passes_ms", "fastest_ms", "timeout_s", "ci_low_ms", "ci_high_ms")
 
 
 def _timing(d: dict) -> Timing:
@@ -378,6 +389,9 @@ def _timing(d: dict) -> Timing:
         _number(v, 0.0, strict=True)
     _number(t.percentile, 0.0)
     _number(t.elapsed_s, 0.0)
+    _number(t.precision, 0.0)
+    if not isinstance(t.known, bool):
+        raise ValueError("known")
     for v in (t.batch, *t.input_shape):
         _whole(v, 1)
     for v in (t.threads, t.warmup, t.runs, t.windows, t.quiet_windows):

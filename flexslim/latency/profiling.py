@@ -7,6 +7,7 @@ of the runtime's channel block, samples across the width box, and samples concen
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import random
@@ -44,10 +45,23 @@ def measure_sessions(arch: Arch, widths: dict[str, int], settings: LatencyConfig
     from flexslim.models.onnx_graph import onnx_bytes
 
     torch.manual_seed(seed)
-    model = onnx_bytes(build_network(arch, widths).eval(), arch.input_shape, fast=True)
+    with _one_thread():
+        model = onnx_bytes(build_network(arch, widths).eval(), arch.input_shape, fast=True)
     network = {"family": arch.family, "widths": dict(widths), "input_shape": list(arch.input_shape)}
     t = latency_cache.timing_of(model, settings, lambda: _timed_sessions(model, settings, seed), network)
     return t, t.sessions
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one intra-op thread while open: tracing a small network for export is 0.1 s on one thread and
+    0.6-0.9 s on two of a busy 2-core machine (measured), and nothing here needs more."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _timed_sessions(model: bytes, settings: LatencyConfig, seed: int):
@@ -60,7 +74,9 @@ def _timed_sessions(model: bytes, settings: LatencyConfig, seed: int):
         time_isolated(
             model,
             s.provider,
-            TimingPlan(s.batch, s.warmup, s.runs, s.percentile, s.threads, seed, s.min_seconds / n, s.timeout),
+            TimingPlan(
+                s.batch, s.warmup, s.runs, s.percentile, s.threads, seed, s.min_seconds / n, s.timeout, s.precision
+            ),
         )
         for _ in range(n)
     ]
@@ -189,8 +205,9 @@ def profile(
         raise BadInput(f"latency.samples must be >= 3 to fit a model, got {settings.samples}")
     t0 = time.perf_counter()
     block, probe = (1, {})
-    if settings.probe:
-        block, probe = probe_block(arch, settings, min_width, measurer, reporter)
+    if settings.probe:  # every 8 channels when the grid is a multiple of 8: blocks below 8 round to the same grid
+        step = 8 if round_to % 8 == 0 else 4
+        block, probe = probe_block(arch, settings, min_width, measurer, reporter, step=step)
     grid = round_to or max(8, block)
     hi = hi or {s: max(2 * w, min_width + grid) for s, w in arch.widths.items()}
     region = {s: [min_width, int(hi[s])] for s in arch.widths}

@@ -5,13 +5,8 @@ read at a percentile of the timed passes after `warmup` untimed ones, on the nam
 with a set intra-op thread count. onnxruntime falls back to CPU silently, so every timing records the
 provider that actually ran.
 
-Undisturbed passes: the timed passes are cut into consecutive windows (up to 20, at least 10 passes each); a
-window whose median pass is more than 3% slower than the quietest window's was disturbed by something else on
-the machine (the quietest quarter of the windows is kept whatever their spread). Measured on a shared 2-core
-VM: 6-34% of 1 s stretches run 5-60% slow for seconds at a time, the network unchanged. The percentile is read
-over the passes of the undisturbed windows, so the same network gives the same number from run to run; the
-percentile over every pass is kept next to it (`all_passes_ms`), with the count of windows kept. Nothing is
-dropped when the machine is quiet.
+The timing statistic (the undisturbed windows' percentile, its confidence interval from order statistics, and
+the rule that stops a session once it is known to `precision`) is `flexslim.latency.statistic`, re-exported here.
 
 The provider that ran is the provider asked for: `--provider cuda` opens the session without onnxruntime's fallback
 (`enable_fallback=0` at creation, `disable_fallback()` for runs), and refuses (BadInput) a session whose first
@@ -33,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import statistics
 import threading
 import time
@@ -42,6 +36,19 @@ from pathlib import Path
 
 from flexslim.errors import BadInput, TimedOut
 from flexslim.latency.isolated import HELPER_GRACE, isolated_pool, run_isolated  # noqa: F401  (re-exported)
+from flexslim.latency.statistic import (  # noqa: F401  (re-exported: the statistic, as before the split)
+    CONFIDENCE,
+    EARLIEST,
+    GATE_SECONDS,
+    MAX_WINDOWS,
+    MIN_KEPT,
+    QUIET,
+    WINDOW_PASSES,
+    known,
+    percentile_interval,
+    relative_spread,
+    undisturbed,
+)
 from flexslim.recipe import checks
 from flexslim.recipe.choices import PROVIDERS
 
@@ -236,6 +243,10 @@ class Timing:
     timeout_s: float | None = None  # the limit the measurement ran under
     fastest_ms: float | None = None  # the fastest pass (ms/sample), warm-up included: what an early stop judged
     cpu_nodes: tuple[str, ...] = ()  # compute nodes a CUDA session ran on the CPU (`placement`)
+    ci_low_ms: float | None = None  # the CONFIDENCE interval of at_percentile_ms from order statistics (None: too
+    ci_high_ms: float | None = None  # few passes to bracket it); see `statistic.percentile_interval`
+    precision: float = 0.0  # the precision timing was asked to stop at (0: timed its full seconds)
+    known: bool = False  # True: stopped early, the interval within +-precision (else it timed its full seconds)
 
     def spread(self) -> float | None:
         """Largest relative deviation of one session from this (median) one; None for a single session."""
@@ -265,6 +276,9 @@ class TimingPlan:
             `checks.MAX_RUNS` timed passes).
         timeout: seconds the measurement may take (None: no limit in `time_session`, DEFAULT_TIMEOUT in
             `time_model_bytes` and `time_isolated`).
+        precision: > 0: stop before `min_seconds` once the percentile is known within +-precision (its CONFIDENCE
+            interval from order statistics, after `runs` passes and EARLIEST x `min_seconds`); 0: always time
+            `min_seconds` (see `flexslim.latency.statistic`).
     """
 
     batch: int
@@ -275,6 +289,7 @@ class TimingPlan:
     seed: int = 0
     min_seconds: float = 0.0
     timeout: float | None = None
+    precision: float = 0.0
 
 
 def time_session(
@@ -302,7 +317,7 @@ def time_session(
         warm, stopped = _warm_up(passes, plan.warmup, budget_ms)
         samples = []
         if stopped is None:
-            samples, stopped = _timed_passes(passes, plan.runs, plan.min_seconds)
+            samples, stopped = _timed_passes(passes, plan)
     elapsed = passes.elapsed()
     if where.provider == "cuda" and ran_provider(session) != "cuda":  # onnxruntime re-created the session on the CPU
         raise BadInput(
@@ -321,30 +336,32 @@ def _checked_plan(plan: TimingPlan, session) -> tuple[TimingPlan, str, list[int]
     percentile = checks.percentile(plan.percentile, "timing percentile")
     threads = checks.threads(plan.threads, "timing threads")
     timeout = None if plan.timeout is None else checks.timeout(plan.timeout, "timing timeout")
+    precision = checks.precision(plan.precision, "timing precision")
     inp = session.get_inputs()[0]
     sample = [_static_dim(d, inp.name) for d in inp.shape[1:]]
     batch = checks.batch(plan.batch, "timing batch", tuple(sample))  # caps the input allocation too
-    checked = TimingPlan(batch, warmup, runs, percentile, threads, plan.seed, min_seconds, timeout)
+    checked = TimingPlan(batch, warmup, runs, percentile, threads, plan.seed, min_seconds, timeout, precision)
     return checked, inp.name, [batch] + sample
 
 
 class _Passes:
     """One forward pass at a time, in ms/sample, under the measurement's time limit (counted from creation)."""
 
-    def __init__(self, run, options, provider: str, plan: TimingPlan):
+    def __init__(self, run, options, provider: str, plan: TimingPlan, clock=time.perf_counter):
         self.run, self.options, self.provider = run, options, provider
         self.batch, self.timeout = plan.batch, plan.timeout
-        self.start = time.perf_counter()
+        self.clock = clock  # seconds; tests pass a fake one
+        self.start = clock()
 
     def elapsed(self) -> float:
         """Seconds since the measurement started."""
-        return time.perf_counter() - self.start
+        return self.clock() - self.start
 
     def one(self) -> float | None:
         """ms/sample of one pass; None when the time limit ended it (or it would start past the limit)."""
         if self.timeout is not None and self.elapsed() >= self.timeout:
             return None
-        t0 = time.perf_counter()
+        t0 = self.clock()
         try:
             self.run()
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types
@@ -357,7 +374,7 @@ class _Passes:
                     "on CUDA. Use --provider cpu"
                 ) from None
             raise
-        return (time.perf_counter() - t0) * 1e3 / self.batch
+        return (self.clock() - t0) * 1e3 / self.batch
 
 
 @contextlib.contextmanager
@@ -390,15 +407,23 @@ def _warm_up(passes: _Passes, warmup: int, budget_ms: float | None) -> tuple[lis
     return warm, None
 
 
-def _timed_passes(passes: _Passes, runs: int, min_seconds: float) -> tuple[list[float], str | None]:
-    """(the timed passes' ms/sample, None or "timeout"): at least `runs`, and more until `min_seconds` have passed
-    since the measurement started (at most checks.MAX_RUNS)."""
-    samples = []
-    while len(samples) < runs or (passes.elapsed() < min_seconds and len(samples) < checks.MAX_RUNS):
+def _timed_passes(passes: _Passes, plan: TimingPlan) -> tuple[list[float], str | None]:
+    """(the timed passes' ms/sample, None, "known" or "timeout"): at least `plan.runs`, and more until
+    `plan.min_seconds` have passed since the measurement started (at most checks.MAX_RUNS) - or, with a
+    `plan.precision`, until the percentile is known that well (`statistic.known`, checked every tenth more passes
+    once EARLIEST x min_seconds have passed)."""
+    samples: list[float] = []
+    check_at = plan.runs
+    while len(samples) < plan.runs or (passes.elapsed() < plan.min_seconds and len(samples) < checks.MAX_RUNS):
         ms = passes.one()
         if ms is None:
             return samples, "timeout"
         samples.append(ms)
+        if plan.precision > 0 and len(samples) >= max(check_at, plan.runs):
+            if EARLIEST * plan.min_seconds <= passes.elapsed() < plan.min_seconds:  # it would time on: may it stop?
+                if known(samples, plan.percentile, plan.precision):
+                    return samples, "known"
+                check_at = len(samples) + max(WINDOW_PASSES, len(samples) // 10)
     return samples, None
 
 
@@ -410,6 +435,9 @@ def _read_timing(plan: TimingPlan, shape: tuple, where: Placement, warm, samples
 
     figures = samples or warm or [elapsed * 1e3 / plan.batch]  # stopped in the first pass: it took at least this long
     arr, windows, quiet = undisturbed(figures) if samples else (np.asarray(figures, dtype=float), 1, 1)
+    ci = percentile_interval(arr, plan.percentile) if samples else None
+    known_early = stopped == "known"
+    stopped = None if known_early else stopped
     return Timing(
         provider=where.provider,
         batch=plan.batch,
@@ -431,38 +459,11 @@ def _read_timing(plan: TimingPlan, shape: tuple, where: Placement, warm, samples
         timeout_s=plan.timeout,
         fastest_ms=float(min(warm + samples)) if warm or samples else None,
         cpu_nodes=where.cpu_nodes,
+        ci_low_ms=None if ci is None else ci[0],
+        ci_high_ms=None if ci is None else ci[1],
+        precision=plan.precision,
+        known=known_early,
     )
-
-
-GATE_SECONDS = 2.0  # seconds of timed passes in one gate measurement (validate's default --min-seconds)
-QUIET = 1.03  # a window whose median pass is within 3% of the quietest window's median is undisturbed
-WINDOW_PASSES = 10  # at least this many passes per window ...
-MAX_WINDOWS = 20  # ... and at most this many windows
-MIN_KEPT = 0.25  # whatever the jitter, the figures come from at least the quietest quarter of the windows
-
-
-def relative_spread(median: float, sessions) -> float | None:
-    """Largest relative deviation of one session's figure from their median (None with fewer than two)."""
-    if len(sessions) < 2:
-        return None
-    return max(abs(v - median) for v in sessions) / median
-
-
-def undisturbed(samples) -> tuple:
-    """(the passes of the undisturbed windows, number of windows, number kept): see the module docstring.
-    At least the quietest quarter of the windows is kept (a tiny graph's window medians jitter by more than
-    3% on a quiet machine: the figures never rest on one lucky window). Fewer than 2 x WINDOW_PASSES passes
-    make one window, kept whole."""
-    import numpy as np
-
-    arr = np.asarray(samples, dtype=float)
-    k = max(1, min(MAX_WINDOWS, len(arr) // WINDOW_PASSES))
-    chunks = np.array_split(arr, k)
-    medians = [float(np.median(c)) for c in chunks]
-    calm = min(medians)
-    floor = sorted(medians)[math.ceil(MIN_KEPT * k) - 1]  # the quietest quarter is always kept
-    kept = [c for c, m in zip(chunks, medians) if m <= max(QUIET * calm, floor)]
-    return np.concatenate(kept), k, len(kept)
 
 
 def _static_dim(d, name: str) -> int:

@@ -179,6 +179,11 @@ def min_seconds(value: object, origin: Origin | str) -> float:
     return finite(value, origin, low=0.0, high=MAX_MIN_SECONDS, unit=" of seconds")
 
 
+def precision(value: object, origin: Origin | str) -> float:
+    """A relative precision a timing stops at: 0 (off: time the full seconds) .. 0.5."""
+    return finite(value, origin, low=0.0, high=0.5)
+
+
 def timeout(value: object, origin: Origin | str) -> float:
     """Seconds one measurement may take: > 0 .. MAX_TIMEOUT."""
     return finite(value, origin, low=0.0, low_open=True, high=MAX_TIMEOUT, unit=" of seconds")

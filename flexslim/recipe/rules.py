@@ -101,6 +101,7 @@ RULES: dict[str, Rule] = {
     "latency.runs": checks.runs,
     "latency.min_seconds": checks.min_seconds,
     "latency.bake_seconds": checks.min_seconds,
+    "latency.precision": checks.precision,
     "latency.timeout": checks.timeout,
     "latency.percentile": checks.percentile,
     "latency.samples": _count(cap=10_000),
