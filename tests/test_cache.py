@@ -17,6 +17,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from search_fixtures import FAST_LATENCY, FAST_SET, TINY_SET, sets
 
 from flexslim.cli import app
@@ -386,3 +387,62 @@ def test_the_bake_times_an_outlier_again_instead_of_reading_it_back():
 
     t = _Desk(arch, FAST_LATENCY, model, measure, Reporter())(arch.widths, "choose")
     assert reading == [True, False] and t.at_percentile_ms == 1.1 * pred
+
+
+# -- the look-up without an export ---------------------------------------------------------------------------------
+def test_a_network_measured_once_is_found_again_without_exporting(monkeypatch, tiny_arch):
+    from flexslim.latency import profiling
+    from flexslim.models import onnx_graph
+
+    calls = _fake_timer(monkeypatch)
+    widths = dict(tiny_arch.widths)
+    first, _ = profiling.measure_sessions(tiny_arch, widths, FAST_LATENCY)
+    assert len(calls) == 1
+
+    def no_export(*a, **k):
+        raise AssertionError("exported although the cache knows this network")
+
+    monkeypatch.setattr(onnx_graph, "onnx_bytes", no_export)
+    before = cache.tally()
+    again, _ = profiling.measure_sessions(tiny_arch, widths, FAST_LATENCY, seed=7)  # other weights, same network
+    assert again == first and len(calls) == 1 and (cache.tally() - before).hits == 1
+    other = {**widths, next(iter(widths)): widths[next(iter(widths))] + 8}
+    with pytest.raises(AssertionError, match="exported"):
+        profiling.measure_sessions(tiny_arch, other, FAST_LATENCY)  # another width: a miss, so it must export
+
+
+def test_other_model_code_exports_again_and_the_graph_key_still_finds_an_unchanged_graph(monkeypatch, tiny_arch):
+    from flexslim.latency import profiling
+
+    calls = _fake_timer(monkeypatch)
+    widths = dict(tiny_arch.widths)
+    first, _ = profiling.measure_sessions(tiny_arch, widths, FAST_LATENCY)
+    net = latency_fingerprint.network_key(tiny_arch, widths)
+    monkeypatch.setattr(latency_fingerprint, "_code_id", lambda family: "edited family code")
+    assert latency_fingerprint.network_key(tiny_arch, widths) != net  # the network key names the code
+    again, _ = profiling.measure_sessions(tiny_arch, widths, FAST_LATENCY)
+    assert again == first and len(calls) == 1  # exported, same graph: served by the graph key, not timed
+
+
+def test_an_entry_with_a_malformed_network_key_is_ignored(tmp_path):
+    store = LatencyCache(tmp_path, FP)
+    assert store.put("k", _timing(), THOROUGH, net="n1")
+    line = json.loads(store.path.read_text())
+    body = {k: v for k, v in line.items() if k != "sum"} | {"net": 5}
+    store.path.write_text(json.dumps({**body, "sum": cache._checksum(body)}) + "\n")
+    fresh = LatencyCache(tmp_path, FP, note=lambda s: None)
+    assert fresh.entries() == [] and fresh.get("n1", THOROUGH, by="net") is None
+
+
+def test_a_coarser_stopping_precision_never_serves_a_finer_request():
+    clock, net = _Clock(), _onnx()
+    coarse = dataclasses.replace(FAST_LATENCY, precision=0.05)
+    fine = dataclasses.replace(FAST_LATENCY, precision=0.01)
+    full = dataclasses.replace(FAST_LATENCY, precision=0.0)
+    a = cache.timing_of(net, coarse, clock(coarse))
+    b = cache.timing_of(net, fine, clock(fine))
+    assert clock.calls == 2 and a != b  # +-5% did not answer +-1%
+    assert cache.timing_of(net, coarse, clock(coarse)) == b  # +-1% answers +-5%
+    c = cache.timing_of(net, full, clock(full))
+    assert clock.calls == 3  # a session that could stop early never answers one that must time in full ...
+    assert cache.timing_of(net, fine, clock(fine)) == c and clock.calls == 3  # ... the other way round it does

@@ -93,5 +93,9 @@ def test_without_a_precision_a_quiet_timer_runs_its_full_seconds_too():
 
 def test_the_minimum_passes_come_first_even_when_known_sooner():
     rng = np.random.default_rng(6)
-    samples, why, _ = _timed(lambda: 0.0001 * (1 + 0.001 * rng.standard_normal()), precision=0.01, runs=3000, min_seconds=1.0)
-    assert why == "known" and len(samples) == 3000  # known long before (and past the 0.25 s floor), checked once the 3000 passes are in
+    samples, why, _ = _timed(
+        lambda: 0.0001 * (1 + 0.001 * rng.standard_normal()), precision=0.01, runs=3000, min_seconds=1.0
+    )
+    assert (
+        why == "known" and len(samples) == 3000
+    )  # known long before (and past the 0.25 s floor), checked once the 3000 passes are in

@@ -47,6 +47,7 @@ from flexslim.latency.fingerprint import (  # noqa: F401 - re-exported: the key,
     fingerprint,
     fingerprint_id,
     graph_key,
+    network_key,
 )
 from flexslim.latency.runtime import Timing
 from flexslim.recipe.schema import LatencyConfig
@@ -155,10 +156,24 @@ def tally() -> Tally:
     return Tally(**_COUNTS)
 
 
-def timing_of(model: bytes, settings: LatencyConfig, measure: Callable[[], Timing], network: dict | None = None):
+def served(net: str, settings: LatencyConfig) -> Timing | None:
+    """The cached Timing of the network whose `network_key` is `net`, measured with `settings` at least as
+    thoroughly, found without exporting it (None: the cache is off or refreshing, or it has none)."""
+    if not enabled() or not _READING.get():
+        return None
+    hit = store_for(settings).get(net, Thoroughness.of(settings), by="net")
+    if hit is not None:
+        _COUNTS["hits"] += 1
+    return hit
+
+
+def timing_of(
+    model: bytes, settings: LatencyConfig, measure: Callable[[], Timing], network: dict | None = None, net: str = ""
+):
     """The Timing of the ONNX `model` measured with `settings`: this device's cache entry when one measured at least
     as thoroughly is there (and the cache is on, and not `refreshing`), else `measure()`, which is then added.
-    `network` (family, widths, input shape) is stored next to it for people reading the file."""
+    `network` (family, widths, input shape) is stored next to it for people reading the file; `net`, its
+    `network_key`, lets a later run find it without exporting (`served`)."""
     store = store_for(settings) if enabled() else None
     key = graph_key(model) if store is not None else ""
     wanted = Thoroughness.of(settings)
@@ -166,11 +181,13 @@ def timing_of(model: bytes, settings: LatencyConfig, measure: Callable[[], Timin
         hit = store.get(key, wanted)
         if hit is not None:
             _COUNTS["hits"] += 1
+            if net:  # the same graph from other code: found by its network key next time
+                store.put(key, hit, wanted, network, net=net)
             return hit
     t = measure()
     _COUNTS["misses"] += 1
     if store is not None:
-        store.put(key, t, wanted, network)
+        store.put(key, t, wanted, network, net=net)
     return t
 
 
@@ -198,6 +215,7 @@ class Entry:
     timing: Timing
     at: float
     network: dict | None = None
+    net: str = ""  # the network key (`fingerprint.network_key`): found without exporting
 
 
 _NOTED: set[str] = set()
@@ -248,15 +266,16 @@ class LatencyCache:
                 self._note_once(f"latency cache {self.path}: {bad} corrupt entr{'y' if bad == 1 else 'ies'} ignored")
         return self._parsed
 
-    def get(self, key: str, wanted: Thoroughness) -> Timing | None:
-        """The newest entry of `key` measured at least as thoroughly as `wanted` (None: none)."""
+    def get(self, key: str, wanted: Thoroughness, by: str = "key") -> Timing | None:
+        """The newest entry of `key` (its graph key; by="net": its network key) measured at least as thoroughly as
+        `wanted` (None: none)."""
         for e in reversed(self.entries()):
-            if e.key == key and e.measured.serves(wanted):
+            if getattr(e, by) == key and key and e.measured.serves(wanted):
                 return e.timing
         return None
 
     # -- writing --------------------------------------------------------------------------------------------------
-    def put(self, key: str, timing: Timing, measured: Thoroughness, network: dict | None = None) -> bool:
+    def put(self, key: str, timing: Timing, measured: Thoroughness, network: dict | None = None, net: str = "") -> bool:
         """Add a measurement (under the lock; the oldest dropped past the caps); False when it was not added: a timing
         that stopped early or belongs to another fingerprint, or a cache folder that cannot be written (one note)."""
         if timing.stopped is not None or not _belongs(timing, self.fp):
@@ -275,6 +294,8 @@ class LatencyCache:
             "network": network,
             "timing": timing.to_dict(),
         }
+        if net:
+            body["net"] = net
         line = json.dumps({**body, "sum": _checksum(body)}, sort_keys=True).encode()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -363,8 +384,11 @@ def _entry(line: bytes, fp_id: str, fp: dict) -> Entry | None:
         timing = _timing(d["timing"])
         if not isinstance(d["key"], str) or not _belongs(timing, fp):
             return None
-        network = d.get("network")
-        return Entry(d["key"], measured, timing, _number(d["at"], 0.0), network if isinstance(network, dict) else None)
+        network, net = d.get("network"), d.get("net", "")
+        if not isinstance(net, str):
+            return None
+        network = network if isinstance(network, dict) else None
+        return Entry(d["key"], measured, timing, _number(d["at"], 0.0), network, net)
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         return None
 

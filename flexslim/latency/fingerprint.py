@@ -12,6 +12,13 @@ The key has two parts:
   miss by itself, with no version number to remember, and two settings that export the same graph share one
   entry; the cost is one export per look-up (about 0.2 s for the small families), which a hit still saves many
   times over (a measurement is at least `min_seconds` of timed passes plus a fresh session in the helper).
+
+A look-up that skips the export (`network_key`): the network as flexslim describes it (its Arch at the timed
+widths: family, stages, stem, head, input shape, classes) together with the code that turns a description into a
+graph (the sha256 of every source file of `flexslim.models` and of the family's module, torch's version). An entry
+stores both keys; a run with the same description and the same code finds it without exporting. Any change to that
+code (an edited family, another torch) changes the network key, and the look-up falls back to exporting and the
+graph key - which still finds the entry when the graph itself did not change.
 """
 
 from __future__ import annotations
@@ -111,6 +118,34 @@ def _gpu() -> dict:
     except (OSError, IndexError):
         out["driver"] = "unknown"
     return out
+
+
+def network_key(arch, widths: dict[str, int]) -> str:
+    """sha256 (32 hex digits) of the network `arch` at `widths` as flexslim describes it, and of the code that
+    exports it (see the module notes)."""
+    body = {"arch": arch.with_widths(dict(widths)).to_dict(), "code": _code_id(arch.family)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@functools.cache
+def _code_id(family: str) -> str:
+    """sha256 of the source of `flexslim.models` (every .py under it), of `family`'s module, and torch's version."""
+    import importlib
+
+    import torch
+
+    from flexslim.recipe.choices import FAMILIES
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    files = sorted(models.rglob("*.py"))
+    module = importlib.import_module(FAMILIES[family]) if family in FAMILIES else None
+    if module is not None and getattr(module, "__file__", None):
+        files.append(Path(module.__file__).resolve())
+    h = hashlib.sha256(torch.__version__.encode())
+    for f in dict.fromkeys(files):
+        h.update(str(f.relative_to(models.parent) if f.is_relative_to(models.parent) else f.name).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 _FLOAT_TYPES = frozenset({1, 10, 11, 16})  # onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16: weights

@@ -39,16 +39,21 @@ def measure(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: i
 
 def measure_sessions(arch: Arch, widths: dict[str, int], settings: LatencyConfig, seed: int = 0):
     """(Timing of the median session, every session's percentile) for one network; see `measure`. The latency cache
-    answers when it holds this graph measured at least as thoroughly on this device (`latency.cache`); what is timed
+    answers when it holds this graph measured at least as thoroughly on this device (`latency.cache`) - first by the
+    network's description and flexslim's model code, without exporting, then by the exported graph; what is timed
     here is added to it."""
     from flexslim.models.families import build_network
     from flexslim.models.onnx_graph import onnx_bytes
 
+    net = latency_cache.network_key(arch, widths)
+    hit = latency_cache.served(net, settings)  # no export needed
+    if hit is not None:
+        return hit, hit.sessions
     torch.manual_seed(seed)
     with _one_thread():
         model = onnx_bytes(build_network(arch, widths).eval(), arch.input_shape, fast=True)
     network = {"family": arch.family, "widths": dict(widths), "input_shape": list(arch.input_shape)}
-    t = latency_cache.timing_of(model, settings, lambda: _timed_sessions(model, settings, seed), network)
+    t = latency_cache.timing_of(model, settings, lambda: _timed_sessions(model, settings, seed), network, net=net)
     return t, t.sessions
 
 
