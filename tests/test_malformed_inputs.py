@@ -89,6 +89,8 @@ RECIPE_CASES = [
     (["latency.runs=10000000"], "latency.runs"),
     (["latency.warmup=-1"], "latency.warmup"),
     (["latency.min_seconds=nan"], "latency.min_seconds"),
+    (["latency.precision=-1"], "latency.precision"),
+    (["latency.precision=inf"], "latency.precision"),
     (["latency.percentile=0"], "latency.percentile"),
     (["latency.percentile=101"], "latency.percentile"),
     (["latency.samples=0"], "latency.samples"),
@@ -216,6 +218,9 @@ FLAG_CASES = [
     ({"warmup": 10**9}, "--warmup"),
     ({"min_seconds": float("inf")}, "--min-seconds"),
     ({"min_seconds": -1.0}, "--min-seconds"),
+    ({"precision": float("nan")}, "--precision"),
+    ({"precision": -0.01}, "--precision"),
+    ({"precision": 0.9}, "--precision"),
     ({"provider": "tpu"}, "--provider"),
     ({"dataset": "emnist"}, "--dataset"),
 ]

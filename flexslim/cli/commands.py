@@ -246,6 +246,9 @@ def validate(
         float, typer.Option(help="Minimum seconds of timed runs, cut into windows; disturbed windows are left out.")
     ] = GATE_SECONDS,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
+    precision: Annotated[
+        float, typer.Option(help="Stop early once the percentile's 95% interval is within +-this fraction (0: never).")
+    ] = 0.0,
     timeout: Annotated[
         float,
         typer.Option(help="Seconds the measurement may take; past it the gate fails (exit 1, 'timed out after S s')."),
@@ -273,8 +276,7 @@ def validate(
         # before the measurement: a verdict must never be lost to an unwritable path
         report = check_output_path(report, "--report") if report is not None else None
         junit = check_output_path(junit, "--junit") if junit is not None else None
-        timing = {"warmup": warmup, "runs": runs, "min_seconds": min_seconds, "timeout": timeout}
-        measure = Measurement(batch=batch, percentile=percentile, threads=threads, **timing)
+        measure = Measurement(batch, percentile, threads, warmup, runs, min_seconds, timeout, precision)
         rep = run_validate(
             model, latency_ms, min_accuracy, dataset=dataset, data=data, provider=provider.value, measure=measure
         )
@@ -314,6 +316,8 @@ def _render_report(rep) -> None:
     table.add_row("latency p50 / p90 (ms/sample)", f"{t.p50_ms:.4f} / {t.p90_ms:.4f}", "", "")
     if t.stopped == "timeout":
         table.add_row("time taken (s)", f"{t.elapsed_s:.1f}", f"{t.timeout_s:g}", _verdict(rep, "timeout"))
+    if t.ci_low_ms is not None and t.ci_high_ms is not None:
+        table.add_row(f"latency {pct}, 95% interval (ms/sample)", f"{t.ci_low_ms:.4f} .. {t.ci_high_ms:.4f}", "", "")
     if t.all_passes_ms is not None and t.quiet_windows < t.windows:
         table.add_row(f"latency {pct}, every pass (ms/sample)", f"{t.all_passes_ms:.4f}", "", "")
     if rep.accuracy is not None:
@@ -332,6 +336,13 @@ def _render_report(rep) -> None:
         highlight=False,
         markup=False,
     )
+    if t.known:
+        out.print(
+            f"timing stopped after {t.elapsed_s:.2f} s: the p{t.percentile:g} was known within "
+            f"+-{100 * t.precision:g}% (95% interval from order statistics)",
+            highlight=False,
+            markup=False,
+        )
     for note in rep.notes:
         out.print(f"note: {note}", highlight=False, markup=False)
     # plain text, not markup: the verdict names the metadata's values in [brackets]

@@ -113,6 +113,9 @@ class Report:
             "p90_ms": self.timing.p90_ms,
             "mean_ms": self.timing.mean_ms,
             "all_passes_ms": self.timing.all_passes_ms,
+            "latency_interval_ms": [self.timing.ci_low_ms, self.timing.ci_high_ms],  # 95%, order statistics
+            "precision": self.timing.precision,  # > 0: timing could stop early ...
+            "stopped_known": self.timing.known,  # ... and did, the interval within +-precision
             "timed_runs": self.timing.runs,
             "windows": self.timing.windows,
             "quiet_windows": self.timing.quiet_windows,

@@ -411,6 +411,7 @@ def _retrain_stage(run: _OpenRun, baked: Arch) -> float:
     if run.resume and record.get("status") == "done" and distributed.on_main((record.run_dir / "model.pt").is_file):
         reporter.log(f"retraining already finished: {record.run_dir / 'model.pt'}")
         return record.get("test_acc")
+    t0 = time.perf_counter()
     history = train_arch(baked, recipe, record.run_dir, ds, dev, reporter=reporter, resume=run.resume)
-    record.update(status="done", test_acc=history[-1].test_acc)
+    record.update(status="done", test_acc=history[-1].test_acc, train_seconds=time.perf_counter() - t0)
     return history[-1].test_acc
