@@ -336,12 +336,14 @@ def test_equal_latency_candidates_are_told_apart_by_the_score():
 
 def test_an_exchange_that_costs_capability_beyond_the_noise_is_refused():
     """Below the window (0.80), the only exchange measures 0.95 (inside): kept when its score is within the noise
-    of the current one, refused when it costs more than that."""
+    of the current one, refused when it costs more than that - and then not even measured (it could never be kept:
+    a gate-length measurement saved)."""
     table = {(16, 8, 16): 0.80, (16, 16, 16): 1.2, (16, 8, 24): 1.2, (8, 8, 24): 0.95, (8, 8, 16): 0.7}
     for exchanged, kept in ((0.848, True), (0.80, False)):
         score = _TableScore({(16, 8, 16): 0.85, (8, 8, 24): exchanged}, noise=0.005)
         res = _scored_bake(table, (16.0, 8.0, 16.0), score, headroom=0.03)
-        assert ("exchange", {"a": 8, "b": 8, "c": 24}) in [(s["step"], s["widths"]) for s in res.steps]
+        measured = ("exchange", {"a": 8, "b": 8, "c": 24}) in [(s["step"], s["widths"]) for s in res.steps]
+        assert measured == kept
         assert res.widths == ({"a": 8, "b": 8, "c": 24} if kept else {"a": 16, "b": 8, "c": 16})
 
 
@@ -373,8 +375,9 @@ def test_supernet_score_is_the_d_s_accuracy_of_the_sliced_weights_cached():
 
 def test_the_bake_times_every_network_in_full_as_the_gate_does_whatever_the_recipes_precision():
     """A recipe's latency.precision lets the latency model's sessions stop early; the bake's never do (sessions cut
-    short read about 1% lower than the gate's full 2 s, measured): every bake measurement asks for repeats x
-    session_seconds of timed passes with precision 0."""
+    short read about 1% lower than the gate's full 2 s, measured): every bake step asks for repeats x
+    session_seconds of timed passes with precision 0. Only the screens of the rounded neighbours (ranking, never a
+    verdict) are timed as the latency model times."""
     import dataclasses
 
     truth = hand_latency_model(small_arch())
@@ -387,6 +390,9 @@ def test_the_bake_times_every_network_in_full_as_the_gate_does_whatever_the_reci
 
     settings = dataclasses.replace(FAST_LATENCY, precision=0.02, repeats=3)
     budget = float(truth.predict({"a": 16, "b": 16, "c": 32}))
-    bake(small_arch(), {"a": 14.0, "b": 15.0, "c": 30.0}, budget=Budget(budget, headroom=0.02), latency=truth,
-         plan=BakePlan(settings, MIN_WIDTH, GRID, session_seconds=0.7), measure=spy)  # fmt: skip
-    assert asked and all(p == 0.0 and s == pytest.approx(2.1) for p, s in asked)
+    res = bake(small_arch(), {"a": 14.0, "b": 15.0, "c": 30.0}, budget=Budget(budget, headroom=0.02), latency=truth,
+               plan=BakePlan(settings, MIN_WIDTH, GRID, session_seconds=0.7), measure=spy)  # fmt: skip
+    screens, steps = asked[: len(res.screens)], asked[len(res.screens) :]
+    assert len(res.screens) == 3 and all(sc == (0.02, settings.min_seconds) for sc in screens)
+    assert len(steps) == len(res.steps) >= 1 and all(p == 0.0 and s == pytest.approx(2.1) for p, s in steps)
+    assert [s["step"] for s in res.steps].count("choose") == 1  # the screen's first choice, the only one in full

@@ -375,6 +375,7 @@ def _record_search(record: RunRecord, centers: dict, fitted: Fitted, budget: Bud
         bake_headroom=(fitted.budget or budget).headroom,
         trims=fitted.trims,
         bake=fitted.steps,
+        bake_screens=fitted.screens,
         bake_seconds=fitted.seconds,
         search_seconds=sum(h["seconds"] for h in history),
         latency_seconds=record.get("latency_seconds", 0.0) + fitted.seconds,

@@ -2,10 +2,11 @@
 
 1. choose   every stage's searched width rounded down or up to the grid (all combinations for a few stages, a
             beam over the stages for many), ranked by the latency model: the most latency under the limit first;
-2. measure  the best few; keep the one that measures highest within the limit (or the lowest, when all are over).
-            Every network is timed as the gate times it: `repeats` sessions of the gate's GATE_SECONDS each (shorter
-            sessions read about 2% low here), and the spread of those sessions sets the headroom under the budget
-            from here on (`confidence` spreads, see budget.py);
+2. measure  the best few, screened as the latency model times (its shorter, early-stopping sessions, often already
+            in the latency cache); the one the screen ranks first (see `_chosen`) is then timed as the gate times it:
+            `repeats` sessions of the gate's GATE_SECONDS each, in full (shorter sessions read 1-2% low here), and
+            the spread of those sessions sets the headroom under the budget from here on (`confidence` spreads, see
+            budget.py). Every later step is timed as the gate times it;
 3. trim     while over the limit: `grid` channels off the stage with the best predicted saving per relative width;
 4. fill     while a stage can grow: the most relative width per predicted millisecond first (predictions scaled
             by measured / predicted of the current network: the model's local bias, and up to TOLERANCE over the
@@ -17,11 +18,13 @@
 
 With a `score` (the searched supernet's D_s accuracy at given widths, `search.capability.SupernetScore`),
 capability decides inside the window: among the measured choices that land in it the best-scoring is kept (not the
-one that uses most latency), and an exchange is kept only when it costs no score beyond the score's noise.
+one that uses most latency), and an exchange is kept only when it costs no score beyond the score's noise (one that
+already scores worse is not measured at all).
 
-Every latency verdict is a measurement (the latency model only ranks), and every measurement is logged in
-`Fitted.steps` (with its score, when there is one). The default `measure` reads the latency cache first (entries at
-least as thorough as the bake's gate-length sessions: the latency model's shorter timings never answer it).
+Every latency verdict is a measurement (the latency model only ranks), and every gate-length measurement is logged
+in `Fitted.steps` (with its score, when there is one; the screens in `Fitted.screens`). The default `measure` reads
+the latency cache first (entries at least as thorough as the bake's gate-length sessions: the latency model's
+shorter timings never answer it).
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class Fitted:
     provider: str
     trims: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
+    screens: list[dict] = field(default_factory=list)  # the rounded neighbours at the latency model's timing
     note: str = ""
     seconds: float = 0.0  # wall time of the bake's measurements
     budget: Budget | None = None  # the budget the result was judged against (headroom from the bake's own spread)
@@ -102,6 +106,18 @@ class _Desk:
         self.score: Score | None = None
         self.cache: dict[tuple, Timing] = {}
         self.steps: list[dict] = []
+        self.screens: list[dict] = []
+        self.screened: dict[tuple, Timing] = {}  # predictions may use them (`_from_measured`), verdicts never
+
+    def screen(self, widths: dict[str, int], settings: LatencyConfig) -> Timing:
+        """`widths` timed with `settings` (the latency model's: shorter sessions that may stop early, often in the
+        latency cache already) to rank candidates; logged in `screens`, never a verdict, never in `cache`."""
+        t = self.measure_fn(self.arch, dict(widths), settings)
+        self.screened[tuple(sorted(widths.items()))] = t
+        pred = float(self.latency.predict(widths))
+        self.screens.append({"widths": dict(widths), "predicted_ms": pred, "measured_ms": t.at_percentile_ms})
+        self.reporter.log(f"bake screen: {widths} predicted {pred:.4f} ms, screened {t.at_percentile_ms:.4f} ms")
+        return t
 
     def spread(self) -> float | None:
         """Median session-to-session spread of the networks measured so far (None: no session figures)."""
@@ -237,6 +253,9 @@ def bake(
     desk = _Desk(arch, gate_like, latency, measure, reporter or Reporter())
     desk.score = score
     choices = rounded_neighbours(centers, grid, min_width, latency, budget.limit_ms)[: MEASURE_FIRST if fit else 1]
+    if len(choices) > 1:  # ranked by a screen at the latency model's timing; the first is then timed in full
+        first, _ = _chosen([(w, desk.screen(w, settings)) for w in choices], budget, score)
+        choices = [first]
     timed = [(w, desk(w, "choose")) for w in choices]
     if confidence is not None and (spread := desk.spread()) is not None:
         budget = budget.refit(spread, confidence)
@@ -246,7 +265,9 @@ def bake(
         widths, t, trims = _trim(widths, t, desk, budget, min_width, grid, max_measures)
         widths, t = _fill(widths, t, desk, budget, grid, max_measures)
         widths, t = _exchange(widths, t, desk, budget, min_width, grid, max_measures)
-    fitted = Fitted(dict(widths), t.at_percentile_ms, t.p50_ms, t.provider, trims, desk.steps, budget=budget)
+    fitted = Fitted(
+        dict(widths), t.at_percentile_ms, t.p50_ms, t.provider, trims, desk.steps, desk.screens, budget=budget
+    )
     fitted.note = _window_note(fitted, desk, budget) if fit else ""
     fitted.seconds = time.perf_counter() - t0
     return fitted
@@ -338,8 +359,8 @@ def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, gr
         for w in _exchanges(widths, min_width, grid):
             pred = _from_measured(w, widths, t.at_percentile_ms, desk)
             fresh = tuple(sorted(w.items())) not in desk.cache
-            if fresh and budget.low_ms <= pred <= budget.limit_ms * (1 + TOLERANCE):
-                options.append((pred, w))
+            if fresh and budget.low_ms <= pred <= budget.limit_ms * (1 + TOLERANCE) and desk.better(w, widths):
+                options.append((pred, w))  # one that already scores worse could never be kept: not measured
         if not options:
             break
         _, w = min(options, key=lambda pw: _rank(pw[0], budget.limit_ms))  # highest within the limit first
@@ -373,10 +394,11 @@ def _exchanges(widths: dict[str, int], min_width: int, grid: int) -> list[dict[s
 
 def _from_measured(widths: dict, base: dict, base_ms: float, desk: _Desk) -> float:
     """`widths` predicted from the measured network `base`: base_ms plus, for each stage that differs, the measured
-    difference of two networks that differ in that stage alone by the same change, else the model's difference
+    difference of two networks that differ in that stage alone by the same change (screens count, the gate-length
+    timing where there is one), else the model's difference
     scaled by its local bias (measured / predicted at base). The model's errors are per stage (on this CPU a stage
     of 8 channels costs less than the block of 16 it is charged at): a measured difference corrects them."""
-    measured = {k: t.at_percentile_ms for k, t in desk.cache.items()}
+    measured = {k: t.at_percentile_ms for k, t in {**desk.screened, **desk.cache}.items()}  # full ones win
     local = base_ms / float(desk.latency.predict(base))
     total, here = base_ms, dict(base)
     for stage in widths:
