@@ -396,3 +396,28 @@ def test_the_bake_times_every_network_in_full_as_the_gate_does_whatever_the_reci
     assert len(res.screens) == 3 and all(sc == (0.02, settings.min_seconds) for sc in screens)
     assert len(steps) == len(res.steps) >= 1 and all(p == 0.0 and s == pytest.approx(2.1) for p, s in steps)
     assert [s["step"] for s in res.steps].count("choose") == 1  # the screen's first choice, the only one in full
+
+
+def test_a_growth_measured_over_the_limit_in_a_slow_stretch_is_timed_once_more_and_the_lower_kept():
+    """16/8/16 measures 0.80 (the model says 0.80); its growth 16/16/16 is predicted 0.95 but its first timing reads
+    1.10 (a slow stretch: 16% over what the measured start predicts): timed once more, 0.96, kept. A growth that is
+    really over (1.10 both times) is timed twice and rejected, never a third time."""
+    model = {(16, 8, 16): 0.80, (16, 16, 16): 0.95, (16, 8, 24): 1.30, (8, 8, 16): 0.70, (8, 16, 16): 0.90}
+    for second, kept in ((0.96, True), (1.10, False)):
+        timings = {(16, 16, 16): [1.10, second]}
+
+        class Model:
+            def predict(self, w):
+                return model.get((w["a"], w["b"], w["c"]), 9.9)
+
+        def measure(arch, widths, settings):
+            key = (widths["a"], widths["b"], widths["c"])
+            ms = timings[key].pop(0) if key in timings else model.get(key, 9.9)
+            return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+
+        res = bake(small_arch(), {"a": 16.0, "b": 8.0, "c": 16.0}, budget=Budget(1.0, headroom=0.02),
+                   latency=Model(), plan=plan(), measure=measure)  # fmt: skip
+        grow = [s for s in res.steps if s["widths"] == {"a": 16, "b": 16, "c": 16}]
+        assert len(grow) == 1 and grow[0].get("retimed") and grow[0]["measured_ms"] == min(1.10, second)
+        assert timings[(16, 16, 16)] == []  # exactly two timings
+        assert (res.widths == {"a": 16, "b": 16, "c": 16}) == kept
