@@ -109,15 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="quickstart")
     p.add_argument("--latency-ms", type=float, default=0.06)
     p.add_argument("--validates", type=int, default=3)
+    p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True, help="run the job a second time")
+    p.add_argument("--cache", type=Path, default=None, help="the latency cache folder (default: a new one: cold)")
     p.add_argument("--out", type=Path, default=None, help="folder for the runs (default: a new temporary one)")
     a = p.parse_args(argv)
     out = a.out or Path(tempfile.mkdtemp(prefix="flexslim-mainjob-"))
-    env = {**os.environ, "FLEXSLIM_CACHE": str(out / "cache")}  # empty at the start: cold
+    env = {**os.environ, "FLEXSLIM_CACHE": str(a.cache or out / "cache")}  # a new one is empty: cold
     env.pop("FLEXSLIM_NO_CACHE", None)
     cold = one_job(out / "cold", a.recipe, a.latency_ms, env)
     print(_show("cold", cold), flush=True)
-    warm = one_job(out / "warm", a.recipe, a.latency_ms, env)
-    print(_show("warm", warm), flush=True)
+    warm = one_job(out / "warm", a.recipe, a.latency_ms, env) if a.warm else None
+    if warm is not None:
+        print(_show("warm", warm), flush=True)
     ratios = validated(out / "cold" / "model.onnx", a.latency_ms, a.validates, env) if a.validates else []
     if ratios:
         print(f"cold model.onnx, {len(ratios)} fresh validates: " + ", ".join(f"{r:.3f}" for r in ratios)
