@@ -90,6 +90,7 @@ RECIPE_CASES = [
     (["latency.warmup=-1"], "latency.warmup"),
     (["latency.min_seconds=nan"], "latency.min_seconds"),
     (["latency.precision=-1"], "latency.precision"),
+    (["train.init=pretrained"], "train.init"),
     (["latency.precision=inf"], "latency.precision"),
     (["latency.percentile=0"], "latency.percentile"),
     (["latency.percentile=101"], "latency.percentile"),

@@ -242,3 +242,45 @@ def test_search_retrain_export_validate_end_to_end(tmp_path, monkeypatch):
     assert (run_dir / "model.pt").read_bytes() == model_pt
     assert f"test accuracy {info['test_acc']:.4f}" in res.stdout
     assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
+
+
+# -- train.init = searched ------------------------------------------------------------------------------------------
+def test_train_init_searched_fine_tunes_from_exactly_the_searched_weights(run, tmp_path, monkeypatch):
+    """`flexslim train RUN --set train.init=searched`: the network that enters the first epoch is supernet_baked.pt
+    (the searched supernet sliced to the baked widths, BatchNorm recalibrated) tensor for tensor - an oracle: it
+    computes what the searched network computes - and training goes on from there into model.pt."""
+    import shutil
+
+    import flexslim.jobs.train as train_job
+    from flexslim.train.checkpoint import load_model
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run.run_dir, run_dir)
+    _, searched, payload = load_model(run_dir / "supernet_baked.pt")
+    entered = {}
+    real_fit = train_job.fit
+
+    def spy(model, *args, **kwargs):
+        entered.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        model.eval()
+        x = torch.rand(4, *load_arch(run_dir / "arch.json").input_shape)
+        with torch.no_grad():
+            entered["__out__"], entered["__oracle__"] = model(x), searched(x)
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_job, "fit", spy)
+    ok(invoke("train", str(run_dir), "--epochs", "1", *sets("train.init=searched", "train.batch_size=64")))
+    assert set(payload["state_dict"]) <= set(entered)
+    assert all(torch.equal(entered[k], v) for k, v in payload["state_dict"].items())
+    assert torch.equal(entered["__out__"], entered["__oracle__"])
+    assert (run_dir / "model.pt").is_file()
+
+
+def test_train_init_searched_without_searched_weights_is_one_line_exit_2(run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run.run_dir, run_dir)
+    (run_dir / "supernet_baked.pt").unlink()
+    res = invoke("train", str(run_dir), "--epochs", "1", *sets("train.init=searched"))
+    assert res.exit_code == 2 and "train.init = searched" in error_line(res) and "supernet_baked.pt" in error_line(res)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from flexslim.bench.report import WINDOW_STEPS
@@ -236,7 +237,8 @@ def _retrained(row: dict, baked, spec: dict, recipe, ds, dev) -> tuple[dict, obj
 
         run_dir = Path(spec["out"]) / spec["run"]
         run_dir.mkdir(parents=True, exist_ok=True)
-        row["acc_retrained"] = train_arch(baked, recipe, run_dir, ds, dev)[-1].test_acc
+        scratch = replace(recipe, train=replace(recipe.train, init="scratch"))  # every method alike, from scratch
+        row["acc_retrained"] = train_arch(baked, scratch, run_dir, ds, dev)[-1].test_acc
     return row, baked
 
 

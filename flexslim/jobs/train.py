@@ -32,7 +32,8 @@ def train_arch(
     reporter: Reporter | None = None,
     resume: bool = False,
 ) -> list[EpochMetrics]:
-    """Retrain `arch` from scratch (seeded init, then `fit`) and write run_dir/model.pt.
+    """Retrain `arch` from scratch (seeded init, then `fit`) - or, with `train.init = searched`, fine-tune the run's
+    searched weights (run_dir/supernet_baked.pt) - and write run_dir/model.pt.
 
     Args:
         arch: the network to build (with the auxiliary head if recipe.model.auxiliary_weight > 0).
@@ -48,7 +49,9 @@ def train_arch(
     distributed.check_recipe(lambda: recipe, search=False)
     torch.manual_seed(recipe.train.seed)
     model = build_network(arch, auxiliary=recipe.model.auxiliary_weight > 0)
-    if recipe.model.pretrained:  # a user's backbone: retrain (fine-tune) from it, not from scratch
+    if recipe.train.init == "searched":  # fine-tune the searched weights (they already hold any pretrained start)
+        load_searched(model, arch, run_dir / SEARCHED)
+    elif recipe.model.pretrained:  # a user's backbone: retrain (fine-tune) from it, not from scratch
         from flexslim.models.pretrained import load_pretrained
 
         load_pretrained(model, recipe.model.pretrained)
@@ -61,6 +64,34 @@ def train_arch(
     save_model(run_dir / "model.pt", arch, model, recipe, history)
     remove(ckpt)
     return history
+
+
+SEARCHED = "supernet_baked.pt"  # a search run's searched weights at the baked widths (BatchNorm recalibrated)
+
+
+def load_searched(model: torch.nn.Module, arch: Arch, path: Path) -> None:
+    """Load a search run's searched weights (`path`, supernet_baked.pt) into `model`, the network at `arch`'s widths;
+    BadInput when the run has none or they are another network's. An auxiliary head (training only) stays as built."""
+    if not path.is_file():
+        raise BadInput(
+            f"train.init = searched needs the searched weights {path} (a search run writes them); "
+            "use train.init = scratch for this run"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        saved = Arch.from_dict(payload["arch"], where=str(path))
+        state = payload["state_dict"]
+    except BadInput:
+        raise
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
+        why = type(err).__name__
+        raise BadInput(f"{path} is not a flexslim weights file ({why}); use train.init = scratch") from None
+    if saved.widths != arch.widths or saved.family != arch.family:
+        raise BadInput(f"{path} holds {saved.family} {saved.widths}, not the network trained here ({arch.widths})")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("auxiliary.") for k in missing):
+        keys = f"{len(missing)} missing, {len(unexpected)} unexpected keys"
+        raise BadInput(f"{path} does not fit the network {arch.widths} ({keys})")
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ RULES: dict[str, Rule] = {
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """The named choices, each read from its one table (imported here: config sits below those modules)."""
-    from flexslim.recipe.choices import BAKE_RANKS, FAMILIES, PROVIDERS, SEARCH_METHODS
+    from flexslim.recipe.choices import BAKE_RANKS, FAMILIES, PROVIDERS, SEARCH_METHODS, TRAIN_INITS
 
     return {
         "data.dataset": DATASETS,
@@ -124,6 +124,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "search.method": tuple(SEARCH_METHODS),
         "search.dmask_range": _DMASK_RANGES,
         "search.bake_rank": BAKE_RANKS,
+        "train.init": TRAIN_INITS,
         "latency.provider": PROVIDERS,
     }
 

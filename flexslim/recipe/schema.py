@@ -89,6 +89,8 @@ class TrainConfig:
     weight_decay: float = 3e-4
     grad_clip: float = 5.0  # max global gradient norm
     seed: int = 0
+    init: str = "scratch"  # scratch | searched: start from the run's supernet_baked.pt (the searched weights at the
+    # baked widths, BatchNorm recalibrated) and fine-tune it with this schedule
 
 
 @dataclass(frozen=True)
