@@ -245,8 +245,9 @@ def test_search_retrain_export_validate_end_to_end(tmp_path, monkeypatch):
 
 
 # -- train.init = searched ------------------------------------------------------------------------------------------
-def test_train_init_searched_fine_tunes_from_exactly_the_searched_weights(run, tmp_path, monkeypatch):
-    """`flexslim train RUN --set train.init=searched`: the network that enters the first epoch is supernet_baked.pt
+@pytest.mark.parametrize("init", ["searched", "auto"])
+def test_train_init_searched_fine_tunes_from_exactly_the_searched_weights(run, tmp_path, monkeypatch, init):
+    """`flexslim train RUN --set train.init=searched` (and the default, auto, on a search run): the network that enters the first epoch is supernet_baked.pt
     (the searched supernet sliced to the baked widths, BatchNorm recalibrated) tensor for tensor - an oracle: it
     computes what the searched network computes - and training goes on from there into model.pt."""
     import shutil
@@ -269,7 +270,7 @@ def test_train_init_searched_fine_tunes_from_exactly_the_searched_weights(run, t
         return real_fit(model, *args, **kwargs)
 
     monkeypatch.setattr(train_job, "fit", spy)
-    ok(invoke("train", str(run_dir), "--epochs", "1", *sets("train.init=searched", "train.batch_size=64")))
+    ok(invoke("train", str(run_dir), "--epochs", "1", *sets(f"train.init={init}", "train.batch_size=64")))
     assert set(payload["state_dict"]) <= set(entered)
     assert all(torch.equal(entered[k], v) for k, v in payload["state_dict"].items())
     assert torch.equal(entered["__out__"], entered["__oracle__"])
@@ -284,3 +285,4 @@ def test_train_init_searched_without_searched_weights_is_one_line_exit_2(run, tm
     (run_dir / "supernet_baked.pt").unlink()
     res = invoke("train", str(run_dir), "--epochs", "1", *sets("train.init=searched"))
     assert res.exit_code == 2 and "train.init = searched" in error_line(res) and "supernet_baked.pt" in error_line(res)
+    ok(invoke("train", str(run_dir), "--epochs", "1", *sets("train.init=auto")))  # auto without them: from scratch

@@ -32,8 +32,9 @@ def train_arch(
     reporter: Reporter | None = None,
     resume: bool = False,
 ) -> list[EpochMetrics]:
-    """Retrain `arch` from scratch (seeded init, then `fit`) - or, with `train.init = searched`, fine-tune the run's
-    searched weights (run_dir/supernet_baked.pt) - and write run_dir/model.pt.
+    """Retrain `arch` from scratch (seeded init, then `fit`) - or, with `train.init = searched` (and by default, `auto`,
+    where the run has them), fine-tune the run's searched weights (run_dir/supernet_baked.pt) - and write
+    run_dir/model.pt.
 
     Args:
         arch: the network to build (with the auxiliary head if recipe.model.auxiliary_weight > 0).
@@ -49,8 +50,9 @@ def train_arch(
     distributed.check_recipe(lambda: recipe, search=False)
     torch.manual_seed(recipe.train.seed)
     model = build_network(arch, auxiliary=recipe.model.auxiliary_weight > 0)
-    if recipe.train.init == "searched":  # fine-tune the searched weights (they already hold any pretrained start)
-        load_searched(model, arch, run_dir / SEARCHED)
+    init = recipe.train.init
+    if init == "searched" or (init == "auto" and (run_dir / SEARCHED).is_file()):
+        load_searched(model, arch, run_dir / SEARCHED)  # the searched weights (they hold any pretrained start)
     elif recipe.model.pretrained:  # a user's backbone: retrain (fine-tune) from it, not from scratch
         from flexslim.models.pretrained import load_pretrained
 

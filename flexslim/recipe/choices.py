@@ -31,7 +31,7 @@ DATASET_CHANNELS = {
 PROVIDERS = ("auto", "cpu", "cuda")
 
 BAKE_RANKS = ("supernet", "latency")  # search.bake_rank: what decides among networks inside the latency window
-TRAIN_INITS = ("scratch", "searched")  # train.init: retrain from a seeded init, or fine-tune the searched weights
+TRAIN_INITS = ("auto", "scratch", "searched")  # train.init: auto = searched where the run has them, else scratch
 
 SEARCH_METHODS: dict[str, str] = {
     "flexcharts": "flexslim.search.masks:gaussian_masks",

