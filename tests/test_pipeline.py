@@ -247,7 +247,8 @@ def test_search_retrain_export_validate_end_to_end(tmp_path, monkeypatch):
 # -- train.init = searched ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("init", ["searched", "auto"])
 def test_train_init_searched_fine_tunes_from_exactly_the_searched_weights(run, tmp_path, monkeypatch, init):
-    """`flexslim train RUN --set train.init=searched` (and the default, auto, on a search run): the network that enters the first epoch is supernet_baked.pt
+    """`flexslim train RUN --set train.init=searched` (and the default, auto, on a search run): the network that
+    enters the first epoch is supernet_baked.pt
     (the searched supernet sliced to the baked widths, BatchNorm recalibrated) tensor for tensor - an oracle: it
     computes what the searched network computes - and training goes on from there into model.pt."""
     import shutil
