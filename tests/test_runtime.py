@@ -301,9 +301,9 @@ def test_real_cpu_session_records_node_placement(exported):
 def test_cuda_asked_where_its_library_does_not_load_is_bad_input_naming_the_cpu(exported, monkeypatch):
     """onnxruntime lists CUDA here, but its library cannot load: the session it makes runs on the CPU. Asked for
     cuda, that is BadInput naming the CPU (before: timed on the CPU, reported `cpu (asked: cuda)`, verdict kept)."""
-    from flexslim.latency import runtime
+    from flexslim.latency import sessions
 
-    monkeypatch.setattr(runtime, "cuda_usable", lambda: True)
+    monkeypatch.setattr(sessions, "cuda_usable", lambda: True)
     with pytest.raises(BadInput, match="--provider cuda: onnxruntime ran .*tiny.onnx on the CPU"):
         make_session(exported.path, "cuda", 1)
 

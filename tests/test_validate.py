@@ -346,9 +346,9 @@ def test_cli_cuda_asked_without_cuda_is_exit_2_naming_it(tmp_path, cli, exported
 def test_cli_cuda_asked_where_onnxruntime_runs_the_cpu_is_exit_2(tmp_path, cli, exported, one_line_error, monkeypatch):
     """onnxruntime-gpu lists CUDA on this machine but cannot load it: the session it makes runs on the CPU. Before,
     the gate timed on the CPU and kept the verdict (`provider cpu (asked: cuda)`); now that is exit 2."""
-    from flexslim.latency import runtime
+    from flexslim.latency import sessions
 
-    monkeypatch.setattr(runtime, "cuda_usable", lambda: True)
+    monkeypatch.setattr(sessions, "cuda_usable", lambda: True)
     report = tmp_path / "r.json"
     res = cli.invoke(
         app,

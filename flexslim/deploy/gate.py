@@ -38,15 +38,8 @@ from flexslim.deploy.settings import (
 )
 from flexslim.deploy.settings import available_cpus as available_cpus
 from flexslim.errors import BadInput
-from flexslim.latency.runtime import (
-    EARLY_STOP,
-    PROVIDER_KEY,
-    Timing,
-    cuda_usable,
-    make_session,
-    placement,
-    time_session,
-)
+from flexslim.latency.runtime import EARLY_STOP, Timing, time_session
+from flexslim.latency.sessions import PROVIDER_KEY, cuda_usable, make_session, placement
 from flexslim.recipe import checks
 from flexslim.recipe.choices import DATASETS, PROVIDERS
 
