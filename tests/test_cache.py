@@ -373,7 +373,7 @@ def test_the_bake_times_an_outlier_again_instead_of_reading_it_back():
     would hand back the first); the lower of the two is kept."""
     from search_fixtures import hand_latency_model, small_arch
 
-    from flexslim.search.bake import OUTLIER, _Desk
+    from flexslim.search.desk import OUTLIER, Desk
     from flexslim.system.console import Reporter
 
     arch = small_arch()
@@ -385,7 +385,7 @@ def test_the_bake_times_an_outlier_again_instead_of_reading_it_back():
         reading.append(cache._READING.get())
         return _timing(settings, (2 * OUTLIER if len(reading) == 1 else 1.1) * pred)
 
-    t = _Desk(arch, FAST_LATENCY, model, measure, Reporter())(arch.widths, "choose")
+    t = Desk(arch, FAST_LATENCY, model, measure, Reporter())(arch.widths, "choose")
     assert reading == [True, False] and t.at_percentile_ms == 1.1 * pred
 
 

@@ -1,11 +1,13 @@
 """flexslim.latency: what a network costs on the deployment runtime.
 
 Modules: `budget` (the Budget value: limit, window, headroom), `model` (the latency model: fit, predict, persist),
-`profiling` (what to measure: probe, box, near-budget samples, whole networks in fresh sessions), `runtime`
-(onnxruntime sessions and the timing statistic; re-exports the helper), `isolated` (the isolated timing helper
-process: run_isolated, the pool, HELPER_GRACE), `cache` (every network timed, per device fingerprint: read before
-timing, never by the gate), `fingerprint` (the cache's key: the device fingerprint and the graph hash of an ONNX
-model without its weights).
+`profiling` (what to measure: probe, box, near-budget samples, whole networks in fresh sessions), `sessions`
+(onnxruntime sessions on the provider asked for, and the provider that ran), `runtime` (timing a session; re-exports
+the sessions, the statistic and the helper), `statistic` (the undisturbed windows, the percentile's interval, when
+timing may stop), `isolated` (the isolated timing helper process: run_isolated, the pool, HELPER_GRACE), `cache`
+(every network timed, per device fingerprint: read before timing, never by the gate), `store` (the cache's files
+and entries, and when an entry may answer), `fingerprint` (the cache's keys: the device fingerprint, the graph hash
+of an ONNX model without its weights, the network's description with the code that exports it).
 
 May import: system, data, models, recipe, errors. Independent of train. Imported by search, deploy and above.
 """

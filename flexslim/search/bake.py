@@ -31,44 +31,24 @@ from __future__ import annotations
 
 import itertools
 import math
-import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 from flexslim.errors import BadInput
 from flexslim.latency.budget import Budget
-from flexslim.latency.cache import refreshing
 from flexslim.latency.model import LatencyModel
 from flexslim.latency.profiling import measure
 from flexslim.latency.runtime import GATE_SECONDS, Timing
 from flexslim.models.arch import Arch
 from flexslim.recipe.schema import LatencyConfig
+from flexslim.search.desk import RETIME, Desk, Measure, Score
 from flexslim.system.console import Reporter
-
-Measure = Callable[[Arch, dict[str, int], LatencyConfig], Timing]
-
-
-class Score(Protocol):
-    """What a network at `widths` can do (higher is better), and the noise of that figure."""
-
-    def __call__(self, widths: dict[str, int]) -> float:
-        """The score of the network at `widths` (e.g. D_s accuracy of the supernet sliced to them)."""
-        ...
-
-    def noise(self, value: float) -> float:
-        """How far two scores may differ by chance alone near `value`."""
-        ...
-
 
 ENUMERATE_UP_TO = 10  # stages; more than that: a beam over the stages
 BEAM = 32
 MEASURE_FIRST = 3  # rounded neighbours measured before trimming or filling
 EXCHANGE_ALL = 6  # stages: up to this many, exchanges may move every stage at once (3^n networks)
 EXCHANGES = 4  # at most this many width exchanges measured when the fill ends below the window
-OUTLIER = 1.3  # a measurement this far over the prediction is repeated once (the lower of the two is kept)
-RETIME = 1.10  # a growth measured over the limit and this far over its bias-corrected prediction: timed once more
 TOLERANCE = 0.04  # growths predicted up to this far over the limit are still measured (hold-out error near budgets)
 
 
@@ -96,76 +76,6 @@ class Fitted:
     def measurements(self) -> int:
         """How many networks the bake measured."""
         return len(self.steps)
-
-
-class _Desk:
-    """The bake's measuring desk: measures, logs each step, remembers what it measured (no network twice)."""
-
-    def __init__(self, arch: Arch, settings: LatencyConfig, latency: LatencyModel, measure_fn: Measure, reporter):
-        self.arch, self.settings, self.latency = arch, settings, latency
-        self.measure_fn, self.reporter = measure_fn, reporter
-        self.score: Score | None = None
-        self.cache: dict[tuple, Timing] = {}
-        self.steps: list[dict] = []
-        self.screens: list[dict] = []
-        self.screened: dict[tuple, Timing] = {}  # predictions may use them (`_from_measured`), verdicts never
-
-    def screen(self, widths: dict[str, int], settings: LatencyConfig) -> Timing:
-        """`widths` timed with `settings` (the latency model's: shorter sessions that may stop early, often in the
-        latency cache already) to rank candidates; logged in `screens`, never a verdict, never in `cache`."""
-        t = self.measure_fn(self.arch, dict(widths), settings)
-        self.screened[tuple(sorted(widths.items()))] = t
-        pred = float(self.latency.predict(widths))
-        self.screens.append({"widths": dict(widths), "predicted_ms": pred, "measured_ms": t.at_percentile_ms})
-        self.reporter.log(f"bake screen: {widths} predicted {pred:.4f} ms, screened {t.at_percentile_ms:.4f} ms")
-        return t
-
-    def spread(self) -> float | None:
-        """Median session-to-session spread of the networks measured so far (None: no session figures)."""
-        spreads = [s for t in self.cache.values() if (s := t.spread()) is not None]
-        return statistics.median(spreads) if spreads else None
-
-    def __call__(self, widths: dict[str, int], step: str) -> Timing:
-        key = tuple(sorted(widths.items()))
-        pred = float(self.latency.predict(widths))
-        if key not in self.cache:
-            t = self.measure_fn(self.arch, dict(widths), self.settings)
-            if t.at_percentile_ms > OUTLIER * pred:  # far over the model: time it once more, keep the lower
-                with refreshing():  # (interference only adds time) a timing, not the latency cache's copy of `t`
-                    again = self.measure_fn(self.arch, dict(widths), self.settings)
-                t = min(t, again, key=lambda x: x.at_percentile_ms)
-            self.cache[key] = t
-        t = self.cache[key]
-        ms = t.at_percentile_ms
-        record = {"step": step, "widths": dict(widths), "predicted_ms": pred, "measured_ms": ms}
-        scored = ""
-        if self.score is not None:
-            record["score"] = self.score(dict(widths))
-            scored = f", supernet D_s accuracy {record['score']:.4f}"
-        self.steps.append(record)
-        self.reporter.log(f"bake {step}: {widths} predicted {pred:.4f} ms, measured {ms:.4f} ms{scored}")
-        return t
-
-    def retime(self, widths: dict[str, int]) -> Timing:
-        """`widths` timed once more (not read back from the latency cache); the lower of the two is kept (something
-        else on the machine only ever adds time) and the step's figure updated."""
-        key = tuple(sorted(widths.items()))
-        with refreshing():
-            again = self.measure_fn(self.arch, dict(widths), self.settings)
-        t = self.cache[key] = min(self.cache[key], again, key=lambda x: x.at_percentile_ms)
-        step = next(s for s in reversed(self.steps) if s["widths"] == dict(widths))
-        step.update(measured_ms=t.at_percentile_ms, retimed=True)
-        self.reporter.log(
-            f"bake re-timed: {widths} measured {again.at_percentile_ms:.4f} ms, kept {t.at_percentile_ms:.4f}"
-        )
-        return t
-
-    def better(self, new: dict[str, int], old: dict[str, int]) -> bool:
-        """True without a score; else when `new` scores no worse than `old` beyond the score's noise."""
-        if self.score is None:
-            return True
-        before = self.score(old)
-        return self.score(new) >= before - self.score.noise(before)
 
 
 def rounded_neighbours(
@@ -265,7 +175,7 @@ def bake(
     t0 = time.perf_counter()
     # timed as the gate times, in full (no early stop: sessions cut short read ~1% lower than the gate's 2 s, measured)
     gate_like = replace(settings, min_seconds=session_seconds * max(1, settings.repeats), precision=0.0)
-    desk = _Desk(arch, gate_like, latency, measure, reporter or Reporter())
+    desk = Desk(arch, gate_like, latency, measure, reporter or Reporter())
     desk.score = score
     choices = rounded_neighbours(centers, grid, min_width, latency, budget.limit_ms)[: MEASURE_FIRST if fit else 1]
     if len(choices) > 1:  # ranked by a screen at the latency model's timing; the first is then timed in full
@@ -299,7 +209,7 @@ def _chosen(timed: list[tuple[dict, Timing]], budget: Budget, score: Score | Non
     return max(within, key=ms) if within else min(timed, key=ms)
 
 
-def _trim(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
+def _trim(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
     trims: list[dict] = []
     while t.at_percentile_ms > budget.limit_ms and len(desk.steps) < max_measures:
         stage = _best_trim(widths, desk.latency, min_width, grid)
@@ -338,7 +248,7 @@ def _best_trim(widths: dict[str, int], latency: LatencyModel, min_width: int, gr
     return max(choices, key=score)
 
 
-def _fill(widths, t: Timing, desk: _Desk, budget: Budget, grid: int, max_measures: int):
+def _fill(widths, t: Timing, desk: Desk, budget: Budget, grid: int, max_measures: int):
     """Grow stages while they measure within the limit: the most relative width per predicted ms first; a stage
     whose growth measured over the limit is not tried again - after one more timing when it measured RETIME over what
     the current network's measurement predicts for it (a slow stretch of the machine rejected good growths)."""
@@ -367,11 +277,11 @@ def _fill(widths, t: Timing, desk: _Desk, budget: Budget, grid: int, max_measure
     return widths, t
 
 
-def _exchange(widths, t: Timing, desk: _Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
+def _exchange(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
     """Below the window after the fill, or within the headroom above its bottom (`Budget.safe_low_ms`: the gate
     may read it under the window), with no single stage able to grow: try exchanges of width between stages
     (`_exchanges`), predicted from what was measured (`_from_measured`), the highest within the limit first; keep
-    one that MEASURES in the window and costs no capability beyond the score's noise (`_Desk.better`)."""
+    one that MEASURES in the window and costs no capability beyond the score's noise (`Desk.better`)."""
     tried = 0
     while t.at_percentile_ms < budget.safe_low_ms and len(desk.steps) < max_measures and tried < EXCHANGES:
         options = []
@@ -411,7 +321,7 @@ def _exchanges(widths: dict[str, int], min_width: int, grid: int) -> list[dict[s
     return out
 
 
-def _from_measured(widths: dict, base: dict, base_ms: float, desk: _Desk) -> float:
+def _from_measured(widths: dict, base: dict, base_ms: float, desk: Desk) -> float:
     """`widths` predicted from the measured network `base`: base_ms plus, for each stage that differs, the measured
     difference of two networks that differ in that stage alone by the same change (screens count, the gate-length
     timing where there is one), else the model's difference
@@ -439,7 +349,7 @@ def _measured_step(measured: dict[tuple, float], stage: str, old: int, new: int)
     return None
 
 
-def _window_note(fitted: Fitted, desk: _Desk, budget: Budget) -> str:
+def _window_note(fitted: Fitted, desk: Desk, budget: Budget) -> str:
     """Empty when the result lands in [low_ms, ms]; else the two measured neighbours that straddle the window: the
     delivered network and the cheapest measured network over the limit (the budget less the timing headroom)."""
     if budget.low_ms <= fitted.measured_ms <= budget.ms:

@@ -1,0 +1,104 @@
+"""The bake's measuring desk: every network the bake times (in full, as the gate times), screens (at the latency
+model's timing, to rank) and times again, each logged as a step with its prediction and score; what it measured,
+so that no network is timed twice; and the contracts of what measures (`Measure`) and what scores (`Score`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Protocol
+
+from flexslim.latency.cache import refreshing
+from flexslim.latency.model import LatencyModel
+from flexslim.latency.runtime import Timing
+from flexslim.models.arch import Arch
+from flexslim.recipe.schema import LatencyConfig
+
+OUTLIER = 1.3  # a measurement this far over the prediction is repeated once (the lower of the two is kept)
+RETIME = 1.10  # a growth measured over the limit and this far over its bias-corrected prediction: timed once more
+
+
+Measure = Callable[[Arch, dict[str, int], LatencyConfig], Timing]
+
+
+class Score(Protocol):
+    """What a network at `widths` can do (higher is better), and the noise of that figure."""
+
+    def __call__(self, widths: dict[str, int]) -> float:
+        """The score of the network at `widths` (e.g. D_s accuracy of the supernet sliced to them)."""
+        ...
+
+    def noise(self, value: float) -> float:
+        """How far two scores may differ by chance alone near `value`."""
+        ...
+
+
+class Desk:
+    """The bake's measuring desk: measures, logs each step, remembers what it measured (no network twice)."""
+
+    def __init__(self, arch: Arch, settings: LatencyConfig, latency: LatencyModel, measure_fn: Measure, reporter):
+        self.arch, self.settings, self.latency = arch, settings, latency
+        self.measure_fn, self.reporter = measure_fn, reporter
+        self.score: Score | None = None
+        self.cache: dict[tuple, Timing] = {}
+        self.steps: list[dict] = []
+        self.screens: list[dict] = []
+        self.screened: dict[tuple, Timing] = {}  # predictions may use them (`_from_measured`), verdicts never
+
+    def screen(self, widths: dict[str, int], settings: LatencyConfig) -> Timing:
+        """`widths` timed with `settings` (the latency model's: shorter sessions that may stop early, often in the
+        latency cache already) to rank candidates; logged in `screens`, never a verdict, never in `cache`."""
+        t = self.measure_fn(self.arch, dict(widths), settings)
+        self.screened[tuple(sorted(widths.items()))] = t
+        pred = float(self.latency.predict(widths))
+        self.screens.append({"widths": dict(widths), "predicted_ms": pred, "measured_ms": t.at_percentile_ms})
+        self.reporter.log(f"bake screen: {widths} predicted {pred:.4f} ms, screened {t.at_percentile_ms:.4f} ms")
+        return t
+
+    def spread(self) -> float | None:
+        """Median session-to-session spread of the networks measured so far (None: no session figures)."""
+        spreads = [s for t in self.cache.values() if (s := t.spread()) is not None]
+        return statistics.median(spreads) if spreads else None
+
+    def __call__(self, widths: dict[str, int], step: str) -> Timing:
+        key = tuple(sorted(widths.items()))
+        pred = float(self.latency.predict(widths))
+        if key not in self.cache:
+            t = self.measure_fn(self.arch, dict(widths), self.settings)
+            if t.at_percentile_ms > OUTLIER * pred:  # far over the model: time it once more, keep the lower
+                with refreshing():  # (interference only adds time) a timing, not the latency cache's copy of `t`
+                    again = self.measure_fn(self.arch, dict(widths), self.settings)
+                t = min(t, again, key=lambda x: x.at_percentile_ms)
+            self.cache[key] = t
+        t = self.cache[key]
+        ms = t.at_percentile_ms
+        record = {"step": step, "widths": dict(widths), "predicted_ms": pred, "measured_ms": ms}
+        scored = ""
+        if self.score is not None:
+            record["score"] = self.score(dict(widths))
+            scored = f", supernet D_s accuracy {record['score']:.4f}"
+        self.steps.append(record)
+        self.reporter.log(f"bake {step}: {widths} predicted {pred:.4f} ms, measured {ms:.4f} ms{scored}")
+        return t
+
+    def retime(self, widths: dict[str, int]) -> Timing:
+        """`widths` timed once more (not read back from the latency cache); the lower of the two is kept (something
+        else on the machine only ever adds time) and the step's figure updated."""
+        key = tuple(sorted(widths.items()))
+        with refreshing():
+            again = self.measure_fn(self.arch, dict(widths), self.settings)
+        t = self.cache[key] = min(self.cache[key], again, key=lambda x: x.at_percentile_ms)
+        step = next(s for s in reversed(self.steps) if s["widths"] == dict(widths))
+        step.update(measured_ms=t.at_percentile_ms, retimed=True)
+        self.reporter.log(
+            f"bake re-timed: {widths} measured {again.at_percentile_ms:.4f} ms, kept {t.at_percentile_ms:.4f}"
+        )
+        return t
+
+    def better(self, new: dict[str, int], old: dict[str, int]) -> bool:
+        """True without a score; else when `new` scores no worse than `old` beyond the score's noise."""
+        if self.score is None:
+            return True
+        before = self.score(old)
+        return self.score(new) >= before - self.score.noise(before)
