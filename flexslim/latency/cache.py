@@ -145,12 +145,12 @@ def timing_of(
     key = graph_key(model) if store is not None else ""
     wanted = Thoroughness.of(settings)
     if store is not None and _READING.get():
-        hit = store.get(key, wanted)
+        hit = store.find(key, wanted)
         if hit is not None:
             _COUNTS["hits"] += 1
-            if net:  # the same graph from other code: found by its network key next time
-                store.put(key, hit, wanted, network, net=net)
-            return hit
+            if net and hit.net != net:  # the same graph from other code: found by its network key next time
+                store.put(key, hit.timing, hit.measured, network, net=net)  # as thoroughly as it was measured
+            return hit.timing
     t = measure()
     _COUNTS["misses"] += 1
     if store is not None:

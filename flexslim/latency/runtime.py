@@ -261,7 +261,7 @@ def _timed_passes(passes: _Passes, plan: TimingPlan) -> tuple[list[float], str |
         if ms is None:
             return samples, "timeout"
         samples.append(ms)
-        if plan.precision > 0 and len(samples) >= max(check_at, plan.runs):
+        if plan.precision > 0 and len(samples) >= check_at:  # check_at starts at plan.runs
             if EARLIEST * plan.min_seconds <= passes.elapsed() < plan.min_seconds:  # it would time on: may it stop?
                 if known(samples, plan.percentile, plan.precision):
                     return samples, "known"

@@ -123,13 +123,18 @@ class LatencyCache:
                 self._note_once(f"latency cache {self.path}: {bad} corrupt entr{'y' if bad == 1 else 'ies'} ignored")
         return self._parsed
 
-    def get(self, key: str, wanted: Thoroughness, by: str = "key") -> Timing | None:
+    def find(self, key: str, wanted: Thoroughness, by: str = "key") -> Entry | None:
         """The newest entry of `key` (its graph key; by="net": its network key) measured at least as thoroughly as
         `wanted` (None: none)."""
         for e in reversed(self.entries()):
             if getattr(e, by) == key and key and e.measured.serves(wanted):
-                return e.timing
+                return e
         return None
+
+    def get(self, key: str, wanted: Thoroughness, by: str = "key") -> Timing | None:
+        """The Timing of `find(key, wanted, by)` (None: none)."""
+        e = self.find(key, wanted, by)
+        return None if e is None else e.timing
 
     # -- writing --------------------------------------------------------------------------------------------------
     def put(self, key: str, timing: Timing, measured: Thoroughness, network: dict | None = None, net: str = "") -> bool:
