@@ -52,6 +52,9 @@ def _session_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLEXSLIM_CACHE", str(tmp_path_factory.mktemp("cache-session")))
         mp.delenv("FLEXSLIM_NO_CACHE", raising=False)
+        # measure here unless a test asks for a timer
+        for name in ("FLEXSLIM_TIMER", "FLEXSLIM_TIMER_TOKEN_FILE", "FLEXSLIM_TIMER_TOKEN"):
+            mp.delenv(name, raising=False)
         yield
 
 

@@ -10,6 +10,7 @@ from flexslim.cli.app import app
 from flexslim.cli.commands import main  # search, profile, train, export, validate
 from flexslim.cli import compare  # noqa: F401  (bench, sweep)
 from flexslim.cli import cache  # noqa: F401  (cache list|clear)
+from flexslim.cli import timer  # noqa: F401  (timer serve)
 # isort: on
 
 __all__ = ["app", "main"]

@@ -118,6 +118,26 @@ NoCacheOpt = Annotated[
         help="Neither read nor add to the latency cache (`flexslim cache list`): time every network afresh.",
     ),
 ]
+TimerOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--timer",
+        help="Measure every latency on the deployment device: the URL of its `flexslim timer serve` "
+        "(default: $FLEXSLIM_TIMER; none: this machine).",
+    ),
+]
+TimerTokenOpt = Annotated[
+    Optional[Path],
+    typer.Option("--timer-token-file", help="File holding the timer's token (default: $FLEXSLIM_TIMER_TOKEN_FILE)."),
+]
+
+
+def timer_for(url: str | None, token_file: Path | None):
+    """The context in which a command measures on the remote timer `url` (None: $FLEXSLIM_TIMER, else here); the
+    processes it starts inherit it."""
+    from flexslim.latency.remote import using
+
+    return using(url, token_file)
 
 
 class Terminated(KeyboardInterrupt):

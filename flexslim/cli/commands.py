@@ -22,10 +22,13 @@ from flexslim.cli.app import (
     Provider,
     RecipeOpt,
     SetOpt,
+    TimerOpt,
+    TimerTokenOpt,
     app,
     command_exit_codes,
     err,
     out,
+    timer_for,
 )
 from flexslim.latency.cache import switched_off
 from flexslim.latency.runtime import DEFAULT_TIMEOUT, GATE_SECONDS
@@ -59,13 +62,15 @@ def search(
         bool, typer.Option("--resume", help="Continue the interrupted run (runs/latest or --run-dir).")
     ] = False,
     no_cache: NoCacheOpt = False,
+    timer: TimerOpt = None,
+    timer_token_file: TimerTokenOpt = None,
 ) -> None:
     """The main job: latency model -> FlexCHarts search -> measured bake (trim, fill) -> retrain.
 
     Data-parallel on N processes or GPUs: `torchrun --nproc-per-node N -m flexslim search ...`."""
     from flexslim.system.distributed import session
 
-    with command_exit_codes(), switched_off(no_cache), session(device.value):
+    with command_exit_codes(), timer_for(timer, timer_token_file), switched_off(no_cache), session(device.value):
         from flexslim.jobs.search import SearchRequest, search_job
         from flexslim.system.console import Reporter, RichReporter
 
@@ -121,10 +126,12 @@ def profile(
     data: DataOpt = None,
     set_: SetOpt = None,
     no_cache: NoCacheOpt = False,
+    timer: TimerOpt = None,
+    timer_token_file: TimerTokenOpt = None,
 ) -> None:
     """Measure and fit the latency model of a recipe's family on this machine (reuse with --latency-table); networks
     already in the latency cache are read from it."""
-    with command_exit_codes(), switched_off(no_cache):
+    with command_exit_codes(), timer_for(timer, timer_token_file), switched_off(no_cache):
         from flexslim.jobs.latency import profile_job
         from flexslim.latency import cache
         from flexslim.recipe.checks import check_output_path
@@ -203,9 +210,11 @@ def export(
     ] = None,
     validate: Annotated[bool, typer.Option(help="Gate the exported model against the run's budget.")] = True,
     provider: Annotated[Optional[Provider], typer.Option(help="Provider for the gate (default: the recipe's).")] = None,
+    timer: TimerOpt = None,
+    timer_token_file: TimerTokenOpt = None,
 ) -> None:
     """Export the run's trained model to ONNX (checked, parity-tested), then gate it against the run's budget."""
-    with command_exit_codes():
+    with command_exit_codes(), timer_for(timer, timer_token_file):
         from flexslim.jobs.export import export_run
 
         result = export_run(output, run_dir, provider=provider.value if provider else None, gate=validate)
@@ -264,11 +273,13 @@ def validate(
     # str, not Path: Path("out/") would drop the slash that says the user named a folder
     report: Annotated[Optional[str], typer.Option(help="Write the report as JSON here.")] = None,
     junit: Annotated[Optional[str], typer.Option(help="Write the checks as JUnit XML here.")] = None,
+    timer: TimerOpt = None,
+    timer_token_file: TimerTokenOpt = None,
 ) -> None:
     """Gate an ONNX classifier: latency vs budget and/or accuracy vs target. Exit 0 pass, 1 fail (also: timed out,
     or warm-up already far over the budget), 2 bad input (including nothing to check, metadata that would loosen the
     gate, outputs that are not (N, classes) scores, --provider cuda when onnxruntime would run it on the CPU)."""
-    with command_exit_codes():
+    with command_exit_codes(), timer_for(timer, timer_token_file):
         from flexslim.deploy.gate import Measurement
         from flexslim.deploy.gate import validate as run_validate
         from flexslim.recipe.checks import check_output_path
@@ -336,6 +347,8 @@ def _render_report(rep) -> None:
         highlight=False,
         markup=False,
     )
+    if rep.measured_on != "local":
+        out.print(f"measured on the timer {rep.measured_on} (device {rep.device})", highlight=False, markup=False)
     if t.known:
         out.print(
             f"timing stopped after {t.elapsed_s:.2f} s: the p{t.percentile:g} was known within "

@@ -17,10 +17,13 @@ from flexslim.cli.app import (
     NoCacheOpt,
     RecipeOpt,
     SetOpt,
+    TimerOpt,
+    TimerTokenOpt,
     app,
     command_exit_codes,
     err,
     out,
+    timer_for,
 )
 from flexslim.latency.cache import switched_off
 from flexslim.recipe.choices import BENCH_METHODS
@@ -62,10 +65,16 @@ def bench(
     device: DeviceOpt = Device.auto,
     set_: SetOpt = None,
     no_cache: NoCacheOpt = False,
+    timer: TimerOpt = None,
+    timer_token_file: TimerTokenOpt = None,
 ) -> None:
     """Compare FlexCHarts, DMaskingNAS, uniform scaling and random search at equal measured latency (paper Table 1,
     Fig. 4 with --floor-x)."""
-    with command_exit_codes(), switched_off(no_cache):  # the runs' own processes inherit it
+    with (
+        command_exit_codes(),
+        timer_for(timer, timer_token_file),
+        switched_off(no_cache),
+    ):  # the runs' own processes inherit it
         from flexslim.bench.run import BenchRequest, parse_seeds
         from flexslim.recipe.checks import check_output_dir
 
@@ -150,11 +159,13 @@ def sweep(
     device: DeviceOpt = Device.auto,
     set_: SetOpt = None,
     no_cache: NoCacheOpt = False,
+    timer: TimerOpt = None,
+    timer_token_file: TimerTokenOpt = None,
 ) -> None:
     """Search N budgets on one shared latency table; measure what each delivered network really runs at (the gate:
     never from the latency cache). With --min-accuracy: the fastest network reaching it (exit 1, naming the best
     found, when none does)."""
-    with command_exit_codes(), switched_off(no_cache):
+    with command_exit_codes(), timer_for(timer, timer_token_file), switched_off(no_cache):
         from flexslim.jobs.sweep import SweepRequest, failed, sweep_job
         from flexslim.system.console import RichReporter
 

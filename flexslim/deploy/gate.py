@@ -38,10 +38,13 @@ from flexslim.deploy.settings import (
 )
 from flexslim.deploy.settings import available_cpus as available_cpus
 from flexslim.errors import BadInput
+from flexslim.latency import remote
+from flexslim.latency.fingerprint import fingerprint_id, local_fingerprint
 from flexslim.latency.runtime import EARLY_STOP, Timing, time_session
 from flexslim.latency.sessions import PROVIDER_KEY, cuda_usable, make_session, placement
 from flexslim.recipe import checks
 from flexslim.recipe.choices import DATASETS, PROVIDERS
+from flexslim.recipe.schema import LatencyConfig
 
 
 def load_onnx(path: str | Path):
@@ -106,9 +109,16 @@ def validate(
     m = measure or Measurement()
     args = _checked_arguments(latency_ms, min_accuracy, dataset, provider, m)
     meta, settings, names, graph = _read_model(model, args, min_accuracy, data)
-    session, where, notes = _open_checked_session(model, provider, meta, settings.threads, graph)
-    del graph
-    timing = time_session(session, m.plan(settings), budget_ms=settings.budget_ms, where=where)
+    timer = remote.configured()
+    if timer is None:
+        session, where, notes = _open_checked_session(model, provider, meta, settings.threads, graph)
+        del graph
+        timing = time_session(session, m.plan(settings), budget_ms=settings.budget_ms, where=where)
+    else:  # timed on the deployment device; this machine's session only computes the accuracy
+        del graph
+        run_on, notes = resolve_provider(provider, meta, here=False)
+        timing = remote.time_model(timer, Path(model).read_bytes(), run_on, m.plan(settings), settings.budget_ms)
+        session = _open_session(model, "cpu", settings.threads) if settings.dataset is not None else None
     notes += _placement_notes(timing, meta)
     accuracy, n_test = _measured_accuracy(session, settings, data, timing, names, model)
     return Report(
@@ -124,7 +134,18 @@ def validate(
         meta,
         from_metadata=dict(settings.from_metadata),
         notes=notes,
+        measured_on=remote.where(timer),
+        device=_device_id(timer, timing),
     )
+
+
+def _device_id(timer, timing: Timing) -> str:
+    """The fingerprint id of the device that measured `timing` (this machine, or the timer's): what a run's
+    latency.json and run.json name, so a gate on another device can say so."""
+    t = timing
+    cfg = LatencyConfig(provider=t.provider, batch=t.batch, threads=t.threads, percentile=t.percentile)
+    fp = remote.device(timer, cfg)["fingerprint"] if timer is not None else local_fingerprint(cfg, t.provider)
+    return fingerprint_id(fp)
 
 
 def _read_model(model: str | Path, args: dict, min_accuracy, data):
@@ -163,16 +184,17 @@ def _measured_accuracy(session, s: GateSettings, data, timing: Timing, class_nam
     return _accuracy(session, s.dataset, data, timing.input_shape, s.fixed_batch, class_names, model)
 
 
-def resolve_provider(asked: str, meta: dict[str, str]) -> tuple[str, tuple[str, ...]]:
+def resolve_provider(asked: str, meta: dict[str, str], here: bool = True) -> tuple[str, tuple[str, ...]]:
     """(the provider to open the session with, notes). `auto` prefers the provider the model was searched for
-    (`flexslim.latency_provider`) when it can run here; `cpu` and `cuda` are taken as asked. The metadata value is
-    checked whether used or not (an unknown provider is BadInput)."""
+    (`flexslim.latency_provider`) when it can run here (`here=False`: on a remote timer, which decides that
+    itself); `cpu` and `cuda` are taken as asked. The metadata value is checked whether used or not (an unknown
+    provider is BadInput)."""
     recorded = None
     if PROVIDER_KEY in meta:
         recorded = checks.choice(meta[PROVIDER_KEY].strip(), checks.metadata_key(PROVIDER_KEY, "--provider"), PROVIDERS)
     if asked != "auto" or recorded in (None, "auto"):
         return asked, ()
-    if recorded == "cuda" and not cuda_usable():
+    if recorded == "cuda" and here and not cuda_usable():
         return "cpu", (
             f"the model was searched for cuda ({PROVIDER_KEY}=cuda) but onnxruntime's CUDA provider cannot run here: "
             "measured on cpu; run the gate on the deployment machine with --provider cuda",

@@ -57,6 +57,8 @@ class Report:
         from_metadata: the settings the model's `flexslim.*` metadata supplied (setting name -> value).
         notes: what people should know about the measurement: the provider `auto` could not use, CPU nodes in a CUDA
             session, an early stop.
+        measured_on: where the latency was measured: "local", or the URL of the remote timer (`--timer`).
+        device: the fingerprint id of the device that measured (the latency cache's file name for it).
     """
 
     model: str
@@ -72,6 +74,8 @@ class Report:
     host: str = field(default_factory=platform.node)
     from_metadata: dict[str, float | int | str] = field(default_factory=dict)  # settings the model's metadata gave
     notes: tuple[str, ...] = ()
+    measured_on: str = "local"
+    device: str = ""
 
     @property
     def passed(self) -> bool:
@@ -128,6 +132,8 @@ class Report:
             "min_accuracy": self.min_accuracy,
             "checks": [asdict(c) for c in self.checks],
             "host": self.host,
+            "measured_on": self.measured_on,
+            "device_fingerprint": self.device,
             "metadata": {k: v for k, v in self.metadata.items() if k != "flexslim.arch"},
             "from_metadata": dict(self.from_metadata),
             "stopped": self.timing.stopped,

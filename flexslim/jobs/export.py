@@ -58,7 +58,25 @@ def export_run(
     report = gate_in_fresh_process(
         result.path, budget, provider or (lat or {}).get("provider", "auto"), measure, dataset
     )
-    return RunExport(result, report, run)
+    return RunExport(result, _with_device_note(report, record), run)
+
+
+def _with_device_note(report, record: RunRecord):
+    """The report with one more note when the gate measured on another device than the run's latency was measured
+    on, or when the run's own network was never measured on its device (a table from another device, no timer)."""
+    from dataclasses import replace
+
+    table = record.get("latency_device")
+    notes = []
+    if isinstance(table, dict) and table.get("id") and table["id"] != report.device:
+        notes.append(
+            f"this gate measured on device {report.device} ({report.measured_on}), the run's latency table on "
+            f"{table['id']} ({table.get('device', '?')}, {table.get('measured_on', '?')}): the verdict is this "
+            "device's, not the deployment device's; gate there (--timer URL) for its verdict"
+        )
+    if record.get("measured_on_device") is False:
+        notes.append("the run's bake ranked by a latency table of another device: its network was not measured there")
+    return replace(report, notes=tuple(report.notes) + tuple(notes)) if notes else report
 
 
 def _with_timeout(lat: dict | None, recipe, record: RunRecord) -> dict | None:
@@ -87,14 +105,17 @@ def gate_in_fresh_process(path: Path, budget_ms: float, provider: str, measure=N
     The measurement stops itself at `measure.timeout` (a failed `timeout` check, exit 1); the helper is killed
     (TimedOut, exit 1) when the whole call outlives that by HELPER_GRACE (+ ACCURACY_SECONDS when the gate also
     reads `dataset`), as `time_isolated` kills a timing of the latency model."""
-    from flexslim.deploy.gate import Measurement, validate
+    from flexslim.deploy.gate import Measurement
+    from flexslim.latency.remote import timer_environment
     from flexslim.latency.runtime import HELPER_GRACE, run_isolated
 
     measure = measure or Measurement()
     limit_s = measure.timeout + HELPER_GRACE + (ACCURACY_SECONDS if dataset else 0.0)
-    # the helper process keeps the working directory it was started in: hand it an absolute path
+    # the helper process keeps the working directory it was started in: hand it an absolute path; and the
+    # environment it was started with: hand it the remote timer this job measures on
     return run_isolated(
-        validate,
+        _validate_on,
+        timer_environment(),
         Path(path).resolve(),
         latency_ms=budget_ms,
         provider=provider,
@@ -102,3 +123,13 @@ def gate_in_fresh_process(path: Path, budget_ms: float, provider: str, measure=N
         dataset=dataset,
         limit_s=limit_s,
     )
+
+
+def _validate_on(env: dict[str, str | None], *args, **kwargs):
+    """`validate` with the remote timer's environment `env` (`remote.timer_environment`) set first: the isolated
+    helper may have been started before this job named its timer."""
+    from flexslim.deploy.gate import validate
+    from flexslim.latency.remote import set_timer_environment
+
+    set_timer_environment(env)
+    return validate(*args, **kwargs)

@@ -14,6 +14,7 @@ from flexslim.data.sources import load_dataset
 from flexslim.errors import BadInput
 from flexslim.latency import cache as latency_cache
 from flexslim.latency.budget import Budget
+from flexslim.latency.fingerprint import measuring_device
 from flexslim.latency.model import LatencyModel, with_grid
 from flexslim.latency.profiling import Sampling, profile, refine
 from flexslim.models.arch import Arch
@@ -120,6 +121,9 @@ def latency_stage(
     continues on its own latency.json (see `latency_model_for`); a table other than the one it started with gets
     one note line."""
     t0 = time.perf_counter()
+    here = measuring_device(recipe.latency)
+    if resume:
+        _check_same_device(record, here)
     own = resume and (record.run_dir / "latency.json").is_file()
     if own and table is not None:
         _note_other_table(record, table, reporter)
@@ -135,9 +139,15 @@ def latency_stage(
         f"latency model: floor {lat.floor_ms:.4f} ms (all stages at {recipe.model.min_width}), {describe(lat)}"
     )
     settings = recorded_settings(recipe.latency, lat.provider)
+    elsewhere = lat.measured_elsewhere(here)
+    if elsewhere:
+        reporter.log(other_device_line(lat.device, here))
     if not record.search_finished():  # a finished search keeps what it recorded
         record.update(
             latency={**settings, "floor_ms": lat.floor_ms, "error": err, "block": lat.block},
+            latency_device=lat.device or here,  # who measured the table
+            measuring_device=here,  # who measures this job's bake (and resumes must measure on)
+            measured_on_device=not elsewhere,
             budget=budget.as_dict(),
             latency_seconds=time.perf_counter() - t0,
             # summed over a killed run and its resumes (a resumed run's own latency.json is read, not measured)
@@ -150,6 +160,29 @@ def latency_stage(
         record.update(status="impossible budget")
         raise
     return lat, budget
+
+
+def other_device_line(table: dict, here: dict) -> str:
+    """The one line a job prints when its latency table was measured on another device than the one it measures on."""
+    return (
+        f"note: the latency table was measured on device {table.get('id')} ({table.get('device', '?')}, "
+        f"{table.get('measured_on', '?')}); this job measures on {here['id']} ({here['device']}, "
+        f"{here['measured_on']}): the table is not extended, the bake ranks by the table alone, and the delivered "
+        "network is NOT measured on its device; pass --timer URL of that device's timer to measure it"
+    )
+
+
+def _check_same_device(record: RunRecord, here: dict) -> None:
+    """BadInput when a resumed run would measure on another device than it started on (two devices never mix in
+    one run)."""
+    started = record.get("measuring_device")
+    if isinstance(started, dict) and started.get("id") and started.get("id") != here["id"]:
+        was = started.get("measured_on", "?")
+        hint = f"rerun with --timer {was}" if was != "local" else "rerun without --timer (or $FLEXSLIM_TIMER)"
+        raise BadInput(
+            f"--resume of {record.run_dir}: it measures on device {started['id']} ({started.get('device', '?')}, "
+            f"{was}), this job would measure on {here['id']} ({here['device']}, {here['measured_on']}); {hint}"
+        )
 
 
 def recorded_settings(s, provider: str) -> dict:

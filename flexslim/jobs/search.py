@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flexslim.data.sources import load_dataset
@@ -23,11 +23,13 @@ from flexslim.errors import BadInput
 from flexslim.jobs.latency import latency_stage, log_cache_use
 from flexslim.latency import cache as latency_cache
 from flexslim.latency.budget import Budget
+from flexslim.latency.fingerprint import measuring_device
 from flexslim.latency.model import LatencyModel, with_grid
 from flexslim.models.arch import Arch, arch_json, load_arch
 from flexslim.recipe import checks
 from flexslim.recipe.schema import Recipe, load_recipe, recipe_to_toml
 from flexslim.search.bake import BakePlan, Fitted, bake
+from flexslim.search.desk import predicted_by
 from flexslim.search.methods import check_search_method
 from flexslim.system import distributed
 from flexslim.system.console import Reporter
@@ -344,8 +346,15 @@ def _search_stage(run: _OpenRun, budget: Budget, lat: LatencyModel) -> Searched:
 
 def _bake(arch: Arch, centers: dict, budget: Budget, lat: LatencyModel, recipe: Recipe, reporter, score) -> Fitted:
     """The measured bake of the searched widths (the same for every method; `search.trim = false`: measure only),
-    capability-ranked inside the window by `score` when given."""
+    capability-ranked inside the window by `score` when given. A table measured on another device than this job
+    measures on: ranked by the table alone (`desk.predicted_by`), nothing measured here."""
     plan = BakePlan.for_recipe(recipe)
+    if lat.measured_elsewhere(measuring_device(recipe.latency)):  # nothing measured here may decide its latency
+        plan = replace(plan, confidence=None)
+        measure = predicted_by(lat)
+        return bake(
+            arch, centers, budget=budget, latency=lat, plan=plan, measure=measure, reporter=reporter, score=score
+        )
     return bake(arch, centers, budget=budget, latency=lat, plan=plan, reporter=reporter, score=score)
 
 

@@ -216,8 +216,9 @@ def describe(fp: dict | None) -> str:
     device = fp.get("gpu") if fp.get("provider") == "cuda" else fp.get("cpu")
     cores = f", {fp['cores']} cores" if fp.get("provider") != "cuda" and fp.get("cores") else ""
     threads = fp.get("threads") or "default"
+    label = f" ({fp['label']})" if fp.get("label") else ""
     return (
-        f"{fp.get('provider')} {device}{cores}, onnxruntime {fp.get('onnxruntime')}, threads {threads}, "
+        f"{fp.get('provider')} {device}{label}{cores}, onnxruntime {fp.get('onnxruntime')}, threads {threads}, "
         f"batch {fp.get('batch')}, p{fp.get('percentile', 0):g}"
     )
 

@@ -37,10 +37,36 @@ STATISTIC_VERSION = 1  # bump when what a Timing's figures mean changes (windows
 
 
 def fingerprint(settings: LatencyConfig) -> dict:
-    """What decides a given graph's latency here, as a JSON-ready dict (see the module notes)."""
+    """What decides a given graph's latency on the device that measures it, as a JSON-ready dict (see the module
+    notes): the remote timer's device when one is configured (`latency.remote`, asked once per process), else
+    this machine's."""
+    from flexslim.latency import remote
+
+    timer = remote.configured()
+    if timer is not None:
+        return remote.device(timer, settings)["fingerprint"]
     from flexslim.latency.model import provider_that_runs
 
-    provider = provider_that_runs(settings.provider)
+    return local_fingerprint(settings, provider_that_runs(settings.provider))
+
+
+def measuring_device(settings: LatencyConfig) -> dict:
+    """The device that measures at `settings`, as tables and run.json record it: its fingerprint id, where it is
+    ("local" or the timer's URL) and a few words on it (CPU or GPU, label)."""
+    from flexslim.latency import remote
+
+    fp = fingerprint(settings)
+    device = fp.get("gpu") if fp.get("provider") == "cuda" else fp.get("cpu")
+    return {
+        "id": fingerprint_id(fp),
+        "measured_on": remote.where(remote.configured()),
+        "device": f"{fp.get('provider')} {device}" + (f" ({fp['label']})" if fp.get("label") else ""),
+    }
+
+
+def local_fingerprint(settings: LatencyConfig, provider: str, label: str = "") -> dict:
+    """This machine's fingerprint at `settings`, `provider` being the one that runs ('cpu' | 'cuda'); a timer
+    server's `label` (a name its operator gives the device) is part of it when given."""
     fp = {
         "statistic": STATISTIC_VERSION,
         "provider": provider,
@@ -51,6 +77,8 @@ def fingerprint(settings: LatencyConfig) -> dict:
     }
     if provider == "cuda":
         fp.update(_gpu())
+    if label:
+        fp["label"] = label
     return fp
 
 

@@ -45,6 +45,7 @@ class Point:
     ms: float
     p50_ms: float
     repeats: tuple[float, ...] = ()
+    device: str = ""  # the fingerprint id of the device that measured it ("": made before points said)
 
     def spread(self) -> float | None:
         """Largest relative deviation of one session from the median (None with fewer than two sessions)."""
@@ -78,6 +79,7 @@ class LatencyModel:
     floor_ms: float = 0.0  # measured latency of the narrowest network (every stage at min_width)
     measure_seconds: float = 0.0
     budgets: list[float] = field(default_factory=list)  # the budgets its samples were concentrated at
+    device: dict = field(default_factory=dict)  # who measured it (`fingerprint.measuring_device`; {}: not recorded)
 
     # -- prediction -------------------------------------------------------------------------------------------
     def effective(self, widths: dict) -> dict:
@@ -137,6 +139,12 @@ class LatencyModel:
     def covers(self, widths: dict[str, int]) -> bool:
         """True when every stage's width lies in the sampled region (the fit interpolates there)."""
         return all(self.region[s][0] <= w <= self.region[s][1] for s, w in widths.items())
+
+    def measured_elsewhere(self, device: dict) -> bool:
+        """True when this table records a device other than `device` (`fingerprint.measuring_device`): its points
+        must not be mixed with what `device` measures. A table that records none is taken as this device's."""
+        mine = self.device.get("id", "")
+        return bool(mine) and mine != device.get("id", "")
 
     def near(self, budget_ms: float) -> list[Point]:
         """Fit points whose measured latency lies within NEAR of `budget_ms`."""
@@ -220,6 +228,7 @@ class LatencyModel:
                 floor_ms=d["floor_ms"],
                 measure_seconds=d.get("measure_seconds", 0.0),
                 budgets=list(d.get("budgets", [])),
+                device=_device(d.get("device", {})),
             )
         except BadInput:
             raise
@@ -346,6 +355,7 @@ def _checked_point(p: Point, where: str, path: str | Path, stages: set[str]) -> 
         _ms(p.ms, key("ms")),
         _ms(p.p50_ms, key("p50_ms")),
         tuple(_ms(r, key(f"repeats[{i}]")) for i, r in enumerate(p.repeats)),
+        p.device,
     )
 
 
@@ -374,7 +384,20 @@ def _structure(arch: Arch) -> dict:
 
 
 def _point(d: dict) -> Point:
-    return Point(dict(d["widths"]), d["ms"], d["p50_ms"], tuple(d.get("repeats", ())))
+    return Point(dict(d["widths"]), d["ms"], d["p50_ms"], tuple(d.get("repeats", ())), _text(d.get("device", "")))
+
+
+def _device(d: object) -> dict:
+    """A table's `device` record: string values only (ValueError otherwise)."""
+    if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
+        raise ValueError("device: expected an object of strings")
+    return dict(d)
+
+
+def _text(v: object) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"device: expected a string, got {type(v).__name__}")
+    return v
 
 
 def with_grid(recipe, latency: LatencyModel):

@@ -20,6 +20,7 @@ import torch
 
 from flexslim.errors import BadInput
 from flexslim.latency import cache as latency_cache
+from flexslim.latency.fingerprint import measuring_device
 from flexslim.latency.model import NEAR, LatencyModel, Point
 from flexslim.models.arch import Arch
 from flexslim.recipe.schema import LatencyConfig
@@ -71,21 +72,21 @@ def _one_thread():
 
 
 def _timed_sessions(model: bytes, settings: LatencyConfig, seed: int):
-    """The Timing of the median of `settings.repeats` fresh sessions of `model` in the isolated timing process, with
-    every session's percentile in `sessions` (sorted)."""
+    """The Timing of the median of `settings.repeats` fresh sessions of `model` in the isolated timing process (on
+    the remote timer's device when the job names one: `latency.remote`), with every session's percentile in
+    `sessions` (sorted)."""
+    from flexslim.latency import remote
     from flexslim.latency.runtime import TimingPlan, time_isolated
 
     s, n = settings, max(1, settings.repeats)
-    timings = [
-        time_isolated(
-            model,
-            s.provider,
-            TimingPlan(
-                s.batch, s.warmup, s.runs, s.percentile, s.threads, seed, s.min_seconds / n, s.timeout, s.precision
-            ),
-        )
-        for _ in range(n)
-    ]
+    plan = TimingPlan(
+        s.batch, s.warmup, s.runs, s.percentile, s.threads, seed, s.min_seconds / n, s.timeout, s.precision
+    )
+    timer = remote.configured()  # the deployment device's timer, when the job names one (--timer)
+    if timer is not None:
+        timings = [remote.time_model_bytes(timer, model, s.provider, plan) for _ in range(n)]
+    else:
+        timings = [time_isolated(model, s.provider, plan) for _ in range(n)]
     timings.sort(key=lambda t: t.at_percentile_ms)
     return replace(timings[(n - 1) // 2], sessions=tuple(t.at_percentile_ms for t in timings))
 
@@ -95,10 +96,11 @@ Measurer = Callable[[Arch, dict[str, int], LatencyConfig, int], tuple]
 
 def _measure_points(arch, width_sets, settings, reporter, what, measurer: Measurer) -> tuple[list[Point], str, str]:
     points, provider, runtime = [], "cpu", ""
+    device = measuring_device(settings)["id"] if width_sets else ""
     reporter.start(what, len(width_sets))
     for i, w in enumerate(width_sets):
         t, repeats = measurer(arch, w, settings, i)
-        points.append(Point(dict(w), t.at_percentile_ms, t.p50_ms, repeats))
+        points.append(Point(dict(w), t.at_percentile_ms, t.p50_ms, repeats, device))
         provider, runtime = t.provider, t.runtime
         reporter.advance(f"{t.at_percentile_ms:.4f} ms  {w}")
     reporter.stop()
@@ -224,7 +226,7 @@ def profile(
     fit_sets += [_sample(rng, region, grid) for _ in range(max(0, settings.samples - len(fit_sets)))]
     fit_pts, provider, runtime = _measure_points(arch, fit_sets, settings, reporter, "latency: fit networks", measurer)
     model = LatencyModel(arch, settings, provider, runtime, platform.node(), block, probe, region=region,
-                         fit_points=fit_pts, floor_ms=fit_pts[0].ms)  # fmt: skip
+                         fit_points=fit_pts, floor_ms=fit_pts[0].ms, device=measuring_device(settings))  # fmt: skip
     model.fit()
     model.measure_seconds = time.perf_counter() - t0
     if checkpoint is not None:
@@ -255,6 +257,12 @@ def refine(
     reporter = reporter or Reporter()
     s, rng = model.settings, random.Random(seed + len(model.fit_points))
     measured = False
+    if budgets and model.measured_elsewhere(here := measuring_device(s)):  # never mix two devices' points
+        reporter.log(
+            f"latency table measured on device {model.device.get('id')} ({model.device.get('device', '?')}), this "
+            f"job measures on {here['id']} ({here['device']}): the table is not extended here"
+        )
+        return False
     for b in (float(b) for b in budgets):
         missing = s.near - len(model.near(b))
         if b in model.budgets or missing <= 0:

@@ -60,6 +60,11 @@ def provider_list(provider: str) -> list[str]:
     return [_NAMES["cpu"]]
 
 
+def provider_that_runs_here(provider: str) -> str:
+    """The provider a choice (auto | cpu | cuda) runs on on this machine: 'cpu' or 'cuda'."""
+    return "cuda" if provider_list(provider)[0] == _NAMES["cuda"] else "cpu"
+
+
 def make_session(model: str | Path | bytes, provider: str = "auto", threads: int = 0):
     """An InferenceSession on the chosen provider; `threads` > 0 fixes the intra-op thread count.
 

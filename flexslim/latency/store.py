@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from flexslim.errors import BadInput
 from flexslim.latency.fingerprint import fingerprint_id
 from flexslim.latency.runtime import Timing
+from flexslim.latency.wire import number as _number
+from flexslim.latency.wire import timing_from_dict
+from flexslim.latency.wire import whole as _whole
 from flexslim.recipe.schema import LatencyConfig
 from flexslim.system.files import atomic_write_bytes, atomic_write_json
 from flexslim.system.locks import exclusive
@@ -255,51 +257,10 @@ def _entry(line: bytes, fp_id: str, fp: dict) -> Entry | None:
         return None
 
 
-_POSITIVE_MS = ("p50_ms", "p90_ms", "at_percentile_ms", "mean_ms")
-_OPTIONAL_MS = ("all_passes_ms", "fastest_ms", "timeout_s", "ci_low_ms", "ci_high_ms")
-
-
 def _timing(d: dict) -> Timing:
-    """A Timing from its `to_dict()`, every figure checked (ValueError/TypeError otherwise)."""
-    if not isinstance(d, dict) or set(d) - {f.name for f in fields(Timing)}:
-        raise ValueError("not a timing")
-    t = Timing(**{**d, **{k: tuple(d[k]) for k in ("input_shape", "sessions", "cpu_nodes") if k in d}})
-    if not isinstance(t.provider, str) or not isinstance(t.runtime, str) or t.stopped is not None:
-        raise ValueError("provider, runtime, stopped")
-    for name in _POSITIVE_MS:
-        _number(getattr(t, name), 0.0, strict=True)
-    for name in _OPTIONAL_MS:
-        if getattr(t, name) is not None:
-            _number(getattr(t, name), 0.0, strict=True)
-    for v in t.sessions:
-        _number(v, 0.0, strict=True)
-    _number(t.percentile, 0.0)
-    _number(t.elapsed_s, 0.0)
-    _number(t.precision, 0.0)
-    if not isinstance(t.known, bool):
-        raise ValueError("known")
-    for v in (t.batch, *t.input_shape):
-        _whole(v, 1)
-    for v in (t.threads, t.warmup, t.runs, t.windows, t.quiet_windows):
-        _whole(v, 0)
-    if not all(isinstance(n, str) for n in t.cpu_nodes):
-        raise ValueError("cpu_nodes")
+    """A Timing from its `to_dict()`, every figure checked (`wire.timing_from_dict`); a cache entry never holds a
+    stopped timing (ValueError)."""
+    t = timing_from_dict(d)
+    if t.stopped is not None:
+        raise ValueError("stopped")
     return t
-
-
-def _number(v, low: float, strict: bool = False) -> float:
-    if (
-        isinstance(v, bool)
-        or not isinstance(v, (int, float))
-        or not math.isfinite(v)
-        or v < low
-        or (strict and v <= low)
-    ):
-        raise ValueError(f"not a number >= {low}: {v!r}")
-    return float(v)
-
-
-def _whole(v, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"not a whole number >= {low}: {v!r}")
-    return v

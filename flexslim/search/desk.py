@@ -102,3 +102,21 @@ class Desk:
             return True
         before = self.score(old)
         return self.score(new) >= before - self.score.noise(before)
+
+
+PREDICTED = "predicted by the latency table (not measured)"  # the `runtime` of a predicted_by Timing
+
+
+def predicted_by(latency: LatencyModel) -> Measure:
+    """A Measure that reads the latency table instead of timing: for a table measured on another device than the
+    one this job can measure on (no timer for it), so nothing measured here decides. Its Timings say so in
+    `runtime` (PREDICTED) and have no timed passes."""
+    from flexslim.latency.runtime import Timing
+
+    def measure(arch: Arch, widths: dict[str, int], settings: LatencyConfig) -> Timing:
+        ms = float(latency.predict(widths))
+        s = settings
+        shape = (s.batch, *arch.input_shape)
+        return Timing(latency.provider, s.batch, shape, s.threads, 0, 0, s.percentile, ms, ms, ms, ms, PREDICTED)
+
+    return measure
