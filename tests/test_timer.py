@@ -26,6 +26,7 @@ from flexslim.errors import BadInput, TimedOut
 from flexslim.latency import remote, wire
 from flexslim.latency.runtime import Timing, TimingPlan
 from flexslim.recipe.schema import LatencyConfig
+from flexslim.system.console import Reporter
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789abcdef"
@@ -286,21 +287,23 @@ def test_remote_and_local_timings_of_the_same_network_agree(server, exported):
     assert 0.7 < ratio < 1.4, (local, there)
 
 
-def test_the_server_refuses_unsafe_or_impossible_settings(tmp_path):
-    bad = [
+def test_the_server_refuses_unsafe_or_impossible_settings(tmp_path, capsys):
+    from flexslim.timer.__main__ import main
+
+    (tmp_path / "short").write_text("abc\n")
+    (tmp_path / "ok").write_text(TOKEN)
+    for flags, message in (
         (["--host", "0.0.0.0", "--insecure-no-token"], "only allowed on loopback"),
-        (["--insecure-no-token", "--token-file", str(tmp_path / "t")], "exclude each other"),
+        (["--insecure-no-token", "--token-file", str(tmp_path / "ok")], "exclude each other"),
         ([], "pass --token-file"),
         (["--token-file", str(tmp_path / "missing")], "cannot be read"),
+        (["--token-file", str(tmp_path / "short")], "at least 16 characters"),
         (["--tls-cert", str(tmp_path / "c.pem"), "--insecure-no-token"], "go together"),
-    ]
-    (tmp_path / "short").write_text("abc\n")
-    bad.append((["--token-file", str(tmp_path / "short")], "at least 16 characters"))
-    for flags, message in bad:
-        proc = subprocess.run([sys.executable, "-m", "flexslim.timer", "serve", "--port", "0", *flags],
-                              capture_output=True, text=True, env=_env(), timeout=60)  # fmt: skip
-        assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr)
-        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        (["--token-file", str(tmp_path / "ok"), "--max-queue", "0"], "must be positive"),
+    ):
+        assert main(["serve", "--port", "0", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (flags, err)
 
 
 def test_the_server_runs_without_torch_onnx_or_typer(tmp_path, exported):
@@ -337,12 +340,13 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subproces
 
 
 def test_a_search_and_its_export_measure_everything_on_the_timer_and_resume_after_the_server_dies(
-    tmp_path, flexslim_cache
+    cli, tmp_path, flexslim_cache
 ):
     s = Server(tmp_path / "srv", label="device-b")
     run = tmp_path / "run"
-    args = ["search", "--latency-ms", "0.2", "--run-dir", str(run), "--timer", s.url,
-            "--timer-token-file", str(s.token_file), *QUICK]  # fmt: skip
+    # the bake measures its first choice only (search.trim=false): the measured bake has its own tests
+    args = ["search", "--latency-ms", "0.07", "--run-dir", str(run), "--timer", s.url,
+            "--timer-token-file", str(s.token_file), *QUICK, "--set", "search.trim=false"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "flexslim", *args], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
@@ -375,34 +379,61 @@ def test_a_search_and_its_export_measure_everything_on_the_timer_and_resume_afte
     assert len(s2.requests()) >= 1 + len(table["fit_points"]) - len(s.requests())
     s2.stop()
 
-    moved = _cli("search", "--latency-ms", "0.2", "--run-dir", str(run), "--resume", *QUICK)  # no timer: here
-    assert moved.returncode == 2 and "it measures on device" in moved.stderr and f"--timer {s.url}" in moved.stderr
+    moved = cli.invoke(app, ["search", "--latency-ms", "0.07", "--run-dir", str(run), "--resume", *QUICK])  # here
+    assert moved.exit_code == 2 and "it measures on device" in moved.stderr and f"--timer {s.url}" in moved.stderr
 
 
-def test_a_table_from_another_device_is_never_extended_here_and_the_bake_says_so(tmp_path, flexslim_cache):
-    s = Server(tmp_path / "srv", label="device-c")
+class _Lines(Reporter):
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def test_a_table_from_another_device_is_never_extended_here_and_the_bake_ranks_by_it_alone(
+    cli, tmp_path, flexslim_cache
+):
+    from flexslim.deploy.report import Report
+    from flexslim.jobs.export import _with_device_note
+    from flexslim.jobs.latency import latency_stage
+    from flexslim.jobs.search import _bake
+    from flexslim.latency.model import LatencyModel, with_grid
+    from flexslim.recipe.schema import load_recipe
+    from flexslim.system.runs import RunRecord
+
     table = tmp_path / "lat.json"
-    made = _cli("profile", "--out", str(table), "--timer", s.url, "--timer-token-file", str(s.token_file), *QUICK)
-    s.stop()
-    assert made.returncode == 0, made.stderr
+    made = cli.invoke(app, ["profile", "--out", str(table), *QUICK])
+    assert made.exit_code == 0, made.output
     lat = json.loads(table.read_text())
-    assert lat["device"]["measured_on"] == s.url and "device-c" in lat["device"]["device"]
+    here = lat["device"]
+    assert here["measured_on"] == "local" and {p["device"] for p in lat["fit_points"]} == {here["id"]}
+    there = {"id": "0123456789abcdef", "measured_on": "http://10.0.0.9:8765", "device": "cpu Cortex-A78 (device-c)"}
+    table.write_text(json.dumps({**lat, "device": there}))  # as if profiled there with --timer
+    cached = flexslim_cache / "latency"
+    before = {f.name: f.read_bytes() for f in cached.glob("*.jsonl")}
 
-    run = tmp_path / "run"
-    res = _cli("search", "--latency-ms", "0.2", "--run-dir", str(run), "--latency-table", str(table), *QUICK)
-    assert res.returncode == 0, res.stderr
-    assert "the latency table was measured on device" in res.stderr and "NOT measured on its device" in res.stderr
-    record = json.loads((run / "run.json").read_text())
-    assert record["measured_on_device"] is False and record["latency_device"]["id"] == lat["device"]["id"]
-    assert all(step["measured_ms"] == pytest.approx(step["predicted_ms"]) for step in record["bake"])
-    own = json.loads((run / "latency.json").read_text())
-    assert own["fit_points"] == lat["fit_points"]  # not extended with this machine's points
-    assert not list((flexslim_cache / "latency").glob("*.jsonl")) or all(
-        f.stem == lat["device"]["id"] for f in (flexslim_cache / "latency").glob("*.jsonl")
-    )
-    out = _cli("export", str(tmp_path / "m.onnx"), "--run-dir", str(run))
-    assert out.returncode in (0, 1), out.stderr
-    assert "not the deployment device's" in out.stdout and "was not measured there" in out.stdout
+    # a budget a table of this device would be refined at (near=3 > the points it holds near it)
+    recipe = load_recipe("quickstart", [*QUICK[1::2], "latency.near=3"])
+    arch = LatencyModel.load(table).arch
+    record, reporter = RunRecord(tmp_path / "run"), _Lines()
+    record.run_dir.mkdir()
+    model, budget = latency_stage(arch, recipe, record, table, 0.2, reporter)
+    assert [p.widths for p in model.fit_points] == [p["widths"] for p in lat["fit_points"]]  # not extended
+    (line,) = [ln for ln in reporter.lines if "the latency table was measured on device 0123456789abcdef" in ln]
+    assert "NOT measured on its device" in line and "--timer" in line
+    assert record["measured_on_device"] is False and record["latency_device"] == there
+    assert record["measuring_device"]["id"] == here["id"]
+
+    grid = with_grid(recipe, model)  # as the search job resolves round_to before its bake
+    fitted = _bake(arch, {s: float(w) for s, w in arch.widths.items()}, budget, model, grid, reporter, None)
+    assert fitted.steps and all(st["measured_ms"] == pytest.approx(st["predicted_ms"]) for st in fitted.steps)
+    assert {f.name: f.read_bytes() for f in cached.glob("*.jsonl")} == before  # nothing was timed here
+
+    t = Timing("cpu", 4, (4, 1, 8, 8), 1, 2, 10, 90.0, 0.01, 0.012, 0.012, 0.011, "onnxruntime x")
+    report = Report("m.onnx", "cpu", t, 0.2, None, None, 0, None, (), device=here["id"])
+    notes = _with_device_note(report, RunRecord.load(record.run_dir)).notes
+    assert any("not the deployment device's" in n for n in notes) and any("not measured there" in n for n in notes)
 
 
 def test_a_timer_that_cannot_be_reached_is_one_line_and_exit_2(cli, tmp_path, exported):

@@ -230,11 +230,19 @@ def _shared_latency_table(recipe_name: str, overrides: list[str], table: Path, b
 
 def _reuse_latency_table(src: Path, table: Path, log):
     """Share a measured latency table (its compatibility is checked by every run that loads it) -> the model."""
+    from flexslim.latency.fingerprint import measuring_device
     from flexslim.latency.model import LatencyModel
 
     if not src.is_file():
         raise BadInput(f"latency table {src} does not exist")
     model = LatencyModel.load(src)
+    here = measuring_device(model.settings)
+    if model.measured_elsewhere(here):  # the bench compares methods by what they measure: on the table's device
+        raise BadInput(
+            f"latency table {src} was measured on device {model.device.get('id')} ({model.device.get('device', '?')},"
+            f" {model.device.get('measured_on', '?')}), this bench would measure on {here['id']} ({here['device']}); "
+            "every method is compared by measurement: pass --timer URL of that device, or profile here"
+        )
     if src.resolve() != table.resolve():
         model.save(table)
     log(f"bench: sharing the latency table {src} (floor {model.floor_ms:.4f} ms, {model.provider})")

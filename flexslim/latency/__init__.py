@@ -7,7 +7,9 @@ the sessions, the statistic and the helper), `statistic` (the undisturbed window
 timing may stop), `isolated` (the isolated timing helper process: run_isolated, the pool, HELPER_GRACE), `cache`
 (every network timed, per device fingerprint: read before timing, never by the gate), `store` (the cache's files
 and entries, and when an entry may answer), `fingerprint` (the cache's keys: the device fingerprint, the graph hash
-of an ONNX model without its weights, the network's description with the code that exports it).
+of an ONNX model without its weights, the network's description with the code that exports it; the device that
+measures: this machine or the remote timer's), `remote` (the remote timer's client: every measurement of a job made
+on the deployment device, `--timer URL`), `wire` (what the client and the timer exchange, checked both ways).
 
 May import: system, data, models, recipe, errors. Independent of train. Imported by search, deploy and above.
 """
