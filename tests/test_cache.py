@@ -446,3 +446,28 @@ def test_a_coarser_stopping_precision_never_serves_a_finer_request():
     c = cache.timing_of(net, full, clock(full))
     assert clock.calls == 3  # a session that could stop early never answers one that must time in full ...
     assert cache.timing_of(net, fine, clock(fine)) == c and clock.calls == 3  # ... the other way round it does
+
+
+def test_the_probe_reads_only_earlier_probes_of_its_networks(monkeypatch, tiny_arch):
+    """A fuller timing of a probe network (another run's fit point, another moment) must not answer the probe: the
+    curve would mix two kinds of measurement. An earlier probe's entry (same thoroughness) still answers."""
+    from flexslim.latency import profiling
+    from flexslim.system.console import Reporter
+
+    calls = _fake_timer(monkeypatch)
+    settings = dataclasses.replace(FAST_LATENCY, min_seconds=0.9, runs=10)
+    full = {s: 8 for s in tiny_arch.widths}
+    profiling.measure_sessions(tiny_arch, full, settings)  # every stage at 8: also the probe's first network
+    assert len(calls) == 1
+
+    def probe():
+        return profiling.probe_block(tiny_arch, settings, 8, profiling.measure_sessions, Reporter(), step=8)
+
+    _, first = probe()
+    n = len(calls)
+    assert n == 1 + len(first)  # the fuller entry of the 8-channel network did not answer the probe
+    before = cache.tally()
+    _, again = probe()
+    assert len(calls) == n and again == first and (cache.tally() - before).hits == len(first)  # earlier probes did
+    hit, _ = profiling.measure_sessions(tiny_arch, full, settings)
+    assert len(calls) == n and hit.sessions  # ... and it still answers the fit's own request

@@ -104,6 +104,21 @@ def refreshing() -> Iterator[None]:
         _READING.reset(token)
 
 
+_EXACT: ContextVar[bool] = ContextVar("flexslim_latency_cache_exact", default=False)
+
+
+@contextlib.contextmanager
+def exactly() -> Iterator[None]:
+    """While open, an entry answers only a request measured exactly as thoroughly as it was: what the block probe
+    reads, so that a probe curve is one kind of measurement throughout (a fuller timing of one of its networks, made
+    by another run at another moment, would put a step into the curve that the runtime does not have)."""
+    token = _EXACT.set(True)
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
+
 @dataclass(frozen=True)
 class Tally:
     """Networks served from the cache (`hits`) and timed (`misses`, the cache on or off) in this process so far."""
@@ -128,7 +143,7 @@ def served(net: str, settings: LatencyConfig) -> Timing | None:
     thoroughly, found without exporting it (None: the cache is off or refreshing, or it has none)."""
     if not enabled() or not _READING.get():
         return None
-    hit = store_for(settings).get(net, Thoroughness.of(settings), by="net")
+    hit = store_for(settings).get(net, Thoroughness.of(settings), by="net", exact=_EXACT.get())
     if hit is not None:
         _COUNTS["hits"] += 1
     return hit
@@ -145,7 +160,7 @@ def timing_of(
     key = graph_key(model) if store is not None else ""
     wanted = Thoroughness.of(settings)
     if store is not None and _READING.get():
-        hit = store.find(key, wanted)
+        hit = store.find(key, wanted, exact=_EXACT.get())
         if hit is not None:
             _COUNTS["hits"] += 1
             if net and hit.net != net:  # the same graph from other code: found by its network key next time

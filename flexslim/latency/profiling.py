@@ -140,7 +140,8 @@ def probe_block(
     # one session, a ninth of the seconds, a fifth of the passes: the probe looks for steps of 10% and more in one
     # curve; three full sessions of the widest probe networks (every stage at 128) took 2.8 s a network (measured)
     quick = replace(settings, min_seconds=settings.min_seconds / 9, repeats=1, runs=max(PROBE_RUNS, settings.runs // 5))
-    points, _, _ = _measure_points(arch, sets, quick, reporter, "latency: probing channel blocks", measurer)
+    with latency_cache.exactly():  # only earlier probes answer: one kind of measurement along the curve
+        points, _, _ = _measure_points(arch, sets, quick, reporter, "latency: probing channel blocks", measurer)
     timings = {w: p.ms for w, p in zip(grid, points)}
     return detect_block(timings), {str(w): ms for w, ms in timings.items()}
 

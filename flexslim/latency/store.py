@@ -125,17 +125,17 @@ class LatencyCache:
                 self._note_once(f"latency cache {self.path}: {bad} corrupt entr{'y' if bad == 1 else 'ies'} ignored")
         return self._parsed
 
-    def find(self, key: str, wanted: Thoroughness, by: str = "key") -> Entry | None:
+    def find(self, key: str, wanted: Thoroughness, by: str = "key", exact: bool = False) -> Entry | None:
         """The newest entry of `key` (its graph key; by="net": its network key) measured at least as thoroughly as
-        `wanted` (None: none)."""
+        `wanted` (`exact`: exactly as thoroughly) (None: none)."""
         for e in reversed(self.entries()):
-            if getattr(e, by) == key and key and e.measured.serves(wanted):
+            if getattr(e, by) == key and key and (e.measured == wanted if exact else e.measured.serves(wanted)):
                 return e
         return None
 
-    def get(self, key: str, wanted: Thoroughness, by: str = "key") -> Timing | None:
-        """The Timing of `find(key, wanted, by)` (None: none)."""
-        e = self.find(key, wanted, by)
+    def get(self, key: str, wanted: Thoroughness, by: str = "key", exact: bool = False) -> Timing | None:
+        """The Timing of `find(key, wanted, by, exact)` (None: none)."""
+        e = self.find(key, wanted, by, exact)
         return None if e is None else e.timing
 
     # -- writing --------------------------------------------------------------------------------------------------
