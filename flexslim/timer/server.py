@@ -184,6 +184,12 @@ class _Handler(BaseHTTPRequestHandler):
             status, body = 500, {"error": f"internal error: {type(err).__name__}: {err}"}
             self.close_connection = True
         data = json.dumps(body).encode()
+        what = body.get("error", "") if status != 200 else ""
+        self.state.write(  # before the answer: a client that has its answer finds the request in the log
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t0))}Z {self.client_address[0]} {self.command} "
+            f"{urllib.parse.urlsplit(self.path).path} {status} {time.time() - t0:.3f}s{self._extra}"
+            + (f" error={what!r}" if what else "")
+        )
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -193,13 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data)
         except OSError:
-            pass  # the client went away; the log line still says what happened
-        what = body.get("error", "") if status != 200 else ""
-        self.state.write(
-            f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t0))}Z {self.client_address[0]} {self.command} "
-            f"{urllib.parse.urlsplit(self.path).path} {status} {time.time() - t0:.3f}s{self._extra}"
-            + (f" error={what!r}" if what else "")
-        )
+            pass  # the client went away; the log line says what it was answered
 
     def _fail(self, status: int, message: str):
         raise _Answer(status, message)
