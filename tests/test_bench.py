@@ -200,3 +200,18 @@ def test_throughput_times_the_search_loops_own_step(monkeypatch):
     res = measure_throughput(recipe, (1, 16, 16), 10, torch.device("cpu"), steps=2, warmup=1)
     assert calls == {"weight_step": 3, "arch_step": 3}
     assert res["search_images_per_s"] > 0 and res["retrain_images_per_s"] > 0 and res["mask_overhead_ratio"] > 0
+
+
+def test_every_method_retrains_from_scratch_alike_unless_the_bench_is_told_otherwise():
+    """A searched method's run would fine-tune its searched weights by default (train.init = auto) while a baseline
+    has none: the bench retrains every method from scratch, so the comparison is of the widths found."""
+    from flexslim.bench.worker import run_overrides
+    from flexslim.recipe.schema import load_recipe
+    from flexslim.search.methods import bench_method
+
+    spec = {"overrides": [], "seed": 1}
+    for name in ("flexcharts", "dmask-large", "uniform"):
+        recipe = load_recipe("quickstart", run_overrides(spec, bench_method(name)))
+        assert recipe.train.init == "scratch" and recipe.search.seed == 1
+    told = load_recipe("quickstart", run_overrides({"overrides": ["train.init=searched"]}, bench_method("flexcharts")))
+    assert told.train.init == "searched"  # the bench's own --set wins

@@ -65,10 +65,15 @@ def worker(spec: dict) -> dict:
 
 
 def run_overrides(spec: dict, method: BenchMethod) -> list[str]:
-    """The recipe overrides of one run: the bench's, the method's, the run's seed (search and retraining)."""
+    """The recipe overrides of one run: retraining from scratch (every method alike: a baseline has no searched
+    weights to start from; the bench's own --set may still say otherwise), the bench's, the method's, the run's seed
+    (search and retraining)."""
     seed = [f"search.seed={spec['seed']}", f"train.seed={spec['seed']}"] if spec.get("seed") is not None else []
     searched = [f"search.method={method.search}", *method.overrides] if method.search else []
-    return [*spec["overrides"], *searched, *seed]
+    return [SCRATCH, *spec["overrides"], *searched, *seed]
+
+
+SCRATCH = "train.init=scratch"  # the bench compares what the methods find, not how long their networks trained
 
 
 def _range_ms(recipe, table) -> list[float]:
@@ -115,6 +120,7 @@ def _search_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict,
         "peak_allocated": widest_allocation(history),
         "acc_supernet": res.supernet_acc,
         "acc_retrained": res.test_acc,
+        "train_init": recipe.train.init,
         **(res.memory or {}),
     }
     row.update(search_window_memory(spec, recipe, ds, dev, row["peak_allocated"]))
@@ -237,8 +243,9 @@ def _retrained(row: dict, baked, spec: dict, recipe, ds, dev) -> tuple[dict, obj
 
         run_dir = Path(spec["out"]) / spec["run"]
         run_dir.mkdir(parents=True, exist_ok=True)
-        scratch = replace(recipe, train=replace(recipe.train, init="scratch"))  # every method alike, from scratch
+        scratch = replace(recipe, train=replace(recipe.train, init="scratch"))  # no searched weights: from scratch
         row["acc_retrained"] = train_arch(baked, scratch, run_dir, ds, dev)[-1].test_acc
+        row["train_init"] = "scratch"
     return row, baked
 
 
