@@ -58,6 +58,8 @@ def test_bench_writes_the_table_csv_and_plot(tmp_path, monkeypatch):
         assert r["tensor_peak_mb"] > r["tensor_state_mb"] > 0 and r["tensor_source"].startswith("torch.profiler")
         assert r["peak_allocated"] and r["seconds_per_epoch"] > 0
     assert rows[1]["tensor_peak_mb"] > rows[0]["tensor_peak_mb"]  # DMask-large holds 3x the widths
+    assert rows[1]["search_gmacs"] > rows[0]["search_gmacs"] > 0 == rows[2]["search_gmacs"]  # uniform: measuring only
+    assert all(r["total_gmacs"] == r["search_gmacs"] for r in rows)  # no retraining here
     assert rows[0]["acc_supernet"] is not None and 0 <= rows[0]["acc_supernet"] <= 1
     with open(tmp_path / "b" / "bench.csv") as f:
         assert len(list(csv.reader(f))) == 4
@@ -215,3 +217,70 @@ def test_every_method_retrains_from_scratch_alike_unless_the_bench_is_told_other
         assert recipe.train.init == "scratch" and recipe.search.seed == 1
     told = load_recipe("quickstart", run_overrides({"overrides": ["train.init=searched"]}, bench_method("flexcharts")))
     assert told.train.init == "searched"  # the bench's own --set wins
+
+
+def test_the_compute_accounting_adds_up_on_a_toy_network(tiny_arch):
+    """Forward MACs against an independent count (every conv and linear layer's output elements x its weights per
+    output), and the search's and retraining's sums from their definitions."""
+    import torch
+
+    from flexslim.bench.compute import TRAIN_PASSES, forward_macs, search_gmacs, train_gmacs
+    from flexslim.models.families import build_network
+
+    widths = {"stage1": 8, "stage2": 16, "stage3": 24}
+    net = build_network(tiny_arch.with_widths(widths)).eval()
+    counted = []
+
+    def hook(m, inp, out):
+        per_output = m.weight[0].numel() if isinstance(m, torch.nn.Conv2d) else m.in_features
+        counted.append(out.numel() * per_output)
+
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        net(torch.rand(1, *tiny_arch.input_shape))
+    f = forward_macs(tiny_arch, widths)
+    assert f == pytest.approx(sum(counted), rel=0.02)  # (BatchNorm, pooling and adds are not MACs of weights)
+    assert forward_macs(tiny_arch, {"stage1": 16, "stage2": 32, "stage3": 48}) > 2.5 * f  # ~4x where it is conv
+
+    history = [
+        {"steps": 10, "allocated_before": widths, "arch_ce": 0.0},  # warm-up: the weights step alone
+        {"steps": 10, "allocated_before": widths, "arch_ce": 1.9},  # + an architecture step per batch
+    ]
+    assert search_gmacs(tiny_arch, history, batch_size=4) == pytest.approx((1 + 2) * TRAIN_PASSES * f * 40 / 1e9)
+    assert train_gmacs(tiny_arch, widths, epochs=3, images=100) == pytest.approx(TRAIN_PASSES * f * 300 / 1e9)
+
+
+def test_equal_compute_gives_a_baseline_the_epochs_that_match_flexcharts(tiny_arch, quickstart):
+    from flexslim.bench.compute import train_gmacs
+    from flexslim.bench.run import _flexcharts_compute, _runs
+    from flexslim.bench.worker import _epochs_for, _train_images
+    from flexslim.recipe.schema import load_recipe
+
+    assert [r["method"] for r in _runs(["uniform", "random", "flexcharts"], 2, 0)] == [
+        "flexcharts",
+        "uniform",
+        "random",
+        "flexcharts",
+        "uniform",
+        "random",
+    ]  # fmt: skip  (FlexCHarts first: the baselines of its seed get its time and compute)
+    rows = [{"method": "flexcharts", "seed": 0, "total_gmacs": 50.0}, {"method": "flexcharts", "seed": 1,
+            "total_gmacs": 70.0}, {"method": "flexcharts", "seed": 2, "error": "x"}]  # fmt: skip
+    assert _flexcharts_compute(rows, 1) == 70.0 and _flexcharts_compute(rows, 2) == 70.0
+    assert _flexcharts_compute([], 0) is None
+
+    recipe = load_recipe("quickstart")
+    baked = tiny_arch.with_widths({"stage1": 8, "stage2": 16, "stage3": 16})
+    per_epoch = train_gmacs(baked, baked.widths, 1, _train_images(quickstart, recipe))
+    assert _epochs_for(None, 0.0, baked, recipe, quickstart) == recipe.train.epochs
+    assert _epochs_for(10.4 * per_epoch, 0.0, baked, recipe, quickstart) == 10
+    assert _epochs_for(10.4 * per_epoch, 3 * per_epoch, baked, recipe, quickstart) == 7  # its own search counts
+    assert _epochs_for(0.1 * per_epoch, 5 * per_epoch, baked, recipe, quickstart) == 1  # at least one
+
+
+def test_equal_compute_needs_flexcharts_and_retraining(cli, tmp_path):
+    for args in (["--methods", "uniform", "--retrain"], ["--methods", "flexcharts,uniform", "--no-retrain"]):
+        res = cli.invoke(app, ["bench", "--latency-ms", "1", "--equal-compute", "--out", str(tmp_path / "b"), *args])
+        assert res.exit_code == 2 and "--equal-compute" in res.stderr, res.output

@@ -2,7 +2,9 @@
 
 Modules: `run` (the bench job: runs, seeds, the shared latency table, launching the workers), `worker` (one
 isolated per-method run in its own process -> its row), `report` (statistics over seeds, verdicts, table, CSV,
-figure), `uniform` (the uniform width-scaling baseline), `throughput` (step-time benchmark).
+figure), `pareto` (several budgets), `uniform` (the uniform width-scaling baseline), `random_search`, `compute`
+(images x MACs of a row's search and retraining), `mainjob` (the README job cold and warm), `throughput` (step-time
+benchmark).
 
 May import: jobs, search, deploy, train, latency, system, data, models, recipe, errors. Imported only by cli.
 """

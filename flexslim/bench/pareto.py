@@ -90,6 +90,8 @@ def pareto_summary(rows: list[dict]) -> list[dict]:
                 "ratio": mean_std(ratios),
                 "in_window": sum(WINDOW[0] <= x <= WINDOW[1] for x in ratios),
                 "acc_retrained": mean_std([r.get("acc_retrained") for r in rs]),
+                "search_gmacs": mean_std([r.get("search_gmacs") for r in rs]),
+                "total_gmacs": mean_std([r.get("total_gmacs") for r in rs]),  # search + retraining
             }
         )
     return out
@@ -110,24 +112,30 @@ def write_pareto(rows: list[dict], out: Path, recipe: str, floor_ms: float) -> N
         "latency is the bake's measurement (the gate's statistic), accuracy the retrained test accuracy; mean ± std "
         "over the runs (seeds).",
         "",
-        "| budget (ms) | x floor | method | runs | widths | latency p90 (ms) | / budget | in window | accuracy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Compute: images x multiply-accumulates (forward + backward = 3 forward passes) of the search and of the "
+        "retraining together, in 1e9 MACs (`flexslim.bench.compute`).",
+        "",
+        "| budget (ms) | x floor | method | runs | widths | latency p90 (ms) | / budget | in window | compute (GMACs) "
+        "| accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         widths = "; ".join("/".join(str(v) for v in w.values()) for w in s["widths"])
         lines.append(
             f"| {s['budget_ms']:g} | {s['budget_ms'] / floor_ms:.2f} | {s['method']} | {s['runs']} | {widths} | "
             f"{_pm(s['measured_ms'], '.4f')} | {_pm(s['ratio'], '.3f')} | {s['in_window']}/{s['runs']} | "
-            f"{_pm(s['acc_retrained'], '.4f')} |"
+            f"{_pm(s['total_gmacs'], '.0f')} | {_pm(s['acc_retrained'], '.4f')} |"
         )
     lines += ["", *[f"- {v}" for v in pareto_verdicts(summary)]]
     atomic_write_text(out / "pareto.md", "\n".join(lines) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["budget_ms", "method", "runs", "measured_ms", "measured_std", "ratio", "acc", "acc_std", "in_window"])
+    w.writerow(["budget_ms", "method", "runs", "measured_ms", "measured_std", "ratio", "acc", "acc_std", "in_window",
+                "total_gmacs", "search_gmacs"])  # fmt: skip
     for s in summary:
         m, a, q = s["measured_ms"] or (None, None), s["acc_retrained"] or (None, None), s["ratio"] or (None,)
-        w.writerow([s["budget_ms"], s["method"], s["runs"], m[0], m[1], q[0], a[0], a[1], s["in_window"]])
+        c, sc = s["total_gmacs"] or (None,), s["search_gmacs"] or (None,)
+        w.writerow([s["budget_ms"], s["method"], s["runs"], m[0], m[1], q[0], a[0], a[1], s["in_window"], c[0], sc[0]])
     atomic_write_text(out / "pareto.csv", buf.getvalue())
     atomic_write_json(out / "pareto.json", {"recipe": recipe, "floor_ms": floor_ms, "summary": summary})
     if any(s["acc_retrained"] for s in summary):

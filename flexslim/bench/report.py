@@ -29,6 +29,10 @@ STATS = (
     "acc_retrained",
     "mflops",
     "params_k",
+    "search_gmacs",
+    "train_gmacs",
+    "total_gmacs",
+    "train_seconds",
 )
 
 
@@ -162,6 +166,8 @@ SUMMARY_COLUMNS = [
     ("tensor_peak_mb", "tensor peak (MB)"),
     ("cuda_max_allocated_mb", "GPU max allocated (MB)"),
     ("peak_mb", "peak RSS (MB)"),
+    ("search_gmacs", "search compute (GMACs)"),
+    ("train_gmacs", "retrain compute (GMACs)"),
     ("acc_supernet", "acc, supernet"),
     ("acc_retrained", "acc, retrained"),
 ]
@@ -177,6 +183,10 @@ RUN_COLUMNS = [
     ("tensor_peak_mb", "tensor peak (MB)"),
     ("peak_mb", "peak RSS (MB)"),
     ("search_mb", "RSS rise (MB)"),
+    ("search_gmacs", "search compute (GMACs)"),
+    ("train_gmacs", "retrain compute (GMACs)"),
+    ("train_epochs", "retrain epochs"),
+    ("train_seconds", "retrain time (s)"),
     ("acc_supernet", "acc, supernet"),
     ("acc_retrained", "acc, retrained"),
 ]

@@ -81,6 +81,9 @@ class BenchRequest:
             not named get the largest count given; see `parse_seeds` for the flag's "3,random=1" form).
         latency_table: a latency.json of this recipe (`flexslim profile`) to share instead of measuring one.
         data_dir, device: as for `flexslim search`.
+        equal_compute: the baselines (uniform, random) retrain for as many epochs as make their search + retraining
+            cost what the FlexCHarts run of the same seed cost (images x MACs, `bench.compute`), instead of the
+            recipe's train.epochs; needs flexcharts among the methods and --retrain.
     """
 
     recipe: str
@@ -93,6 +96,7 @@ class BenchRequest:
     device: str = "auto"
     seeds: int | dict[str, int] = 1
     latency_table: Path | None = None
+    equal_compute: bool = False
 
 
 def run_bench(request: BenchRequest, log=print) -> list[dict]:
@@ -118,6 +122,10 @@ def run_bench(request: BenchRequest, log=print) -> list[dict]:
     budget = _checked_budget_and_seeds(recipe, budget_ms, seeds)
     if isinstance(seeds, dict) and set(seeds) - {"*"} - set(methods):
         raise BadInput(f"--seeds names {', '.join(sorted(set(seeds) - {'*'} - set(methods)))}, not among the methods")
+    retrains = recipe.bench.retrain if retrain is None else retrain
+    if r.equal_compute and ("flexcharts" not in methods or not retrains):
+        raise BadInput("--equal-compute gives the baselines FlexCHarts' compute: it needs flexcharts among --methods "
+                       "and --retrain")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     if latency_table is not None:
         table = _reuse_latency_table(Path(latency_table), out / "latency.json", log)
@@ -130,7 +138,7 @@ def run_bench(request: BenchRequest, log=print) -> list[dict]:
         "budget_ms": budget,
         "out": str(out),
         "latency_table": str(out / "latency.json"),
-        "retrain": recipe.bench.retrain if retrain is None else retrain,
+        "retrain": retrains,
         "device": device,
         "data": str(data_dir) if data_dir else None,
     }
@@ -138,6 +146,8 @@ def run_bench(request: BenchRequest, log=print) -> list[dict]:
     for run in _runs(methods, seeds, recipe.search.seed):
         if run["method"] == "random":
             run["random_seconds"] = _random_seconds(rows, run["seed"], recipe)
+        if r.equal_compute and run["method"] in ("uniform", "random"):
+            run["compute_gmacs"] = _flexcharts_compute(rows, run["seed"])
         rows.append(_run_method({**base, **run}, out, log))
     write_outputs(rows, out, budget, recipe.name)
     return rows
@@ -184,6 +194,13 @@ def _random_seconds(rows: list[dict], seed, recipe) -> float:
     return float(same[-1]["search_seconds"]) if same else recipe.bench.random_seconds
 
 
+def _flexcharts_compute(rows: list[dict], seed) -> float | None:
+    """What the FlexCHarts run of the same seed (else of any) cost, search and retraining (1e9 MACs); None: none ran."""
+    searched = [r for r in rows if r.get("method") == "flexcharts" and "error" not in r and r.get("total_gmacs")]
+    same = [r for r in searched if r.get("seed") == seed] or searched
+    return float(same[-1]["total_gmacs"]) if same else None
+
+
 def seeds_of(seeds: int | dict[str, int], methods: list[str]) -> dict[str, int]:
     """Runs per method: an int for all, or a mapping (key "*": the methods not named; else the largest count)."""
     if not isinstance(seeds, dict):
@@ -194,9 +211,10 @@ def seeds_of(seeds: int | dict[str, int], methods: list[str]) -> dict[str, int]:
 
 def _runs(methods: list[str], seeds: int | dict[str, int], first_seed: int) -> list[dict]:
     """The runs of a bench: every method per seed ({"method", "seed", "run": the run folder's name}), seed by seed
-    (a method with fewer runs stops early); random search runs after FlexCHarts (it gets FlexCHarts' search time).
+    (a method with fewer runs stops early); FlexCHarts first, random search last (the baselines may get FlexCHarts'
+    search time and compute).
     Seeds are labelled (search.seed = train.seed = first + i) as soon as any method runs more than once."""
-    methods = sorted(methods, key=lambda m: m == "random")
+    methods = sorted(methods, key=lambda m: (m != "flexcharts", m == "random"))
     counts = seeds_of(seeds, methods)
     many = max(counts.values(), default=1) > 1
     runs = []

@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from flexslim.bench.compute import search_gmacs, train_gmacs
 from flexslim.bench.report import WINDOW_STEPS
 from flexslim.latency.budget import Budget
 from flexslim.recipe.choices import BenchMethod
@@ -16,6 +17,7 @@ from flexslim.search.methods import bench_method
 from flexslim.system.children import adopt_from_env
 from flexslim.system.files import atomic_write_json
 from flexslim.system.memory import SearchMemory
+from flexslim.system.runs import RunRecord
 
 
 def network_stats(arch) -> dict:
@@ -59,6 +61,7 @@ def worker(spec: dict) -> dict:
         device=str(dev),
         **network_stats(baked),
     )
+    row["total_gmacs"] = row.get("search_gmacs", 0.0) + (row.get("train_gmacs") or 0.0)  # what its accuracy cost
     if method.search == "dmask":
         row["range_ms"] = _range_ms(recipe, table)
     return row
@@ -109,6 +112,12 @@ def _search_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict,
     )
     res = search_job(request)
     history = res.history or []
+    compute = {"search_gmacs": search_gmacs(res.arch, history, recipe.search.batch_size)}
+    if spec["retrain"]:
+        run = RunRecord.load(Path(spec["out"]) / spec["run"])
+        epochs = recipe.train.epochs
+        compute.update(train_gmacs=train_gmacs(res.arch, res.arch.widths, epochs, _train_images(ds, recipe)),
+                       train_seconds=run.get("train_seconds"), train_epochs=epochs)  # fmt: skip
     search_seconds = res.search_seconds  # the loop alone: the search measures nothing (latency_seconds apart)
     row = {
         "search_seconds": search_seconds,
@@ -121,6 +130,7 @@ def _search_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict,
         "acc_supernet": res.supernet_acc,
         "acc_retrained": res.test_acc,
         "train_init": recipe.train.init,
+        **compute,
         **(res.memory or {}),
     }
     row.update(search_window_memory(spec, recipe, ds, dev, row["peak_allocated"]))
@@ -194,7 +204,8 @@ def _uniform_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict
     )
     fitted = _baked(arch, res.widths, budget, table, recipe)
     # its "search" is all latency measurement: no training, no tensor memory to speak of
-    row = {"search_seconds": 0.0, "latency_seconds": res.seconds + fitted.seconds, "measured_ms": fitted.measured_ms}
+    row = {"search_seconds": 0.0, "latency_seconds": res.seconds + fitted.seconds, "measured_ms": fitted.measured_ms,
+           "search_gmacs": 0.0}  # fmt: skip
     row.update(memory.stop(), multiplier=res.multiplier, uniform_widths=res.widths, acc_supernet=None)
     return _retrained(row, arch.with_widths(fitted.widths), spec, recipe, ds, dev)
 
@@ -209,9 +220,39 @@ def _random_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict,
     arch, table, budget = _shared(spec, recipe, ds)
     res = random_search(arch, recipe, ds, table=table, budget=budget, seconds=spec["random_seconds"], device=dev)
     fitted = _baked(arch, res.widths, budget, table, recipe)
-    row = {"search_seconds": res.seconds, "latency_seconds": fitted.seconds, "measured_ms": fitted.measured_ms}
+    row = {"search_seconds": res.seconds, "latency_seconds": fitted.seconds, "measured_ms": fitted.measured_ms,
+           "search_gmacs": _random_gmacs(arch, res.candidates, ds, recipe)}  # fmt: skip
     row.update(memory.stop(), candidates=len(res.candidates), acc_random_proxy=res.score, acc_supernet=None)
     return _retrained(row, arch.with_widths(fitted.widths), spec, recipe, ds, dev)
+
+
+def _random_gmacs(arch, candidates: list[dict], ds, recipe) -> float:
+    """Random search's training: each candidate PROXY_EPOCHS over D_t (and one forward pass over D_s to score it)."""
+    from flexslim.bench.compute import forward_macs
+    from flexslim.bench.random_search import PROXY_EPOCHS
+
+    d_t, d_s = ds.search_halves(recipe.data.split_seed)
+    bs = recipe.search.batch_size
+    n_t, n_s = len(d_t.train_batches(bs, drop_last=True)) * bs, len(d_s.train_batches(bs)) * bs
+    return sum(
+        train_gmacs(arch, c["widths"], PROXY_EPOCHS, n_t) + forward_macs(arch, c["widths"]) * n_s / 1e9
+        for c in candidates
+    )
+
+
+def _epochs_for(target_gmacs: float | None, search: float, baked, recipe, ds) -> int:
+    """Retraining epochs: the recipe's, or (--equal-compute) as many whole epochs as bring this run's compute
+    closest to `target_gmacs` (FlexCHarts' search + retraining), at least one."""
+    if not target_gmacs:
+        return recipe.train.epochs
+    per_epoch = train_gmacs(baked, baked.widths, 1, _train_images(ds, recipe))
+    return max(1, round((target_gmacs - search) / per_epoch))
+
+
+def _train_images(ds, recipe) -> int:
+    """Images one retraining epoch passes through (whole batches of the training split)."""
+    bs = recipe.train.batch_size
+    return len(ds.train_batches(bs)) * bs
 
 
 def _shared(spec: dict, recipe, ds):
@@ -243,9 +284,16 @@ def _retrained(row: dict, baked, spec: dict, recipe, ds, dev) -> tuple[dict, obj
 
         run_dir = Path(spec["out"]) / spec["run"]
         run_dir.mkdir(parents=True, exist_ok=True)
-        scratch = replace(recipe, train=replace(recipe.train, init="scratch"))  # no searched weights: from scratch
-        row["acc_retrained"] = train_arch(baked, scratch, run_dir, ds, dev)[-1].test_acc
-        row["train_init"] = "scratch"
+        epochs = _epochs_for(spec.get("compute_gmacs"), row.get("search_gmacs", 0.0), baked, recipe, ds)
+        train = replace(recipe.train, init="scratch", epochs=epochs)  # no searched weights: from scratch
+        t0 = time.perf_counter()
+        row["acc_retrained"] = train_arch(baked, replace(recipe, train=train), run_dir, ds, dev)[-1].test_acc
+        row.update(
+            train_init="scratch",
+            train_epochs=epochs,
+            train_seconds=time.perf_counter() - t0,
+            train_gmacs=train_gmacs(baked, baked.widths, epochs, _train_images(ds, recipe)),
+        )
     return row, baked
 
 

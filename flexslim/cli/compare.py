@@ -67,6 +67,14 @@ def bench(
     no_cache: NoCacheOpt = False,
     timer: TimerOpt = None,
     timer_token_file: TimerTokenOpt = None,
+    equal_compute: Annotated[
+        bool,
+        typer.Option(
+            "--equal-compute",
+            help="Retrain uniform and random for as many epochs as match FlexCHarts' search + retraining compute "
+            "(images x MACs) of the same seed.",
+        ),
+    ] = False,
 ) -> None:
     """Compare FlexCHarts, DMaskingNAS, uniform scaling and random search at equal measured latency (paper Table 1,
     Fig. 4 with --floor-x)."""
@@ -85,6 +93,7 @@ def bench(
         request = BenchRequest(
             recipe, names, out_dir, budget_ms=latency_ms, retrain=retrain, overrides=tuple(set_ or []),
             data_dir=data, device=device.value, seeds=parse_seeds(seeds), latency_table=latency_table,
+            equal_compute=equal_compute,
         )  # fmt: skip
         rows = _bench_rows(request, floor_x)
         if any("error" in r for r in rows):
