@@ -28,6 +28,15 @@ from flexslim.cli.app import (
 from flexslim.latency.cache import switched_off
 from flexslim.recipe.choices import BENCH_METHODS
 
+EqualComputeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--equal-compute",
+        help="Retrain uniform and random for as many epochs as match FlexCHarts' search + retraining compute "
+        "(images x MACs) of the same seed.",
+    ),
+]
+
 
 @app.command()
 def bench(
@@ -67,22 +76,12 @@ def bench(
     no_cache: NoCacheOpt = False,
     timer: TimerOpt = None,
     timer_token_file: TimerTokenOpt = None,
-    equal_compute: Annotated[
-        bool,
-        typer.Option(
-            "--equal-compute",
-            help="Retrain uniform and random for as many epochs as match FlexCHarts' search + retraining compute "
-            "(images x MACs) of the same seed.",
-        ),
-    ] = False,
+    equal_compute: EqualComputeOpt = False,
 ) -> None:
     """Compare FlexCHarts, DMaskingNAS, uniform scaling and random search at equal measured latency (paper Table 1,
     Fig. 4 with --floor-x)."""
-    with (
-        command_exit_codes(),
-        timer_for(timer, timer_token_file),
-        switched_off(no_cache),
-    ):  # the runs' own processes inherit it
+    # the runs' own processes inherit the timer and the cache switch
+    with command_exit_codes(), timer_for(timer, timer_token_file), switched_off(no_cache):
         from flexslim.bench.run import BenchRequest, parse_seeds
         from flexslim.recipe.checks import check_output_dir
 

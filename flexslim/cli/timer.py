@@ -41,18 +41,6 @@ def serve(
         from flexslim.timer.__main__ import config_from
         from flexslim.timer.server import serve as run_server
 
-        run_server(
-            config_from(
-                host,
-                port,
-                token_file,
-                insecure_no_token,
-                label,
-                tls_cert,
-                tls_key,
-                max_model_mb,
-                max_queue,
-                max_timeout,
-                grace,
-            )
-        )
+        flags = dict(host=host, port=port, label=label, tls_cert=tls_cert, tls_key=tls_key, max_queue=max_queue,
+                     max_timeout=max_timeout, grace=grace)  # fmt: skip
+        run_server(config_from(token_file, insecure_no_token, max_model_mb, **flags))

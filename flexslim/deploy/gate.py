@@ -110,33 +110,26 @@ def validate(
     args = _checked_arguments(latency_ms, min_accuracy, dataset, provider, m)
     meta, settings, names, graph = _read_model(model, args, min_accuracy, data)
     timer = remote.configured()
-    if timer is None:
-        session, where, notes = _open_checked_session(model, provider, meta, settings.threads, graph)
-        del graph
-        timing = time_session(session, m.plan(settings), budget_ms=settings.budget_ms, where=where)
-    else:  # timed on the deployment device; this machine's session only computes the accuracy
-        del graph
-        run_on, notes = resolve_provider(provider, meta, here=False)
-        timing = remote.time_model(timer, Path(model).read_bytes(), run_on, m.plan(settings), settings.budget_ms)
-        session = _open_session(model, "cpu", settings.threads) if settings.dataset is not None else None
+    session, timing, notes = _timed(model, provider, meta, settings, m, graph, timer)
+    del graph  # the graph can be large: not held while the accuracy is computed
     notes += _placement_notes(timing, meta)
     accuracy, n_test = _measured_accuracy(session, settings, data, timing, names, model)
-    return Report(
-        str(model),
-        provider,
-        timing,
-        settings.budget_ms,
-        settings.dataset,
-        accuracy,
-        n_test,
-        min_accuracy,
-        _judge(timing, settings, accuracy, n_test, min_accuracy),
-        meta,
-        from_metadata=dict(settings.from_metadata),
-        notes=notes,
-        measured_on=remote.where(timer),
-        device=_device_id(timer, timing),
-    )
+    verdict = _judge(timing, settings, accuracy, n_test, min_accuracy)
+    return Report(str(model), provider, timing, settings.budget_ms, settings.dataset, accuracy, n_test, min_accuracy,
+                  verdict, meta, from_metadata=dict(settings.from_metadata), notes=notes,
+                  measured_on=remote.where(timer), device=_device_id(timer, timing))  # fmt: skip
+
+
+def _timed(model, provider: str, meta: dict[str, str], settings, m, graph, timer):
+    """(a session for the accuracy or None, the Timing, notes on the provider): timed here, or on the remote
+    timer's device (`timer`), where this machine's session only computes the accuracy."""
+    if timer is None:
+        session, where, notes = _open_checked_session(model, provider, meta, settings.threads, graph)
+        return session, time_session(session, m.plan(settings), budget_ms=settings.budget_ms, where=where), notes
+    run_on, notes = resolve_provider(provider, meta, here=False)
+    timing = remote.time_model(timer, Path(model).read_bytes(), run_on, m.plan(settings), settings.budget_ms)
+    session = _open_session(model, "cpu", settings.threads) if settings.dataset is not None else None
+    return session, timing, notes
 
 
 def _device_id(timer, timing: Timing) -> str:

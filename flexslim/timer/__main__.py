@@ -12,19 +12,11 @@ from flexslim.timer.server import GRACE_S, MAX_MODEL_MB, MAX_QUEUE, MAX_TIMEOUT_
 
 
 def config_from(
-    host: str,
-    port: int,
-    token_file: Path | None,
-    insecure_no_token: bool,
-    label: str = "",
-    tls_cert: Path | None = None,
-    tls_key: Path | None = None,
-    max_model_mb: float = MAX_MODEL_MB,
-    max_queue: int = MAX_QUEUE,
-    max_timeout: float = MAX_TIMEOUT_S,
-    grace: float = GRACE_S,
+    token_file: Path | None, insecure_no_token: bool, max_model_mb: float = MAX_MODEL_MB, **rest
 ) -> ServeConfig:
-    """The ServeConfig the flags describe (BadInput for a token file that is missing or a token that is absent)."""
+    """The ServeConfig the flags describe: the token read from `token_file` (BadInput for a token file that is
+    missing or a token that is absent), `max_model_mb` in bytes, the other flags (host, port, label, tls_cert,
+    tls_key, max_queue, max_timeout, grace) as ServeConfig's fields of the same names."""
     if token_file is None and not insecure_no_token:
         raise BadInput(
             "pass --token-file FILE (a file holding the token clients must send), or --insecure-no-token on loopback"
@@ -33,18 +25,8 @@ def config_from(
         raise BadInput("--token-file and --insecure-no-token exclude each other")
     if not max_model_mb > 0:
         raise BadInput(f"--max-model-mb {max_model_mb}: must be positive")
-    return ServeConfig(
-        host=host,
-        port=port,
-        token=read_token(token_file) if token_file is not None else None,
-        label=label,
-        max_model_bytes=int(max_model_mb * 2**20),
-        max_queue=max_queue,
-        max_timeout=max_timeout,
-        grace=grace,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-    )
+    token = read_token(token_file) if token_file is not None else None
+    return ServeConfig(token=token, max_model_bytes=int(max_model_mb * 2**20), **rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,22 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-timeout", type=float, default=MAX_TIMEOUT_S)
     s.add_argument("--grace", type=float, default=GRACE_S)
     a = p.parse_args(argv)
+    del a.command
     try:
-        serve(
-            config_from(
-                a.host,
-                a.port,
-                a.token_file,
-                a.insecure_no_token,
-                a.label,
-                a.tls_cert,
-                a.tls_key,
-                a.max_model_mb,
-                a.max_queue,
-                a.max_timeout,
-                a.grace,
-            )
-        )
+        serve(config_from(**vars(a)))
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
