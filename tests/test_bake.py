@@ -334,6 +334,24 @@ def test_equal_latency_candidates_are_told_apart_by_the_score():
         assert tuple(res.widths[s] for s in "abc") == best
 
 
+def test_the_best_scoring_choice_below_the_window_beats_a_worse_one_in_it_and_is_then_filled():
+    """The searched widths 12/12/16 round to 8/16/16 (0.80: below the window) and 16/8/16 (0.95: in it); the supernet
+    scores 8/16/16 higher, so it is chosen and the fill grows it into the window (8/16/24 at 0.96), where by latency
+    alone 16/8/16 is kept. The rounding nearest to the searched widths is screened even when three others rank above
+    it by latency used."""
+    table = {(8, 8, 16): 0.70, (16, 8, 16): 0.95, (8, 16, 16): 0.80, (16, 16, 16): 1.10, (8, 16, 24): 0.96,
+             (16, 8, 24): 1.2, (8, 24, 16): 1.2, (8, 8, 24): 0.9, (16, 16, 24): 1.3}  # fmt: skip
+    assert _scored_bake(table, (12.0, 12.0, 16.0), None).widths == {"a": 16, "b": 8, "c": 16}
+    score = _TableScore({(16, 8, 16): 0.80, (8, 16, 16): 0.86, (8, 16, 24): 0.87})
+    res = _scored_bake(table, (12.0, 12.0, 16.0), score)
+    assert res.widths == {"a": 8, "b": 16, "c": 24} and res.measured_ms == 0.96
+    # 9/9/9 rounds nearest to 8/8/8 (0.5), which three others rank above by latency used: screened all the same
+    table = {(8, 8, 8): 0.5, (16, 8, 8): 0.97, (8, 16, 8): 0.96, (8, 8, 16): 0.95}
+    near = _scored_bake(table, (9.0, 9.0, 9.0), _TableScore({(8, 8, 8): 0.9, (16, 8, 8): 0.5, (8, 16, 8): 0.5}))
+    assert {"a": 8, "b": 8, "c": 8} in [sc["widths"] for sc in near.screens]
+    assert near.steps[0]["step"] == "choose" and near.steps[0]["widths"] == {"a": 8, "b": 8, "c": 8}
+
+
 def test_an_exchange_that_costs_capability_beyond_the_noise_is_refused():
     """Below the window (0.80), the only exchange measures 0.95 (inside): kept when its score is within the noise
     of the current one, refused when it costs more than that - and then not even measured (it could never be kept:

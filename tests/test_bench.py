@@ -120,6 +120,10 @@ def test_seeds_give_mean_and_std_and_the_verdicts_name_the_noise():
     assert s["uniform"]["failed"] == 1 and s["uniform"]["tensor_peak_mb"] is None
     assert mean_std([1.0, None, 3.0]) == pytest.approx((2.0, 2**0.5))
     assert inside_noise((1.0, 0.5), (1.5, 0.5)) is True and inside_noise((1.0, 0.1), (3.0, 0.1)) is False
+    # one run against three: its spread is taken as the other side's (0.012 apart: outside 0.005 x sqrt 2 = 0.0071,
+    # inside 0.01 x sqrt 2 = 0.0141), and two single runs have no known spread
+    assert inside_noise((0.850, 0.005), (0.838, 0.0)) is False and inside_noise((0.850, 0.01), (0.838, 0.0)) is True
+    assert inside_noise((0.850, 0.0), (0.838, 0.0)) is None
     text = "\n".join(verdicts(rows))
     assert "FlexCHarts meets only sometimes the budget in 2/3" in text
     assert "Search time: DMask-large / FlexCHarts = 3.00x" in text and "outside the noise" in text
@@ -284,3 +288,54 @@ def test_equal_compute_needs_flexcharts_and_retraining(cli, tmp_path):
     for args in (["--methods", "uniform", "--retrain"], ["--methods", "flexcharts,uniform", "--no-retrain"]):
         res = cli.invoke(app, ["bench", "--latency-ms", "1", "--equal-compute", "--out", str(tmp_path / "b"), *args])
         assert res.exit_code == 2 and "--equal-compute" in res.stderr, res.output
+
+
+def test_ceiling_retrains_distinct_networks_in_the_window_and_keeps_the_best(tmp_path, monkeypatch, quickstart):
+    """The ceiling baseline's bookkeeping against a fake bake and a fake retraining: draws that bake to a network
+    already trained or out of the window are skipped, the best by accuracy is the row, every network is listed and
+    its training compute counted."""
+    from types import SimpleNamespace
+
+    from search_fixtures import hand_latency_model
+
+    from flexslim.bench import worker
+    from flexslim.models.arch import Arch
+    from flexslim.recipe.choices import BENCH_METHODS
+    from flexslim.recipe.schema import load_recipe
+
+    recipe = load_recipe("quickstart", ["bench.ceiling_networks=3"])
+    arch = Arch.for_data(recipe.model, quickstart)
+    table = hand_latency_model(arch, recipe.latency)
+    table.save(tmp_path / "t.json")
+    budget_ms = 1.05 * float(table.predict(arch.widths))
+    baked = iter([{"stage1": 8}, {"stage1": 8}, {"stage1": 16}, {"stage1": 24}, {"stage1": 32}])
+    window = iter([True, True, False, True, True])
+
+    def fake_bake(arch, widths, budget, table, recipe):
+        w = {**arch.widths, **next(baked)}
+        return SimpleNamespace(widths=w, measured_ms=budget.ms * (0.95 if next(window) else 0.5))
+
+    def fake_retrain(row, net, spec, recipe, ds, dev):
+        acc = {8: 0.80, 24: 0.90, 32: 0.85}[net.widths["stage1"]]
+        return {**row, "acc_retrained": acc, "train_init": "scratch", "train_epochs": 1, "train_seconds": 0.0,
+                "train_gmacs": float(net.widths["stage1"])}, net  # fmt: skip
+
+    monkeypatch.setattr(worker, "_baked", fake_bake)
+    monkeypatch.setattr(worker, "_retrained", fake_retrain)
+    spec = {"latency_table": str(tmp_path / "t.json"), "budget_ms": budget_ms, "retrain": True, "run": "c",
+            "out": str(tmp_path)}  # fmt: skip
+    row, best = worker._ceiling_row(spec, BENCH_METHODS["ceiling"], recipe, quickstart, None)
+    assert [c["widths"]["stage1"] for c in row["ceiling"]] == [8, 24, 32]  # the repeat and the 0.5 x skipped
+    assert best.widths["stage1"] == 24 and row["acc_retrained"] == 0.90 and row["candidates"] == 3
+    assert row["ceiling_mean"] == pytest.approx((0.80 + 0.90 + 0.85) / 3)
+    assert row["train_gmacs"] == 8 + 24 + 32 and row["measured_ms"] == pytest.approx(0.95 * budget_ms)
+
+
+def test_ceiling_without_retraining_is_bad_input(quickstart):
+    from flexslim.bench import worker
+    from flexslim.errors import BadInput
+    from flexslim.recipe.choices import BENCH_METHODS
+    from flexslim.recipe.schema import load_recipe
+
+    with pytest.raises(BadInput, match="--retrain"):
+        worker._ceiling_row({"retrain": False}, BENCH_METHODS["ceiling"], load_recipe("quickstart"), quickstart, None)

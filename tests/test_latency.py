@@ -331,6 +331,62 @@ def test_effective_widths_charge_the_next_block_and_expectation_is_exact_at_whol
     assert math.isfinite(float(g)) and float(g) > 0
 
 
+def test_a_width_under_the_block_is_charged_as_itself_when_the_table_says_so(tmp_path):
+    m = hand_latency_model(small_arch(), FAST_LATENCY)  # known coefficients: every MAC costs (a measured fit may
+    m.block = 16  # give one resolution's term no weight at all)
+    m.below_block = "width"
+    assert m.effective({"a": 8, "b": 17, "c": 16}) == {"a": 8.0, "b": 32, "c": 16}
+    assert float(m.predict({"a": 8, "b": 16, "c": 16})) < float(m.predict({"a": 16, "b": 16, "c": 16}))
+    # the expectation charges options under the block as themselves, those above at the block
+    dist = {s: (torch.tensor([8.0, 24.0]), torch.tensor([0.5, 0.5])) for s in ("a", "b", "c")}
+    want = {s: 0.5 * 8.0 + 0.5 * 32.0 for s in ("a", "b", "c")}
+    assert float(m.predict_expected(dist)) == pytest.approx(float(m._linear(want)))
+    # kept by the table, and a table saying anything else is refused
+    m.save(tmp_path / "t.json")
+    assert LatencyModel.load(tmp_path / "t.json").below_block == "width"
+    d = json.loads((tmp_path / "t.json").read_text())
+    d["below_block"] = "half"
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(BadInput, match="below_block"):
+        LatencyModel.load(tmp_path / "bad.json")
+    del d["below_block"]  # a table from before the key: padded, as it was
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    assert LatencyModel.load(tmp_path / "old.json").below_block == "block"
+
+
+@pytest.mark.parametrize("narrow_saves,charged", [(0.15, "width"), (0.0, "block"), (0.03, "block")])
+def test_profile_measures_how_a_width_under_the_block_is_charged(narrow_saves, charged):
+    """A fake runtime with a 16-channel block whose networks of 8-channel stages are `narrow_saves` cheaper than the
+    same at 16: the profile times the all-16 network beside the floor and the table charges 8 by that."""
+    from flexslim.latency.runtime import Timing
+
+    seen = []
+
+    def fake(arch, widths, settings, seed):
+        seen.append(dict(widths))
+        ms = 0.01 + sum(1e-5 * (16 * math.ceil(w / 16)) ** 2 for w in widths.values())
+        ms *= 1 - narrow_saves * sum(w < 16 for w in widths.values()) / len(widths)
+        return Timing("cpu", 8, (8, 1, 16, 16), 1, 0, 1, 90.0, ms, ms, ms, ms, "fake"), (ms,)
+
+    settings = dataclasses.replace(FAST_LATENCY, probe=True, samples=6, holdout=2)
+    m = profile(small_arch(), settings, MIN_WIDTH, 0, measurer=fake)
+    assert m.block == 16 and m.below_block == charged
+    assert {"a": 16, "b": 16, "c": 16} in [p.widths for p in m.fit_points]
+    assert {"a": 8, "b": 8, "c": 8} == m.fit_points[0].widths
+
+
+def test_sampled_networks_reach_min_width_under_the_grid():
+    """The bake delivers min_width (8) under a grid of 16: the fit and hold-out networks must include it."""
+    import random
+
+    from flexslim.latency.profiling import _sample
+
+    rng = random.Random(0)
+    region = {"a": [8, 64], "b": [8, 32]}
+    drawn = [_sample(rng, region, 16) for _ in range(200)]
+    assert {d["a"] for d in drawn} == {8, 16, 32, 48, 64} and {d["b"] for d in drawn} == {8, 16, 32}
+
+
 # -- measuring where the budget is -------------------------------------------------------------------------------
 def _cost_timer(arch, widths, settings, seed):
     """A deterministic timer: a fixed part plus one proportional to the network's MACs (no runtime noise)."""

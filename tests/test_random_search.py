@@ -35,6 +35,15 @@ def test_every_candidate_is_predicted_inside_the_window_and_on_the_grid():
         assert all(v % 8 == 0 and v >= recipe.model.min_width for v in w.values())
 
 
+def test_under_a_grid_of_16_candidates_take_min_width_or_multiples_of_16():
+    """8 (min_width) and 16, 32, 48 ... - never 24 or 40, which a 16-channel block charges as 32 and 48."""
+    recipe, _, arch, table, _ = _setup()
+    budget = Budget(float(table.predict({s: 2 * w for s, w in arch.widths.items()})), headroom=0.03, window=0.9)
+    pool = inside_budget(arch, table, budget, 16, 8, random.Random(0))
+    seen = {v for w in pool for v in w.values()}
+    assert 8 in seen and 16 in seen and all(v == 8 or v % 16 == 0 for v in seen)
+
+
 def test_random_search_keeps_the_best_scoring_candidate_and_respects_its_time():
     recipe, ds, arch, table, budget = _setup()
     res = random_search(arch, recipe, ds, table=table, budget=budget, seconds=0.0, device=torch.device("cpu"))

@@ -19,6 +19,7 @@ from flexslim.data.augment import Augment
 from flexslim.data.tensors import Dataset
 from flexslim.latency.budget import Budget
 from flexslim.latency.model import LatencyModel
+from flexslim.latency.profiling import grid_widths
 from flexslim.models.arch import Arch
 from flexslim.recipe.schema import Recipe
 from flexslim.system.console import Reporter
@@ -41,9 +42,10 @@ class RandomResult:
 def inside_budget(
     arch: Arch, table: LatencyModel, budget: Budget, grid: int, min_width: int, rng: random.Random
 ) -> list[dict[str, int]]:
-    """Distinct width vectors on the grid (min_width .. twice the recipe's width per stage) whose predicted latency
-    lies in [budget.low_ms, budget.limit_ms], in the order drawn."""
-    choices = {s: list(range(min_width, max(2 * w, min_width + grid) + 1, grid)) for s, w in arch.widths.items()}
+    """Distinct width vectors on the grid (min_width and the grid's multiples up to twice the recipe's width per
+    stage: `profiling.grid_widths`) whose predicted latency lies in [budget.low_ms, budget.limit_ms], in the order
+    drawn."""
+    choices = {s: grid_widths(min_width, max(2 * w, min_width + grid), grid) for s, w in arch.widths.items()}
     seen, inside = set(), []
     for _ in range(DRAWS):
         w = {s: rng.choice(opts) for s, opts in choices.items()}

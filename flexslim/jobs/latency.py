@@ -100,8 +100,9 @@ def describe(lat: LatencyModel) -> str:
     near = (
         f", near the budgets median {pct('near_median_pct')} max {pct('near_max_pct')}" if "near_holdout" in e else ""
     )
+    under = " (narrower widths charged as themselves: measured)" if lat.below_block == "width" else ""
     return (
-        f"channel block {lat.block}, hold-out error median {pct('median_pct')} max {pct('max_pct')} over "
+        f"channel block {lat.block}{under}, hold-out error median {pct('median_pct')} max {pct('max_pct')} over "
         f"{e['holdout']} networks{near}, timing spread {e['noise_pct']:.1f}%, provider {lat.provider}"
     )
 

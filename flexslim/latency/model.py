@@ -5,7 +5,11 @@ reports its own error on networks it did not fit and the spread of repeated timi
 Model: latency_ms = b + sum_t c_t * term_t(eff(widths)), where the terms are the family's analytic cost terms
 (MACs and output elements per feature-map resolution, see `spaces.cost_terms`) and eff(w) = block * ceil(w /
 block) charges a width at the runtime's channel block (onnxruntime's CPU convolutions work on blocks of
-channels: with a block of 16, 24 channels cost what 32 cost). The block is found by a probe, not assumed.
+channels: with a block of 16, 24 channels cost what 32 cost). The block is found by a probe, not assumed. A width
+under the block may run another kernel (onnxruntime's CPU provider convolves 8 channels without its 16-channel
+layout: 8/16/32/64 measured 0.069-0.075 ms where 16/16/32/64 measured 0.080-0.085 ms, which a table charging 8 as
+16 predicts alike). Whether such widths are charged as the block or as themselves (`below_block`) is measured:
+the narrowest network against the one with every stage at the block (`profiling.below_block`).
 Coefficients come from a non-negative least-squares fit of the relative error (more channels never make a
 network faster). Every point is the gate's own statistic, the percentile of per-sample latency on the
 chosen onnxruntime provider, batch and thread count, as the median over `repeats` fresh sessions. In the
@@ -69,6 +73,7 @@ class LatencyModel:
     runtime: str
     host: str
     block: int = 1  # channel block of the runtime (probe); widths are charged at block * ceil(w / block)
+    below_block: str = "block"  # a width under the block is charged as the block ("block") or as itself ("width")
     probe: dict[str, float] = field(default_factory=dict)  # the probe's timings: width -> ms
     terms: list[str] = field(default_factory=list)
     coef: list[float] = field(default_factory=list)
@@ -91,6 +96,8 @@ class LatencyModel:
     def _charged(self, w):
         if getattr(w, "requires_grad", False) or not float(w).is_integer():
             return w
+        if self.below_block == "width" and float(w) < self.block:
+            return float(w)
         return self.block * math.ceil(float(w) / self.block)
 
     def predict(self, widths: dict) -> torch.Tensor | float:
@@ -101,7 +108,12 @@ class LatencyModel:
         """Prediction at the expected effective width of each stage, E[eff(f)] = sum_k w_k eff(f_k), from
         (options f_k, weights w_k) per stage: differentiable in whatever made the weights (mu)."""
         b = self.block
-        return self._linear({s: (w * torch.ceil(f / b) * b).sum() for s, (f, w) in distributions.items()})
+
+        def eff(f: torch.Tensor) -> torch.Tensor:
+            padded = torch.ceil(f / b) * b
+            return torch.where(f < b, f, padded) if self.below_block == "width" else padded
+
+        return self._linear({s: (w * eff(f)).sum() for s, (f, w) in distributions.items()})
 
     def _linear(self, eff_widths: dict) -> torch.Tensor | float:
         from flexslim.models.families import cost_terms
@@ -218,6 +230,7 @@ class LatencyModel:
                 runtime=str(d["runtime"]),
                 host=str(d["host"]),
                 block=d["block"],
+                below_block=str(d.get("below_block", "block")),
                 probe=dict(d["probe"]),
                 terms=list(d["terms"]),
                 coef=list(d["coef"]),
@@ -276,6 +289,9 @@ def check_table(model: LatencyModel, path: str | Path) -> LatencyModel:
     key = lambda k: checks.table_key(path, k)  # noqa: E731
     stages = set(model.arch.widths)
     model.block = checks.integer(model.block, key("block"), low=1, cap=checks.MAX_WIDTH)
+    if model.below_block not in ("block", "width"):
+        where = key("below_block")
+        raise BadInput(f'{where.label} must be "block" or "width", got {model.below_block!r}; {where.fix}')
     model.probe = {str(w): _ms(v, key(f"probe.{w}")) for w, v in model.probe.items()}
     if len(model.coef) != len(model.terms):
         raise _table_error(path, f"{len(model.coef)} coef for {len(model.terms)} terms")

@@ -42,7 +42,8 @@ SEARCH_METHODS: dict[str, str] = {
 @dataclass(frozen=True)
 class BenchMethod:
     """One row of the bench: `search` is a SEARCH_METHODS name, or None for a `baseline` without a supernet
-    (uniform: one width multiplier; random: random search inside the budget)."""
+    (uniform: one width multiplier; random: random search inside the budget; ceiling: the best of
+    `bench.ceiling_networks` random networks inside the window, every one retrained - what the budget allows)."""
 
     name: str
     search: str | None
@@ -58,6 +59,7 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         BenchMethod("dmask-large", "dmask", ("search.dmask_range=large",)),
         BenchMethod("uniform", None, baseline="uniform"),
         BenchMethod("random", None, baseline="random"),
+        BenchMethod("ceiling", None, baseline="ceiling"),
     )
 }
 

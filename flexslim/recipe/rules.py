@@ -111,6 +111,7 @@ RULES: dict[str, Rule] = {
     "latency.confidence": checks.non_negative,
     "bench.latency_ms": lambda v, o: v if v == 0 else checks.budget_ms(v, o),  # 0 = pass --latency-ms
     "bench.random_seconds": checks.positive,
+    "bench.ceiling_networks": _count(cap=1000),
 }
 
 

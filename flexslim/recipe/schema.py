@@ -167,6 +167,7 @@ class BenchConfig:
     methods: tuple[str, ...] = ("flexcharts", "dmask-small", "dmask-large", "uniform")
     retrain: bool = False  # also retrain each result and report test accuracy
     random_seconds: float = 60.0  # random search's time when no FlexCHarts run precedes it (else FlexCHarts' own)
+    ceiling_networks: int = 10  # `ceiling`: random networks inside the window, each measured and retrained
 
 
 @dataclass(frozen=True)
