@@ -86,10 +86,7 @@ def rounded_neighbours(
     combinations for up to ENUMERATE_UP_TO stages, else a beam of BEAM partial choices ranked by the prediction of
     their completion (the remaining stages rounded to nearest). Sorted best first: predicted within `limit_ms` and
     highest, then the rest lowest first."""
-    opts = {
-        s: sorted({max(min_width, grid * math.floor(c / grid)), max(min_width, grid * math.ceil(c / grid))})
-        for s, c in centers.items()
-    }
+    opts = {s: _down_and_up(c, grid, min_width) for s, c in centers.items()}
     stages = list(opts)
     if len(stages) <= ENUMERATE_UP_TO:
         combos = [dict(zip(stages, ws)) for ws in itertools.product(*(opts[s] for s in stages))]
@@ -106,11 +103,12 @@ def rounded_neighbours(
 def nearest_rounding(centers: dict[str, float], grid: int, min_width: int) -> dict[str, int]:
     """Each stage's searched width rounded to the nearest grid width (min_width counts as one, even under the grid;
     a tie rounds up)."""
-    out = {}
-    for s, c in centers.items():
-        opts = sorted({max(min_width, grid * math.floor(c / grid)), max(min_width, grid * math.ceil(c / grid))})
-        out[s] = min(reversed(opts), key=lambda w: abs(w - c))
-    return out
+    return {s: min(reversed(_down_and_up(c, grid, min_width)), key=lambda w: abs(w - c)) for s, c in centers.items()}
+
+
+def _down_and_up(c: float, grid: int, min_width: int) -> list[int]:
+    """A searched width rounded down and up to the grid, never below min_width (one value when they coincide)."""
+    return sorted({max(min_width, grid * math.floor(c / grid)), max(min_width, grid * math.ceil(c / grid))})
 
 
 def _rank(pred: float, limit: float) -> tuple:
