@@ -284,8 +284,11 @@ def test_remote_and_local_timings_of_the_same_network_agree(server, exported):
     model, plan = exported.path.read_bytes(), _plan(min_seconds=0.5, batch=8)
     local = [time_isolated(model, "cpu", plan).p50_ms for _ in range(2)]
     there = [remote.time_model(server.timer(), model, "cpu", plan).p50_ms for _ in range(2)]
-    ratio = min(there) / min(local)  # the same CPU: only timing noise between them (this VM drifts 10-20%)
-    assert 0.7 < ratio < 1.4, (local, there)
+    # the same CPU: only timing noise between them. Half-second sessions on this VM read one network anywhere from
+    # 0.058 to 0.083 ms (1.43 x, measured 2026-12-02), so a 1.4 x bound failed twice on noise alone; a remote that
+    # did not time this model (a constant, another network, the wrong batch) is off by more than 2 x
+    ratio = min(there) / min(local)
+    assert 0.5 < ratio < 2.0, (local, there)
 
 
 def test_the_server_refuses_unsafe_or_impossible_settings(tmp_path, capsys):
