@@ -12,7 +12,9 @@
             by measured / predicted of the current network: the model's local bias, and up to TOLERANCE over the
             limit, the model's own error), kept when it MEASURES within the limit; still below the window (or
             within the headroom above its bottom), exchange grid steps of width between stages (every stage at
-            once for a few stages: 16/32/64 -> 8/48/48);
+            once for a few stages: 16/32/64 -> 8/48/48). A growth or exchange is screened first (the latency
+            model's timing): one that screens more than `screen_out` over the limit is rejected without its
+            gate-length timing (screens only ever reject; a network is kept on a gate-length timing alone);
 5. report   whether the result lands in the budget's window [low, ms], and otherwise the two neighbouring networks
             that straddle it, with their measured latencies.
 
@@ -51,6 +53,7 @@ MEASURE_FIRST = 3  # rounded neighbours measured before trimming or filling
 EXCHANGE_ALL = 6  # stages: up to this many, exchanges may move every stage at once (3^n networks)
 EXCHANGES = 4  # at most this many width exchanges measured when the fill ends below the window
 TOLERANCE = 0.04  # growths predicted up to this far over the limit are still measured (hold-out error near budgets)
+SCREEN_OUT = 0.05  # a growth or exchange screened this far over the limit is rejected without its gate-length timing
 
 
 @dataclass
@@ -127,6 +130,9 @@ class BakePlan:
         confidence: with it, the headroom becomes `confidence` x the spread of the bake's own sessions once the
             first networks are measured (None: the budget as given).
         session_seconds: timed seconds per session (the gate's); `settings.repeats` sessions per network.
+        screen_out: a growth or exchange whose screen (the latency model's timing: a fraction of a gate-length one)
+            reads more than this fraction over the limit is rejected unmeasured in full (None: every one in full).
+            Screens read ~1% under the gate and scatter more, so 5% over is over; only rejections are screened.
 
     Example::
 
@@ -140,6 +146,7 @@ class BakePlan:
     max_measures: int = 16
     confidence: float | None = None
     session_seconds: float = GATE_SECONDS
+    screen_out: float | None = SCREEN_OUT
 
     @classmethod
     def for_recipe(cls, recipe) -> BakePlan:
@@ -186,6 +193,8 @@ def bake(
     gate_like = replace(settings, min_seconds=session_seconds * max(1, settings.repeats), precision=0.0)
     desk = Desk(arch, gate_like, latency, measure, reporter or Reporter())
     desk.score = score
+    desk.quick = settings if plan.screen_out is not None else None
+    desk.screen_out = plan.screen_out or 0.0
     choices = rounded_neighbours(centers, grid, min_width, latency, budget.limit_ms)[: MEASURE_FIRST if fit else 1]
     near = nearest_rounding(centers, grid, min_width)
     if fit and score is not None and near not in choices and latency.predict(near) <= budget.limit_ms * (1 + TOLERANCE):
@@ -280,8 +289,11 @@ def _fill(widths, t: Timing, desk: Desk, budget: Budget, grid: int, max_measures
         if not options:
             return widths, t
         _, stage, grown = max(options, key=lambda o: o[0])
-        tg = desk(grown, "grow")
         expected = local * float(desk.latency.predict(grown))
+        if _screened_over(desk, grown, budget, expected):
+            blocked.add(stage)
+            continue
+        tg = desk(grown, "grow")
         if budget.limit_ms < tg.at_percentile_ms and tg.at_percentile_ms > RETIME * expected:  # a slow stretch?
             tg = desk.retime(grown)
         if tg.at_percentile_ms <= budget.limit_ms:
@@ -302,13 +314,15 @@ def _exchange(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, gri
         options = []
         for w in _exchanges(widths, min_width, grid):
             pred = _from_measured(w, widths, t.at_percentile_ms, desk)
-            fresh = tuple(sorted(w.items())) not in desk.cache
+            fresh = (key := tuple(sorted(w.items()))) not in desk.cache and key not in desk.screened_out
             if fresh and budget.low_ms <= pred <= budget.limit_ms * (1 + TOLERANCE) and desk.better(w, widths):
                 options.append((pred, w))  # one that already scores worse could never be kept: not measured
         if not options:
             break
-        _, w = min(options, key=lambda pw: _rank(pw[0], budget.limit_ms))  # highest within the limit first
+        pred, w = min(options, key=lambda pw: _rank(pw[0], budget.limit_ms))  # highest within the limit first
         tried += 1
+        if _screened_over(desk, w, budget, pred):
+            continue
         tw = desk(w, "exchange")
         # below the window any gain counts; inside it (under safe_low) only a move that reaches safe_low: the
         # searched shape is not traded for a few microseconds
@@ -316,6 +330,25 @@ def _exchange(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, gri
         if gain and t.at_percentile_ms < tw.at_percentile_ms <= budget.limit_ms and desk.better(w, widths):
             widths, t = w, tw
     return widths, t
+
+
+def _screened_over(desk: Desk, widths: dict[str, int], budget: Budget, expected_ms: float) -> bool:
+    """True when `widths` (not timed in full yet), predicted from what was measured (`expected_ms`) within
+    `desk.screen_out` of the limit or over it, screens more than `screen_out` over the limit at the latency model's
+    timing - and not more than RETIME over `expected_ms` (a screen read in a slow stretch rejects nothing: the
+    gate-length timing decides). A network predicted well under the limit is timed in full without a screen. The
+    screen is logged in `screens` with `rejected`; it is never a verdict that keeps a network."""
+    if desk.quick is None or tuple(sorted(widths.items())) in desk.cache:
+        return False
+    if expected_ms < (1 - desk.screen_out) * budget.limit_ms:
+        return False
+    ms = desk.screen(widths, desk.quick).at_percentile_ms
+    over = (1 + desk.screen_out) * budget.limit_ms < ms <= RETIME * expected_ms
+    desk.screens[-1]["rejected"] = over
+    if over:
+        desk.screened_out.add(tuple(sorted(widths.items())))
+        desk.reporter.log(f"bake screened out: {widths} ({ms:.4f} ms > {budget.limit_ms:.4f} ms limit)")
+    return over
 
 
 def _exchanges(widths: dict[str, int], min_width: int, grid: int) -> list[dict[str, int]]:
@@ -370,6 +403,7 @@ def _window_note(fitted: Fitted, desk: Desk, budget: Budget) -> str:
     if budget.low_ms <= fitted.measured_ms <= budget.ms:
         return ""
     over = [s for s in desk.steps if s["measured_ms"] > budget.limit_ms]
+    over = over or [s for s in desk.screens if s.get("rejected")]  # nothing over in full: a screened-out step up
     nxt = min(over, key=lambda s: s["measured_ms"]) if over else None
     return (
         f"no measured network lands in [{budget.low_ms:.4f}, {budget.limit_ms:.4f}] ms (the window up to the budget "

@@ -41,6 +41,9 @@ class Desk:
         self.arch, self.settings, self.latency = arch, settings, latency
         self.measure_fn, self.reporter = measure_fn, reporter
         self.score: Score | None = None
+        self.quick: LatencyConfig | None = None  # the screens' settings (the latency model's), when steps are screened
+        self.screen_out = 0.0  # ... and how far over the limit a screen rejects (see `bake._screened_over`)
+        self.screened_out: set[tuple] = set()  # networks a screen rejected: not screened or timed again
         self.cache: dict[tuple, Timing] = {}
         self.steps: list[dict] = []
         self.screens: list[dict] = []
