@@ -46,7 +46,9 @@ def worker(spec: dict) -> dict:
     dev = pick_device(spec["device"])
     ds = load_dataset(recipe.data, spec.get("data"))  # warm the data path so the memory baseline includes it
     t0 = time.perf_counter()
-    run = {None: _search_row, "uniform": _uniform_row, "random": _random_row, "ceiling": _ceiling_row}[method.baseline]
+    rows = {None: _search_row, "uniform": _uniform_row, "random": _random_row, "ceiling": _ceiling_row,
+            "prune": _prune_row}  # fmt: skip
+    run = rows[method.baseline]
     row, baked = run(spec, method, recipe, ds, dev)
     table = LatencyModel.load(spec["latency_table"])
     row.update(
@@ -270,6 +272,61 @@ def _ceiling_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict
         ceiling_mean=sum(accs) / len(accs),
     )
     return row, arch.with_widths(best["widths"])
+
+
+def _prune_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, object]:
+    """Prune and fine-tune: the family at `bench.prune_start` x its widths trained with the recipe (from scratch),
+    a uniform ratio bisected on measured latency and the same measured bake as every method give the widths, the
+    trained network's channels are pruned to them (`bench.prune`: group L2 magnitude over Torch-Pruning's
+    dependency graph) and fine-tuned with the recipe's epochs (or --equal-compute's). Its "search" compute is the
+    wide network's training. Needs --retrain and Torch-Pruning."""
+    from flexslim.bench.prune import prune_channels, require_torch_pruning, wide_arch
+    from flexslim.bench.uniform import uniform_scale
+    from flexslim.errors import BadInput
+    from flexslim.jobs.train import SEARCHED, train_arch
+    from flexslim.latency.model import with_grid
+    from flexslim.train.checkpoint import load_model, save_model
+
+    require_torch_pruning()  # before anything is trained
+    if not spec["retrain"]:
+        raise BadInput("bench method prune fine-tunes the network it prunes: pass --retrain")
+    arch, table, budget = _shared(spec, recipe, ds)
+    grid = with_grid(recipe, table).model.round_to
+    wide = wide_arch(arch, recipe.bench.prune_start, grid)
+    run_dir = Path(spec["out"]) / spec["run"]
+    (run_dir / "wide").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    scratch = replace(recipe, train=replace(recipe.train, init="scratch"))
+    wide_acc = train_arch(wide, scratch, run_dir / "wide", ds, dev)[-1].test_acc
+    wide_seconds = time.perf_counter() - t0
+    res = uniform_scale(arch, budget=budget, settings=recipe.latency, min_width=recipe.model.min_width,
+                        round_to=grid, measure=spec.get("measure"))  # fmt: skip
+    fitted = _baked(arch, res.widths, budget, table, recipe)
+    _, model, _ = load_model(run_dir / "wide" / "model.pt")
+    pruned = arch.with_widths(fitted.widths)
+    save_model(run_dir / SEARCHED, pruned, prune_channels(model, wide, fitted.widths), recipe,
+               {"note": f"pruned from {wide.widths} (trained {recipe.train.epochs} epochs)"})  # fmt: skip
+    search_gmacs = train_gmacs(wide, wide.widths, recipe.train.epochs, _train_images(ds, recipe))
+    epochs = _epochs_for(spec.get("compute_gmacs"), search_gmacs, pruned, recipe, ds)
+    tune = replace(recipe, train=replace(recipe.train, init="searched", epochs=epochs))
+    t1 = time.perf_counter()
+    acc = train_arch(pruned, tune, run_dir, ds, dev)[-1].test_acc
+    row = {
+        "search_seconds": wide_seconds,  # its "search": training the wide network
+        "latency_seconds": res.seconds + fitted.seconds,
+        "measured_ms": fitted.measured_ms,
+        "search_gmacs": search_gmacs,
+        "acc_supernet": None,
+        "acc_wide": wide_acc,
+        "wide_widths": wide.widths,
+        "multiplier": res.multiplier,
+        "acc_retrained": acc,
+        "train_init": "pruned",
+        "train_epochs": epochs,
+        "train_seconds": time.perf_counter() - t1,
+        "train_gmacs": train_gmacs(pruned, pruned.widths, epochs, _train_images(ds, recipe)),
+    }
+    return row, pruned
 
 
 def _random_gmacs(arch, candidates: list[dict], ds, recipe) -> float:

@@ -43,7 +43,8 @@ SEARCH_METHODS: dict[str, str] = {
 class BenchMethod:
     """One row of the bench: `search` is a SEARCH_METHODS name, or None for a `baseline` without a supernet
     (uniform: one width multiplier; random: random search inside the budget; ceiling: the best of
-    `bench.ceiling_networks` random networks inside the window, every one retrained - what the budget allows)."""
+    `bench.ceiling_networks` random networks inside the window, every one retrained - what the budget allows;
+    prune: the family trained at `bench.prune_start` x its widths, pruned to the budget, fine-tuned)."""
 
     name: str
     search: str | None
@@ -60,6 +61,7 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         BenchMethod("uniform", None, baseline="uniform"),
         BenchMethod("random", None, baseline="random"),
         BenchMethod("ceiling", None, baseline="ceiling"),
+        BenchMethod("prune", None, baseline="prune"),
     )
 }
 

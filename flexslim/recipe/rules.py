@@ -112,6 +112,7 @@ RULES: dict[str, Rule] = {
     "bench.latency_ms": lambda v, o: v if v == 0 else checks.budget_ms(v, o),  # 0 = pass --latency-ms
     "bench.random_seconds": checks.positive,
     "bench.ceiling_networks": _count(cap=1000),
+    "bench.prune_start": lambda v, o: checks.finite(v, o, low=1.0, high=8.0),  # >= 1: pruned down from it
 }
 
 

@@ -168,6 +168,7 @@ class BenchConfig:
     retrain: bool = False  # also retrain each result and report test accuracy
     random_seconds: float = 60.0  # random search's time when no FlexCHarts run precedes it (else FlexCHarts' own)
     ceiling_networks: int = 10  # `ceiling`: random networks inside the window, each measured and retrained
+    prune_start: float = 2.0  # `prune`: the family trained at this many times the recipe's widths, then pruned
 
 
 @dataclass(frozen=True)
