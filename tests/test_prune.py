@@ -111,3 +111,15 @@ def test_the_prune_row_lands_in_the_window_and_fine_tunes_the_pruned_weights(tmp
     assert wide_macs > row["train_gmacs"] > 0  # one epoch at 2x the widths costs more than one at the pruned ones
     with pytest.raises(BadInput, match="--retrain"):
         worker._prune_row({**spec, "retrain": False}, BENCH_METHODS["prune"], recipe, quickstart, None)
+
+
+def test_the_bench_refuses_prune_without_retraining_or_the_library_before_measuring(cli, tmp_path, monkeypatch):
+    from flexslim.cli import app
+
+    out = tmp_path / "b"
+    res = cli.invoke(app, ["bench", "--latency-ms", "1", "--methods", "uniform,prune", "--no-retrain", "--out", str(out)])
+    assert res.exit_code == 2 and "prune" in res.stderr and "--retrain" in res.stderr, res.output
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    res = cli.invoke(app, ["bench", "--latency-ms", "1", "--methods", "prune", "--retrain", "--out", str(out)])
+    assert res.exit_code == 2 and "flexslim[compare]" in res.stderr, res.output
+    assert not out.exists()  # nothing measured, nothing written

@@ -126,6 +126,13 @@ def run_bench(request: BenchRequest, log=print) -> list[dict]:
     if r.equal_compute and ("flexcharts" not in methods or not retrains):
         raise BadInput("--equal-compute gives the baselines FlexCHarts' compute: it needs flexcharts among --methods "
                        "and --retrain")  # fmt: skip
+    needs_retrain = [m for m in methods if m in ("ceiling", "prune")]
+    if needs_retrain and not retrains:
+        raise BadInput(f"bench method {needs_retrain[0]} retrains the networks it finds: pass --retrain")
+    if "prune" in methods:
+        from flexslim.bench.prune import require_torch_pruning
+
+        require_torch_pruning()  # before any table is measured or run started
     out.mkdir(parents=True, exist_ok=True)
     if latency_table is not None:
         table = _reuse_latency_table(Path(latency_table), out / "latency.json", log)
