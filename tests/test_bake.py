@@ -486,3 +486,14 @@ def test_a_growth_predicted_well_under_the_limit_is_timed_in_full_without_a_scre
     assert far_under and not {tuple(sorted(s["widths"].items())) for s in far_under} & {
         tuple(sorted(s["widths"].items())) for s in res.screens
     }
+
+
+def test_trims_growths_and_exchanges_step_between_deliverable_widths_on_a_grid_above_min_width():
+    """On a 16-grid with min_width 8 the deliverable widths are 8, 16, 32, 48, ...: a step from 8 goes to 16 and
+    one down from 32 to 16 (an exchange once moved 8 -> 24, a width the block charges as 32)."""
+    from flexslim.search.bake import _exchanges, step_down, step_up
+
+    assert [step_up(w, 16) for w in (8, 16, 24, 32)] == [16, 32, 32, 48]
+    assert [step_down(w, 16, 8) for w in (16, 24, 32, 48)] == [8, 16, 16, 32]
+    widths = {w for ex in _exchanges({"a": 8, "b": 16, "c": 32}, 8, 16) for w in ex.values()}
+    assert widths <= {8, 16, 32, 48}

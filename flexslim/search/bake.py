@@ -114,6 +114,18 @@ def _down_and_up(c: float, grid: int, min_width: int) -> list[int]:
     return sorted({max(min_width, grid * math.floor(c / grid)), max(min_width, grid * math.ceil(c / grid))})
 
 
+def step_up(w: int, grid: int) -> int:
+    """The next deliverable width above `w`: the next grid multiple (8 -> 16 and 24 -> 32 on a 16-grid, never 24 or
+    40, which a 16-channel block charges as 32 and 48)."""
+    return grid * (w // grid) + grid
+
+
+def step_down(w: int, grid: int, min_width: int) -> int:
+    """The next deliverable width below `w`: the grid multiple under it, or min_width (32 -> 16 -> 8 on a 16-grid
+    with min_width 8; never 24)."""
+    return max(min_width, grid * math.ceil(w / grid) - grid)
+
+
 def _rank(pred: float, limit: float) -> tuple:
     return (0, -pred) if pred <= limit else (1, pred)
 
@@ -242,7 +254,7 @@ def _trim(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, grid: i
                 f"every stage is at min_width {min_width} and the network still measures "
                 f"{t.at_percentile_ms:.4f} ms > {budget.limit_ms:.4f} ms; raise --latency-ms or lower model.min_width"
             )
-        new = max(min_width, widths[stage] - grid)
+        new = step_down(widths[stage], grid, min_width)
         trims.append(
             {
                 "stage": stage,
@@ -265,7 +277,7 @@ def _best_trim(widths: dict[str, int], latency: LatencyModel, min_width: int, gr
     base = float(latency.predict(widths))
 
     def score(stage: str) -> float:
-        new = max(min_width, widths[stage] - grid)
+        new = step_down(widths[stage], grid, min_width)
         saved = base - float(latency.predict({**widths, stage: new}))
         return saved / ((widths[stage] - new) / widths[stage])
 
@@ -282,7 +294,7 @@ def _fill(widths, t: Timing, desk: Desk, budget: Budget, grid: int, max_measures
         local = t.at_percentile_ms / base  # the model's bias here, by measurement: predictions are scaled by it
         options = []
         for s, w in widths.items():
-            grown = {**widths, s: grid * (w // grid) + grid}
+            grown = {**widths, s: step_up(w, grid)}
             pred = float(desk.latency.predict(grown))
             if s not in blocked and pred * local <= budget.limit_ms * (1 + TOLERANCE):
                 options.append(((grown[s] - w) / w / max(pred - base, 1e-9), s, grown))
@@ -354,7 +366,9 @@ def _screened_over(desk: Desk, widths: dict[str, int], budget: Budget, expected_
 def _exchanges(widths: dict[str, int], min_width: int, grid: int) -> list[dict[str, int]]:
     """Networks one grid step away in some stages, at least one up and one down (down to min_width): every such
     combination for up to EXCHANGE_ALL stages (e.g. 16/32/64 -> 8/48/48), else one stage up and one down."""
-    steps = {s: [w + grid] + ([max(min_width, w - grid)] if w > min_width else []) for s, w in widths.items()}
+    steps = {
+        s: [step_up(w, grid)] + ([step_down(w, grid, min_width)] if w > min_width else []) for s, w in widths.items()
+    }
     if len(widths) > EXCHANGE_ALL:
         return [
             {**widths, up: steps[up][0], down: steps[down][1]}
