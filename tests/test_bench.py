@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 from search_fixtures import TINY_SET, sets
 from typer.testing import CliRunner
 
@@ -324,10 +325,10 @@ def test_ceiling_retrains_distinct_networks_in_the_window_and_keeps_the_best(tmp
     monkeypatch.setattr(worker, "_retrained", fake_retrain)
     spec = {"latency_table": str(tmp_path / "t.json"), "budget_ms": budget_ms, "retrain": True, "run": "c",
             "out": str(tmp_path)}  # fmt: skip
-    row, best = worker._ceiling_row(spec, BENCH_METHODS["ceiling"], recipe, quickstart, None)
+    row, best = worker._ceiling_row(spec, BENCH_METHODS["ceiling"], recipe, quickstart, torch.device("cpu"))
     assert [c["widths"]["stage1"] for c in row["ceiling"]] == [8, 24, 32]  # the repeat and the 0.5 x skipped
     assert best.widths["stage1"] == 24 and row["acc_retrained"] == 0.90 and row["candidates"] == 3
-    assert row["ceiling_mean"] == pytest.approx((0.80 + 0.90 + 0.85) / 3)
+    assert row["ceiling_mean"] == pytest.approx((0.80 + 0.90 + 0.85) / 3) and "peak_mb" in row
     assert row["train_gmacs"] == 8 + 24 + 32 and row["measured_ms"] == pytest.approx(0.95 * budget_ms)
 
 
@@ -339,3 +340,16 @@ def test_ceiling_without_retraining_is_bad_input(quickstart):
 
     with pytest.raises(BadInput, match="--retrain"):
         worker._ceiling_row({"retrain": False}, BENCH_METHODS["ceiling"], load_recipe("quickstart"), quickstart, None)
+
+
+def test_a_finished_runs_line_reads_only_what_its_row_holds():
+    """A ceiling row (no search, no tensor window, no memory figure of a search) once stopped the whole bench with
+    a KeyError after 21 minutes: the line names what the row has and leaves the rest out."""
+    from flexslim.bench.run import run_line
+
+    row = {"widths": {"a": 8}, "measured_ms": 0.0964, "predicted_ms": 0.0881, "budget_met": True,
+           "acc_retrained": 0.8412}  # fmt: skip
+    line = run_line("ceiling-seed0", row)
+    assert "0.0964 ms measured" in line and "accuracy 0.8412" in line and "RSS" not in line
+    full = run_line("flexcharts-seed0", {**row, "search_seconds": 51.0, "tensor_peak_mb": 163.5, "peak_mb": 1132.0})
+    assert "search 51s" in full and "tensors 163.5 MB" in full and "peak RSS 1132 MB" in full

@@ -292,11 +292,18 @@ def _run_method(spec: dict, out: Path, log) -> dict:
         log(f"   {run} failed: {' | '.join(tail)}")
         return {"method": m, "seed": spec.get("seed"), "error": " | ".join(tail)}
     row = json.loads(result.read_text())
-    tensor = row.get("tensor_peak_mb")
-    log(
-        f"   {run}: widths {row['widths']}, {row['measured_ms']:.4f} ms measured / {row['predicted_ms']:.4f} "
-        f"predicted ({'met' if row['budget_met'] else 'MISSED'}), search {row['search_seconds']:.0f}s, "
-        + (f"tensors {tensor:.1f} MB, " if tensor is not None else "")
-        + f"peak RSS {row['peak_mb']:.0f} MB"
-    )
+    log(run_line(run, row))
     return row
+
+
+def run_line(run: str, row: dict) -> str:
+    """The log line of one finished run: what a row holds (a baseline has no tensor window, a ceiling or prune row
+    no memory figure of its own search), never a KeyError that would stop the other runs."""
+    tensor, peak, acc = row.get("tensor_peak_mb"), row.get("peak_mb"), row.get("acc_retrained")
+    return (
+        f"   {run}: widths {row['widths']}, {row['measured_ms']:.4f} ms measured / {row['predicted_ms']:.4f} "
+        f"predicted ({'met' if row['budget_met'] else 'MISSED'}), search {row.get('search_seconds') or 0:.0f}s"
+        + (f", tensors {tensor:.1f} MB" if tensor is not None else "")
+        + (f", peak RSS {peak:.0f} MB" if peak is not None else "")
+        + (f", retrained accuracy {acc:.4f}" if acc is not None else "")
+    )

@@ -240,6 +240,8 @@ def _ceiling_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict
 
     if not spec["retrain"]:
         raise BadInput("bench method ceiling retrains every network it draws: pass --retrain")
+    memory = SearchMemory(dev)
+    memory.start()
     arch, table, budget = _shared(spec, recipe, ds)
     grid = with_grid(recipe, table).model.round_to
     pool = inside_budget(arch, table, budget, grid, recipe.model.min_width, random.Random(recipe.search.seed))
@@ -270,6 +272,7 @@ def _ceiling_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict
         candidates=len(tried),
         ceiling=tried,
         ceiling_mean=sum(accs) / len(accs),
+        **memory.stop(),
     )
     return row, arch.with_widths(best["widths"])
 
@@ -290,6 +293,8 @@ def _prune_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, 
     require_torch_pruning()  # before anything is trained
     if not spec["retrain"]:
         raise BadInput("bench method prune fine-tunes the network it prunes: pass --retrain")
+    memory = SearchMemory(dev)
+    memory.start()
     arch, table, budget = _shared(spec, recipe, ds)
     grid = with_grid(recipe, table).model.round_to
     wide = wide_arch(arch, recipe.bench.prune_start, grid)
@@ -325,6 +330,7 @@ def _prune_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, 
         "train_epochs": epochs,
         "train_seconds": time.perf_counter() - t1,
         "train_gmacs": train_gmacs(pruned, pruned.widths, epochs, _train_images(ds, recipe)),
+        **memory.stop(),
     }
     return row, pruned
 
