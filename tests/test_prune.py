@@ -117,9 +117,10 @@ def test_the_bench_refuses_prune_without_retraining_or_the_library_before_measur
     from flexslim.cli import app
 
     out = tmp_path / "b"
-    res = cli.invoke(app, ["bench", "--latency-ms", "1", "--methods", "uniform,prune", "--no-retrain", "--out", str(out)])
+    args = ["bench", "--latency-ms", "1", "--out", str(out)]
+    res = cli.invoke(app, [*args, "--methods", "uniform,prune", "--no-retrain"])
     assert res.exit_code == 2 and "prune" in res.stderr and "--retrain" in res.stderr, res.output
     monkeypatch.setitem(sys.modules, "torch_pruning", None)
-    res = cli.invoke(app, ["bench", "--latency-ms", "1", "--methods", "prune", "--retrain", "--out", str(out)])
+    res = cli.invoke(app, [*args, "--methods", "prune", "--retrain"])
     assert res.exit_code == 2 and "flexslim[compare]" in res.stderr, res.output
     assert not out.exists()  # nothing measured, nothing written

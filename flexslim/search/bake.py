@@ -54,6 +54,7 @@ EXCHANGE_ALL = 6  # stages: up to this many, exchanges may move every stage at o
 EXCHANGES = 4  # at most this many width exchanges measured when the fill ends below the window
 TOLERANCE = 0.04  # growths predicted up to this far over the limit are still measured (hold-out error near budgets)
 SCREEN_OUT = 0.05  # a growth or exchange screened this far over the limit is rejected without its gate-length timing
+BORDERLINE = 0.02  # a growth or exchange measured at most this far over the limit is timed once more (lower kept)
 
 
 @dataclass
@@ -308,6 +309,8 @@ def _fill(widths, t: Timing, desk: Desk, budget: Budget, grid: int, max_measures
         tg = desk(grown, "grow")
         if budget.limit_ms < tg.at_percentile_ms and tg.at_percentile_ms > RETIME * expected:  # a slow stretch?
             tg = desk.retime(grown)
+        else:
+            tg = _borderline(desk, grown, tg, budget)
         if tg.at_percentile_ms <= budget.limit_ms:
             widths, t = grown, tg
         else:
@@ -320,28 +323,52 @@ def _exchange(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, gri
     """Below the window after the fill, or within the headroom above its bottom (`Budget.safe_low_ms`: the gate
     may read it under the window), with no single stage able to grow: try exchanges of width between stages
     (`_exchanges`), predicted from what was measured (`_from_measured`), the highest within the limit first; keep
-    one that MEASURES in the window and costs no capability beyond the score's noise (`Desk.better`)."""
+    one that MEASURES in the window and costs no capability beyond the score's noise (`Desk.better`).
+
+    The window is the latency target, capability decides inside it: below the window, an exchange that costs
+    capability is tried too (after every one that does not, the best-scoring first) and kept only when it MEASURES
+    in the window. At 2.5 x the fashion floor every exchange of 16/32/64/128 (0.876 x) scored worse than it, none
+    was measured, and the run delivered under the window. A measurement just over the limit is timed once more
+    (`_borderline`)."""
     tried = 0
     while t.at_percentile_ms < budget.safe_low_ms and len(desk.steps) < max_measures and tried < EXCHANGES:
+        below = t.at_percentile_ms < budget.low_ms
         options = []
         for w in _exchanges(widths, min_width, grid):
             pred = _from_measured(w, widths, t.at_percentile_ms, desk)
             fresh = (key := tuple(sorted(w.items()))) not in desk.cache and key not in desk.screened_out
-            if fresh and budget.low_ms <= pred <= budget.limit_ms * (1 + TOLERANCE) and desk.better(w, widths):
-                options.append((pred, w))  # one that already scores worse could never be kept: not measured
+            if not (fresh and budget.low_ms <= pred <= budget.limit_ms * (1 + TOLERANCE)):
+                continue
+            keeps = desk.better(w, widths)
+            if keeps or below:  # one that scores worse inside the window could never be kept: not measured
+                options.append((not keeps, -desk.score(w) if not keeps else 0.0, _rank(pred, budget.limit_ms), pred, w))
         if not options:
             break
-        pred, w = min(options, key=lambda pw: _rank(pw[0], budget.limit_ms))  # highest within the limit first
+        *_, pred, w = min(options, key=lambda o: o[:3])  # capability kept first, then the highest within the limit
         tried += 1
         if _screened_over(desk, w, budget, pred):
             continue
-        tw = desk(w, "exchange")
-        # below the window any gain counts; inside it (under safe_low) only a move that reaches safe_low: the
-        # searched shape is not traded for a few microseconds
-        gain = t.at_percentile_ms < budget.low_ms or tw.at_percentile_ms >= budget.safe_low_ms
-        if gain and t.at_percentile_ms < tw.at_percentile_ms <= budget.limit_ms and desk.better(w, widths):
+        tw = _borderline(desk, w, desk(w, "exchange"), budget)
+        ms = tw.at_percentile_ms
+        if desk.better(w, widths):
+            # below the window any gain counts; inside it (under safe_low) only a move that reaches safe_low: the
+            # searched shape is not traded for a few microseconds
+            gain = below or ms >= budget.safe_low_ms
+            keep = gain and t.at_percentile_ms < ms <= budget.limit_ms
+        else:
+            keep = below and budget.low_ms <= ms <= budget.limit_ms  # capability spent only to land in the window
+        if keep:
             widths, t = w, tw
     return widths, t
+
+
+def _borderline(desk: Desk, widths: dict[str, int], t: Timing, budget: Budget) -> Timing:
+    """`t`, or the lower of it and one more timing when it measured over the limit by at most BORDERLINE: on a
+    noisy machine (6.6% session spread on a 2-core VM) a network at 1.0001 x the limit was turned away and the run
+    delivered under the window."""
+    if budget.limit_ms < t.at_percentile_ms <= (1 + BORDERLINE) * budget.limit_ms:
+        return desk.retime(widths)
+    return t
 
 
 def _screened_over(desk: Desk, widths: dict[str, int], budget: Budget, expected_ms: float) -> bool:
