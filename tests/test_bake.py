@@ -382,18 +382,7 @@ def test_a_growth_measured_just_over_the_limit_is_timed_once_more_and_kept_when_
     model = {(16, 8, 16): 0.80, (16, 16, 16): 0.96, (8, 8, 16): 0.70}
     for first, second, kept in ((0.985, 0.975, True), (1.01, 0.975, False)):
         timings = {(16, 16, 16): [first, second]}
-
-        class Model:
-            def predict(self, w):
-                return model.get((w["a"], w["b"], w["c"]), 9.9)
-
-        def measure(arch, widths, settings, timings=timings):
-            key = (widths["a"], widths["b"], widths["c"])
-            ms = timings[key].pop(0) if key in timings else model.get(key, 9.9)
-            return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
-
-        res = bake(small_arch(), {"a": 16.0, "b": 8.0, "c": 16.0}, budget=Budget(1.0, headroom=0.02),
-                   latency=Model(), plan=plan(screen_out=None), measure=measure)  # fmt: skip
+        res = _sequenced_bake(model, timings)
         assert (res.widths == {"a": 16, "b": 16, "c": 16}) == kept
         assert len(timings[(16, 16, 16)]) == (0 if kept else 1)
 
@@ -457,18 +446,7 @@ def test_a_growth_measured_over_the_limit_in_a_slow_stretch_is_timed_once_more_a
     model = {(16, 8, 16): 0.80, (16, 16, 16): 0.95, (16, 8, 24): 1.30, (8, 8, 16): 0.70, (8, 16, 16): 0.90}
     for second, kept in ((0.96, True), (1.10, False)):
         timings = {(16, 16, 16): [1.10, second]}
-
-        class Model:
-            def predict(self, w):
-                return model.get((w["a"], w["b"], w["c"]), 9.9)
-
-        def measure(arch, widths, settings, timings=timings):
-            key = (widths["a"], widths["b"], widths["c"])
-            ms = timings[key].pop(0) if key in timings else model.get(key, 9.9)
-            return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
-
-        res = bake(small_arch(), {"a": 16.0, "b": 8.0, "c": 16.0}, budget=Budget(1.0, headroom=0.02),
-                   latency=Model(), plan=plan(screen_out=None), measure=measure)  # fmt: skip (no screens here)
+        res = _sequenced_bake(model, timings)
         grow = [s for s in res.steps if s["widths"] == {"a": 16, "b": 16, "c": 16}]
         assert len(grow) == 1 and grow[0].get("retimed") and grow[0]["measured_ms"] == min(1.10, second)
         assert timings[(16, 16, 16)] == []  # exactly two timings
@@ -527,3 +505,20 @@ def test_trims_growths_and_exchanges_step_between_deliverable_widths_on_a_grid_a
     assert [step_down(w, 16, 8) for w in (16, 24, 32, 48)] == [8, 16, 16, 32]
     widths = {w for ex in _exchanges({"a": 8, "b": 16, "c": 32}, 8, 16) for w in ex.values()}
     assert widths <= {8, 16, 32, 48}
+
+
+def _sequenced_bake(model: dict, timings: dict):
+    """bake() from 16/8/16 (budget 1.0, headroom 2%, no screens) on networks (a, b, c) predicted as `model`, each
+    measured as `model` says except those in `timings`, whose successive timings are popped from their list."""
+
+    class Model:
+        def predict(self, w):
+            return model.get((w["a"], w["b"], w["c"]), 9.9)
+
+    def measure(arch, widths, settings):
+        key = (widths["a"], widths["b"], widths["c"])
+        ms = timings[key].pop(0) if key in timings else model.get(key, 9.9)
+        return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+
+    return bake(small_arch(), {"a": 16.0, "b": 8.0, "c": 16.0}, budget=Budget(1.0, headroom=0.02), latency=Model(),
+                plan=plan(screen_out=None), measure=measure)  # fmt: skip
