@@ -274,7 +274,8 @@ def test_inside_the_window_an_exchange_is_kept_only_when_it_reaches_the_safe_zon
 
 
 def test_exchanges_move_every_stage_at_once_for_few_stages_and_pairs_for_many():
-    from flexslim.search.bake import EXCHANGE_ALL, _exchanges
+    from flexslim.search.moves import EXCHANGE_ALL
+    from flexslim.search.moves import exchanges as _exchanges
 
     three = _exchanges({"a": 16, "b": 32, "c": 64}, min_width=8, grid=16)
     assert {"a": 8, "b": 48, "c": 48} in three and len(three) == 12  # 27 combinations - 7 all up - 7 all down - 1
@@ -499,7 +500,8 @@ def test_a_growth_predicted_well_under_the_limit_is_timed_in_full_without_a_scre
 def test_trims_growths_and_exchanges_step_between_deliverable_widths_on_a_grid_above_min_width():
     """On a 16-grid with min_width 8 the deliverable widths are 8, 16, 32, 48, ...: a step from 8 goes to 16 and
     one down from 32 to 16 (an exchange once moved 8 -> 24, a width the block charges as 32)."""
-    from flexslim.search.bake import _exchanges, step_down, step_up
+    from flexslim.search.moves import exchanges as _exchanges
+    from flexslim.search.moves import step_down, step_up
 
     assert [step_up(w, 16) for w in (8, 16, 24, 32)] == [16, 32, 32, 48]
     assert [step_down(w, 16, 8) for w in (16, 24, 32, 48)] == [8, 16, 16, 32]

@@ -236,14 +236,9 @@ def _ceiling_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict
 
     from flexslim.bench.random_search import inside_budget
     from flexslim.errors import BadInput
-    from flexslim.latency.model import with_grid
 
-    if not spec["retrain"]:
-        raise BadInput("bench method ceiling retrains every network it draws: pass --retrain")
-    memory = SearchMemory(dev)
-    memory.start()
-    arch, table, budget = _shared(spec, recipe, ds)
-    grid = with_grid(recipe, table).model.round_to
+    why = "retrains every network it draws"
+    memory, arch, table, budget, grid = _retraining_baseline(spec, method, recipe, ds, dev, why)
     pool = inside_budget(arch, table, budget, grid, recipe.model.min_width, random.Random(recipe.search.seed))
     t0, tried, seen = time.perf_counter(), [], set()
     for widths in pool:
@@ -285,18 +280,13 @@ def _prune_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, 
     wide network's training. Needs --retrain and Torch-Pruning."""
     from flexslim.bench.prune import prune_channels, require_torch_pruning, wide_arch
     from flexslim.bench.uniform import uniform_scale
-    from flexslim.errors import BadInput
     from flexslim.jobs.train import SEARCHED, train_arch
-    from flexslim.latency.model import with_grid
     from flexslim.train.checkpoint import load_model, save_model
 
     require_torch_pruning()  # before anything is trained
-    if not spec["retrain"]:
-        raise BadInput("bench method prune fine-tunes the network it prunes: pass --retrain")
-    memory = SearchMemory(dev)
-    memory.start()
-    arch, table, budget = _shared(spec, recipe, ds)
-    grid = with_grid(recipe, table).model.round_to
+    memory, arch, table, budget, grid = _retraining_baseline(
+        spec, method, recipe, ds, dev, "fine-tunes the network it prunes"
+    )
     wide = wide_arch(arch, recipe.bench.prune_start, grid)
     run_dir = Path(spec["out"]) / spec["run"]
     (run_dir / "wide").mkdir(parents=True, exist_ok=True)
@@ -333,6 +323,20 @@ def _prune_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, 
         **memory.stop(),
     }
     return row, pruned
+
+
+def _retraining_baseline(spec: dict, method: BenchMethod, recipe, ds, dev, why: str):
+    """The start of a baseline that retrains what it finds (ceiling, prune): BadInput without --retrain (`why` says
+    what it retrains), then its memory reading started, the shared arch, table and budget, and the width grid."""
+    from flexslim.errors import BadInput
+    from flexslim.latency.model import with_grid
+
+    if not spec["retrain"]:
+        raise BadInput(f"bench method {method.name} {why}: pass --retrain")
+    memory = SearchMemory(dev)
+    memory.start()
+    arch, table, budget = _shared(spec, recipe, ds)
+    return memory, arch, table, budget, with_grid(recipe, table).model.round_to
 
 
 def _random_gmacs(arch, candidates: list[dict], ds, recipe) -> float:

@@ -7,6 +7,8 @@
             `repeats` sessions of the gate's GATE_SECONDS each, in full (shorter sessions read 1-2% low here), and
             the spread of those sessions sets the headroom under the budget from here on (`confidence` spreads, see
             budget.py). Every later step is timed as the gate times it;
+Steps 3 and 4 are `search.moves` (the moves and what they measure with); this module chooses, runs them, reports.
+
 3. trim     while over the limit: `grid` channels off the stage with the best predicted saving per relative width;
 4. fill     while a stage can grow: the most relative width per predicted millisecond first (predictions scaled
             by measured / predicted of the current network: the model's local bias, and up to TOLERANCE over the
@@ -37,24 +39,19 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 
-from flexslim.errors import BadInput
 from flexslim.latency.budget import Budget
 from flexslim.latency.model import LatencyModel
 from flexslim.latency.profiling import measure
 from flexslim.latency.runtime import GATE_SECONDS, Timing
 from flexslim.models.arch import Arch
 from flexslim.recipe.schema import LatencyConfig
-from flexslim.search.desk import RETIME, Desk, Measure, Score
+from flexslim.search.desk import Desk, Measure, Score
+from flexslim.search.moves import SCREEN_OUT, TOLERANCE, exchange, fill, rank, trim
 from flexslim.system.console import Reporter
 
 ENUMERATE_UP_TO = 10  # stages; more than that: a beam over the stages
 BEAM = 32
 MEASURE_FIRST = 3  # rounded neighbours measured before trimming or filling
-EXCHANGE_ALL = 6  # stages: up to this many, exchanges may move every stage at once (3^n networks)
-EXCHANGES = 4  # at most this many width exchanges measured when the fill ends below the window
-TOLERANCE = 0.04  # growths predicted up to this far over the limit are still measured (hold-out error near budgets)
-SCREEN_OUT = 0.05  # a growth or exchange screened this far over the limit is rejected without its gate-length timing
-BORDERLINE = 0.02  # a growth or exchange measured at most this far over the limit is timed once more (lower kept)
 
 
 @dataclass
@@ -99,9 +96,9 @@ def rounded_neighbours(
         beam: list[dict] = [{}]
         for s in stages:
             grown = [{**b, s: w} for b in beam for w in opts[s]]
-            beam = sorted(grown, key=lambda b: _rank(float(latency.predict({**nearest, **b})), limit_ms))[:BEAM]
+            beam = sorted(grown, key=lambda b: rank(float(latency.predict({**nearest, **b})), limit_ms))[:BEAM]
         combos = beam
-    return sorted(combos, key=lambda w: _rank(float(latency.predict(w)), limit_ms))
+    return sorted(combos, key=lambda w: rank(float(latency.predict(w)), limit_ms))
 
 
 def nearest_rounding(centers: dict[str, float], grid: int, min_width: int) -> dict[str, int]:
@@ -114,21 +111,6 @@ def _down_and_up(c: float, grid: int, min_width: int) -> list[int]:
     """A searched width rounded down and up to the grid, never below min_width (one value when they coincide)."""
     return sorted({max(min_width, grid * math.floor(c / grid)), max(min_width, grid * math.ceil(c / grid))})
 
-
-def step_up(w: int, grid: int) -> int:
-    """The next deliverable width above `w`: the next grid multiple (8 -> 16 and 24 -> 32 on a 16-grid, never 24 or
-    40, which a 16-channel block charges as 32 and 48)."""
-    return grid * (w // grid) + grid
-
-
-def step_down(w: int, grid: int, min_width: int) -> int:
-    """The next deliverable width below `w`: the grid multiple under it, or min_width (32 -> 16 -> 8 on a 16-grid
-    with min_width 8; never 24)."""
-    return max(min_width, grid * math.ceil(w / grid) - grid)
-
-
-def _rank(pred: float, limit: float) -> tuple:
-    return (0, -pred) if pred <= limit else (1, pred)
 
 
 @dataclass(frozen=True)
@@ -221,9 +203,9 @@ def bake(
     widths, t = _chosen(timed, budget, score)
     trims: list[dict] = []
     if fit:
-        widths, t, trims = _trim(widths, t, desk, budget, min_width, grid, max_measures)
-        widths, t = _fill(widths, t, desk, budget, grid, max_measures)
-        widths, t = _exchange(widths, t, desk, budget, min_width, grid, max_measures)
+        widths, t, trims = trim(widths, t, desk, budget, min_width, grid, max_measures)
+        widths, t = fill(widths, t, desk, budget, grid, max_measures)
+        widths, t = exchange(widths, t, desk, budget, min_width, grid, max_measures)
     fitted = Fitted(
         dict(widths), t.at_percentile_ms, t.p50_ms, t.provider, trims, desk.steps, desk.screens, budget=budget
     )
@@ -245,197 +227,6 @@ def _chosen(timed: list[tuple[dict, Timing]], budget: Budget, score: Score | Non
         return max(within, key=lambda wt: (score(wt[0]), ms(wt)))
     return max(within, key=ms) if within else min(timed, key=ms)
 
-
-def _trim(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
-    trims: list[dict] = []
-    while t.at_percentile_ms > budget.limit_ms and len(desk.steps) < max_measures:
-        stage = _best_trim(widths, desk.latency, min_width, grid)
-        if stage is None:
-            raise BadInput(
-                f"every stage is at min_width {min_width} and the network still measures "
-                f"{t.at_percentile_ms:.4f} ms > {budget.limit_ms:.4f} ms; raise --latency-ms or lower model.min_width"
-            )
-        new = step_down(widths[stage], grid, min_width)
-        trims.append(
-            {
-                "stage": stage,
-                "from": widths[stage],
-                "to": new,
-                "measured_ms": t.at_percentile_ms,
-                "limit_ms": budget.limit_ms,
-            }
-        )
-        widths = {**widths, stage: new}
-        t = desk(widths, "trim")
-    return widths, t, trims
-
-
-def _best_trim(widths: dict[str, int], latency: LatencyModel, min_width: int, grid: int) -> str | None:
-    """The stage whose trim saves the most predicted time per relative width lost (None: all at min_width)."""
-    choices = [s for s, w in widths.items() if w > min_width]
-    if not choices:
-        return None
-    base = float(latency.predict(widths))
-
-    def score(stage: str) -> float:
-        new = step_down(widths[stage], grid, min_width)
-        saved = base - float(latency.predict({**widths, stage: new}))
-        return saved / ((widths[stage] - new) / widths[stage])
-
-    return max(choices, key=score)
-
-
-def _fill(widths, t: Timing, desk: Desk, budget: Budget, grid: int, max_measures: int):
-    """Grow stages while they measure within the limit: the most relative width per predicted ms first; a stage
-    whose growth measured over the limit is not tried again - after one more timing when it measured RETIME over what
-    the current network's measurement predicts for it (a slow stretch of the machine rejected good growths)."""
-    blocked: set[str] = set()
-    while len(desk.steps) < max_measures:
-        base = float(desk.latency.predict(widths))
-        local = t.at_percentile_ms / base  # the model's bias here, by measurement: predictions are scaled by it
-        options = []
-        for s, w in widths.items():
-            grown = {**widths, s: step_up(w, grid)}
-            pred = float(desk.latency.predict(grown))
-            if s not in blocked and pred * local <= budget.limit_ms * (1 + TOLERANCE):
-                options.append(((grown[s] - w) / w / max(pred - base, 1e-9), s, grown))
-        if not options:
-            return widths, t
-        _, stage, grown = max(options, key=lambda o: o[0])
-        expected = local * float(desk.latency.predict(grown))
-        if _screened_over(desk, grown, budget, expected):
-            blocked.add(stage)
-            continue
-        tg = desk(grown, "grow")
-        if budget.limit_ms < tg.at_percentile_ms and tg.at_percentile_ms > RETIME * expected:  # a slow stretch?
-            tg = desk.retime(grown)
-        else:
-            tg = _borderline(desk, grown, tg, budget)
-        if tg.at_percentile_ms <= budget.limit_ms:
-            widths, t = grown, tg
-        else:
-            desk.steps[-1]["step"] = "grow-rejected"
-            blocked.add(stage)
-    return widths, t
-
-
-def _exchange(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
-    """Below the window after the fill, or within the headroom above its bottom (`Budget.safe_low_ms`: the gate
-    may read it under the window), with no single stage able to grow: try exchanges of width between stages
-    (`_exchanges`), predicted from what was measured (`_from_measured`), the highest within the limit first; keep
-    one that MEASURES in the window and costs no capability beyond the score's noise (`Desk.better`).
-
-    The window is the latency target, capability decides inside it: below the window, an exchange that costs
-    capability is tried too (after every one that does not, the best-scoring first) and kept only when it MEASURES
-    in the window. At 2.5 x the fashion floor every exchange of 16/32/64/128 (0.876 x) scored worse than it, none
-    was measured, and the run delivered under the window. A measurement just over the limit is timed once more
-    (`_borderline`)."""
-    tried = 0
-    while t.at_percentile_ms < budget.safe_low_ms and len(desk.steps) < max_measures and tried < EXCHANGES:
-        below = t.at_percentile_ms < budget.low_ms
-        options = []
-        for w in _exchanges(widths, min_width, grid):
-            pred = _from_measured(w, widths, t.at_percentile_ms, desk)
-            fresh = (key := tuple(sorted(w.items()))) not in desk.cache and key not in desk.screened_out
-            if not (fresh and budget.low_ms <= pred <= budget.limit_ms * (1 + TOLERANCE)):
-                continue
-            keeps = desk.better(w, widths)
-            if keeps or below:  # one that scores worse inside the window could never be kept: not measured
-                options.append((not keeps, -desk.score(w) if not keeps else 0.0, _rank(pred, budget.limit_ms), pred, w))
-        if not options:
-            break
-        *_, pred, w = min(options, key=lambda o: o[:3])  # capability kept first, then the highest within the limit
-        tried += 1
-        if _screened_over(desk, w, budget, pred):
-            continue
-        tw = _borderline(desk, w, desk(w, "exchange"), budget)
-        ms = tw.at_percentile_ms
-        if desk.better(w, widths):
-            # below the window any gain counts; inside it (under safe_low) only a move that reaches safe_low: the
-            # searched shape is not traded for a few microseconds
-            gain = below or ms >= budget.safe_low_ms
-            keep = gain and t.at_percentile_ms < ms <= budget.limit_ms
-        else:
-            keep = below and budget.low_ms <= ms <= budget.limit_ms  # capability spent only to land in the window
-        if keep:
-            widths, t = w, tw
-    return widths, t
-
-
-def _borderline(desk: Desk, widths: dict[str, int], t: Timing, budget: Budget) -> Timing:
-    """`t`, or the lower of it and one more timing when it measured over the limit by at most BORDERLINE: on a
-    noisy machine (6.6% session spread on a 2-core VM) a network at 1.0001 x the limit was turned away and the run
-    delivered under the window."""
-    if budget.limit_ms < t.at_percentile_ms <= (1 + BORDERLINE) * budget.limit_ms:
-        return desk.retime(widths)
-    return t
-
-
-def _screened_over(desk: Desk, widths: dict[str, int], budget: Budget, expected_ms: float) -> bool:
-    """True when `widths` (not timed in full yet), predicted from what was measured (`expected_ms`) within
-    `desk.screen_out` of the limit or over it, screens more than `screen_out` over the limit at the latency model's
-    timing - and not more than RETIME over `expected_ms` (a screen read in a slow stretch rejects nothing: the
-    gate-length timing decides). A network predicted well under the limit is timed in full without a screen. The
-    screen is logged in `screens` with `rejected`; it is never a verdict that keeps a network."""
-    if desk.quick is None or tuple(sorted(widths.items())) in desk.cache:
-        return False
-    if expected_ms < (1 - desk.screen_out) * budget.limit_ms:
-        return False
-    ms = desk.screen(widths, desk.quick).at_percentile_ms
-    over = (1 + desk.screen_out) * budget.limit_ms < ms <= RETIME * expected_ms
-    desk.screens[-1]["rejected"] = over
-    if over:
-        desk.screened_out.add(tuple(sorted(widths.items())))
-        desk.reporter.log(f"bake screened out: {widths} ({ms:.4f} ms > {budget.limit_ms:.4f} ms limit)")
-    return over
-
-
-def _exchanges(widths: dict[str, int], min_width: int, grid: int) -> list[dict[str, int]]:
-    """Networks one grid step away in some stages, at least one up and one down (down to min_width): every such
-    combination for up to EXCHANGE_ALL stages (e.g. 16/32/64 -> 8/48/48), else one stage up and one down."""
-    steps = {
-        s: [step_up(w, grid)] + ([step_down(w, grid, min_width)] if w > min_width else []) for s, w in widths.items()
-    }
-    if len(widths) > EXCHANGE_ALL:
-        return [
-            {**widths, up: steps[up][0], down: steps[down][1]}
-            for up, down in itertools.permutations(widths, 2)
-            if len(steps[down]) > 1
-        ]
-    out = []
-    for combo in itertools.product(*([w, *steps[s]] for s, w in widths.items())):
-        w = dict(zip(widths, combo))
-        if any(w[s] > widths[s] for s in w) and any(w[s] < widths[s] for s in w):
-            out.append(w)
-    return out
-
-
-def _from_measured(widths: dict, base: dict, base_ms: float, desk: Desk) -> float:
-    """`widths` predicted from the measured network `base`: base_ms plus, for each stage that differs, the measured
-    difference of two networks that differ in that stage alone by the same change (screens count, the gate-length
-    timing where there is one), else the model's difference
-    scaled by its local bias (measured / predicted at base). The model's errors are per stage (on this CPU a stage
-    of 8 channels costs less than the block of 16 it is charged at): a measured difference corrects them."""
-    measured = {k: t.at_percentile_ms for k, t in {**desk.screened, **desk.cache}.items()}  # full ones win
-    local = base_ms / float(desk.latency.predict(base))
-    total, here = base_ms, dict(base)
-    for stage in widths:
-        if widths[stage] == here[stage]:
-            continue
-        step = _measured_step(measured, stage, here[stage], widths[stage])
-        after = {**here, stage: widths[stage]}
-        total += step if step is not None else local * float(desk.latency.predict(after) - desk.latency.predict(here))
-        here = after
-    return total
-
-
-def _measured_step(measured: dict[tuple, float], stage: str, old: int, new: int) -> float | None:
-    """ms(stage at new) - ms(stage at old) from a measured pair identical in every other stage (None: no pair)."""
-    for key, ms in measured.items():
-        w = dict(key)
-        if w[stage] == old and (other := measured.get(tuple(sorted({**w, stage: new}.items())))) is not None:
-            return other - ms
-    return None
 
 
 def _window_note(fitted: Fitted, desk: Desk, budget: Budget) -> str:
