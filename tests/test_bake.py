@@ -284,6 +284,19 @@ def test_exchanges_move_every_stage_at_once_for_few_stages_and_pairs_for_many():
     assert len(_exchanges(many, min_width=8, grid=8)) == len(many) * (len(many) - 1)  # one up, one down
 
 
+def test_after_an_exchange_below_the_window_the_fill_runs_again_and_lands_in_it():
+    """Every growth of 16/16/16 (0.80) overshoots; the exchange to 8/24/16, predicted in the window, measures 0.82
+    (a gain, still under it); from there stage b can grow to 8/32/16 (0.95). Found at 2.5 x the fashion floor: the
+    uniform network 16/32/64/128 was exchanged to 8/48/48/112 (0.880 x) and delivered there, while 16/48/64/128 was
+    one growth away and measured 0.915 x."""
+    model = {(16, 16, 16): 0.80, (24, 16, 16): 1.2, (16, 24, 16): 1.2, (16, 16, 24): 1.2, (8, 24, 16): 0.95,
+             (8, 32, 16): 1.05}  # fmt: skip
+    truth = {**model, (8, 24, 16): 0.82, (8, 32, 16): 0.95}
+    res = table_bake(model, truth, (16.0, 16.0, 16.0), headroom=0.02)
+    assert res.widths == {"a": 8, "b": 32, "c": 16} and res.measured_ms == 0.95 and res.note == ""
+    assert [s["step"] for s in res.steps] == ["choose", "exchange", "grow"]
+
+
 def test_an_exchange_can_move_three_stages_when_no_pair_lands():
     table = {(16, 16, 16): 0.85, (8, 24, 24): 0.95, (8, 24, 16): 0.86, (24, 8, 16): 1.3, (16, 8, 24): 1.3}
     res = table_bake(table, table, (16.0, 16.0, 16.0), headroom=0.02)

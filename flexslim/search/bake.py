@@ -205,7 +205,12 @@ def bake(
     if fit:
         widths, t, trims = trim(widths, t, desk, budget, min_width, grid, max_measures)
         widths, t = fill(widths, t, desk, budget, grid, max_measures)
-        widths, t = exchange(widths, t, desk, budget, min_width, grid, max_measures)
+        while True:  # an exchange may open a growth the fill could not make (8/48/48/112 -> 8/48/64/112)
+            before = widths
+            widths, t = exchange(widths, t, desk, budget, min_width, grid, max_measures)
+            if widths == before or t.at_percentile_ms >= budget.safe_low_ms:
+                break
+            widths, t = fill(widths, t, desk, budget, grid, max_measures)
     fitted = Fitted(
         dict(widths), t.at_percentile_ms, t.p50_ms, t.provider, trims, desk.steps, desk.screens, budget=budget
     )

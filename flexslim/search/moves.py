@@ -90,7 +90,9 @@ def fill(widths, t: Timing, desk: Desk, budget: Budget, grid: int, max_measures:
         for s, w in widths.items():
             grown = {**widths, s: step_up(w, grid)}
             pred = float(desk.latency.predict(grown))
-            if s not in blocked and pred * local <= budget.limit_ms * (1 + TOLERANCE):
+            if s not in blocked and not _known_over(desk, grown, budget) and pred * local <= budget.limit_ms * (
+                1 + TOLERANCE
+            ):
                 options.append(((grown[s] - w) / w / max(pred - base, 1e-9), s, grown))
         if not options:
             return widths, t
@@ -110,6 +112,13 @@ def fill(widths, t: Timing, desk: Desk, budget: Budget, grid: int, max_measures:
             desk.steps[-1]["step"] = "grow-rejected"
             blocked.add(stage)
     return widths, t
+
+
+def _known_over(desk: Desk, widths: dict[str, int], budget: Budget) -> bool:
+    """True when `widths` already measured over the limit in full or was screened out: a later fill (after an
+    exchange) does not time it again."""
+    key = tuple(sorted(widths.items()))
+    return key in desk.screened_out or (key in desk.cache and desk.cache[key].at_percentile_ms > budget.limit_ms)
 
 
 def exchange(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
