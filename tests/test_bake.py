@@ -297,6 +297,22 @@ def test_after_an_exchange_below_the_window_the_fill_runs_again_and_lands_in_it(
     assert [s["step"] for s in res.steps] == ["choose", "exchange", "grow"]
 
 
+def test_under_the_window_with_no_exchange_a_growth_the_model_rules_out_is_screened_and_kept():
+    """The model puts every growth of 16/16/16 (0.80) far over the limit and no exchange lands; the runtime runs
+    16/24/16 at 0.95. As the last resort the bake screens the growths the model ruled out (lowest prediction first)
+    and keeps that one (at 2.5 x the fashion floor: 16/32/64/128 at 0.876 x, 16/48/64/128 predicted 1.11 x the
+    limit, measured 0.96 x). A growth whose screen reads clearly over is rejected unmeasured in full."""
+    model = {(16, 16, 16): 0.80, (24, 16, 16): 1.20, (16, 24, 16): 1.15, (16, 16, 24): 1.30}
+    truth = {**model, (16, 24, 16): 0.95}
+    res = table_bake(model, truth, (16.0, 16.0, 16.0), headroom=0.02)
+    assert res.widths == {"a": 16, "b": 24, "c": 16} and res.measured_ms == 0.95 and res.note == ""
+    assert [s["step"] for s in res.steps] == ["choose", "grow"]
+    over = {**model}  # the same, but 16/24/16 really is over: screened out, nothing timed in full
+    res = table_bake(model, over, (16.0, 16.0, 16.0), headroom=0.02)
+    assert res.widths == {"a": 16, "b": 16, "c": 16} and [s["step"] for s in res.steps] == ["choose"]
+    assert sum(1 for s in res.screens if s.get("rejected")) == 3
+
+
 def test_an_exchange_can_move_three_stages_when_no_pair_lands():
     table = {(16, 16, 16): 0.85, (8, 24, 24): 0.95, (8, 24, 16): 0.86, (24, 8, 16): 1.3, (16, 8, 24): 1.3}
     res = table_bake(table, table, (16.0, 16.0, 16.0), headroom=0.02)

@@ -211,6 +211,8 @@ def bake(
             if widths == before or t.at_percentile_ms >= budget.safe_low_ms:
                 break
             widths, t = fill(widths, t, desk, budget, grid, max_measures)
+        if t.at_percentile_ms < budget.low_ms:  # still under the window: growths the model rules out, screened
+            widths, t = fill(widths, t, desk, budget, grid, max_measures, beyond=True)
     fitted = Fitted(
         dict(widths), t.at_percentile_ms, t.p50_ms, t.provider, trims, desk.steps, desk.screens, budget=budget
     )
