@@ -295,3 +295,32 @@ def test_fp16_graph_keeps_fp32_io_and_runs_on_cuda(fp32_graph, exported):
     x = noise_images(exported.arch.input_shape, n=8, seed=1)
     ref = _run(fp32_graph, x)
     assert np.abs(s.run(None, {s.get_inputs()[0].name: x})[0] - ref).max() < 0.05 * np.abs(ref).max() + 1e-3
+
+
+@pytest.mark.slow
+def test_int8_search_export_validate_end_to_end(tmp_path, monkeypatch, cli):
+    """The README path at --precision int8 (tiny network, format pinned: the probe's choice is tested above against
+    a fake clock, and on a tiny network int8 may well be slower here): the table, the bake and the gate time the
+    quantized graph; export writes it beside its fp32 twin; validate --precision int8 passes it."""
+    from search_fixtures import FAST_SET, TINY_SET, sets
+
+    from flexslim.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    args = sets(*TINY_SET, *FAST_SET, "search.epochs=1", "train.epochs=1", "search.trim=false",
+                "latency.int8_format=qoperator-u8s8", "latency.calibration=32")  # fmt: skip
+    res = cli.invoke(app, ["search", "--latency-ms", "1.0", "--precision", "int8", *args])
+    assert res.exit_code == 0, res.output
+    run = (tmp_path / "runs" / "latest").resolve()
+    info = json.loads((run / "run.json").read_text())
+    assert info["latency"]["precision"] == "int8" and info["latency"]["int8_format"] == "qoperator-u8s8"
+    table = json.loads((run / "latency.json").read_text())
+    assert table["settings"]["precision"] == "int8" and table["key"]["int8_format"] == "qoperator-u8s8"
+    res = cli.invoke(app, ["export", "model.onnx"])
+    assert res.exit_code == 0, res.output
+    assert "deployed graph" in res.stdout and "int8 qoperator-u8s8, calibrated on 32 D_t images" in res.stdout
+    assert graph_precision(onnx.load("model.onnx")) == "int8" and graph_precision(onnx.load("model.fp32.onnx")) == "fp32"
+    res = cli.invoke(app, ["validate", "model.onnx", "--precision", "int8", "--min-accuracy", "0", "--report", "r.json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["precision"] == "int8" and r["fp32_accuracy"] is not None and r["budget_ms"] == 1.0

@@ -227,6 +227,12 @@ def export(
             f"opset {result.export.opset}); "
             f"parity max |onnx - torch| = {result.export.parity_max_abs:.2e}"
         )
+        if (d := result.deployed) is not None:
+            how = f"{d.precision} {d.int8_format}, calibrated on {d.calibration_images} D_t images" if d.int8_format else d.precision
+            out.print(
+                f"deployed graph {d.path} ({how}; {d.size_bytes / 1e6:.2f} MB; max |{d.precision} - fp32| = "
+                f"{d.max_abs_vs_fp32:.3g} on the calibration images); its fp32 twin is {d.twin}"
+            )
         if result.report is None:
             out.print("no budget recorded for this run: gate skipped" if validate else "gate skipped (--no-validate)")
             return
@@ -376,7 +382,8 @@ def _render_report(rep) -> None:
         )
     out.print(table)
     out.print(
-        f"provider {t.provider} (asked: {rep.requested_provider}), batch {t.batch}, input {list(t.input_shape)}, "
+        f"provider {t.provider} (asked: {rep.requested_provider}), {rep.precision}, batch {t.batch}, "
+        f"input {list(t.input_shape)}, "
         f"threads {t.threads or 'default'}, {t.runs} timed runs after {t.warmup} warm-up "
         f"({t.quiet_windows} of {t.windows} windows undisturbed), {t.runtime}",
         highlight=False,
