@@ -324,3 +324,23 @@ def test_int8_search_export_validate_end_to_end(tmp_path, monkeypatch, cli):
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["precision"] == "int8" and r["fp32_accuracy"] is not None and r["budget_ms"] == 1.0
+
+
+def test_export_at_another_precision_than_searched_chooses_its_format_and_says_so(int8_run, monkeypatch):
+    """An int8 run exported --precision fp32 writes the plain fp32 graph; an fp32 run exported --precision int8 gets
+    the fastest format by measurement (a fake clock here) and a note that its search spent fp32 latency."""
+    from flexslim.jobs.export import export_run
+    from flexslim.latency import profiling
+
+    res = export_run("plain.onnx", int8_run, precision="fp32")
+    assert res.deployed is None and graph_precision(onnx.load("plain.onnx")) == "fp32"
+    assert any("searched for int8 latency and is deployed at fp32" in n for n in res.report.notes)
+    record = json.loads((int8_run / "run.json").read_text())
+    record["latency"] = {k: v for k, v in record["latency"].items() if k not in ("precision", "int8_format")}
+    (int8_run / "run.json").write_text(json.dumps(record))  # an fp32 run (as before 2026-12: no precision key)
+    clock = _clock({"fp32": 1.0, "qoperator-u8s8": 1.4, "qdq-s8s8": 0.9, "qdq-u8s8": 1.1})
+    monkeypatch.setattr(profiling, "measure_sessions", clock)
+    res = export_run("q.onnx", int8_run, precision="int8")
+    meta = {p.key: p.value for p in onnx.load("q.onnx").metadata_props}
+    assert meta["flexslim.int8_format"] == "qdq-s8s8" and res.report.precision == "int8"
+    assert any("searched for fp32 latency" in n for n in res.report.notes)

@@ -19,6 +19,7 @@ from flexslim.cli.app import (
     DeviceOpt,
     Method,
     NoCacheOpt,
+    Precision,
     PrecisionOpt,
     Provider,
     RecipeOpt,
@@ -214,6 +215,10 @@ def export(
     ] = None,
     validate: Annotated[bool, typer.Option(help="Gate the exported model against the run's budget.")] = True,
     provider: Annotated[Optional[Provider], typer.Option(help="Provider for the gate (default: the recipe's).")] = None,
+    precision: Annotated[
+        Optional[Precision],
+        typer.Option(help="Deploy at this precision (default: the one the run was searched for, run.json)."),
+    ] = None,
     timer: TimerOpt = None,
     timer_token_file: TimerTokenOpt = None,
 ) -> None:
@@ -221,7 +226,13 @@ def export(
     with command_exit_codes(), timer_for(timer, timer_token_file):
         from flexslim.jobs.export import export_run
 
-        result = export_run(output, run_dir, provider=provider.value if provider else None, gate=validate)
+        result = export_run(
+            output,
+            run_dir,
+            provider=provider.value if provider else None,
+            gate=validate,
+            precision=precision.value if precision else None,
+        )
         out.print(
             f"run {result.run_dir}: wrote {result.export.path} ({result.export.size_bytes / 1e6:.2f} MB, "
             f"opset {result.export.opset}); "

@@ -26,7 +26,12 @@ class RunExport:
 
 
 def export_run(
-    output: str | Path, run_dir: str | Path | None = None, *, provider: str | None = None, gate: bool = True
+    output: str | Path,
+    run_dir: str | Path | None = None,
+    *,
+    provider: str | None = None,
+    gate: bool = True,
+    precision: str | None = None,
 ) -> RunExport:
     """Export runs/latest (or `run_dir`) to ONNX, then gate it against the run's budget when it has one, measured
     with the run's recorded latency settings (provider, batch, threads, percentile, timeout: `_with_timeout`).
@@ -35,6 +40,9 @@ def export_run(
         output: the .onnx file to write (atomically, only when the parity check passes).
         provider: onnxruntime provider for the gate (default: the one the run measured on).
         gate: run the gate; without a budget in the run's record there is nothing to gate.
+        precision: deploy at this precision instead of the one the run was searched for (int8 on an fp32 run: the
+            fastest format here, by measurement; the gate's report then says the search spent another precision's
+            latency).
     """
     from flexslim.recipe.checks import check_output_path
     from flexslim.recipe.schema import load_recipe
@@ -49,7 +57,11 @@ def export_run(
     lat = _with_timeout(record.get("latency") or recipe_lat, recipe, record)
     budget = record.get("budget_ms")
     meta = provenance(arch, recipe.name if recipe else "unknown", budget, lat)
-    precision = recorded_precision(lat, record)
+    searched_at = recorded_precision(lat, record)
+    if precision is not None and precision != searched_at:
+        lat = _redeployed(lat or {}, precision, arch)
+        meta = provenance(arch, recipe.name if recipe else "unknown", budget, lat)
+    precision = (lat or {}).get("precision", "fp32")
     result, deployed = export_as_deployed(model, arch, Path(output), meta, lat, recipe, run)
     if not gate or budget is None:
         return RunExport(result, None, run, deployed)
@@ -63,7 +75,28 @@ def export_run(
         deployed.path if deployed else result.path, budget, provider or (lat or {}).get("provider", "auto"), measure,
         dataset, precision,
     )  # fmt: skip
-    return RunExport(result, _with_device_note(report, record), run, deployed)
+    report = _with_device_note(report, record)
+    if precision != searched_at:
+        from dataclasses import replace
+
+        why = f"the run was searched for {searched_at} latency and is deployed at {precision}: the search did not spend"
+        report = replace(report, notes=(*report.notes, f"{why} what {precision} changes (search again with --precision)"))
+    return RunExport(result, report, run, deployed)
+
+
+def _redeployed(lat: dict, precision: str, arch) -> dict:
+    """The run's latency settings deployed at `precision`: fp16 only where CUDA runs; int8 in the fastest format on
+    this device (timed on the run's own network: `int8_format_for`, which refuses int8 when no format is faster)."""
+    from flexslim.latency.profiling import check_precision_runs, int8_format_for
+    from flexslim.recipe.schema import LatencyConfig
+    from flexslim.system.console import Reporter
+
+    keys = ("provider", "batch", "threads", "percentile")
+    s = LatencyConfig(**{k: lat[k] for k in keys if k in lat}, precision=precision)
+    check_precision_runs(s)
+    if precision == "int8":
+        s, _ = int8_format_for(arch, s, Reporter())
+    return {**lat, "precision": precision, "int8_format": s.int8_format, "calibration": lat.get("calibration", s.calibration)}
 
 
 def export_as_deployed(model, arch, output: Path, meta: dict, lat: dict | None, recipe, run: Path):

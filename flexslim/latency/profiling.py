@@ -129,7 +129,7 @@ def check_precision_runs(settings: LatencyConfig) -> None:
 
 
 def int8_format_for(
-    arch: Arch, settings: LatencyConfig, reporter: Reporter, measurer: Measurer = measure_sessions
+    arch: Arch, settings: LatencyConfig, reporter: Reporter, measurer: Measurer | None = None
 ) -> tuple[LatencyConfig, dict[str, float]]:
     """(`settings` with `int8_format` resolved, the probe's timings). For int8 with int8_format auto: the recipe's
     own network timed at fp32 and in every INT8_FORMATS format, the fastest format kept; BadInput when none is faster
@@ -139,6 +139,7 @@ def int8_format_for(
     check_precision_runs(settings)
     if settings.precision != "int8" or settings.int8_format != "auto":
         return settings, {}
+    measurer = measurer or measure_sessions
     reporter.log(f"int8: timing {', '.join(INT8_FORMATS)} against fp32 on the recipe's network {arch.widths}")
     candidates = {"fp32": replace(settings, precision="fp32"), **{f: replace(settings, int8_format=f) for f in INT8_FORMATS}}
     timings = {name: measurer(arch, dict(arch.widths), s, 0)[0].at_percentile_ms for name, s in candidates.items()}
