@@ -443,10 +443,10 @@ def test_supernet_score_is_the_d_s_accuracy_of_the_sliced_weights_cached():
     assert score.noise(0.5) == pytest.approx((0.25 / d_s.num_train) ** 0.5)
 
 
-def test_the_bake_times_every_network_in_full_as_the_gate_does_whatever_the_recipes_precision():
-    """A recipe's latency.precision lets the latency model's sessions stop early; the bake's never do (sessions cut
+def test_the_bake_times_every_network_in_full_as_the_gate_does_whatever_the_recipes_tolerance():
+    """A recipe's latency.tolerance lets the latency model's sessions stop early; the bake's never do (sessions cut
     short read about 1% lower than the gate's full 2 s, measured): every bake step asks for repeats x
-    session_seconds of timed passes with precision 0. Only the screens of the rounded neighbours (ranking, never a
+    session_seconds of timed passes with tolerance 0. Only the screens of the rounded neighbours (ranking, never a
     verdict) are timed as the latency model times."""
     import dataclasses
 
@@ -455,10 +455,10 @@ def test_the_bake_times_every_network_in_full_as_the_gate_does_whatever_the_reci
     measure = clock(truth)
 
     def spy(arch, widths, settings):
-        asked.append((settings.precision, settings.min_seconds))
+        asked.append((settings.tolerance, settings.min_seconds))
         return measure(arch, widths, settings)
 
-    settings = dataclasses.replace(FAST_LATENCY, precision=0.02, repeats=3)
+    settings = dataclasses.replace(FAST_LATENCY, tolerance=0.02, repeats=3)
     budget = float(truth.predict({"a": 16, "b": 16, "c": 32}))
     res = bake(small_arch(), {"a": 14.0, "b": 15.0, "c": 30.0}, budget=Budget(budget, headroom=0.02), latency=truth,
                plan=BakePlan(settings, MIN_WIDTH, GRID, session_seconds=0.7), measure=spy)  # fmt: skip
@@ -502,10 +502,10 @@ def test_a_growth_screened_clearly_over_the_limit_is_rejected_without_its_gate_l
             key = (widths["a"], widths["b"], widths["c"])
             ms = model.get(key, 9.9)
             if key == (16, 16, 16):
-                ms = screened if settings.precision > 0 or settings.min_seconds < 1e-3 else full
+                ms = screened if settings.tolerance > 0 or settings.min_seconds < 1e-3 else full
             return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
 
-        quick = dataclasses.replace(FAST_LATENCY, precision=0.02, min_seconds=0.0)
+        quick = dataclasses.replace(FAST_LATENCY, tolerance=0.02, min_seconds=0.0)
         res = bake(small_arch(), {"a": 16.0, "b": 8.0, "c": 16.0}, budget=Budget(1.0, headroom=0.02),
                    latency=Model(), plan=BakePlan(quick, MIN_WIDTH, GRID, session_seconds=0.5),
                    measure=measure)  # fmt: skip

@@ -436,9 +436,9 @@ def test_an_entry_with_a_malformed_network_key_is_ignored(tmp_path):
 
 def test_a_coarser_stopping_precision_never_serves_a_finer_request():
     clock, net = _Clock(), _onnx()
-    coarse = dataclasses.replace(FAST_LATENCY, precision=0.05)
-    fine = dataclasses.replace(FAST_LATENCY, precision=0.01)
-    full = dataclasses.replace(FAST_LATENCY, precision=0.0)
+    coarse = dataclasses.replace(FAST_LATENCY, tolerance=0.05)
+    fine = dataclasses.replace(FAST_LATENCY, tolerance=0.01)
+    full = dataclasses.replace(FAST_LATENCY, tolerance=0.0)
     a = cache.timing_of(net, coarse, clock(coarse))
     b = cache.timing_of(net, fine, clock(fine))
     assert clock.calls == 2 and a != b  # +-5% did not answer +-1%

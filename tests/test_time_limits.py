@@ -311,7 +311,7 @@ def test_export_timeout_falls_back_to_the_runs_recipe_and_a_bad_one_is_bad_input
 
     seen = []
     monkeypatch.setattr(
-        export_job, "gate_in_fresh_process", lambda path, budget, provider, measure, dataset: seen.append(measure)
+        export_job, "gate_in_fresh_process", lambda path, budget, provider, measure, dataset, *_: seen.append(measure)
     )
     export_job.export_run("a.onnx", export_run_dir(dict(RUN_LATENCY), ["latency.timeout=30"]))
     assert seen[-1].timeout == 30.0  # an old run.json: the run's own recipe.toml

@@ -293,19 +293,19 @@ def test_min_seconds_keeps_timing_past_the_minimum_runs(exported):
     assert rep.timing.runs * rep.timing.batch * rep.timing.p50_ms >= 0.3e3 * 0.5  # passes span >= 0.3 s
 
 
-def test_with_a_precision_the_gate_stops_once_it_knows_and_says_so(cli, exported, tmp_path):
+def test_with_a_tolerance_the_gate_stops_once_it_knows_and_says_so(cli, exported, tmp_path):
     """+-50% on the p90 of a tiny graph is known within the first quarter of 2 s on any machine: timing stops there,
-    and the report and the console say with what confidence; without --precision the same gate times 2 s."""
+    and the report and the console say with what confidence; without --tolerance the same gate times 2 s."""
     report = tmp_path / "r.json"
     args = ["validate", str(exported.path), "--latency-ms", "1000", "--runs", "20", "--warmup", "2"]
-    res = cli.invoke(app, [*args, "--precision", "0.5", "--report", str(report)])
+    res = cli.invoke(app, [*args, "--tolerance", "0.5", "--report", str(report)])
     assert res.exit_code == 0, res.output
     r = json.loads(report.read_text())
-    assert r["stopped_known"] is True and r["precision"] == 0.5
+    assert r["stopped_known"] is True and r["tolerance"] == 0.5 and r["precision"] == "fp32"
     low, high = r["latency_interval_ms"]
     assert low <= r["latency_ms"] <= high and high <= 1.5 * r["latency_ms"]
     assert "timing stopped after" in res.stdout and "95% interval" in res.stdout
-    rep = validate(exported.path, latency_ms=1000.0, measure=Measurement(runs=20, warmup=2, precision=0.5))
+    rep = validate(exported.path, latency_ms=1000.0, measure=Measurement(runs=20, warmup=2, tolerance=0.5))
     assert rep.timing.known and 0.25 * 2.0 <= rep.timing.elapsed_s < 2.0  # the EARLIEST floor, then stopped
     full = validate(exported.path, latency_ms=1000.0, measure=Measurement(runs=20, warmup=2, min_seconds=0.4))
     assert not full.timing.known and full.timing.elapsed_s >= 0.4

@@ -196,12 +196,13 @@ def _uniform_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict
     memory = SearchMemory(dev)
     memory.start()
     arch, table, budget = _shared(spec, recipe, ds)
+    served = with_grid(recipe, table)  # the table's grid and int8 format
     res = uniform_scale(
         arch,
         budget=budget,
-        settings=recipe.latency,
+        settings=served.latency,
         min_width=recipe.model.min_width,
-        round_to=with_grid(recipe, table).model.round_to,
+        round_to=served.model.round_to,
         measure=spec.get("measure"),
     )
     fitted = _baked(arch, res.widths, budget, table, recipe)
@@ -281,6 +282,7 @@ def _prune_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, 
     from flexslim.bench.prune import prune_channels, require_torch_pruning, wide_arch
     from flexslim.bench.uniform import uniform_scale
     from flexslim.jobs.train import SEARCHED, train_arch
+    from flexslim.latency.model import with_grid
     from flexslim.train.checkpoint import load_model, save_model
 
     require_torch_pruning()  # before anything is trained
@@ -294,7 +296,7 @@ def _prune_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, 
     scratch = replace(recipe, train=replace(recipe.train, init="scratch"))
     wide_acc = train_arch(wide, scratch, run_dir / "wide", ds, dev)[-1].test_acc
     wide_seconds = time.perf_counter() - t0
-    res = uniform_scale(arch, budget=budget, settings=recipe.latency, min_width=recipe.model.min_width,
+    res = uniform_scale(arch, budget=budget, settings=with_grid(recipe, table).latency, min_width=recipe.model.min_width,
                         round_to=grid, measure=spec.get("measure"))  # fmt: skip
     fitted = _baked(arch, res.widths, budget, table, recipe)
     _, model, _ = load_model(run_dir / "wide" / "model.pt")

@@ -22,7 +22,7 @@ try:  # typer >= 0.24 vendors click; its exceptions are not click's
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as click_errors
-from flexslim.recipe.choices import PROVIDERS, SEARCH_METHODS
+from flexslim.recipe.choices import PRECISIONS, PROVIDERS, SEARCH_METHODS
 from flexslim.system.devices import DEVICES
 from flexslim.system.distributed import printed_here, stray_rank_note
 
@@ -95,6 +95,7 @@ def _choices(name: str, names) -> type[Enum]:
 Provider = _choices("Provider", PROVIDERS)
 Device = _choices("Device", DEVICES)
 Method = _choices("Method", SEARCH_METHODS)
+Precision = _choices("Precision", PRECISIONS)
 
 
 RecipeOpt = Annotated[
@@ -111,6 +112,20 @@ DataOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Training device.")]
+PrecisionOpt = Annotated[
+    Optional[Precision],
+    typer.Option(
+        help="What is deployed, timed and gated: fp32, int8 (onnxruntime static quantization, its fastest format "
+        "here by measurement) or fp16 (CUDA). Default: the recipe's latency.precision."
+    ),
+]
+
+
+def with_precision(overrides, precision) -> list[str]:
+    """The --set values plus `latency.precision` when --precision is given."""
+    return list(overrides or []) + ([f"latency.precision={precision.value}"] if precision is not None else [])
+
+
 NoCacheOpt = Annotated[
     bool,
     typer.Option(

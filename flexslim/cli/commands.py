@@ -19,6 +19,8 @@ from flexslim.cli.app import (
     DeviceOpt,
     Method,
     NoCacheOpt,
+    Precision,
+    PrecisionOpt,
     Provider,
     RecipeOpt,
     SetOpt,
@@ -29,6 +31,7 @@ from flexslim.cli.app import (
     err,
     out,
     timer_for,
+    with_precision,
 )
 from flexslim.latency.cache import switched_off
 from flexslim.latency.runtime import DEFAULT_TIMEOUT, GATE_SECONDS
@@ -57,6 +60,7 @@ def search(
         typer.Option(help="A state_dict of the family's torchvision model at its own widths to start from."),
     ] = None,
     set_: SetOpt = None,
+    precision: PrecisionOpt = None,
     retrain: Annotated[bool, typer.Option(help="Retrain the baked network from scratch after the search.")] = True,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the interrupted run (runs/latest or --run-dir).")
@@ -74,7 +78,7 @@ def search(
         from flexslim.jobs.search import SearchRequest, search_job
         from flexslim.system.console import Reporter, RichReporter
 
-        overrides = _search_overrides(set_, method, provider, latency_batch, pretrained)
+        overrides = _search_overrides(with_precision(set_, precision), method, provider, latency_batch, pretrained)
         request = SearchRequest(
             latency_ms,
             recipe=recipe,
@@ -125,6 +129,7 @@ def profile(
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the latency table.")] = Path("latency.json"),
     data: DataOpt = None,
     set_: SetOpt = None,
+    precision: PrecisionOpt = None,
     no_cache: NoCacheOpt = False,
     timer: TimerOpt = None,
     timer_token_file: TimerTokenOpt = None,
@@ -138,7 +143,7 @@ def profile(
         from flexslim.system.console import RichReporter
 
         check_output_path(out_path, "--out")  # before the measurement
-        overrides = list(set_ or []) + ([f"latency.provider={provider.value}"] if provider else [])
+        overrides = with_precision(set_, precision) + ([f"latency.provider={provider.value}"] if provider else [])
         before = cache.tally()
         model = profile_job(recipe, overrides, out_path, data_dir=data, reporter=RichReporter(err))
         used = cache.tally() - before
@@ -210,6 +215,10 @@ def export(
     ] = None,
     validate: Annotated[bool, typer.Option(help="Gate the exported model against the run's budget.")] = True,
     provider: Annotated[Optional[Provider], typer.Option(help="Provider for the gate (default: the recipe's).")] = None,
+    precision: Annotated[
+        Optional[Precision],
+        typer.Option(help="Deploy at this precision (default: the one the run was searched for, run.json)."),
+    ] = None,
     timer: TimerOpt = None,
     timer_token_file: TimerTokenOpt = None,
 ) -> None:
@@ -217,12 +226,24 @@ def export(
     with command_exit_codes(), timer_for(timer, timer_token_file):
         from flexslim.jobs.export import export_run
 
-        result = export_run(output, run_dir, provider=provider.value if provider else None, gate=validate)
+        result = export_run(
+            output,
+            run_dir,
+            provider=provider.value if provider else None,
+            gate=validate,
+            precision=precision.value if precision else None,
+        )
         out.print(
             f"run {result.run_dir}: wrote {result.export.path} ({result.export.size_bytes / 1e6:.2f} MB, "
             f"opset {result.export.opset}); "
             f"parity max |onnx - torch| = {result.export.parity_max_abs:.2e}"
         )
+        if (d := result.deployed) is not None:
+            how = f"{d.precision} {d.int8_format}, calibrated on {d.calibration_images} D_t images" if d.int8_format else d.precision
+            out.print(
+                f"deployed graph {d.path} ({how}; {d.size_bytes / 1e6:.2f} MB; max |{d.precision} - fp32| = "
+                f"{d.max_abs_vs_fp32:.3g} on the calibration images); its fp32 twin is {d.twin}"
+            )
         if result.report is None:
             out.print("no budget recorded for this run: gate skipped" if validate else "gate skipped (--no-validate)")
             return
@@ -255,9 +276,16 @@ def validate(
         float, typer.Option(help="Minimum seconds of timed runs, cut into windows; disturbed windows are left out.")
     ] = GATE_SECONDS,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
-    precision: Annotated[
+    tolerance: Annotated[
         float, typer.Option(help="Stop early once the percentile's 95% interval is within +-this fraction (0: never).")
     ] = 0.0,
+    precision: Annotated[
+        Optional[str],
+        typer.Option(
+            help="The precision the graph must run at: fp32 | int8 | fp16 (read from the graph; another is exit 2). "
+            "Default: whatever the graph is, reported."
+        ),
+    ] = None,
     timeout: Annotated[
         float,
         typer.Option(help="Seconds the measurement may take; past it the gate fails (exit 1, 'timed out after S s')."),
@@ -287,11 +315,35 @@ def validate(
         # before the measurement: a verdict must never be lost to an unwritable path
         report = check_output_path(report, "--report") if report is not None else None
         junit = check_output_path(junit, "--junit") if junit is not None else None
-        measure = Measurement(batch, percentile, threads, warmup, runs, min_seconds, timeout, precision)
+        precision, tolerance = _precision_flag(precision, tolerance)
+        measure = Measurement(batch, percentile, threads, warmup, runs, min_seconds, timeout, tolerance)
         rep = run_validate(
-            model, latency_ms, min_accuracy, dataset=dataset, data=data, provider=provider.value, measure=measure
+            model,
+            latency_ms,
+            min_accuracy,
+            dataset=dataset,
+            data=data,
+            provider=provider.value,
+            measure=measure,
+            precision=precision,
         )
         _write_and_render(rep, report, junit)
+
+
+def _precision_flag(precision: str | None, tolerance: float) -> tuple[str | None, float]:
+    """validate's --precision: a name (fp32 | int8 | fp16), or - as before 2026-12 - a number, the stopping
+    tolerance that is now --tolerance (taken as it, with a note)."""
+    from flexslim.recipe import checks
+    from flexslim.recipe.choices import PRECISIONS
+
+    if precision is None:
+        return None, tolerance
+    try:
+        number = float(precision)
+    except ValueError:
+        return checks.choice(precision, checks.flag("--precision"), PRECISIONS), tolerance
+    err.print(f"note: --precision {precision} is the stopping tolerance, now --tolerance (taken as it)", markup=False)
+    return None, number
 
 
 def _write_and_render(rep, report: str | None, junit: str | None) -> None:
@@ -341,7 +393,8 @@ def _render_report(rep) -> None:
         )
     out.print(table)
     out.print(
-        f"provider {t.provider} (asked: {rep.requested_provider}), batch {t.batch}, input {list(t.input_shape)}, "
+        f"provider {t.provider} (asked: {rep.requested_provider}), {rep.precision}, batch {t.batch}, "
+        f"input {list(t.input_shape)}, "
         f"threads {t.threads or 'default'}, {t.runs} timed runs after {t.warmup} warm-up "
         f"({t.quiet_windows} of {t.windows} windows undisturbed), {t.runtime}",
         highlight=False,

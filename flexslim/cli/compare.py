@@ -15,6 +15,7 @@ from flexslim.cli.app import (
     Device,
     DeviceOpt,
     NoCacheOpt,
+    PrecisionOpt,
     RecipeOpt,
     SetOpt,
     TimerOpt,
@@ -24,6 +25,7 @@ from flexslim.cli.app import (
     err,
     out,
     timer_for,
+    with_precision,
 )
 from flexslim.latency.cache import switched_off
 from flexslim.recipe.choices import BENCH_METHODS
@@ -73,6 +75,7 @@ def bench(
     data: DataOpt = None,
     device: DeviceOpt = Device.auto,
     set_: SetOpt = None,
+    precision: PrecisionOpt = None,
     no_cache: NoCacheOpt = False,
     timer: TimerOpt = None,
     timer_token_file: TimerTokenOpt = None,
@@ -90,7 +93,8 @@ def bench(
             return _print_throughput(recipe, set_, data, device)
         names = tuple(methods.split(",")) if methods else None
         request = BenchRequest(
-            recipe, names, out_dir, budget_ms=latency_ms, retrain=retrain, overrides=tuple(set_ or []),
+            recipe, names, out_dir, budget_ms=latency_ms, retrain=retrain,
+            overrides=tuple(with_precision(set_, precision)),
             data_dir=data, device=device.value, seeds=parse_seeds(seeds), latency_table=latency_table,
             equal_compute=equal_compute,
         )  # fmt: skip
@@ -166,6 +170,7 @@ def sweep(
     data: DataOpt = None,
     device: DeviceOpt = Device.auto,
     set_: SetOpt = None,
+    precision: PrecisionOpt = None,
     no_cache: NoCacheOpt = False,
     timer: TimerOpt = None,
     timer_token_file: TimerTokenOpt = None,
@@ -182,7 +187,7 @@ def sweep(
             recipe,
             budgets,
             out_dir,
-            overrides=tuple(set_ or []),
+            overrides=tuple(with_precision(set_, precision)),
             retrain=retrain,
             repeats=repeats,
             data_dir=data,

@@ -100,3 +100,68 @@ def export_model(
     atomic_write_bytes(out, data)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ExportResult(out, worst, tuple(parity_batches), opset, len(data))
+
+
+@dataclass(frozen=True)
+class DeployedResult:
+    """The deployed graph `export_deployed` wrote beside its fp32 twin: precision, format, how far its outputs are
+    from the twin's on the calibration images (quantization moves them: reported, not a failure)."""
+
+    path: Path
+    twin: Path
+    precision: str
+    int8_format: str
+    calibration_images: int
+    max_abs_vs_fp32: float
+    size_bytes: int
+
+
+def twin_path(out: str | Path) -> Path:
+    """Where the fp32 twin of a deployed graph `out` is written: `model.onnx` -> `model.fp32.onnx`."""
+    out = Path(out)
+    return out.with_name(out.stem + ".fp32.onnx")
+
+
+def export_deployed(
+    twin: Path, out: str | Path, precision: str, int8_format: str, calibration, metadata: dict[str, str]
+) -> DeployedResult:
+    """The exported fp32 graph `twin` converted to `precision` (`models.precision.deployed`; int8 calibrated on the
+    `calibration` images, float32 N,C,H,W in [0, 1], the training images D_t) and written atomically to `out`, with
+    `metadata` plus what it is: `flexslim.precision`, `flexslim.int8_format`, `flexslim.calibration_images` and the
+    twin's file name (`flexslim.fp32_twin`, which the gate evaluates beside it)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from flexslim.models.precision import deployed
+
+    out = Path(out)
+    data = deployed(twin.read_bytes(), precision, int8_format, calibration)
+    proto = onnx.load_model_from_string(data)
+    del proto.metadata_props[:]
+    described = {
+        **metadata,
+        "flexslim.precision": precision,
+        "flexslim.fp32_twin": twin.name,
+        **({"flexslim.int8_format": int8_format, "flexslim.calibration_images": str(len(calibration))}
+           if precision == "int8" else {}),
+    }  # fmt: skip
+    for key, value in described.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+    x = np.ascontiguousarray(calibration[:64], dtype=np.float32)
+    outs = []
+    try:
+        for graph in (twin.read_bytes(), data):
+            s = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+            outs.append(s.run(None, {s.get_inputs()[0].name: x})[0])
+        moved = float(abs(outs[0] - outs[1]).max())
+    except Exception:  # noqa: BLE001 - an fp16 graph the CPU provider cannot run (it deploys on CUDA)
+        if precision == "int8":
+            raise
+        moved = float("nan")
+    atomic_write_bytes(out, data)
+    fmt = int8_format if precision == "int8" else ""
+    return DeployedResult(out, twin, precision, fmt, len(calibration), moved, len(data))

@@ -43,7 +43,7 @@ from flexslim.latency.fingerprint import fingerprint_id, local_fingerprint
 from flexslim.latency.runtime import EARLY_STOP, Timing, time_session
 from flexslim.latency.sessions import PROVIDER_KEY, cuda_usable, make_session, placement
 from flexslim.recipe import checks
-from flexslim.recipe.choices import DATASETS, PROVIDERS
+from flexslim.recipe.choices import DATASETS, PRECISIONS, PROVIDERS
 from flexslim.recipe.schema import LatencyConfig
 
 
@@ -77,6 +77,7 @@ def validate(
     data: str | Path | None = None,
     provider: str = "auto",
     measure: Measurement | None = None,
+    precision: str | None = None,
 ) -> Report:
     """Measure an ONNX classifier and judge it against a latency budget and/or an accuracy target.
 
@@ -95,6 +96,9 @@ def validate(
             when that provider can run here (else CUDA when usable, else the CPU; a note says when the model's could
             not run).
         measure: batch, percentile, threads and the number and length of the timed passes (default: Measurement()).
+        precision: what the graph must compute in (fp32 | int8 | fp16; None: whatever it does). The gate reads the
+            precision from the graph itself; another than asked, or than its `flexslim.precision` metadata says, is
+            BadInput.
 
     Returns:
         The Report; `report.passed` is the verdict.
@@ -108,16 +112,61 @@ def validate(
     """
     m = measure or Measurement()
     args = _checked_arguments(latency_ms, min_accuracy, dataset, provider, m)
-    meta, settings, names, graph = _read_model(model, args, min_accuracy, data)
+    if precision is not None:
+        checks.choice(precision, checks.flag("--precision"), PRECISIONS)
+    meta, settings, names, graph, computes_in = _read_model(model, args, min_accuracy, data)
+    _check_precision(model, computes_in, precision, meta)
     timer = remote.configured()
     session, timing, notes = _timed(model, provider, meta, settings, m, graph, timer)
     del graph  # the graph can be large: not held while the accuracy is computed
     notes += _placement_notes(timing, meta)
     accuracy, n_test = _measured_accuracy(session, settings, data, timing, names, model)
+    twin_acc, twin_notes = _twin_accuracy(model, meta, computes_in, accuracy, settings, data, timing, names)
     verdict = _judge(timing, settings, accuracy, n_test, min_accuracy)
     return Report(str(model), provider, timing, settings.budget_ms, settings.dataset, accuracy, n_test, min_accuracy,
-                  verdict, meta, from_metadata=dict(settings.from_metadata), notes=notes,
-                  measured_on=remote.where(timer), device=_device_id(timer, timing))  # fmt: skip
+                  verdict, meta, from_metadata=dict(settings.from_metadata), notes=notes + twin_notes,
+                  measured_on=remote.where(timer), device=_device_id(timer, timing), precision=computes_in,
+                  fp32_accuracy=twin_acc)  # fmt: skip
+
+
+PRECISION_KEY = "flexslim.precision"
+TWIN_KEY = "flexslim.fp32_twin"
+
+
+def _check_precision(model, computes_in: str, asked: str | None, meta: dict[str, str]) -> None:
+    """BadInput when the graph computes in another precision than `asked`, or than its metadata says (metadata
+    describes the graph; one that does not is refused, as every other metadata value that would mislead the
+    gate)."""
+    if asked is not None and asked != computes_in:
+        raise BadInput(f"{model} computes in {computes_in}, not the {asked} that --precision {asked} asks for")
+    said = meta.get(PRECISION_KEY)
+    if said is not None:
+        said = checks.choice(said.strip(), checks.metadata_key(PRECISION_KEY, "--precision"), PRECISIONS)
+        if said != computes_in:
+            raise BadInput(
+                f"{model}: its metadata {PRECISION_KEY}={said} does not describe the graph, which computes in "
+                f"{computes_in}; re-export it (flexslim export) or correct the metadata"
+            )
+
+
+def _twin_accuracy(model, meta, computes_in: str, accuracy, s: GateSettings, data, timing: Timing, names):
+    """(the accuracy of the model's fp32 twin, notes): for a quantized or fp16 graph whose accuracy was computed and
+    whose metadata names its twin (`flexslim.fp32_twin`, a file beside it), the twin on the same images - what
+    quantization cost, reported next to the verdict (which is the given graph's alone)."""
+    if accuracy is None or computes_in == "fp32" or TWIN_KEY not in meta:
+        return None, ()
+    from flexslim.deploy.outputs import _accuracy
+
+    name = meta[TWIN_KEY].strip()
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise BadInput(f"{model}: metadata {TWIN_KEY}={name[:80]!r} must name a file beside the model")
+    twin = Path(model).resolve().parent / name
+    if not twin.is_file():
+        return None, (f"its fp32 twin {name} is not beside the model: what {computes_in} costs is not reported",)
+    session = _open_session(twin, "cpu", s.threads)
+    acc, _ = _accuracy(session, s.dataset, data, timing.input_shape, s.fixed_batch, names, twin)
+    cost = 100 * (acc - accuracy)
+    return acc, (f"{computes_in} accuracy {accuracy:.4f}, its fp32 twin {name} {acc:.4f} ({cost:+.2f} points)",)
 
 
 def _timed(model, provider: str, meta: dict[str, str], settings, m, graph, timer):
@@ -142,7 +191,8 @@ def _device_id(timer, timing: Timing) -> str:
 
 
 def _read_model(model: str | Path, args: dict, min_accuracy, data):
-    """(the model's metadata, its GateSettings, its class names, its ONNX graph): the file read and checked, the
+    """(the model's metadata, its GateSettings, its class names, its ONNX graph, the precision it computes in): the
+    file read and checked, the
     settings resolved (`resolve_settings`), and what an accuracy needs checked before anything is measured."""
     accuracy_asked = min_accuracy is not None or args["dataset"] is not None or data is not None  # only when asked
     proto = load_onnx(model)
@@ -150,6 +200,8 @@ def _read_model(model: str | Path, args: dict, min_accuracy, data):
     settings = resolve_settings(args, meta, _input_dims(proto, model), model, accuracy_asked=accuracy_asked)
     if settings.budget_ms is None and min_accuracy is None:
         raise BadInput(f"{NOTHING_TO_CHECK} (the model's metadata holds no {METADATA_SETTINGS['budget_ms'][0]})")
+    from flexslim.models.precision import graph_precision
+
     names = _class_names(meta) if accuracy_asked else []
     if accuracy_asked:
         if settings.dataset is None:
@@ -158,7 +210,7 @@ def _read_model(model: str | Path, args: dict, min_accuracy, data):
         if settings.dataset == "folder" and data is None:
             raise BadInput("the folder dataset needs --data DIR (a folder of class sub-folders, e.g. DIR/val)")
         _check_declared_output(proto, model, names)
-    return meta, settings, names, proto.graph
+    return meta, settings, names, proto.graph, graph_precision(proto)
 
 
 def _open_checked_session(model: str | Path, provider: str, meta: dict[str, str], threads: int, graph):

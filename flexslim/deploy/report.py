@@ -59,6 +59,9 @@ class Report:
             session, an early stop.
         measured_on: where the latency was measured: "local", or the URL of the remote timer (`--timer`).
         device: the fingerprint id of the device that measured (the latency cache's file name for it).
+        precision: what the graph computes in, read from the graph itself (fp32 | int8 | fp16).
+        fp32_accuracy: for a quantized or fp16 flexslim model with its fp32 twin beside it (`flexslim.fp32_twin`),
+            the twin's accuracy on the same images (None: not computed); the verdict is the given graph's alone.
     """
 
     model: str
@@ -76,6 +79,8 @@ class Report:
     notes: tuple[str, ...] = ()
     measured_on: str = "local"
     device: str = ""
+    precision: str = "fp32"
+    fp32_accuracy: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -118,8 +123,10 @@ class Report:
             "mean_ms": self.timing.mean_ms,
             "all_passes_ms": self.timing.all_passes_ms,
             "latency_interval_ms": [self.timing.ci_low_ms, self.timing.ci_high_ms],  # 95%, order statistics
-            "precision": self.timing.precision,  # > 0: timing could stop early ...
-            "stopped_known": self.timing.known,  # ... and did, the interval within +-precision
+            "precision": self.precision,  # what the graph computes in (read from it)
+            "fp32_accuracy": self.fp32_accuracy,  # its fp32 twin's, when there is one beside it
+            "tolerance": self.timing.precision,  # > 0: timing could stop early ...
+            "stopped_known": self.timing.known,  # ... and did, the interval within +-tolerance
             "timed_runs": self.timing.runs,
             "windows": self.timing.windows,
             "quiet_windows": self.timing.quiet_windows,

@@ -45,8 +45,8 @@ class Measurement:
         runs: at least this many timed passes.
         min_seconds: at least this many seconds of timed passes.
         timeout: seconds the measurement may take (warm-up and timed passes); past it the gate fails (exit 1).
-        precision: > 0: timing may stop before `min_seconds` once the percentile's 95% interval is within
-            +-precision of it (`latency.statistic`); the report then says so. 0: the full `min_seconds`.
+        tolerance: > 0: timing may stop before `min_seconds` once the percentile's 95% interval is within
+            +-tolerance of it (`latency.statistic`); the report then says so. 0: the full `min_seconds`.
     """
 
     batch: int | None = None
@@ -56,7 +56,7 @@ class Measurement:
     runs: int = 50
     min_seconds: float = GATE_SECONDS
     timeout: float = DEFAULT_TIMEOUT
-    precision: float = 0.0
+    tolerance: float = 0.0
 
     @classmethod
     def of_run(cls, latency: dict | None) -> Measurement:
@@ -81,7 +81,7 @@ class Measurement:
             threads=s.threads,
             min_seconds=self.min_seconds,
             timeout=self.timeout,
-            precision=self.precision,
+            precision=self.tolerance,
         )
 
     def flags(self) -> list[str]:
@@ -104,7 +104,7 @@ _FLAGS = {
     "runs": "--runs",
     "min_seconds": "--min-seconds",
     "timeout": "--timeout",
-    "precision": "--precision",
+    "tolerance": "--tolerance",
 }
 
 
@@ -142,7 +142,7 @@ def _checked_arguments(latency_ms, min_accuracy, dataset, provider: str, m: Meas
     checks.runs(m.runs, checks.flag("--runs"))
     checks.min_seconds(m.min_seconds, checks.flag("--min-seconds"))
     checks.timeout(m.timeout, checks.flag("--timeout"))
-    checks.precision(m.precision, checks.flag("--precision"))
+    checks.tolerance(m.tolerance, checks.flag("--tolerance"))
     return args
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexslim.deploy.export import ExportResult, export_model, provenance
+from flexslim.deploy.export import DeployedResult, ExportResult, export_deployed, export_model, provenance, twin_path
+from flexslim.errors import BadInput
 from flexslim.jobs.latency import recorded_settings
 from flexslim.system.runs import RunRecord, resolve_run_dir
 
@@ -21,10 +22,16 @@ class RunExport:
     export: ExportResult
     report: object | None  # validate.Report when the run has a budget and the gate ran
     run_dir: Path | None = None  # the run exported (runs/latest resolved when no run_dir was given)
+    deployed: DeployedResult | None = None  # int8 / fp16: the deployed graph (`export` is then its fp32 twin)
 
 
 def export_run(
-    output: str | Path, run_dir: str | Path | None = None, *, provider: str | None = None, gate: bool = True
+    output: str | Path,
+    run_dir: str | Path | None = None,
+    *,
+    provider: str | None = None,
+    gate: bool = True,
+    precision: str | None = None,
 ) -> RunExport:
     """Export runs/latest (or `run_dir`) to ONNX, then gate it against the run's budget when it has one, measured
     with the run's recorded latency settings (provider, batch, threads, percentile, timeout: `_with_timeout`).
@@ -33,6 +40,9 @@ def export_run(
         output: the .onnx file to write (atomically, only when the parity check passes).
         provider: onnxruntime provider for the gate (default: the one the run measured on).
         gate: run the gate; without a budget in the run's record there is nothing to gate.
+        precision: deploy at this precision instead of the one the run was searched for (int8 on an fp32 run: the
+            fastest format here, by measurement; the gate's report then says the search spent another precision's
+            latency).
     """
     from flexslim.recipe.checks import check_output_path
     from flexslim.recipe.schema import load_recipe
@@ -46,9 +56,15 @@ def export_run(
     recipe_lat = recorded_settings(recipe.latency, recipe.latency.provider) if recipe else None
     lat = _with_timeout(record.get("latency") or recipe_lat, recipe, record)
     budget = record.get("budget_ms")
-    result = export_model(model, arch, output, provenance(arch, recipe.name if recipe else "unknown", budget, lat))
+    meta = provenance(arch, recipe.name if recipe else "unknown", budget, lat)
+    searched_at = recorded_precision(lat, record)
+    if precision is not None and precision != searched_at:
+        lat = _redeployed(lat or {}, precision, arch)
+        meta = provenance(arch, recipe.name if recipe else "unknown", budget, lat)
+    precision = (lat or {}).get("precision", "fp32")
+    result, deployed = export_as_deployed(model, arch, Path(output), meta, lat, recipe, run)
     if not gate or budget is None:
-        return RunExport(result, None, run)
+        return RunExport(result, None, run, deployed)
     from flexslim.deploy.gate import Measurement
 
     # the run's own latency settings, explicitly (metadata only describes); accuracy on the run's dataset, which a
@@ -56,9 +72,74 @@ def export_run(
     dataset = arch.dataset if arch.dataset != "folder" else None
     measure = Measurement.of_run(lat)
     report = gate_in_fresh_process(
-        result.path, budget, provider or (lat or {}).get("provider", "auto"), measure, dataset
-    )
-    return RunExport(result, _with_device_note(report, record), run)
+        deployed.path if deployed else result.path, budget, provider or (lat or {}).get("provider", "auto"), measure,
+        dataset, precision,
+    )  # fmt: skip
+    report = _with_device_note(report, record)
+    if precision != searched_at:
+        from dataclasses import replace
+
+        why = f"the run was searched for {searched_at} latency and is deployed at {precision}: the search did not spend"
+        report = replace(report, notes=(*report.notes, f"{why} what {precision} changes (search again with --precision)"))
+    return RunExport(result, report, run, deployed)
+
+
+def _redeployed(lat: dict, precision: str, arch) -> dict:
+    """The run's latency settings deployed at `precision`: fp16 only where CUDA runs; int8 in the fastest format on
+    this device (timed on the run's own network: `int8_format_for`, which refuses int8 when no format is faster)."""
+    from flexslim.latency.profiling import check_precision_runs, int8_format_for
+    from flexslim.recipe.schema import LatencyConfig
+    from flexslim.system.console import Reporter
+
+    keys = ("provider", "batch", "threads", "percentile")
+    s = LatencyConfig(**{k: lat[k] for k in keys if k in lat}, precision=precision)
+    check_precision_runs(s)
+    if precision == "int8":
+        s, _ = int8_format_for(arch, s, Reporter())
+    return {**lat, "precision": precision, "int8_format": s.int8_format, "calibration": lat.get("calibration", s.calibration)}
+
+
+def export_as_deployed(model, arch, output: Path, meta: dict, lat: dict | None, recipe, run: Path):
+    """(the fp32 export, the deployed graph or None): at fp32 the export is `output`; at int8 or fp16 it is the fp32
+    twin beside it (checked, parity-tested) and `output` the graph converted from it (`export_deployed`)."""
+    precision = (lat or {}).get("precision", "fp32")
+    if precision == "fp32":
+        return export_model(model, arch, output, meta), None
+    twin = export_model(model, arch, twin_path(output), meta)
+    fmt = lat.get("int8_format", "")
+    return twin, export_deployed(twin.path, output, precision, fmt, _calibration(recipe, lat, run), meta)
+
+
+def recorded_precision(lat: dict | None, record: RunRecord) -> str:
+    """The precision run.json records (fp32 for a run of before 2026-12), with its int8 format, checked: a value
+    from a file is data from outside."""
+    from flexslim.recipe import checks
+    from flexslim.recipe.choices import INT8_FORMATS, PRECISIONS
+
+    lat = lat or {}
+    fix = "fix it there, or delete the key for fp32"
+    precision = checks.choice(lat.get("precision", "fp32"), checks.Origin(f"{record.path} latency.precision", fix),
+                              PRECISIONS)  # fmt: skip
+    if precision == "int8":
+        where = checks.Origin(f"{record.path} latency.int8_format", "search the run again")
+        checks.choice(lat.get("int8_format"), where, INT8_FORMATS)
+    return precision
+
+
+def _calibration(recipe, lat: dict, run: Path):
+    """The images an int8 graph is calibrated on: `latency.calibration` training images of D_t (the weights' half
+    of the training split, never the test split), float32 in [0, 1]; a folder dataset needs its --data at search
+    time, which export does not have: BadInput."""
+    from flexslim.data.sources import load_dataset
+
+    if recipe is None:
+        raise BadInput(f"{run} has no recipe.toml: the int8 calibration images (its training data) are unknown")
+    if recipe.data.dataset == "folder":
+        raise BadInput("int8 export of a folder run needs its images: not supported yet, export at --precision fp32")
+    n = int(lat.get("calibration", recipe.latency.calibration))
+    d_t, _ = load_dataset(recipe.data, None).search_halves(recipe.data.split_seed)
+    x, _ = next(iter(d_t.train_batches(min(n, d_t.num_train), shuffle=True, seed=0)))
+    return x.cpu().numpy()
 
 
 def _with_device_note(report, record: RunRecord):
@@ -97,7 +178,9 @@ def _with_timeout(lat: dict | None, recipe, record: RunRecord) -> dict | None:
 ACCURACY_SECONDS = 600.0  # the export gate's accuracy on the run's test split (a shipped set: <= 10,000 images)
 
 
-def gate_in_fresh_process(path: Path, budget_ms: float, provider: str, measure=None, dataset: str | None = None):
+def gate_in_fresh_process(
+    path: Path, budget_ms: float, provider: str, measure=None, dataset: str | None = None, precision: str | None = None
+):
     """Run `validate` in the isolated timing process (a fresh interpreter, as in CI): right after an export,
     this process still has the exporter's threads and heap churn, which showed up as p90 spikes of 2-3x on
     a 2-core machine.
@@ -121,6 +204,7 @@ def gate_in_fresh_process(path: Path, budget_ms: float, provider: str, measure=N
         provider=provider,
         measure=measure,
         dataset=dataset,
+        precision=precision,
         limit_s=limit_s,
     )
 

@@ -139,7 +139,7 @@ def latency_stage(
     reporter.log(
         f"latency model: floor {lat.floor_ms:.4f} ms (all stages at {recipe.model.min_width}), {describe(lat)}"
     )
-    settings = recorded_settings(recipe.latency, lat.provider)
+    settings = recorded_settings(with_grid(recipe, lat).latency, lat.provider)
     elsewhere = lat.measured_elsewhere(here)
     if elsewhere:
         reporter.log(other_device_line(lat.device, here))
@@ -188,13 +188,17 @@ def _check_same_device(record: RunRecord, here: dict) -> None:
 
 def recorded_settings(s, provider: str) -> dict:
     """The latency settings run.json records (and `flexslim export`'s gate measures with): provider, batch,
-    threads, percentile and the per-measurement timeout."""
+    threads, percentile and the per-measurement timeout; the precision the network is deployed at (with its int8
+    format and calibration count)."""
     return {
         "provider": provider,
         "batch": s.batch,
         "threads": s.threads,
         "percentile": s.percentile,
         "timeout": s.timeout,
+        "precision": s.precision,
+        "int8_format": s.int8_format,
+        "calibration": s.calibration,
     }
 
 

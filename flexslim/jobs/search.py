@@ -20,6 +20,7 @@ from pathlib import Path
 from flexslim.data.sources import load_dataset
 from flexslim.data.tensors import Dataset
 from flexslim.errors import BadInput
+from flexslim.latency.profiling import check_precision_runs
 from flexslim.jobs.latency import latency_stage, log_cache_use
 from flexslim.latency import cache as latency_cache
 from flexslim.latency.budget import Budget
@@ -211,6 +212,7 @@ def _check_run(req: SearchRequest) -> tuple[Recipe, Path | None]:
         if run_dir is not None and (run_dir / "run.json").exists():
             raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
     check_search_method(recipe.search.method)
+    check_precision_runs(recipe.latency)  # fp16 without CUDA: refused before the run directory exists
     return recipe, run_dir
 
 

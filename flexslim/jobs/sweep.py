@@ -71,7 +71,9 @@ def delivered_latency(run_dir: Path, budget_ms: float, repeats: int) -> dict:
     does, and time it `repeats` times with `flexslim validate` in a fresh process each, as a CI job would (the gate
     reads the budget from the metadata; the run's batch, threads and percentile are passed as flags)
     -> {"delivered_ms": median p90, "delivered_runs", "accuracy"}."""
-    from flexslim.deploy.export import export_model, provenance
+    from flexslim.deploy.export import provenance
+    from flexslim.jobs.export import export_as_deployed, recorded_precision
+    from flexslim.recipe.schema import load_recipe
     from flexslim.system.runs import RunRecord
     from flexslim.train.checkpoint import load_model
 
@@ -79,7 +81,10 @@ def delivered_latency(run_dir: Path, budget_ms: float, repeats: int) -> dict:
     arch, model, _ = load_model(weights)
     path = run_dir / "delivered.onnx"
     record = RunRecord.load(run_dir)  # the run's latency settings (provider, batch, threads, percentile) travel
-    export_model(model, arch, path, provenance(arch, record["recipe"], budget_ms, record["latency"]))  # as metadata
+    recorded_precision(record["latency"], record)
+    recipe = load_recipe(str(run_dir / "recipe.toml"))
+    meta = provenance(arch, record["recipe"], budget_ms, record["latency"])  # the run's settings, as metadata
+    export_as_deployed(model, arch, path, meta, record["latency"], recipe, run_dir)  # int8: beside its fp32 twin
     flags = _gate_flags(record["latency"], arch.dataset)
     reports = [gate_in_fresh_process(path, run_dir / f"delivered-{i + 1}.json", flags) for i in range(repeats)]
     p90s = [r["latency_ms"] for r in reports]

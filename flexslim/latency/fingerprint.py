@@ -148,10 +148,13 @@ def _gpu() -> dict:
     return out
 
 
-def network_key(arch, widths: dict[str, int]) -> str:
+def network_key(arch, widths: dict[str, int], precision: str = "") -> str:
     """sha256 (32 hex digits) of the network `arch` at `widths` as flexslim describes it, and of the code that
-    exports it (see the module notes)."""
+    exports it (see the module notes); `precision` ("" for fp32, else e.g. "int8:qdq-s8s8", `precision_tag`) names
+    the graph it is deployed as."""
     body = {"arch": arch.with_widths(dict(widths)).to_dict(), "code": _code_id(arch.family)}
+    if precision:
+        body["precision"] = precision
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -177,21 +180,35 @@ def _code_id(family: str) -> str:
 
 
 _FLOAT_TYPES = frozenset({1, 10, 11, 16})  # onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16: weights
+_QUANTIZED_TYPES = frozenset({2, 3})  # UINT8, INT8: quantized weights and zero points
+_QUANTIZED_BIAS = 6  # INT32: a quantized graph's biases (left in a float graph, where int32 may be a shape)
+
+
+def precision_tag(settings: LatencyConfig) -> str:
+    """What the timed graph is converted to: "" (fp32, the exported graph itself), "fp16", or "int8:<format>"."""
+    p = settings.precision
+    return "" if p == "fp32" else (f"int8:{settings.int8_format}" if p == "int8" else p)
 
 
 def graph_key(model: bytes) -> str:
     """sha256 (32 hex digits) of an ONNX model with the values of its float tensors (initializers and Constant
-    nodes) and every doc string left out: the same network with other weights has the same key, another width,
-    operator, attribute, shape constant or opset another."""
+    nodes; in a quantized graph its int8, uint8 and int32 weights, zero points and biases too) and every doc string
+    left out: the same network with other weights (or other calibration ranges) has the same key, another width,
+    operator, attribute, shape constant, precision, quantization format or opset another."""
     import onnx
 
     proto = onnx.load_model_from_string(model)
+    from flexslim.models.precision import graph_precision
+
+    weights = _FLOAT_TYPES | _QUANTIZED_TYPES
+    if graph_precision(proto) == "int8":
+        weights = weights | {_QUANTIZED_BIAS}
     tensors = list(proto.graph.initializer)
     for node in proto.graph.node:
         node.doc_string = ""
         tensors += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
     for t in tensors:
-        if t.data_type in _FLOAT_TYPES:
+        if t.data_type in weights:
             for name in ("raw_data", "float_data", "double_data", "int32_data"):
                 t.ClearField(name)
     proto.doc_string = ""

@@ -85,6 +85,7 @@ class LatencyModel:
     measure_seconds: float = 0.0
     budgets: list[float] = field(default_factory=list)  # the budgets its samples were concentrated at
     device: dict = field(default_factory=dict)  # who measured it (`fingerprint.measuring_device`; {}: not recorded)
+    formats: dict[str, float] = field(default_factory=dict)  # int8: the format probe, fp32 | format -> ms
 
     # -- prediction -------------------------------------------------------------------------------------------
     def effective(self, widths: dict) -> dict:
@@ -189,6 +190,8 @@ class LatencyModel:
             "batch": s.batch,
             "threads": s.threads,
             "percentile": s.percentile,
+            "precision": s.precision,
+            "int8_format": s.int8_format,
         }
 
     def to_dict(self) -> dict:
@@ -242,6 +245,7 @@ class LatencyModel:
                 measure_seconds=d.get("measure_seconds", 0.0),
                 budgets=list(d.get("budgets", [])),
                 device=_device(d.get("device", {})),
+                formats={str(k): _ms(v, checks.table_key(path, f"formats.{k}")) for k, v in d.get("formats", {}).items()},
             )
         except BadInput:
             raise
@@ -265,9 +269,12 @@ class LatencyModel:
                 ("batch", s.batch, settings.batch),
                 ("threads", s.threads, settings.threads),
                 ("percentile", f"{s.percentile:g}", f"{settings.percentile:g}"),
+                ("precision", s.precision, settings.precision),
             )
             if mine != theirs
         ]
+        if s.precision == "int8" == settings.precision and settings.int8_format not in ("auto", s.int8_format):
+            differ.append(f"int8_format {s.int8_format} (the recipe's latency.int8_format: {settings.int8_format})")
         wanted = provider_that_runs(settings.provider)
         if self.provider != wanted:
             shown = wanted if settings.provider == wanted else f"{settings.provider}, which runs {wanted} here"
@@ -322,11 +329,13 @@ def check_table(model: LatencyModel, path: str | Path) -> LatencyModel:
 def _settings(d: object, path: str | Path) -> LatencyConfig:
     """The table's `settings` block checked by the recipe's own rules for [latency] (a hostile `near` or `runs`
     would hang the refinement), the values converted."""
-    from flexslim.recipe.choices import PROVIDERS
-    from flexslim.recipe.rules import RULES
+    from flexslim.recipe.rules import RULES, _choices
 
     if not isinstance(d, dict):
         raise ValueError("settings must be a JSON object")
+    if isinstance(d.get("precision"), (int, float)) and not isinstance(d.get("precision"), bool):
+        d = {("tolerance" if k == "precision" else k): v for k, v in d.items()}  # a table of before 2026-12
+    named = _choices()
     known = {f.name: f.default for f in fields(LatencyConfig)}
     unknown = sorted(set(d) - set(known))
     if unknown:
@@ -334,8 +343,8 @@ def _settings(d: object, path: str | Path) -> LatencyConfig:
     out = {}
     for name, value in d.items():
         origin = checks.table_key(path, f"settings.{name}")
-        if name == "provider":
-            out[name] = checks.choice(value, origin, PROVIDERS)
+        if f"latency.{name}" in named:  # provider, precision, int8_format
+            out[name] = checks.choice(value, origin, named[f"latency.{name}"])
         elif isinstance(known[name], bool):  # probe: a switch
             if not isinstance(value, bool):
                 raise BadInput(f"{origin.label} = {str(value)[:40]!r}: must be true or false; {origin.fix}")
@@ -417,7 +426,11 @@ def _text(v: object) -> str:
 
 
 def with_grid(recipe, latency: LatencyModel):
-    """The recipe with `model.round_to` resolved: 0 (auto) becomes the runtime's channel block, at least 8."""
+    """The recipe as the table `latency` serves it: `model.round_to` 0 (auto) becomes the runtime's channel block,
+    at least 8, and an int8 format left at auto the one the table measured (its probe chose it)."""
+    s, measured = recipe.latency, latency.settings
+    if s.precision == "int8" == measured.precision and s.int8_format == "auto" != measured.int8_format:
+        recipe = replace(recipe, latency=replace(s, int8_format=measured.int8_format))
     if recipe.model.round_to:
         return recipe
     model = replace(recipe.model, round_to=max(8, latency.block))

@@ -45,17 +45,24 @@ def measure_sessions(arch: Arch, widths: dict[str, int], settings: LatencyConfig
     answers when it holds this graph measured at least as thoroughly on this device (`latency.cache`) - first by the
     network's description and flexslim's model code, without exporting, then by the exported graph; what is timed
     here is added to it."""
+    from flexslim.latency.fingerprint import precision_tag
     from flexslim.models.families import build_network
     from flexslim.models.onnx_graph import onnx_bytes
+    from flexslim.models.precision import deployed
 
-    net = latency_cache.network_key(arch, widths)
+    tag = precision_tag(settings)
+    net = latency_cache.network_key(arch, widths, tag)
     hit = latency_cache.served(net, settings)  # no export needed
     if hit is not None:
         return hit, hit.sessions
     torch.manual_seed(seed)
     with _one_thread():
         model = onnx_bytes(build_network(arch, widths).eval(), arch.input_shape, fast=True)
+        # timed as deployed: quantized (calibrated on noise: the ranges do not change the graph's operators) or fp16
+        model = deployed(model, settings.precision, settings.int8_format)
     network = {"family": arch.family, "widths": dict(widths), "input_shape": list(arch.input_shape)}
+    if tag:
+        network["precision"] = tag
     t = latency_cache.timing_of(model, settings, lambda: _timed_sessions(model, settings, seed), network, net=net)
     return t, t.sessions
 
@@ -81,7 +88,7 @@ def _timed_sessions(model: bytes, settings: LatencyConfig, seed: int):
 
     s, n = settings, max(1, settings.repeats)
     plan = TimingPlan(
-        s.batch, s.warmup, s.runs, s.percentile, s.threads, seed, s.min_seconds / n, s.timeout, s.precision
+        s.batch, s.warmup, s.runs, s.percentile, s.threads, seed, s.min_seconds / n, s.timeout, s.tolerance
     )
     timer = remote.configured()  # the deployment device's timer, when the job names one (--timer)
     if timer is not None:
@@ -106,6 +113,45 @@ def _measure_points(arch, width_sets, settings, reporter, what, measurer: Measur
         reporter.advance(f"{t.at_percentile_ms:.4f} ms  {w}")
     reporter.stop()
     return points, provider, runtime
+
+
+# -- the precision: which int8 format runs fastest here ----------------------------------------------------------
+def check_precision_runs(settings: LatencyConfig) -> None:
+    """BadInput (before anything is measured or searched) when `settings.precision` cannot run on the provider
+    that runs here: fp16 needs onnxruntime's CUDA provider."""
+    from flexslim.latency.model import provider_that_runs
+
+    if settings.precision == "fp16" and (ran := provider_that_runs(settings.provider)) != "cuda":
+        raise BadInput(
+            f"--precision fp16 runs on onnxruntime's CUDA provider only, and this job would run on {ran} "
+            f"(latency.provider {settings.provider}): use --precision fp32 or int8 here, or a CUDA machine"
+        )
+
+
+def int8_format_for(
+    arch: Arch, settings: LatencyConfig, reporter: Reporter, measurer: Measurer | None = None
+) -> tuple[LatencyConfig, dict[str, float]]:
+    """(`settings` with `int8_format` resolved, the probe's timings). For int8 with int8_format auto: the recipe's
+    own network timed at fp32 and in every INT8_FORMATS format, the fastest format kept; BadInput when none is faster
+    than fp32 (int8 would only cost accuracy here). Other precisions and a chosen format: as they are, no timings."""
+    from flexslim.recipe.choices import INT8_FORMATS
+
+    check_precision_runs(settings)
+    if settings.precision != "int8" or settings.int8_format != "auto":
+        return settings, {}
+    measurer = measurer or measure_sessions
+    reporter.log(f"int8: timing {', '.join(INT8_FORMATS)} against fp32 on the recipe's network {arch.widths}")
+    candidates = {"fp32": replace(settings, precision="fp32"), **{f: replace(settings, int8_format=f) for f in INT8_FORMATS}}
+    timings = {name: measurer(arch, dict(arch.widths), s, 0)[0].at_percentile_ms for name, s in candidates.items()}
+    best = min(INT8_FORMATS, key=timings.__getitem__)
+    shown = ", ".join(f"{name} {ms:.4f} ms" for name, ms in timings.items())
+    if timings[best] >= timings["fp32"]:
+        raise BadInput(
+            f"int8 is not faster than fp32 on this device in any format at the recipe's widths ({shown}): "
+            "use --precision fp32 (or pin latency.int8_format to search for one anyway)"
+        )
+    reporter.log(f"int8: {best} is the fastest here ({shown}): the search measures it")
+    return replace(settings, int8_format=best), timings
 
 
 # -- the probe: which channel block the runtime charges ---------------------------------------------------------
@@ -242,6 +288,7 @@ def profile(
     if settings.samples < 3:
         raise BadInput(f"latency.samples must be >= 3 to fit a model, got {settings.samples}")
     t0 = time.perf_counter()
+    settings, formats = int8_format_for(arch, settings, reporter, measurer)
     block, probe = (1, {})
     if settings.probe:  # every 8 channels when the grid is a multiple of 8: blocks below 8 round to the same grid
         step = 8 if round_to % 8 == 0 else 4
@@ -257,7 +304,8 @@ def profile(
     fit_sets += [_sample(rng, region, grid) for _ in range(max(0, settings.samples - len(fit_sets)))]
     fit_pts, provider, runtime = _measure_points(arch, fit_sets, settings, reporter, "latency: fit networks", measurer)
     model = LatencyModel(arch, settings, provider, runtime, platform.node(), block, probe, region=region,
-                         fit_points=fit_pts, floor_ms=fit_pts[0].ms, device=measuring_device(settings))  # fmt: skip
+                         fit_points=fit_pts, floor_ms=fit_pts[0].ms, device=measuring_device(settings),
+                         formats=formats)  # fmt: skip
     model.below_block = below_block(fit_pts, block, min_width)
     model.fit()
     model.measure_seconds = time.perf_counter() - t0

@@ -178,7 +178,7 @@ def _checked_plan(plan: TimingPlan, session) -> tuple[TimingPlan, str, list[int]
     percentile = checks.percentile(plan.percentile, "timing percentile")
     threads = checks.threads(plan.threads, "timing threads")
     timeout = None if plan.timeout is None else checks.timeout(plan.timeout, "timing timeout")
-    precision = checks.precision(plan.precision, "timing precision")
+    precision = checks.tolerance(plan.precision, "timing precision")
     inp = session.get_inputs()[0]
     sample = [_static_dim(d, inp.name) for d in inp.shape[1:]]
     batch = checks.batch(plan.batch, "timing batch", tuple(sample))  # caps the input allocation too

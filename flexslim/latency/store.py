@@ -56,7 +56,7 @@ class Thoroughness:
     def of(cls, settings: LatencyConfig) -> Thoroughness:
         """What `profiling.measure` asks for with `settings` (min_seconds is split among the repeats)."""
         return cls(
-            float(settings.min_seconds), max(1, int(settings.repeats)), int(settings.runs), float(settings.precision)
+            float(settings.min_seconds), max(1, int(settings.repeats)), int(settings.runs), float(settings.tolerance)
         )
 
     def serves(self, wanted: Thoroughness) -> bool:

@@ -30,7 +30,7 @@ _PLAN_CHECKS = {
     "threads": checks.threads,
     "seed": lambda v, o: checks.integer(v, o, low=0, cap=2**31 - 1),
     "min_seconds": checks.min_seconds,
-    "precision": checks.precision,
+    "precision": checks.tolerance,
 }
 
 

@@ -179,8 +179,8 @@ def min_seconds(value: object, origin: Origin | str) -> float:
     return finite(value, origin, low=0.0, high=MAX_MIN_SECONDS, unit=" of seconds")
 
 
-def precision(value: object, origin: Origin | str) -> float:
-    """A relative precision a timing stops at: 0 (off: time the full seconds) .. 0.5."""
+def tolerance(value: object, origin: Origin | str) -> float:
+    """The relative half-width of the interval a timing stops at: 0 (off: time the full seconds) .. 0.5."""
     return finite(value, origin, low=0.0, high=0.5)
 
 

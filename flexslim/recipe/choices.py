@@ -29,6 +29,10 @@ DATASET_CHANNELS = {
 }  # folder: 3 at most (data.channels: 1 or 3)
 
 PROVIDERS = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "int8", "fp16")  # latency.precision: the graph that is deployed, timed and gated
+# int8 formats of onnxruntime's static quantization: QOperator (QLinearConv, uint8 activations, int8 weights) and
+# QDQ (Quantize/DequantizeLinear pairs around float operators, int8 or uint8 activations; int8 weights)
+INT8_FORMATS = ("qoperator-u8s8", "qdq-s8s8", "qdq-u8s8")
 
 BAKE_RANKS = ("supernet", "latency")  # search.bake_rank: what decides among networks inside the latency window
 TRAIN_INITS = ("auto", "scratch", "searched")  # train.init: auto = searched where the run has them, else scratch

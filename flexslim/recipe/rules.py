@@ -101,7 +101,8 @@ RULES: dict[str, Rule] = {
     "latency.runs": checks.runs,
     "latency.min_seconds": checks.min_seconds,
     "latency.bake_seconds": checks.min_seconds,
-    "latency.precision": checks.precision,
+    "latency.tolerance": checks.tolerance,
+    "latency.calibration": _count(cap=100_000),
     "latency.timeout": checks.timeout,
     "latency.percentile": checks.percentile,
     "latency.samples": _count(cap=10_000),
@@ -118,7 +119,15 @@ RULES: dict[str, Rule] = {
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """The named choices, each read from its one table (imported here: config sits below those modules)."""
-    from flexslim.recipe.choices import BAKE_RANKS, FAMILIES, PROVIDERS, SEARCH_METHODS, TRAIN_INITS
+    from flexslim.recipe.choices import (
+        BAKE_RANKS,
+        FAMILIES,
+        INT8_FORMATS,
+        PRECISIONS,
+        PROVIDERS,
+        SEARCH_METHODS,
+        TRAIN_INITS,
+    )
 
     return {
         "data.dataset": DATASETS,
@@ -128,6 +137,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "search.bake_rank": BAKE_RANKS,
         "train.init": TRAIN_INITS,
         "latency.provider": PROVIDERS,
+        "latency.precision": PRECISIONS,
+        "latency.int8_format": ("auto", *INT8_FORMATS),
     }
 
 

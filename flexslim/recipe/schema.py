@@ -147,7 +147,7 @@ class LatencyConfig:
     warmup: int = 10  # untimed runs before timing
     runs: int = 50  # at least this many timed runs; the gate reads a percentile of them
     min_seconds: float = 1.0  # ... and this long (seconds) of timed runs per network, split among the repeats ...
-    precision: float = 0.02  # ... unless a session knows its percentile within +-2% sooner (95%; 0: always in full)
+    tolerance: float = 0.02  # ... unless a session knows its percentile within +-2% sooner (95%; 0: always in full)
     percentile: float = 90.0
     samples: int = 16  # networks measured across the width box to fit the latency model
     holdout: int = 4  # further networks, measured only to report the model's error (without a budget)
@@ -157,6 +157,9 @@ class LatencyConfig:
     confidence: float = 2.0  # the measured network must sit this many timing spreads under the budget
     bake_seconds: float = 2.0  # timed seconds per bake session, in full (the gate's --min-seconds)
     timeout: float = 600.0  # seconds one measurement may take; past it the timing helper is stopped (exit 1)
+    precision: str = "fp32"  # what is deployed and timed: fp32 | int8 (onnxruntime static quantization) | fp16 (CUDA)
+    int8_format: str = "auto"  # int8: qoperator-u8s8 | qdq-s8s8 | qdq-u8s8, or auto (the fastest here, by measurement)
+    calibration: int = 256  # int8: training images (D_t) the deployed graph's activation ranges are calibrated on
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,12 @@ def load_recipe(name_or_path: str = "quickstart", overrides: typing.Sequence[str
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
-    """Build a Recipe from parsed TOML and check every value (BadInput naming the key and the fix)."""
+    """Build a Recipe from parsed TOML and check every value (BadInput naming the key and the fix). A number in
+    `latency.precision` is the timing's stopping tolerance of a recipe written before 2026-12 (now
+    `latency.tolerance`; `latency.precision` names fp32 | int8 | fp16): read as that."""
+    lat = raw.get("latency")
+    if isinstance(lat, dict) and isinstance(lat.get("precision"), (int, float)) and not isinstance(lat["precision"], bool):
+        raw = {**raw, "latency": {("tolerance" if k == "precision" else k): v for k, v in lat.items()}}
     try:
         recipe = _build(Recipe, raw, "")
     except BadInput as err:

@@ -185,7 +185,7 @@ def bake(
     confidence, session_seconds = plan.confidence, plan.session_seconds
     t0 = time.perf_counter()
     # timed as the gate times, in full (no early stop: sessions cut short read ~1% lower than the gate's 2 s, measured)
-    gate_like = replace(settings, min_seconds=session_seconds * max(1, settings.repeats), precision=0.0)
+    gate_like = replace(settings, min_seconds=session_seconds * max(1, settings.repeats), tolerance=0.0)
     desk = Desk(arch, gate_like, latency, measure, reporter or Reporter())
     desk.score = score
     desk.quick = settings if plan.screen_out is not None else None
