@@ -82,7 +82,8 @@ def delivered_latency(run_dir: Path, budget_ms: float, repeats: int) -> dict:
     path = run_dir / "delivered.onnx"
     record = RunRecord.load(run_dir)  # the run's latency settings (provider, batch, threads, percentile) travel
     recorded_precision(record["latency"], record)
-    recipe = load_recipe(str(run_dir / "recipe.toml"))
+    # the run's recipe: where an int8 graph's calibration images come from (an fp32 export needs none)
+    recipe = load_recipe(str(run_dir / "recipe.toml")) if (run_dir / "recipe.toml").is_file() else None
     meta = provenance(arch, record["recipe"], budget_ms, record["latency"])  # the run's settings, as metadata
     export_as_deployed(model, arch, path, meta, record["latency"], recipe, run_dir)  # int8: beside its fp32 twin
     flags = _gate_flags(record["latency"], arch.dataset)
