@@ -181,7 +181,7 @@ def bake(
         `plan.confidence` is given). Raises BadInput when every stage is at min_width and the network still
         measures over the limit.
     """
-    settings, min_width, grid, fit, max_measures = plan.settings, plan.min_width, plan.grid, plan.fit, plan.max_measures
+    settings, min_width, grid, fit = plan.settings, plan.min_width, plan.grid, plan.fit
     confidence, session_seconds = plan.confidence, plan.session_seconds
     t0 = time.perf_counter()
     # timed as the gate times, in full (no early stop: sessions cut short read ~1% lower than the gate's 2 s, measured)
@@ -203,22 +203,31 @@ def bake(
     widths, t = _chosen(timed, budget, score)
     trims: list[dict] = []
     if fit:
-        widths, t, trims = trim(widths, t, desk, budget, min_width, grid, max_measures)
-        widths, t = fill(widths, t, desk, budget, grid, max_measures)
-        while True:  # an exchange may open a growth the fill could not make (8/48/48/112 -> 8/48/64/112)
-            before = widths
-            widths, t = exchange(widths, t, desk, budget, min_width, grid, max_measures)
-            if widths == before or t.at_percentile_ms >= budget.safe_low_ms:
-                break
-            widths, t = fill(widths, t, desk, budget, grid, max_measures)
-        if t.at_percentile_ms < budget.low_ms:  # still under the window: growths the model rules out, screened
-            widths, t = fill(widths, t, desk, budget, grid, max_measures, beyond=True)
+        widths, t, trims = _to_the_window(widths, t, desk, budget, plan)
     fitted = Fitted(
         dict(widths), t.at_percentile_ms, t.p50_ms, t.provider, trims, desk.steps, desk.screens, budget=budget
     )
     fitted.note = _window_note(fitted, desk, budget) if fit else ""
     fitted.seconds = time.perf_counter() - t0
     return fitted
+
+
+def _to_the_window(widths: dict, t: Timing, desk: Desk, budget: Budget, plan: BakePlan):
+    """The measured moves from the chosen network: trim while over the limit, fill, exchange (the fill again after
+    an exchange kept under the window: it may open a growth, 8/48/48/112 -> 8/48/64/112), and still under the window
+    the growths the latency model rules out, screened -> (widths, their Timing, the trims)."""
+    min_width, grid, most = plan.min_width, plan.grid, plan.max_measures
+    widths, t, trims = trim(widths, t, desk, budget, min_width, grid, most)
+    widths, t = fill(widths, t, desk, budget, grid, most)
+    while True:
+        before = widths
+        widths, t = exchange(widths, t, desk, budget, min_width, grid, most)
+        if widths == before or t.at_percentile_ms >= budget.safe_low_ms:
+            break
+        widths, t = fill(widths, t, desk, budget, grid, most)
+    if t.at_percentile_ms < budget.low_ms:
+        widths, t = fill(widths, t, desk, budget, grid, most, beyond=True)
+    return widths, t, trims
 
 
 def _chosen(timed: list[tuple[dict, Timing]], budget: Budget, score: Score | None) -> tuple[dict, Timing]:
