@@ -86,16 +86,39 @@ class Desk:
         return t
 
     def retime(self, widths: dict[str, int]) -> Timing:
-        """`widths` timed once more (not read back from the latency cache); the lower of the two is kept (something
-        else on the machine only ever adds time) and the step's figure updated."""
+        """`widths` timed once more (not read back from the latency cache); the new timing is the figure from now on.
+
+        A network is timed again because its first figure was high (over the limit, or far over what the measured
+        start predicts): that figure was chosen for its value, the new one was not. Keeping the lower of the two (as
+        before 2026-12) biased every retimed network low: on this VM the int8 README job's bake kept 0.0552 ms for
+        48/64/160 after its retimes, which fresh gates then read at a median of 0.061 ms against a 0.06 budget."""
         key = tuple(sorted(widths.items()))
+        first = self.cache[key]
         with refreshing():
-            again = self.measure_fn(self.arch, dict(widths), self.settings)
-        t = self.cache[key] = min(self.cache[key], again, key=lambda x: x.at_percentile_ms)
+            t = self.cache[key] = self.measure_fn(self.arch, dict(widths), self.settings)
         step = next(s for s in reversed(self.steps) if s["widths"] == dict(widths))
-        step.update(measured_ms=t.at_percentile_ms, retimed=True)
+        step.update(measured_ms=t.at_percentile_ms, retimed=True, first_ms=first.at_percentile_ms)
         self.reporter.log(
-            f"bake re-timed: {widths} measured {again.at_percentile_ms:.4f} ms, kept {t.at_percentile_ms:.4f}"
+            f"bake re-timed: {widths} measured {t.at_percentile_ms:.4f} ms (first {first.at_percentile_ms:.4f})"
+        )
+        return t
+
+    def confirm(self, widths: dict[str, int]) -> Timing:
+        """The delivered network timed once more, fresh, as its verdict: of every network the bake measured it is
+        the one whose figure came in under the limit, so that figure is the lowest of many chances (a winner's
+        curse); a timing taken after the choice is not. Logged as a "confirm" step (`first_ms`: the figure it was
+        chosen on); the new timing replaces the cached one."""
+        key = tuple(sorted(widths.items()))
+        first = self.cache[key]
+        with refreshing():
+            t = self.cache[key] = self.measure_fn(self.arch, dict(widths), self.settings)
+        pred = float(self.latency.predict(widths))
+        self.steps.append(
+            {"step": "confirm", "widths": dict(widths), "predicted_ms": pred, "measured_ms": t.at_percentile_ms,
+             "first_ms": first.at_percentile_ms}
+        )  # fmt: skip
+        self.reporter.log(
+            f"bake confirm: {widths} measured {t.at_percentile_ms:.4f} ms (chosen at {first.at_percentile_ms:.4f})"
         )
         return t
 
