@@ -371,6 +371,7 @@ def test_profile_measures_how_a_width_under_the_block_is_charged(narrow_saves, c
     settings = dataclasses.replace(FAST_LATENCY, probe=True, samples=6, holdout=2)
     m = profile(small_arch(), settings, MIN_WIDTH, 0, measurer=fake)
     assert m.block == 16 and m.below_block == charged
+    assert len(m.probe) >= 8 and m.probe["16"] < m.probe["24"] == pytest.approx(m.probe["32"])  # the probe's curve kept
     assert {"a": 16, "b": 16, "c": 16} in [p.widths for p in m.fit_points]
     assert {"a": 8, "b": 8, "c": 8} == m.fit_points[0].widths
 

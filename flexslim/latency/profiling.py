@@ -303,7 +303,7 @@ def profile(
         fit_sets.append(at_block)
     fit_sets += [_sample(rng, region, grid) for _ in range(max(0, settings.samples - len(fit_sets)))]
     fit_pts, provider, runtime = _measure_points(arch, fit_sets, settings, reporter, "latency: fit networks", measurer)
-    model = LatencyModel(arch, settings, provider, runtime, platform.node(), block, probe, region=region,
+    model = LatencyModel(arch, settings, provider, runtime, platform.node(), block, probe=probe, region=region,
                          fit_points=fit_pts, floor_ms=fit_pts[0].ms, device=measuring_device(settings),
                          formats=formats)  # fmt: skip
     model.below_block = below_block(fit_pts, block, min_width)
