@@ -113,13 +113,33 @@ def test_impossible_timeouts_are_bad_input(exported, bad):
 def test_warm_up_far_over_budget_fails_without_timed_passes(exported):
     rep = validate(exported.path, latency_ms=1e-6, measure=Measurement(warmup=5, runs=50, min_seconds=10.0))
     assert not rep.passed and rep.timing.stopped == "over_budget"
-    assert rep.timing.runs == 0 and rep.timing.warmup == 2  # judged from the second warm-up pass on
+    assert rep.timing.runs == 0 and rep.timing.warmup == 4  # judged on the three warm-up passes after the first
     assert rep.timing.elapsed_s < 5.0  # not the 10 s of timed passes asked for
     (check,) = rep.checks
     assert check.name == "latency" and not check.passed and check.measured > 3 * check.limit
     assert "warm-up" in check.message and "no timed passes" in check.message
-    assert any("timing stopped after 2 warm-up passes" in n for n in rep.notes)
+    assert any("timing stopped after 4 warm-up passes" in n for n in rep.notes)
     assert rep.to_dict()["stopped"] == "over_budget"
+
+
+def test_one_slow_warm_up_pass_is_not_an_early_fail():
+    """The early FAIL judges the fastest of three warm-up passes after the first: a second pass 6x slow (a
+    hiccup) stops nothing; three passes all over EARLY_STOP x the budget stop it after the fourth."""
+    from flexslim.latency.runtime import EARLY_STOP, _warm_up
+
+    class Passes:
+        def __init__(self, ms):
+            self.ms = list(ms)
+
+        def one(self):
+            return self.ms.pop(0)
+
+    hiccup = Passes([9.0, 6.0] + [1.0] * 8)
+    assert _warm_up(hiccup, 10, budget_ms=1.0) == ([9.0, 6.0] + [1.0] * 8, None)
+    slow = [1.1 * EARLY_STOP] * 10
+    assert _warm_up(Passes(slow), 10, budget_ms=1.0) == (slow[:4], "over_budget")
+    assert _warm_up(Passes(slow[:2]), 2, budget_ms=1.0) == (slow[:2], "over_budget")  # fewer warm-ups: all judged
+    assert _warm_up(Passes(slow[:1]), 1, budget_ms=1.0) == (slow[:1], "over_budget")
 
 
 def test_a_budget_within_reach_is_timed_in_full(exported):
