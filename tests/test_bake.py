@@ -140,6 +140,18 @@ def test_trims_when_every_neighbour_measures_over_and_logs_each_trim():
     assert all(w >= MIN_WIDTH and w % GRID == 0 for w in res.widths.values()), widths
 
 
+def test_a_trim_goes_as_far_as_the_models_measured_bias_says_in_one_measurement():
+    """The runtime is 30% slower than the model everywhere: the first choice measures 1.3 x its prediction, so the
+    trim steps down (one grid step per stage at a time, as `best_trim` ranks them) until 1.3 x the prediction is
+    within the limit, and measures once - not once per grid step - landing within the limit."""
+    truth = hand_latency_model(small_arch(), ms_per_mmac=0.05, intercept=0.01)
+    centers = {"a": 40.0, "b": 64.0, "c": 96.0}
+    budget = 0.5 * float(truth.predict({"a": 40, "b": 64, "c": 96}))
+    res = run(centers, budget, truth, clock(truth, scale=1.3))
+    trimmed = [s for s in res.steps if s["step"] == "trim"]
+    assert len(res.trims) >= 3 and len(trimmed) == 1 and trimmed[0]["measured_ms"] <= budget * 0.98
+
+
 def test_no_fit_measures_the_best_neighbour_only():
     truth = hand_latency_model(small_arch())
     measure = clock(truth, scale=1.2)

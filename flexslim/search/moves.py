@@ -40,25 +40,33 @@ def rank(pred: float, limit: float) -> tuple:
     return (0, -pred) if pred <= limit else (1, pred)
 
 def trim(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
+    """Trim while over the limit, the stage that saves the most predicted time per relative width first
+    (`best_trim`). Each measured step goes as far as the latency model, scaled by its bias measured at the current
+    network, says the limit needs (at least one grid step): the int8 README job's first choice measured 1.27 x the
+    limit where the model said 1.16 x, and the bake timed 16 one-step trims (about 100 s) to come under it."""
     trims: list[dict] = []
     while t.at_percentile_ms > budget.limit_ms and len(desk.steps) < max_measures:
-        stage = best_trim(widths, desk.latency, min_width, grid)
-        if stage is None:
-            raise BadInput(
-                f"every stage is at min_width {min_width} and the network still measures "
-                f"{t.at_percentile_ms:.4f} ms > {budget.limit_ms:.4f} ms; raise --latency-ms or lower model.min_width"
-            )
-        new = step_down(widths[stage], grid, min_width)
-        trims.append(
-            {
-                "stage": stage,
-                "from": widths[stage],
-                "to": new,
-                "measured_ms": t.at_percentile_ms,
-                "limit_ms": budget.limit_ms,
-            }
-        )
-        widths = {**widths, stage: new}
+        local = t.at_percentile_ms / max(float(desk.latency.predict(widths)), 1e-12)
+        new = dict(widths)
+        while True:
+            stage = best_trim(new, desk.latency, min_width, grid)
+            if stage is None:
+                if new == widths:
+                    raise BadInput(
+                        f"every stage is at min_width {min_width} and the network still measures "
+                        f"{t.at_percentile_ms:.4f} ms > {budget.limit_ms:.4f} ms; raise --latency-ms or lower "
+                        "model.min_width"
+                    )
+                break
+            to = step_down(new[stage], grid, min_width)
+            trims.append(
+                {"stage": stage, "from": new[stage], "to": to, "measured_ms": t.at_percentile_ms,
+                 "limit_ms": budget.limit_ms}
+            )  # fmt: skip
+            new[stage] = to
+            if local * float(desk.latency.predict(new)) <= budget.limit_ms:
+                break
+        widths = new
         t = desk(widths, "trim")
     return widths, t, trims
 
