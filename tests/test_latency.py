@@ -420,6 +420,28 @@ def test_refine_measures_networks_predicted_near_the_budget_and_saves_them_in_th
     assert refine(m, [budget], grid=ROUND_TO, measurer=_cost_timer) is False
 
 
+def test_a_budget_beyond_the_box_grows_the_box_until_it_reaches_it_then_refines_there():
+    """The box's top (2 x the recipe's widths) measures under half the budget: refine doubles the top, measures it
+    with a few networks of the grown box (at most EXTENSIONS times), and only then measures networks near the
+    budget - which now lie inside the box, so the model interpolates there. A budget the box reaches grows nothing."""
+    from flexslim.latency.profiling import EXTENSIONS, refine
+
+    m = profile(small_arch(), FAST_LATENCY, MIN_WIDTH, ROUND_TO, measurer=_cost_timer)
+    top = {s: hi for s, (_, hi) in m.region.items()}
+    reached = float(m.predict(top))
+    refine(m, [0.95 * reached], grid=ROUND_TO, measurer=_cost_timer)
+    assert {s: hi for s, (_, hi) in m.region.items()} == top  # within reach: the box stays
+
+    m = profile(small_arch(), FAST_LATENCY, MIN_WIDTH, ROUND_TO, measurer=_cost_timer)
+    budget = 3 * reached
+    assert refine(m, [budget], grid=ROUND_TO, measurer=_cost_timer) is True
+    grown = {s: hi for s, (_, hi) in m.region.items()}
+    assert all(top[s] < grown[s] <= top[s] * 2**EXTENSIONS for s in top)
+    assert grown in [p.widths for p in m.fit_points]  # the new top is measured, not extrapolated
+    near = m.near(budget)
+    assert near and all(m.covers(p.widths) for p in near)
+
+
 def test_points_keep_their_sessions_and_the_model_its_timing_spread():
     from flexslim.latency.model import Point
 

@@ -23,6 +23,7 @@ from flexslim.latency import cache as latency_cache
 from flexslim.latency.fingerprint import measuring_device
 from flexslim.latency.model import NEAR, LatencyModel, Point
 from flexslim.models.arch import Arch
+from flexslim.recipe import checks
 from flexslim.recipe.schema import LatencyConfig
 from flexslim.system.console import Reporter
 
@@ -30,6 +31,7 @@ BLOCK_CANDIDATES = (1, 2, 4, 8, 16, 32)
 PROBE_TOP = 128  # channels: the widest network the probe times
 PROBE_RUNS = 10  # the fewest timed passes of a probe network
 BELOW_BLOCK_SAVING = 0.05  # the narrowest network this much faster than every stage at the block: not padded
+EXTENSIONS = 2  # a budget beyond the box's top: the top is doubled at most this many times to reach it
 
 
 # -- measuring ----------------------------------------------------------------------------------------------
@@ -209,6 +211,30 @@ def below_block(points: Sequence[Point], block: int, min_width: int) -> str:
     return "width" if floor < (1 - BELOW_BLOCK_SAVING) * full else "block"
 
 
+def _reach(model: LatencyModel, budget_ms: float, grid: int, rng, reporter, measurer: Measurer) -> list[Point]:
+    """Extend the box until the budget lies inside it: while even its top (every stage at the box's widest) is
+    predicted under the budget's near band, the top is doubled (at most EXTENSIONS times), measured with a few
+    networks of the grown box, and the model refitted -> the points measured. Without it, a budget the box cannot
+    reach is searched on an extrapolation: at int8 the quickstart box (top 32/64/128, measured 0.0408 ms) lay under
+    the 0.06 ms budget, the search went to 50/114/143 and the bake's first choice measured 1.5 x its prediction."""
+    s, points = model.settings, []
+    for _ in range(EXTENSIONS):
+        top = {st: hi for st, (_, hi) in model.region.items()}
+        if float(model.predict(top)) >= (1 - NEAR) * budget_ms:
+            break
+        wider = {st: min(checks.MAX_WIDTH, grid * math.ceil(2 * w / grid)) for st, w in top.items()}
+        if wider == top:
+            break
+        model.region = {st: [lo, wider[st]] for st, (lo, _) in model.region.items()}
+        sets = [wider] + [_sample(rng, model.region, grid) for _ in range(max(2, s.samples // 4))]
+        what = f"latency: the budget {budget_ms:g} ms lies beyond the box, its top grown to {wider}"
+        got, _, _ = _measure_points(model.arch, sets, s, reporter, what, measurer)
+        model.fit_points.extend(got)
+        model.fit()
+        points += got
+    return points
+
+
 # -- sampling where the search and the budgets are ---------------------------------------------------------------
 def _sample(rng: random.Random, region: dict[str, list[int]], grid: int) -> dict[str, int]:
     """One network of the region: each stage at a width the bake can deliver - the region's bottom (min_width,
@@ -349,6 +375,7 @@ def refine(
             model.budgets = sorted(set(model.budgets) | {b})
             continue
         t0 = time.perf_counter()
+        measured = bool(_reach(model, b, grid, rng, reporter, measurer)) or measured
         sets = near_budget_sets(model, b, missing + 1, grid, rng)
         hold = [sets.pop(len(sets) // 2)] if len(sets) > 1 else []
         fit_pts, _, _ = _measure_points(model.arch, sets, s, reporter, f"latency: near {b:g} ms", measurer)
