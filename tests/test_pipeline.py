@@ -139,13 +139,25 @@ def test_baked_supernet_weights_are_saved_for_users_who_skip_retraining(run):
 
 def test_latency_table_is_reused_not_remeasured(run):
     """latency.json is the table itself, plus only the points measured near the budget before the search
-    (latency.near = 1 here: at most one fit and one hold-out network); nothing is measured during the search."""
+    (latency.near = 1 here: at most one fit and one hold-out network) and, where the budget lay beyond the table's
+    box, the box's growth (each doubling: its top and a few networks of the grown box, `profiling._reach`);
+    nothing is measured during the search."""
+    from flexslim.latency.profiling import EXTENSIONS
+
     lat = json.loads((run.run_dir / "latency.json").read_text())
     t = run.table
     n, h = len(t["fit_points"]), len(t["holdout_points"])
     assert lat["fit_points"][:n] == t["fit_points"] and lat["holdout_points"][:h] == t["holdout_points"]
     assert lat["floor_ms"] == t["floor_ms"] and lat["key"] == t["key"] and lat["block"] == t["block"]
-    assert len(lat["fit_points"]) - n <= 1 and len(lat["holdout_points"]) - h <= 1
+    tops = [{s: hi for s, (_, hi) in r.items()} for r in (t["region"], lat["region"])]
+    grown = 0
+    while tops[0] != tops[1] and grown < EXTENSIONS:  # count the doublings between the two tops
+        tops[0] = {s: w * 2 for s, w in tops[0].items()}
+        grown += 1
+    assert tops[0] == tops[1] or all(tops[0][s] >= w for s, w in tops[1].items())  # (a top capped at MAX_WIDTH)
+    per_growth = 1 + max(2, run.table["settings"]["samples"] // 4)
+    assert len(lat["fit_points"]) - n <= 1 + grown * per_growth and len(lat["holdout_points"]) - h <= 1
+    assert not grown or tops[1] in [q["widths"] for q in lat["fit_points"]]  # the grown top was measured
     assert run.budget in lat["budgets"]
 
 
