@@ -1,4 +1,4 @@
-"""kill -9 a search at three points (the latency model's near-budget measurements, mid-epoch, the bake), resume
+"""kill -9 a search at three points (the latency model's near-budget measurements, mid-epoch of a resumed run, the bake), resume
 it, and get the same arch.json and final mu as an uninterrupted run on the same latency table; SIGTERM leaves a
 resumable run (exit 143, one line).
 
@@ -127,14 +127,6 @@ def test_kill_during_the_latency_model(tmp_path, reference):
     _resume_and_compare(cwd, reference)
 
 
-def test_kill_mid_epoch(tmp_path, reference):
-    cwd = _fresh(tmp_path, reference)
-    code, log = _interrupt(cwd, lambda line, seen: line.startswith(f"epoch   1/{EPOCHS}"), signal.SIGKILL)
-    assert code == -signal.SIGKILL and f"epoch   2/{EPOCHS}" not in log
-    proc = _resume_and_compare(cwd, reference)
-    assert f"resuming search after epoch 1/{EPOCHS}" in proc.stderr
-
-
 def test_kill_during_the_bake(tmp_path, reference):
     cwd = _fresh(tmp_path, reference)
     code, log = _interrupt(cwd, lambda line, seen: line.startswith("bake choose"), signal.SIGKILL)
@@ -143,7 +135,10 @@ def test_kill_during_the_bake(tmp_path, reference):
     assert f"resuming search after epoch {EPOCHS}/{EPOCHS}" in proc.stderr
 
 
-def test_sigterm_leaves_a_resumable_run(tmp_path, reference):
+def test_sigterm_leaves_a_resumable_run_and_a_kill_mid_epoch_of_the_resumed_one_resumes_too(tmp_path, reference):
+    """SIGTERM at epoch 1: exit 143, one line, a resumable run. Its resume killed -9 at epoch 2 (mid-run, with the
+    state of a resumed run on disk) resumes again and ends on the uninterrupted trajectory (one test: it was two
+    that each ran a search from the start)."""
     cwd = _fresh(tmp_path, reference)
     code, log = _interrupt(cwd, lambda line, seen: line.startswith(f"epoch   1/{EPOCHS}"), signal.SIGTERM)
     assert code == 143, log
@@ -151,7 +146,12 @@ def test_sigterm_leaves_a_resumable_run(tmp_path, reference):
     assert last.startswith("terminated (SIGTERM)") and "--resume" in last and "Traceback" not in log
     run = (cwd / "runs" / "latest").resolve()
     assert (run / "search_state.pt").is_file() and not list(run.glob(".*.tmp"))
-    _resume_and_compare(cwd, reference)
+    resumed = [sys.executable, HARNESS, *SEARCH, "--resume"]
+    code, log = _interrupt(cwd, lambda line, seen: line.startswith(f"epoch   2/{EPOCHS}"), signal.SIGKILL, argv=resumed)
+    assert code == -signal.SIGKILL and f"resuming search after epoch 1/{EPOCHS}" in log
+    assert f"epoch   3/{EPOCHS}" not in log
+    proc = _resume_and_compare(cwd, reference)
+    assert f"resuming search after epoch 2/{EPOCHS}" in proc.stderr
 
 
 # -- real timings: a resumed run reads its own latency model, never the table again ----------------------------------
