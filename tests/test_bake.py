@@ -553,8 +553,8 @@ def test_trims_growths_and_exchanges_step_between_deliverable_widths_on_a_grid_a
 def test_the_delivered_network_is_confirmed_by_a_fresh_timing_and_trimmed_when_it_reads_over():
     """16/8/16 measures 0.80; its growth 16/16/16 reads 0.95 (limit 0.98) and is kept. That figure won among the
     networks measured, so the delivered network is timed once more and the new timing is its verdict: 0.97 keeps
-    16/16/16 at 0.97; 1.00 (over the limit) trims it back to 16/8/16, which is confirmed in turn. Without `confirm` nothing is timed again; a
-    network chosen without any other measured is not confirmed."""
+    16/16/16 at 0.97; 1.00 (over the limit) trims it back to 16/8/16, which is confirmed in turn. Without `confirm`
+    nothing is timed again; a network chosen without any other measured is not confirmed."""
     model = {(16, 8, 16): 0.80, (16, 16, 16): 0.96, (8, 8, 16): 0.70}
     for again, widths, ms in ((0.97, (16, 16, 16), 0.97), (1.00, (16, 8, 16), 0.80)):
         timings = {(16, 16, 16): [0.95, again]}

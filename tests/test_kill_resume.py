@@ -1,6 +1,6 @@
-"""kill -9 a search at three points (the latency model's near-budget measurements, mid-epoch of a resumed run, the bake), resume
-it, and get the same arch.json and final mu as an uninterrupted run on the same latency table; SIGTERM leaves a
-resumable run (exit 143, one line).
+"""kill -9 a search at three points (the latency model's near-budget measurements, mid-epoch of a resumed run, the
+bake), resume it, and get the same arch.json and final mu as an uninterrupted run on the same latency table;
+SIGTERM leaves a resumable run (exit 143, one line).
 
 The searches run in subprocesses through tests/fake_timing_cli.py: `python -m flexslim` with a deterministic
 timer (a function of the ONNX model's size that sleeps FAKE_TIMING_SLEEP per call), so a measurement repeated

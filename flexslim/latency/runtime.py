@@ -144,10 +144,10 @@ def time_session(
     short to tell a disturbed stretch from the network's own time.
 
     Stops early, with `Timing.stopped` set and the figures of the passes that ran: at `plan.timeout` seconds
-    ("timeout"; a pass in flight is cancelled), or when `budget_ms` is given and even the fastest of EARLY_JUDGED warm-up
-    passes after the first (or of them all, when fewer) is over EARLY_STOP x the budget ("over_budget"). `where`: the session's
-    `placement` (default: read from the session). A CUDA session that fails or falls back to the CPU while timing is
-    BadInput."""
+    ("timeout"; a pass in flight is cancelled), or when `budget_ms` is given and even the fastest of EARLY_JUDGED
+    warm-up passes after the first (or of them all, when fewer) is over EARLY_STOP x the budget ("over_budget").
+    `where`: the session's `placement` (default: read from the session). A CUDA session that fails or falls back to
+    the CPU while timing is BadInput."""
     import numpy as np
     import onnxruntime as ort
 

@@ -59,7 +59,8 @@ CONFIRMS = 3  # the most confirming timings (`_confirmed`) one bake makes
 class Fitted:
     """The delivered widths, their last measurement, and every step of the bake.
 
-    `steps`: {"step": choose | trim | grow | grow-rejected | exchange | confirm, "widths", "predicted_ms", "measured_ms"};
+    `steps`: {"step": choose | trim | grow | grow-rejected | exchange | confirm, "widths", "predicted_ms",
+    "measured_ms"} (a confirm also "first_ms": the figure the network was chosen on);
     `trims`: the trims alone ({"stage", "from", "to", "measured_ms", "limit_ms"}); `note`: why the network lands
     below the window, when it does.
     """
