@@ -247,8 +247,8 @@ def _confirmed(widths: dict, t: Timing, desk: Desk, budget: Budget, plan: BakePl
     (at most CONFIRMS timings: in the README job 16/40/80 confirmed over the limit, the trim went to 16/40/72 on a
     figure measured a minute earlier, and the gate read it 0.0627 ms) -> (widths, Timing, trims).
 
-    Measured (2-core AMD VM, int8 README job at 0.06 ms): the bake delivered 48/64/160 at 0.0552 ms after 16 networks
-    and its retimes; eleven fresh `validate` runs read 0.0560-0.0720 ms, median 0.061."""
+    Measured (2-core AMD VM, int8 README job at 0.06 ms): 48/40/128 was chosen at 0.0564 ms, confirmed at 0.0526,
+    and read 0.0603 by the export gate minutes later - one timing's figure is one draw of a drifting machine."""
     retimed = any(s.get("retimed") for s in desk.steps if s["widths"] == widths)
     if t.runtime == PREDICTED or not (len(desk.steps) > 1 or retimed):
         return widths, t, []

@@ -90,12 +90,8 @@ class Desk:
 
         A network is timed again because its first figure was high (over the limit, or far over what the measured
         start predicts): that figure was chosen for its value, the new one was not. Keeping the lower of the two (as
-        before 2026-12) biased every retimed network low: on this VM the int8 README job's bake kept 0.0552 ms for
-        48/64/160 after its retimes, which fresh gates then read at a median of 0.061 ms against a 0.06 budget."""
-        key = tuple(sorted(widths.items()))
-        first = self.cache[key]
-        with refreshing():
-            t = self.cache[key] = self.measure_fn(self.arch, dict(widths), self.settings)
+        before 2026-12) biased every retimed network low."""
+        first, t = self._fresh(widths)
         step = next(s for s in reversed(self.steps) if s["widths"] == dict(widths))
         step.update(measured_ms=t.at_percentile_ms, retimed=True, first_ms=first.at_percentile_ms)
         self.reporter.log(
@@ -108,10 +104,7 @@ class Desk:
         the one whose figure came in under the limit, so that figure is the lowest of many chances (a winner's
         curse); a timing taken after the choice is not. Logged as a "confirm" step (`first_ms`: the figure it was
         chosen on); the new timing replaces the cached one."""
-        key = tuple(sorted(widths.items()))
-        first = self.cache[key]
-        with refreshing():
-            t = self.cache[key] = self.measure_fn(self.arch, dict(widths), self.settings)
+        first, t = self._fresh(widths)
         pred = float(self.latency.predict(widths))
         self.steps.append(
             {"step": "confirm", "widths": dict(widths), "predicted_ms": pred, "measured_ms": t.at_percentile_ms,
@@ -121,6 +114,14 @@ class Desk:
             f"bake confirm: {widths} measured {t.at_percentile_ms:.4f} ms (chosen at {first.at_percentile_ms:.4f})"
         )
         return t
+
+    def _fresh(self, widths: dict[str, int]) -> tuple[Timing, Timing]:
+        """(the cached timing of `widths`, a new one taken now - never the latency cache's copy), the new one cached."""
+        key = tuple(sorted(widths.items()))
+        first = self.cache[key]
+        with refreshing():
+            t = self.cache[key] = self.measure_fn(self.arch, dict(widths), self.settings)
+        return first, t
 
     def better(self, new: dict[str, int], old: dict[str, int]) -> bool:
         """True without a score; else when `new` scores no worse than `old` beyond the score's noise."""

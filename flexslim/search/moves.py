@@ -46,29 +46,31 @@ def trim(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, grid: in
     limit where the model said 1.16 x, and the bake timed 16 one-step trims (about 100 s) to come under it."""
     trims: list[dict] = []
     while t.at_percentile_ms > budget.limit_ms and len(desk.steps) < max_measures:
-        local = t.at_percentile_ms / max(float(desk.latency.predict(widths)), 1e-12)
-        new = dict(widths)
-        while True:
-            stage = best_trim(new, desk.latency, min_width, grid)
-            if stage is None:
-                if new == widths:
-                    raise BadInput(
-                        f"every stage is at min_width {min_width} and the network still measures "
-                        f"{t.at_percentile_ms:.4f} ms > {budget.limit_ms:.4f} ms; raise --latency-ms or lower "
-                        "model.min_width"
-                    )
-                break
-            to = step_down(new[stage], grid, min_width)
-            trims.append(
-                {"stage": stage, "from": new[stage], "to": to, "measured_ms": t.at_percentile_ms,
-                 "limit_ms": budget.limit_ms}
-            )  # fmt: skip
-            new[stage] = to
-            if local * float(desk.latency.predict(new)) <= budget.limit_ms:
-                break
-        widths = new
+        down = _trim_steps(widths, t, desk.latency, budget, min_width, grid)
+        if not down:
+            raise BadInput(
+                f"every stage is at min_width {min_width} and the network still measures "
+                f"{t.at_percentile_ms:.4f} ms > {budget.limit_ms:.4f} ms; raise --latency-ms or lower model.min_width"
+            )
+        trims += down
+        widths = {**widths, **{s["stage"]: s["to"] for s in down}}
         t = desk(widths, "trim")
     return widths, t, trims
+
+
+def _trim_steps(widths, t: Timing, latency: LatencyModel, budget: Budget, min_width: int, grid: int) -> list[dict]:
+    """The grid steps down from `widths` (measured `t`, over the limit), `best_trim` first, until the model scaled by
+    its bias measured here predicts the limit met (at least one step; none: every stage at min_width)."""
+    local = t.at_percentile_ms / max(float(latency.predict(widths)), 1e-12)
+    new, down = dict(widths), []
+    while (stage := best_trim(new, latency, min_width, grid)) is not None:
+        to = step_down(new[stage], grid, min_width)
+        down.append({"stage": stage, "from": new[stage], "to": to, "measured_ms": t.at_percentile_ms,
+                     "limit_ms": budget.limit_ms})  # fmt: skip
+        new[stage] = to
+        if local * float(latency.predict(new)) <= budget.limit_ms:
+            break
+    return down
 
 
 def best_trim(widths: dict[str, int], latency: LatencyModel, min_width: int, grid: int) -> str | None:
