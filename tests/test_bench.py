@@ -353,3 +353,24 @@ def test_a_finished_runs_line_reads_only_what_its_row_holds():
     assert "0.0964 ms measured" in line and "accuracy 0.8412" in line and "RSS" not in line
     full = run_line("flexcharts-seed0", {**row, "search_seconds": 51.0, "tensor_peak_mb": 163.5, "peak_mb": 1132.0})
     assert "search 51s" in full and "tensors 163.5 MB" in full and "peak RSS 1132 MB" in full
+
+
+def test_equal_compute_splits_the_prune_route_evenly_between_the_wide_training_and_the_fine_tuning(tiny_arch, quickstart):
+    """The prune route at FlexCHarts' compute: E epochs of the wide network plus E of the pruned one add up to the
+    target (whole epochs, nearest), at least one of each; without a target the recipe's epochs."""
+    from flexslim.bench.compute import train_gmacs
+    from flexslim.bench.run import EQUAL_COMPUTE
+    from flexslim.bench.worker import _train_images, prune_epochs
+    from flexslim.recipe.schema import load_recipe
+
+    recipe = load_recipe("quickstart")
+    wide = tiny_arch.with_widths({"stage1": 16, "stage2": 32, "stage3": 32})
+    pruned = tiny_arch.with_widths({"stage1": 8, "stage2": 16, "stage3": 16})
+    images = _train_images(quickstart, recipe)
+    pair = train_gmacs(wide, wide.widths, 1, images) + train_gmacs(pruned, pruned.widths, 1, images)
+    assert train_gmacs(wide, wide.widths, 1, images) > 2 * train_gmacs(pruned, pruned.widths, 1, images)
+    assert prune_epochs(None, wide, pruned, recipe, quickstart) == recipe.train.epochs
+    assert prune_epochs(4.4 * pair, wide, pruned, recipe, quickstart) == 4
+    assert prune_epochs(4.6 * pair, wide, pruned, recipe, quickstart) == 5
+    assert prune_epochs(0.2 * pair, wide, pruned, recipe, quickstart) == 1
+    assert "prune" in EQUAL_COMPUTE and "flexcharts" not in EQUAL_COMPUTE

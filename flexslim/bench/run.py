@@ -81,9 +81,10 @@ class BenchRequest:
             not named get the largest count given; see `parse_seeds` for the flag's "3,random=1" form).
         latency_table: a latency.json of this recipe (`flexslim profile`) to share instead of measuring one.
         data_dir, device: as for `flexslim search`.
-        equal_compute: the baselines (uniform, random) retrain for as many epochs as make their search + retraining
-            cost what the FlexCHarts run of the same seed cost (images x MACs, `bench.compute`), instead of the
-            recipe's train.epochs; needs flexcharts among the methods and --retrain.
+        equal_compute: the baselines (uniform, random; prune: its wide training and fine-tuning alike) train for as
+            many epochs as make their search + retraining cost what the FlexCHarts run of the same seed cost (images
+            x MACs, `bench.compute`), instead of the recipe's train.epochs; needs flexcharts among the methods and
+            --retrain.
     """
 
     recipe: str
@@ -153,11 +154,14 @@ def run_bench(request: BenchRequest, log=print) -> list[dict]:
     for run in _runs(methods, seeds, recipe.search.seed):
         if run["method"] == "random":
             run["random_seconds"] = _random_seconds(rows, run["seed"], recipe)
-        if r.equal_compute and run["method"] in ("uniform", "random"):
+        if r.equal_compute and run["method"] in EQUAL_COMPUTE:
             run["compute_gmacs"] = _flexcharts_compute(rows, run["seed"])
         rows.append(_run_method({**base, **run}, out, log))
     write_outputs(rows, out, budget, recipe.name)
     return rows
+
+
+EQUAL_COMPUTE = ("uniform", "random", "prune")  # the baselines --equal-compute gives FlexCHarts' compute
 
 
 def _checked_budget_and_seeds(recipe, budget_ms: float | None, seeds) -> float:

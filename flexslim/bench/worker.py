@@ -277,7 +277,8 @@ def _prune_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, 
     """Prune and fine-tune: the family at `bench.prune_start` x its widths trained with the recipe (from scratch),
     a uniform ratio bisected on measured latency and the same measured bake as every method give the widths, the
     trained network's channels are pruned to them (`bench.prune`: group L2 magnitude over Torch-Pruning's
-    dependency graph) and fine-tuned with the recipe's epochs (or --equal-compute's). Its "search" compute is the
+    dependency graph) and fine-tuned; the wide training and the fine-tuning each take the recipe's epochs, or
+    (--equal-compute) as many as make the route's compute FlexCHarts' (`prune_epochs`). Its "search" compute is the
     wide network's training. Needs --retrain and Torch-Pruning."""
     from flexslim.bench.prune import prune_channels, require_torch_pruning, wide_arch
     from flexslim.bench.uniform import uniform_scale
@@ -292,19 +293,21 @@ def _prune_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, 
     wide = wide_arch(arch, recipe.bench.prune_start, grid)
     run_dir = Path(spec["out"]) / spec["run"]
     (run_dir / "wide").mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    scratch = replace(recipe, train=replace(recipe.train, init="scratch"))
-    wide_acc = train_arch(wide, scratch, run_dir / "wide", ds, dev)[-1].test_acc
-    wide_seconds = time.perf_counter() - t0
+    # the widths first (bisection and bake need the table, not the trained network): at equal compute they decide
+    # how many epochs the wide training and the fine-tuning get
     res = uniform_scale(arch, budget=budget, settings=with_grid(recipe, table).latency, min_width=recipe.model.min_width,
                         round_to=grid, measure=spec.get("measure"))  # fmt: skip
     fitted = _baked(arch, res.widths, budget, table, recipe)
-    _, model, _ = load_model(run_dir / "wide" / "model.pt")
     pruned = arch.with_widths(fitted.widths)
+    epochs = prune_epochs(spec.get("compute_gmacs"), wide, pruned, recipe, ds)
+    t0 = time.perf_counter()
+    scratch = replace(recipe, train=replace(recipe.train, init="scratch", epochs=epochs))
+    wide_acc = train_arch(wide, scratch, run_dir / "wide", ds, dev)[-1].test_acc
+    wide_seconds = time.perf_counter() - t0
+    _, model, _ = load_model(run_dir / "wide" / "model.pt")
     save_model(run_dir / SEARCHED, pruned, prune_channels(model, wide, fitted.widths), recipe,
-               {"note": f"pruned from {wide.widths} (trained {recipe.train.epochs} epochs)"})  # fmt: skip
-    search_gmacs = train_gmacs(wide, wide.widths, recipe.train.epochs, _train_images(ds, recipe))
-    epochs = _epochs_for(spec.get("compute_gmacs"), search_gmacs, pruned, recipe, ds)
+               {"note": f"pruned from {wide.widths} (trained {epochs} epochs)"})  # fmt: skip
+    search_gmacs = train_gmacs(wide, wide.widths, epochs, _train_images(ds, recipe))
     tune = replace(recipe, train=replace(recipe.train, init="searched", epochs=epochs))
     t1 = time.perf_counter()
     acc = train_arch(pruned, tune, run_dir, ds, dev)[-1].test_acc
@@ -316,6 +319,7 @@ def _prune_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, 
         "acc_supernet": None,
         "acc_wide": wide_acc,
         "wide_widths": wide.widths,
+        "wide_epochs": epochs,
         "multiplier": res.multiplier,
         "acc_retrained": acc,
         "train_init": "pruned",
@@ -362,6 +366,18 @@ def _epochs_for(target_gmacs: float | None, search: float, baked, recipe, ds) ->
         return recipe.train.epochs
     per_epoch = train_gmacs(baked, baked.widths, 1, _train_images(ds, recipe))
     return max(1, round((target_gmacs - search) / per_epoch))
+
+
+def prune_epochs(target_gmacs: float | None, wide, pruned, recipe, ds) -> int:
+    """Epochs of the prune route's wide training and, as many again, of its fine-tuning: the recipe's, or
+    (--equal-compute) as many whole epochs of both as bring its compute closest to `target_gmacs` (FlexCHarts'
+    search + retraining of the same seed), at least one. The route keeps the recipe's even split: a prune route given
+    FlexCHarts' compute spends it as a user following the recipe would, not all on the wide network."""
+    if not target_gmacs:
+        return recipe.train.epochs
+    images = _train_images(ds, recipe)
+    per_epoch = train_gmacs(wide, wide.widths, 1, images) + train_gmacs(pruned, pruned.widths, 1, images)
+    return max(1, round(target_gmacs / per_epoch))
 
 
 def _train_images(ds, recipe) -> int:

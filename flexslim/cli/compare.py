@@ -34,8 +34,8 @@ EqualComputeOpt = Annotated[
     bool,
     typer.Option(
         "--equal-compute",
-        help="Retrain uniform and random for as many epochs as match FlexCHarts' search + retraining compute "
-        "(images x MACs) of the same seed.",
+        help="Retrain uniform and random (prune: train its wide network and fine-tune) for as many epochs as match "
+        "FlexCHarts' search + retraining compute (images x MACs) of the same seed.",
     ),
 ]
 
