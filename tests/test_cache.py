@@ -268,15 +268,21 @@ def test_cache_list_and_clear(cli, flexslim_cache):
     (flexslim_cache / "cifar10").mkdir()  # a download: not the latency cache's
     (folder / "notes.txt").write_text("mine")
 
+    from flexslim.latency import rechecks
+
+    for fresh in (1.01, 1.02, 1.05):  # a's re-timings: the bake's headroom floor there
+        rechecks.record(a.id, 1.0, fresh, "bake")
     res = cli.invoke(app, ["cache", "list"])
     assert res.exit_code == 0, res.output
     row = {s.id: next((ln for ln in res.stdout.splitlines() if s.id in ln), "") for s in (a, b)}
     assert "threads 1" in row[a.id] and re.search(r"│\s*3\s*│", row[a.id]), res.stdout
     assert "threads 2" in row[b.id] and re.search(r"│\s*1\s*│", row[b.id]), res.stdout
+    assert "5.0% (3 re-timings)" in row[a.id] and "3.0% (prior)" in row[b.id], res.stdout
 
     res = cli.invoke(app, ["cache", "clear"])
     assert res.exit_code == 0, res.output
-    assert res.stdout.count("removed ") == 6 and "6 files removed" in res.stdout  # .jsonl, .json, .lock of each
+    # .jsonl, .json, .lock of each, and a's re-timings
+    assert res.stdout.count("removed ") == 7 and "7 files removed" in res.stdout
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"] and (flexslim_cache / "cifar10").is_dir()
     res = cli.invoke(app, ["cache", "list"])
     assert res.exit_code == 0 and "empty" in res.stdout

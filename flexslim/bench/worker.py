@@ -429,8 +429,12 @@ def _retrained(row: dict, baked, spec: dict, recipe, ds, dev) -> tuple[dict, obj
 
 
 def _budget(ms: float, recipe, table) -> Budget:
-    """The Budget the search job would use for `ms`: headroom from the shared table's timing spread."""
-    return Budget.for_noise(ms, table.noise(), recipe.latency.confidence)
+    """The Budget the search job would use for `ms`: headroom from the shared table's timing spread, at least what
+    re-timings moved on this device."""
+    from flexslim.latency import rechecks
+
+    floor = rechecks.floor(rechecks.device_of(recipe.latency)).value
+    return Budget.for_noise(ms, table.noise(), recipe.latency.confidence, floor)
 
 
 if __name__ == "__main__":  # the per-method worker process

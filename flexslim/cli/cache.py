@@ -16,7 +16,8 @@ app.add_typer(cache_app, name="cache")
 
 @cache_app.command("list")
 def cache_list() -> None:
-    """Per device fingerprint: the device and timing settings, the networks held, the file's size and path."""
+    """Per device fingerprint: the device and timing settings, the networks held, the file's size, the bake's
+    headroom floor there (what re-timings moved) and the path."""
     with command_exit_codes():
         from rich.markup import escape
         from rich.table import Table
@@ -28,12 +29,12 @@ def cache_list() -> None:
             out.print(f"latency cache {latency_folder()}: empty", highlight=False, markup=False)
             return
         table = Table(title=f"latency cache {escape(str(latency_folder()))}")
-        for column in ("fingerprint", "device", "networks", "size"):
-            table.add_column(column, justify="right" if column in ("networks", "size") else "left", no_wrap=True)
+        for column in ("fingerprint", "device", "networks", "size", "headroom floor"):
+            table.add_column(column, justify="left" if column in ("fingerprint", "device") else "right", no_wrap=True)
         table.add_column("path", overflow="fold")
         for f in files:
             held = f"{f.entries}" + (f" (+{f.corrupt} corrupt)" if f.corrupt else "")
-            table.add_row(f.id, escape(describe(f.fingerprint)), held, _size(f.size), escape(str(f.path)))
+            table.add_row(f.id, escape(describe(f.fingerprint)), held, _size(f.size), _floor(f.id), escape(str(f.path)))
         out.print(table)
 
 
@@ -47,6 +48,14 @@ def cache_clear() -> None:
         for path in removed:
             out.print(f"removed {path}", highlight=False, markup=False)
         out.print(f"latency cache {latency_folder()}: {len(removed)} files removed", highlight=False, markup=False)
+
+
+def _floor(device: str) -> str:
+    """The headroom's floor on the device (`latency.rechecks`): what its re-timings moved, or the prior."""
+    from flexslim.latency import rechecks
+
+    f = rechecks.floor(device)
+    return f"{f.value:.1%} ({f.pairs} re-timings)" if f.pairs else f"{f.value:.1%} (prior)"
 
 
 def _size(n: int) -> str:

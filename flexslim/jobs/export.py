@@ -76,6 +76,8 @@ def export_run(
         dataset, precision,
     )  # fmt: skip
     report = _with_device_note(report, record)
+    if precision == searched_at:
+        _record_recheck(report, record)
     if precision != searched_at:
         from dataclasses import replace
 
@@ -140,6 +142,16 @@ def _calibration(recipe, lat: dict, run: Path):
     d_t, _ = load_dataset(recipe.data, None).search_halves(recipe.data.split_seed)
     x, _ = next(iter(d_t.train_batches(min(n, d_t.num_train), shuffle=True, seed=0)))
     return x.cpu().numpy()
+
+
+def _record_recheck(report, record: RunRecord) -> None:
+    """The gate's reading against the run's baked figure, as one of the device's re-timings (`latency.rechecks`: the
+    headroom's measured floor of later bakes), when the gate timed in full on the device that baked it."""
+    from flexslim.latency import rechecks
+
+    device, baked, t = (record.get("measuring_device") or {}).get("id"), record.get("measured_ms"), report.timing
+    if device and device == report.device and isinstance(baked, (int, float)) and t is not None and t.stopped is None:
+        rechecks.record(device, float(baked), t.at_percentile_ms, "gate")
 
 
 def _with_device_note(report, record: RunRecord):

@@ -13,6 +13,7 @@ from pathlib import Path
 from flexslim.data.sources import load_dataset
 from flexslim.errors import BadInput
 from flexslim.latency import cache as latency_cache
+from flexslim.latency import rechecks
 from flexslim.latency.budget import Budget
 from flexslim.latency.fingerprint import measuring_device
 from flexslim.latency.model import LatencyModel, with_grid
@@ -134,7 +135,7 @@ def latency_stage(
     lat = latency_model_for(arch, recipe, record.run_dir, table, reporter, [budget_ms], resume=resume)
     cached = latency_cache.tally() - before
     log_cache_use(cached, reporter)
-    budget = Budget.for_noise(budget_ms, lat.noise(), recipe.latency.confidence)
+    budget = Budget.for_noise(budget_ms, lat.noise(), recipe.latency.confidence, rechecks.floor(here["id"]).value)
     err = lat.error_summary()
     reporter.log(
         f"latency model: floor {lat.floor_ms:.4f} ms (all stages at {recipe.model.min_width}), {describe(lat)}"

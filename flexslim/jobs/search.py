@@ -384,6 +384,7 @@ def _record_search(record: RunRecord, centers: dict, fitted: Fitted, budget: Bud
         window_note=fitted.note,
         budget=(fitted.budget or budget).as_dict(),  # the bake's (headroom from its own sessions): what the run met
         bake_headroom=(fitted.budget or budget).headroom,
+        headroom_floor=fitted.floor,  # how far re-timings moved on this device (None: the prior, or nothing measured)
         trims=fitted.trims,
         bake=fitted.steps,
         bake_screens=fitted.screens,

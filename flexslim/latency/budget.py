@@ -22,7 +22,8 @@ from flexslim.recipe import checks
 
 WINDOW = 0.10  # the delivered network should use at least 90% of the budget
 # even a quiet runtime re-measures differently minutes later in the gate's fresh process: over 16 delivered networks
-# on a 2-core VM the gate's median read 0.973-1.027 x the bake's measurement (its sessions' spread was ~1%)
+# on a 2-core VM the gate's median read 0.973-1.027 x the bake's measurement (its sessions' spread was ~1%). The prior
+# only: once a device has re-timings on record, what they moved is the floor (`latency.rechecks.floor`)
 MIN_HEADROOM = 0.03
 
 
@@ -48,14 +49,15 @@ class Budget:
             )
 
     @classmethod
-    def for_noise(cls, ms: float, noise: float, confidence: float) -> Budget:
+    def for_noise(cls, ms: float, noise: float, confidence: float, floor: float = MIN_HEADROOM) -> Budget:
         """The budget whose headroom is `confidence` x the runtime's timing spread `noise` (a fraction), at least
-        MIN_HEADROOM and at most half the window (so the aim stays inside the window)."""
-        return cls(ms, min(WINDOW / 2, max(MIN_HEADROOM, confidence * noise)))
+        `floor` (how far re-timings moved on this device, `latency.rechecks.floor`; before any: MIN_HEADROOM) and at
+        most half the window (so the aim stays inside the window)."""
+        return cls(ms, min(WINDOW / 2, max(floor, confidence * noise)))
 
-    def refit(self, noise: float, confidence: float) -> Budget:
+    def refit(self, noise: float, confidence: float, floor: float = MIN_HEADROOM) -> Budget:
         """The same budget with the headroom re-fitted to a measured timing spread (the bake's own sessions)."""
-        return Budget.for_noise(self.ms, noise, confidence)
+        return Budget.for_noise(self.ms, noise, confidence, floor)
 
     def check_floor(self, floor_ms: float, provider: str, min_width: int) -> None:
         """The one floor rule: BadInput (exit 2) when even the narrowest network of the family (every stage at

@@ -7,7 +7,8 @@ Where: `$FLEXSLIM_CACHE/latency/`, else the platform's cache folder (`$XDG_CACHE
 `~/.cache/flexslim`, on Linux; `~/Library/Caches/flexslim` on macOS; `%LOCALAPPDATA%\\flexslim\\Cache` on Windows).
 `$FLEXSLIM_NO_CACHE=1` (the commands' `--no-cache`) neither reads nor writes it. The gate (`validate`, `export`)
 never reads it: a verdict is always a fresh measurement. A fingerprint's sha256 (16 hex digits, `fingerprint_id`)
-names its files `<id>.jsonl` (the entries), `<id>.json` (the fingerprint, readable) and `<id>.lock`.
+names its files `<id>.jsonl` (the entries), `<id>.json` (the fingerprint, readable) and `<id>.lock`; beside them
+`<id>.rechecks.jsonl` holds how far re-timings of one network moved there (`flexslim.latency.rechecks`).
 
 The store itself (the files, their entries, `Thoroughness`, `LatencyCache`) is `flexslim.latency.store`; its names are
 re-exported here.
@@ -51,7 +52,8 @@ from flexslim.recipe.schema import LatencyConfig
 CACHE_ENV = "FLEXSLIM_CACHE"  # the user's cache folder (the latency cache is its `latency/`; downloads live there too)
 NO_CACHE_ENV = "FLEXSLIM_NO_CACHE"  # 1: neither read nor write the latency cache (`--no-cache`)
 FOLDER = "latency"
-_FILE = re.compile(r"[0-9a-f]{16}\.(jsonl|json|lock)|\.[0-9a-f]{16}\.(jsonl|json)\..+\.tmp")
+# a fingerprint's entries, fingerprint and lock; its re-timings (`rechecks`); their atomic writes' temporary files
+_FILE = re.compile(r"[0-9a-f]{16}(\.rechecks)?\.(jsonl|json|lock)|\.[0-9a-f]{16}(\.rechecks)?\.(jsonl|json)\..+\.tmp")
 
 
 def cache_root() -> Path:
@@ -206,7 +208,7 @@ def listing(folder: Path | None = None) -> list[CacheFile]:
     folder = Path(folder or latency_folder())
     out = []
     for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-        if not _FILE.fullmatch(path.name) or not path.is_file():
+        if not _FILE.fullmatch(path.name) or not path.is_file() or path.name.endswith(".rechecks.jsonl"):
             continue
         fp_id = path.stem
         fp = _read_fingerprint(folder / f"{fp_id}.json")

@@ -37,9 +37,10 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
-from flexslim.latency.budget import Budget
+from flexslim.latency import rechecks
+from flexslim.latency.budget import MIN_HEADROOM, Budget
 from flexslim.latency.model import LatencyModel
 from flexslim.latency.profiling import measure
 from flexslim.latency.runtime import GATE_SECONDS, Timing
@@ -75,6 +76,7 @@ class Fitted:
     note: str = ""
     seconds: float = 0.0  # wall time of the bake's measurements
     budget: Budget | None = None  # the budget the result was judged against (headroom from the bake's own spread)
+    floor: dict | None = None  # the headroom's floor it was judged with (`latency.rechecks.Floor`, as a dict)
 
     @property
     def measurements(self) -> int:
@@ -196,6 +198,10 @@ def bake(
     desk.score = score
     desk.quick = settings if plan.screen_out is not None else None
     desk.screen_out = plan.screen_out or 0.0
+    desk.device = _device(settings, measure) if confidence is not None else ""
+    floor = rechecks.floor(desk.device) if desk.device else rechecks.Floor(MIN_HEADROOM)
+    if desk.device:
+        desk.reporter.log(f"bake: {floor.describe()}")
     choices = rounded_neighbours(centers, grid, min_width, latency, budget.limit_ms)[: MEASURE_FIRST if fit else 1]
     near = nearest_rounding(centers, grid, min_width)
     if fit and score is not None and near not in choices and latency.predict(near) <= budget.limit_ms * (1 + TOLERANCE):
@@ -205,7 +211,7 @@ def bake(
         choices = [first]
     timed = [(w, desk(w, "choose")) for w in choices]
     if confidence is not None and (spread := desk.spread()) is not None:
-        budget = budget.refit(spread, confidence)
+        budget = budget.refit(spread, confidence, floor.value)
     widths, t = _chosen(timed, budget, score)
     trims: list[dict] = []
     if fit:
@@ -214,8 +220,15 @@ def bake(
         dict(widths), t.at_percentile_ms, t.p50_ms, t.provider, trims, desk.steps, desk.screens, budget=budget
     )
     fitted.note = _window_note(fitted, desk, budget) if fit else ""
+    fitted.floor = asdict(floor) if desk.device else None
     fitted.seconds = time.perf_counter() - t0
     return fitted
+
+
+def _device(settings: LatencyConfig, measure_fn) -> str:
+    """The fingerprint id of the device `measure_fn` times on: this device's (or the remote timer's) for the real
+    measurement, "" for another function (a test's clock: its timings are no device's re-timings)."""
+    return rechecks.device_of(settings) if measure_fn is measure else ""
 
 
 def _to_the_window(widths: dict, t: Timing, desk: Desk, budget: Budget, plan: BakePlan):

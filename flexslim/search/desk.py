@@ -9,6 +9,7 @@ import statistics
 from collections.abc import Callable
 from typing import Protocol
 
+from flexslim.latency import rechecks
 from flexslim.latency.cache import refreshing
 from flexslim.latency.model import LatencyModel
 from flexslim.latency.runtime import Timing
@@ -48,6 +49,7 @@ class Desk:
         self.steps: list[dict] = []
         self.screens: list[dict] = []
         self.screened: dict[tuple, Timing] = {}  # predictions may use them (`_from_measured`), verdicts never
+        self.device = ""  # the measuring device's fingerprint id: its re-timings are recorded (`latency.rechecks`)
 
     def screen(self, widths: dict[str, int], settings: LatencyConfig) -> Timing:
         """`widths` timed with `settings` (the latency model's: shorter sessions that may stop early, often in the
@@ -116,11 +118,14 @@ class Desk:
         return t
 
     def _fresh(self, widths: dict[str, int]) -> tuple[Timing, Timing]:
-        """(the cached timing of `widths`, a new one taken now - never the latency cache's copy), the new one cached."""
+        """(the cached timing of `widths`, a new one taken now - never the latency cache's copy), the new one cached;
+        the pair is recorded as one of this device's re-timings (the headroom's measured floor)."""
         key = tuple(sorted(widths.items()))
         first = self.cache[key]
         with refreshing():
             t = self.cache[key] = self.measure_fn(self.arch, dict(widths), self.settings)
+        if self.device:
+            rechecks.record(self.device, first.at_percentile_ms, t.at_percentile_ms, "bake")
         return first, t
 
     def better(self, new: dict[str, int], old: dict[str, int]) -> bool:
