@@ -269,6 +269,17 @@ def test_detect_block_finds_a_step_every_block_channels(block):
     assert detect_block(_stepped(block, widths, noise=0.01)) == block  # 1% timing noise does not hide it
 
 
+def test_detect_block_sees_the_steps_of_the_narrow_networks_under_the_noise_of_the_wide_ones():
+    """The probe curve measured on a 2-core AMD VM (quickstart family at 16x16, every stage at w; one-session probe
+    timings, ms): 24 costs what 32 costs, 40 what 48 costs, 56 what 64 costs, while the widest networks (1 ms and
+    more) scatter by more than the narrow ones' steps are worth. Fitted in absolute terms it read block 1."""
+    from flexslim.latency.profiling import detect_block
+
+    measured = {8: 0.0349, 16: 0.0409, 24: 0.1019, 32: 0.0992, 40: 0.2013, 48: 0.2062, 56: 0.3286, 64: 0.3574,
+                80: 0.5347, 96: 0.8770, 112: 1.1604, 128: 1.2945}  # fmt: skip
+    assert detect_block(measured) == 16
+
+
 def test_detect_block_of_a_smooth_runtime_is_the_probe_step():
     from flexslim.latency.profiling import detect_block
 
