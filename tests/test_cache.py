@@ -139,7 +139,9 @@ def test_a_shorter_measurement_never_serves_a_longer_request():
     long = cache.timing_of(net, gate, clock(gate))
     assert clock.calls == 2 and long != short  # the quick entry did not answer the gate-length request
     assert cache.timing_of(net, gate, clock(gate)) == long
-    assert cache.timing_of(net, quick, clock(quick)) == long  # the longer one serves the shorter (the newest)
+    assert cache.timing_of(net, quick, clock(quick)) == short  # the same kind of measurement first (reproducible)
+    middle = dataclasses.replace(FAST_LATENCY, min_seconds=1.0, repeats=1)
+    assert cache.timing_of(net, middle, clock(middle)) == long  # none of its kind: the longer one serves the shorter
     assert clock.calls == 2
     more_runs = dataclasses.replace(gate, runs=gate.runs * 2)
     cache.timing_of(net, more_runs, clock(more_runs))
@@ -448,10 +450,13 @@ def test_a_coarser_stopping_precision_never_serves_a_finer_request():
     a = cache.timing_of(net, coarse, clock(coarse))
     b = cache.timing_of(net, fine, clock(fine))
     assert clock.calls == 2 and a != b  # +-5% did not answer +-1%
-    assert cache.timing_of(net, coarse, clock(coarse)) == b  # +-1% answers +-5%
+    assert cache.timing_of(net, coarse, clock(coarse)) == a  # its own kind first
+    middle = dataclasses.replace(FAST_LATENCY, tolerance=0.02)
+    assert cache.timing_of(net, middle, clock(middle)) == b  # none of its kind: +-1% answers +-2%
     c = cache.timing_of(net, full, clock(full))
     assert clock.calls == 3  # a session that could stop early never answers one that must time in full ...
-    assert cache.timing_of(net, fine, clock(fine)) == c and clock.calls == 3  # ... the other way round it does
+    finer = dataclasses.replace(FAST_LATENCY, tolerance=0.005)
+    assert cache.timing_of(net, finer, clock(finer)) == c and clock.calls == 3  # ... the other way round it does
 
 
 def test_the_probe_reads_only_earlier_probes_of_its_networks(monkeypatch, tiny_arch):
