@@ -355,7 +355,7 @@ def test_a_finished_runs_line_reads_only_what_its_row_holds():
     assert "search 51s" in full and "tensors 163.5 MB" in full and "peak RSS 1132 MB" in full
 
 
-def test_equal_compute_splits_the_prune_route_evenly_between_the_wide_training_and_the_fine_tuning(tiny_arch, quickstart):
+def test_equal_compute_splits_the_prune_route_evenly_between_its_wide_training_and_fine_tuning(tiny_arch, quickstart):
     """The prune route at FlexCHarts' compute: E epochs of the wide network plus E of the pruned one add up to the
     target (whole epochs, nearest), at least one of each; without a target the recipe's epochs."""
     from flexslim.bench.compute import train_gmacs

@@ -295,8 +295,9 @@ def _prune_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, 
     (run_dir / "wide").mkdir(parents=True, exist_ok=True)
     # the widths first (bisection and bake need the table, not the trained network): at equal compute they decide
     # how many epochs the wide training and the fine-tuning get
-    res = uniform_scale(arch, budget=budget, settings=with_grid(recipe, table).latency, min_width=recipe.model.min_width,
-                        round_to=grid, measure=spec.get("measure"))  # fmt: skip
+    settings = with_grid(recipe, table).latency
+    res = uniform_scale(arch, budget=budget, settings=settings, min_width=recipe.model.min_width, round_to=grid,
+                        measure=spec.get("measure"))  # fmt: skip
     fitted = _baked(arch, res.widths, budget, table, recipe)
     pruned = arch.with_widths(fitted.widths)
     epochs = prune_epochs(spec.get("compute_gmacs"), wide, pruned, recipe, ds)
