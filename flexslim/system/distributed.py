@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import signal
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -130,11 +131,13 @@ def session(device: str = "auto") -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGTERM, _stopped_by_launcher)
+    finished = False
     try:
         yield
         # every rank done before any leaves: rank 0 hosts the store, and a rank still tearing down its group when
         # rank 0 has gone aborts in gloo's destructor (seen: SIGABRT "terminate called without an active exception")
         dist.barrier()
+        finished = True
     except (BadInput, RanksLost):
         raise
     except Exception as err:
@@ -143,8 +146,36 @@ def session(device: str = "auto") -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+        _leave(wait_for_others=finished)
+
+
+LEFT_KEY = "flexslim/left"  # the store's counter of ranks whose process group is torn down
+LEAVE_WAIT_S = 10.0  # rank 0 waits at most this long for the others to have torn theirs down
+
+
+def _leave(wait_for_others: bool) -> None:
+    """Tear down this rank's process group; after a finished command, rank 0 (the store's host) leaves last.
+
+    The barrier alone did not order the teardowns: under load rank 1 was still destroying its gloo group when rank
+    0's process had exited with the store, and aborted (SIGABRT, exit 1) after a finished run. So every other rank
+    counts itself out on the store once its group is gone, and rank 0 waits for that count (at most LEAVE_WAIT_S;
+    after a failure nobody waits: the others may be gone)."""
+    import torch.distributed as dist
+
+    store = None
+    with contextlib.suppress(Exception):
+        store = dist.distributed_c10d._get_default_store()
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+    if store is None or not wait_for_others:
+        return
+    with contextlib.suppress(Exception):
+        if rank() != 0:
+            store.add(LEFT_KEY, 1)
+            return
+        deadline = time.monotonic() + LEAVE_WAIT_S
+        while store.add(LEFT_KEY, 0) < launched_world() - 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def _stopped_by_launcher(signum, frame) -> None:
