@@ -553,7 +553,8 @@ def test_trims_growths_and_exchanges_step_between_deliverable_widths_on_a_grid_a
 def test_the_delivered_network_is_confirmed_by_a_fresh_timing_and_trimmed_when_it_reads_over():
     """16/8/16 measures 0.80; its growth 16/16/16 reads 0.95 (limit 0.98) and is kept. That figure won among the
     networks measured, so the delivered network is timed once more and the new timing is its verdict: 0.97 keeps
-    16/16/16 at 0.97; 1.00 (over the limit) trims it back to 16/8/16, which is confirmed in turn. Without `confirm`
+    16/16/16 at 0.97; 1.00 (over the limit) goes back to 16/8/16, measured within it, which is confirmed in turn
+    (trimmed only when that one reads over too). Without `confirm`
     nothing is timed again; a network chosen without any other measured is not confirmed."""
     model = {(16, 8, 16): 0.80, (16, 16, 16): 0.96, (8, 8, 16): 0.70}
     for again, widths, ms in ((0.97, (16, 16, 16), 0.97), (1.00, (16, 8, 16), 0.80)):
@@ -564,7 +565,10 @@ def test_the_delivered_network_is_confirmed_by_a_fresh_timing_and_trimmed_when_i
         trimmed_to = [(0.80, 0.80)] if again > 0.98 else []  # trimmed back: that network confirmed in turn
         assert [(c["first_ms"], c["measured_ms"]) for c in confirms] == [(0.95, again)] + trimmed_to
         assert timings[(16, 16, 16)] == []
-        assert [t["to"] for t in res.trims] == ([] if again < 0.98 else [8])
+        assert res.trims == []  # over the limit: back to 16/8/16, measured within it, not a trim
+    # that one too reads over the limit when confirmed, and nothing else measured is within it: trimmed, confirmed
+    res = _sequenced_bake(model, {(16, 16, 16): [0.95, 1.00], (16, 8, 16): [0.80, 0.99]}, confirm=True)
+    assert res.widths == {"a": 8, "b": 8, "c": 16} and res.measured_ms == 0.70 and [t["to"] for t in res.trims] == [8]
     timings = {(16, 16, 16): [0.95]}
     assert _sequenced_bake(model, timings).widths == {"a": 16, "b": 16, "c": 16} and timings[(16, 16, 16)] == []
     alone = {(16, 8, 16): 0.80, (8, 8, 16): 0.70}  # no growth to measure: 16/8/16 is the only network timed
