@@ -29,7 +29,7 @@ import flexslim
 from flexslim.data.sources import load_dataset
 from flexslim.models.arch import Arch
 from flexslim.recipe.schema import load_recipe
-from flexslim.system import distributed
+from flexslim.system import collectives, distributed
 from flexslim.system.console import Reporter
 
 REPO = Path(flexslim.__file__).resolve().parents[1]
@@ -56,11 +56,11 @@ def test_without_torchrun_everything_is_the_single_process_path(monkeypatch):
     assert distributed.init("cpu") is False
     assert distributed.on_main(lambda: 7) == 7
     x = torch.arange(6)
-    assert distributed.shard(x) is x
+    assert collectives.shard(x) is x
     distributed.check_batch(7, "search.batch_size")  # any batch splits over one rank
     p = torch.nn.Parameter(torch.ones(2))
     p.grad = torch.full((2,), 3.0)
-    assert distributed.average_gradients([p], 1, 2, [0.5]) == [0.5] and p.grad.tolist() == [3.0, 3.0]
+    assert collectives.average_gradients([p], 1, 2, [0.5]) == [0.5] and p.grad.tolist() == [3.0, 3.0]
 
 
 def test_python_dash_m_flexslim_is_the_cli():

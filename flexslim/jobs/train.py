@@ -15,7 +15,7 @@ from flexslim.data.tensors import Dataset, StreamedDataset
 from flexslim.errors import BadInput
 from flexslim.models.arch import Arch
 from flexslim.recipe.schema import Recipe, recipe_to_toml
-from flexslim.system import distributed
+from flexslim.system import collectives, distributed
 from flexslim.system.console import Reporter
 from flexslim.system.files import remove
 from flexslim.train.checkpoint import EpochMetrics, read_train_state, save_model, train_identity
@@ -58,7 +58,7 @@ def train_arch(
 
         load_pretrained(model, recipe.model.pretrained)
     if recipe.distributed.sync_bn:
-        model = distributed.sync_batchnorm(model)
+        model = collectives.sync_batchnorm(model)
     ckpt = run_dir / "train_state.pt"
     if not resume:
         remove(ckpt)

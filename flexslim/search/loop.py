@@ -38,7 +38,7 @@ from flexslim.search.state import (
     weight_sgd,
 )
 from flexslim.search.supernet import Supernet
-from flexslim.system import distributed
+from flexslim.system import collectives, distributed
 from flexslim.system.console import Reporter
 from flexslim.system.devices import autocast, cpu_training_kernels, to_device_batch
 from flexslim.system.files import append_jsonl
@@ -107,12 +107,12 @@ def weight_step(st: SearchState, loop: SearchLoop, augment: Augment, x: torch.Te
         g["lr"] = cosine_lr(cfg.lr, st.step, loop.total_steps)
     x, y = augment(to_device_batch(x, loop.device)), y.to(loop.device)
     n = len(y)
-    x, y = distributed.shard(x), distributed.shard(y)
+    x, y = collectives.shard(x), collectives.shard(y)
     with autocast(loop.device):
         loss = F.cross_entropy(sn(x).float(), y)
     st.w_opt.zero_grad(set_to_none=True)
     loss.backward()
-    (loss_mean,) = distributed.average_gradients(sn.weight_parameters(), len(y), n, [float(loss.detach())])
+    (loss_mean,) = collectives.average_gradients(sn.weight_parameters(), len(y), n, [float(loss.detach())])
     torch.nn.utils.clip_grad_norm_(sn.weight_parameters(), cfg.grad_clip)
     st.w_opt.step()
     return loss_mean
@@ -126,7 +126,7 @@ def arch_step(
     sn = st.supernet
     x, y = augment(to_device_batch(x, loop.device)), y.to(loop.device)
     n = len(y)
-    x, y = distributed.shard(x), distributed.shard(y)
+    x, y = collectives.shard(x), collectives.shard(y)
     with autocast(loop.device):
         ce = F.cross_entropy(sn(x).float(), y)
     lat = loop.latency.predict_expected(sn.width_distributions())
@@ -134,7 +134,7 @@ def arch_step(
     params = sn.arch_parameters()
     for p, g in zip(params, torch.autograd.grad(loss, params)):
         p.grad = g
-    (ce_mean,) = distributed.average_gradients(params, len(y), n, [float(ce.detach())])  # same mu on every rank
+    (ce_mean,) = collectives.average_gradients(params, len(y), n, [float(ce.detach())])  # same mu on every rank
     st.a_opt.step()
     sn.project()
     return ce_mean, float(lat.detach())
@@ -240,7 +240,7 @@ def search_epoch(st: SearchState, loop: SearchLoop, bt: Batches, bs: Batches, ep
     distributed.check_same("mu and multiplier", ([p.detach() for p in st.supernet.arch_parameters()], st.multiplier))
     alloc = reallocate(st, loop.cfg)
     distributed.check_same("the channel allocation", alloc[1])
-    distributed.broadcast_module(st.supernet.body)  # rank 0's BN statistics (each rank saw only its shards)
+    collectives.broadcast_module(st.supernet.body)  # rank 0's BN statistics (each rank saw only its shards)
     t2 = time.perf_counter()
     st.epoch = epoch + 1
     line = epoch_record(st, loop, alloc, means) | {

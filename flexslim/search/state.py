@@ -16,7 +16,7 @@ from flexslim.latency.model import LatencyModel
 from flexslim.models.arch import Arch
 from flexslim.recipe.schema import Recipe, SearchConfig, recipe_to_toml
 from flexslim.search.supernet import Supernet, make_masks
-from flexslim.system import distributed
+from flexslim.system import collectives, distributed
 from flexslim.system.devices import prepare
 from flexslim.system.files import atomic_torch_save, content_hash
 from flexslim.train.loop import make_sgd
@@ -61,7 +61,7 @@ def build_state(arch: Arch, recipe: Recipe, device: torch.device) -> SearchState
     """A fresh search: seeded supernet with the recipe's masks, SGD for the weights, Adam for the masks."""
     cfg = recipe.search
     torch.manual_seed(cfg.seed)
-    sync_bn = distributed.sync_batchnorm if recipe.distributed.sync_bn else None
+    sync_bn = collectives.sync_batchnorm if recipe.distributed.sync_bn else None
     sn = Supernet(arch, make_masks(arch, recipe.model, cfg), body_fn=sync_bn)
     if recipe.model.pretrained:
         from flexslim.models.pretrained import load_pretrained

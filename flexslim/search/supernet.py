@@ -46,7 +46,7 @@ class Supernet(nn.Module):
         arch: the family, stages and data shape; its stage widths are not used (the masks' are).
         masks: one `Mask` per stage name of `arch` (all of one kind, see `make_masks`).
         body_fn: applied to every body built (the first and each re-allocated one), e.g.
-            `distributed.sync_batchnorm`; default: none.
+            `collectives.sync_batchnorm`; default: none.
 
     `arch_parameters()` (the masks') and `weight_parameters()` (the body's) are disjoint and cover all
     parameters. `reallocate` rebuilds the body at new widths; `hard()` and `dense()` give the dense network at

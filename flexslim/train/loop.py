@@ -15,7 +15,7 @@ from flexslim.data.augment import Augment
 from flexslim.data.tensors import Batches, Dataset, StreamedDataset
 from flexslim.errors import BadInput
 from flexslim.recipe.schema import Recipe, TrainConfig
-from flexslim.system import distributed
+from flexslim.system import collectives, distributed
 from flexslim.system.console import Reporter
 from flexslim.system.devices import autocast, cpu_training_kernels, prepare, to_device_batch
 from flexslim.train.checkpoint import EpochMetrics, TrainState, train_identity
@@ -81,7 +81,7 @@ def train_one_epoch(
     for xb, yb in ts.batches:
         xb, yb = ts.augment(to_device_batch(xb, device)), yb.to(device)
         n = len(yb)
-        xb, yb = distributed.shard(xb), distributed.shard(yb)
+        xb, yb = collectives.shard(xb), collectives.shard(yb)
         with autocast(device):
             logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
@@ -90,7 +90,7 @@ def train_one_epoch(
                 loss = loss + aux_weight * F.cross_entropy(aux.float(), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.average_gradients(list(model.parameters()), len(yb), n)
+        collectives.average_gradients(list(model.parameters()), len(yb), n)
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for g in optimizer.param_groups:
             g["lr"] = cosine_lr(cfg.lr, ts.step, ts.total_steps)
@@ -100,7 +100,7 @@ def train_one_epoch(
         correct += int((logits.argmax(1) == yb).sum())
         seen += len(yb)
         reporter.advance(f"loss {float(loss.detach()):.3f}")
-    loss_sum, correct, seen = distributed.sum_over_ranks([loss_sum, correct, seen])
+    loss_sum, correct, seen = collectives.sum_over_ranks([loss_sum, correct, seen])
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
@@ -113,7 +113,7 @@ def fit_epoch(
     lr = cosine_lr(recipe.train.lr, ts.step, ts.total_steps)
     set_drop_path(ts.model, drop_path_at(recipe.model.drop_path, epoch, epochs))
     tr_loss, tr_acc = train_one_epoch(ts, recipe.train, device, reporter, recipe.model.auxiliary_weight)
-    distributed.broadcast_module(ts.model)  # rank 0's BN statistics (each rank saw only its shards)
+    collectives.broadcast_module(ts.model)  # rank 0's BN statistics (each rank saw only its shards)
     te_loss, te_acc = evaluate_batches(ts.model, ds.test_batches(), device)
     if not math.isfinite(tr_loss):
         raise BadInput(f"training diverged at epoch {epoch + 1} (loss {tr_loss}); lower train.lr")
