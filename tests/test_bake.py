@@ -582,6 +582,47 @@ def test_the_search_jobs_bake_confirms_what_it_delivers():
     assert BakePlan.for_recipe(load_recipe("quickstart", [])).confirm and not plan().confirm
 
 
+def test_after_the_last_confirmation_over_the_limit_the_network_is_trimmed_not_taken_back_on_an_old_figure():
+    """Three networks measured within the limit (0.98): 16/16/16 delivered, then each confirms over it in turn.
+    The first two fall back to the best other one measured within; after the third (the last confirmation) no
+    network is taken back on the figure it was passed over with: the third is trimmed, on a fresh timing, and
+    that is what is delivered (the pipeline test's bake once delivered a fourth network on a minutes-old figure)."""
+    from flexslim.search.bake import CONFIRMS, _confirmed
+    from flexslim.search.desk import Desk
+    from flexslim.system.console import Reporter
+
+    assert CONFIRMS == 3
+    first = {(16, 16, 16): 0.96, (16, 8, 16): 0.95, (8, 16, 16): 0.94, (16, 16, 8): 0.93}
+    again = {(16, 16, 16): [1.00], (16, 8, 16): [0.99], (8, 16, 16): [0.99]}
+    smaller = {(8, 8, 16): 0.70, (8, 16, 8): 0.70}
+    timed = []
+
+    def timing(ms):
+        return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+
+    class Model:
+        def predict(self, w):
+            return {**first, **smaller}.get((w["a"], w["b"], w["c"]), 9.9)
+
+    def measure(arch, widths, settings):
+        key = (widths["a"], widths["b"], widths["c"])
+        timed.append(key)
+        return timing(again[key].pop(0) if again.get(key) else smaller.get(key, 9.9))
+
+    desk = Desk(small_arch(), FAST_LATENCY, Model(), measure, Reporter())
+    for (a, b, c), ms in first.items():
+        w = {"a": a, "b": b, "c": c}
+        desk.cache[tuple(sorted(w.items()))] = timing(ms)
+        desk.steps.append({"step": "choose", "widths": w, "predicted_ms": ms, "measured_ms": ms})
+    budget = Budget(1.0, headroom=0.02)
+    widths, t, trims = _confirmed({"a": 16, "b": 16, "c": 16}, timing(0.96), desk, budget, plan())
+    confirmed = [tuple(s["widths"].values()) for s in desk.steps if s["step"] == "confirm"]
+    assert confirmed == [(16, 16, 16), (16, 8, 16), (8, 16, 16)]  # the best within, in turn (16/16/8: fourth)
+    assert trims and (widths["a"], widths["b"], widths["c"]) != (16, 16, 8)
+    assert t.at_percentile_ms <= budget.limit_ms and timed[-1] == (widths["a"], widths["b"], widths["c"])
+    assert desk.steps[-1]["widths"] == widths  # the delivered figure is the newest timing the desk took
+
+
 def _sequenced_bake(model: dict, timings: dict, confirm: bool = False):
     """bake() from 16/8/16 (budget 1.0, headroom 2%, no screens) on networks (a, b, c) predicted as `model`, each
     measured as `model` says except those in `timings`, whose successive timings are popped from their list."""
