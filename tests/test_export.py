@@ -1,5 +1,8 @@
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -112,3 +115,26 @@ def test_fast_export_computes_the_same_function(tiny_arch, tiny_model):
             ref = tiny_model(x).numpy()
         got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
         assert float(np.abs(got - ref).max()) < 1e-4
+
+
+def test_the_export_gate_helper_does_not_import_the_exporter(exported, tmp_path):
+    """The export's gate runs in the isolated helper, which imports the module of the function it is handed: the
+    gate's own (onnxruntime, onnx, numpy), not the export job's (the exporter and torch: ~1.6 s here). A fresh
+    process (imports under the main guard: spawn re-runs the rest), so the helper is a new one. (Its accuracy read
+    still imports torch: the data pipeline's tensors.)"""
+    script = tmp_path / "gate.py"
+    script.write_text(
+        "if __name__ == '__main__':\n"
+        "    import sys\n"
+        f"    sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "    from loaded_modules import loaded\n"
+        "    from flexslim.deploy.gate import Measurement\n"
+        "    from flexslim.jobs.export import gate_in_fresh_process\n"
+        "    from flexslim.latency.isolated import run_isolated\n"
+        "    m = Measurement(warmup=1, runs=5, min_seconds=0)\n"
+        f"    r = gate_in_fresh_process({str(exported.path)!r}, 1000.0, 'cpu', m)\n"
+        "    print(r.passed, run_isolated(loaded, 'torch'), run_isolated(loaded, 'flexslim.deploy.export'))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "False", "False"]

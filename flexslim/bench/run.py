@@ -286,7 +286,7 @@ def _run_method(spec: dict, out: Path, log) -> dict:
     shutil.rmtree(out / run, ignore_errors=True)  # a fresh run directory per run
     log(f"-> {run} (own process)")
     proc = subprocess.run(
-        [sys.executable, "-m", "flexslim.bench.worker", json.dumps(spec), str(result)],
+        [sys.executable, "-m", "flexslim.bench", json.dumps(spec), str(result)],
         capture_output=True,
         text=True,
         env=child_env(),  # the worker dies with this process

@@ -1,10 +1,10 @@
 """The per-method bench worker: one bench run (a method at one seed) in its own fresh process, started by
-`flexslim.bench.run` as `python -m flexslim.bench.worker SPEC_JSON RESULT_PATH` -> the run's row (JSON)."""
+`flexslim.bench.run` as `python -m flexslim.bench SPEC_JSON RESULT_PATH` (`bench/__main__.py`) -> the run's row
+(JSON)."""
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -438,7 +438,8 @@ def _budget(ms: float, recipe, table) -> Budget:
     return Budget.for_noise(ms, table.noise(), recipe.latency.confidence, floor)
 
 
-if __name__ == "__main__":  # the per-method worker process
+def main(argv: list[str]) -> None:
+    """The per-method worker process (`python -m flexslim.bench SPEC_JSON RESULT_PATH`): its row, written atomically."""
     adopt_from_env()
-    spec_json, result_path = sys.argv[1], Path(sys.argv[2])
+    spec_json, result_path = argv[0], Path(argv[1])
     atomic_write_json(result_path, worker(json.loads(spec_json)))

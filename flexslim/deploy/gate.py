@@ -356,3 +356,12 @@ def _input_dims(proto, path) -> list:
     if len(dims) != 4 or t.elem_type != 1:  # 1 = FLOAT
         raise BadInput(f"{path}: input must be float32 N,C,H,W; got {len(dims)} dims of element type {t.elem_type}")
     return dims
+
+
+def validate_in_timer_environment(env: dict[str, str | None], *args, **kwargs) -> Report:
+    """`validate` with the remote timer's environment `env` (`remote.timer_environment`) set first: the export's
+    gate runs it in the isolated helper, which may have been started before the job named its timer. It lives here,
+    not in `jobs.export`, because the helper imports the module of the function it runs: that one imports the
+    exporter and torch (~1.6 s on the 2-core CPU), the gate imports neither."""
+    remote.set_timer_environment(env)
+    return validate(*args, **kwargs)

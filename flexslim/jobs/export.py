@@ -82,7 +82,8 @@ def export_run(
         from dataclasses import replace
 
         why = f"the run was searched for {searched_at} latency and is deployed at {precision}: the search did not spend"
-        report = replace(report, notes=(*report.notes, f"{why} what {precision} changes (search again with --precision)"))
+        why += f" what {precision} changes (search again with --precision)"
+        report = replace(report, notes=(*report.notes, why))
     return RunExport(result, report, run, deployed)
 
 
@@ -98,7 +99,8 @@ def _redeployed(lat: dict, precision: str, arch) -> dict:
     check_precision_runs(s)
     if precision == "int8":
         s, _ = int8_format_for(arch, s, Reporter())
-    return {**lat, "precision": precision, "int8_format": s.int8_format, "calibration": lat.get("calibration", s.calibration)}
+    calibration = lat.get("calibration", s.calibration)
+    return {**lat, "precision": precision, "int8_format": s.int8_format, "calibration": calibration}
 
 
 def export_as_deployed(model, arch, output: Path, meta: dict, lat: dict | None, recipe, run: Path):
@@ -203,7 +205,7 @@ def gate_in_fresh_process(
     The measurement stops itself at `measure.timeout` (a failed `timeout` check, exit 1); the helper is killed
     (TimedOut, exit 1) when the whole call outlives that by HELPER_GRACE (+ ACCURACY_SECONDS when the gate also
     reads `dataset`), as `time_isolated` kills a timing of the latency model."""
-    from flexslim.deploy.gate import Measurement
+    from flexslim.deploy.gate import Measurement, validate_in_timer_environment
     from flexslim.latency.remote import timer_environment
     from flexslim.latency.runtime import HELPER_GRACE, run_isolated
 
@@ -212,7 +214,7 @@ def gate_in_fresh_process(
     # the helper process keeps the working directory it was started in: hand it an absolute path; and the
     # environment it was started with: hand it the remote timer this job measures on
     return run_isolated(
-        _validate_on,
+        validate_in_timer_environment,  # pickled by module path: the helper imports the gate, not this module
         timer_environment(),
         Path(path).resolve(),
         latency_ms=budget_ms,
@@ -222,13 +224,3 @@ def gate_in_fresh_process(
         precision=precision,
         limit_s=limit_s,
     )
-
-
-def _validate_on(env: dict[str, str | None], *args, **kwargs):
-    """`validate` with the remote timer's environment `env` (`remote.timer_environment`) set first: the isolated
-    helper may have been started before this job named its timer."""
-    from flexslim.deploy.gate import validate
-    from flexslim.latency.remote import set_timer_environment
-
-    set_timer_environment(env)
-    return validate(*args, **kwargs)

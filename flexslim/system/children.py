@@ -13,7 +13,7 @@ timing on the CPU the next job measures on). Every child flexslim starts calls `
 
 The parent side: `pool_initializer` / `pool_initargs` for multiprocessing (ProcessPoolExecutor's `initializer`),
 `child_env` for a subprocess whose entry point calls `adopt_from_env` first (`python -m flexslim`,
-`python -m flexslim.bench.worker`). No preexec_fn: it is not safe in a process with threads. DataLoader workers
+`python -m flexslim.bench`). No preexec_fn: it is not safe in a process with threads. DataLoader workers
 (flexslim.data may not import this package) use the same prctl through `flexslim.data.tensors.die_with_owner`.
 """
 
