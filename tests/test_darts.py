@@ -182,30 +182,36 @@ def test_auxiliary_head_is_training_only_and_dropped_from_saved_state(tmp_path):
 
 
 def test_darts_smoke_recipe_searches_bakes_exports_and_validates(tmp_path, monkeypatch):
-    from search_fixtures import sets
+    """The DARTS family end to end: search, the measured bake, the release (dynamo) export of the cells and the
+    gate. The latency model is a hand-made table (fitting one times ~13 DARTS networks, and the latency model has
+    its own tests); the bake and the gate time for real."""
+    from search_fixtures import hand_latency_model, sets
     from typer.testing import CliRunner
 
     from flexslim.cli import app
+    from flexslim.data.sources import load_dataset
+    from flexslim.recipe.schema import load_recipe
 
     monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("darts-smoke", [])
+    hand_latency_model(Arch.for_data(recipe.model, load_dataset(recipe.data)), recipe.latency).save("t.json")
     runner = CliRunner()
     fast = sets(
+        "data.train_subset=40",  # 400 images: the suite trains on one thread, and a DARTS step is slow
         "search.epochs=1",
         "train.epochs=1",
-        "latency.samples=5",
-        "latency.holdout=2",
         "latency.runs=5",
         "latency.min_seconds=0",
         "latency.bake_seconds=0",
         "latency.warmup=1",
         "latency.repeats=1",
-        "latency.probe=false",
-        "latency.near=1",
-        "search.batch_size=256",
-        "train.batch_size=256",
+        "search.batch_size=64",
+        "train.batch_size=64",
         "search.trim=false",  # the measured bake is family-agnostic (test_bake); 16 DARTS exports cost ~30 s here
     )
-    res = runner.invoke(app, ["search", "--recipe", "darts-smoke", "--latency-ms", "5.0", *fast])
+    res = runner.invoke(
+        app, ["search", "--recipe", "darts-smoke", "--latency-ms", "5.0", "--latency-table", "t.json", *fast]
+    )
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["export", "model.onnx"])
     assert res.exit_code == 0, res.output
