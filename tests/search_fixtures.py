@@ -6,6 +6,7 @@ Kept out of conftest.py on purpose: plain functions and constants, imported by t
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,22 @@ def hand_latency_model(
     )
     model.floor_ms = float(model.predict({s: 1 for s in arch.widths})) if floor_ms is None else floor_ms
     return model
+
+
+def hand_table(tmp: Path, overrides, scale: float = 0.9) -> tuple[str, float]:
+    """A latency table file (`hand_latency_model`, no measuring) for the quickstart recipe with `overrides`, and a
+    budget at which the recipe's own widths predict `scale` x the budget (at least 0.5 ms: a measured tiny network
+    stays well under it, so the bake does not trim)."""
+    from flexslim.data.sources import load_dataset
+    from flexslim.recipe.schema import load_recipe
+
+    recipe = load_recipe("quickstart", overrides)
+    arch = Arch.for_data(recipe.model, load_dataset(recipe.data))
+    model = hand_latency_model(arch, recipe.latency, ms_per_mmac=0.05, intercept=0.01)
+    path = tmp / "table.json"
+    model.save(path)
+    budget = round(float(model.predict(arch.widths)) / scale, 4)
+    return str(path), max(budget, 0.5)
 
 
 def error_line(result) -> str:

@@ -23,29 +23,14 @@ from dist_workers import (
     resume_search_worker,
     search_job_worker,
 )
-from search_fixtures import FAST_SET, TINY_SET, hand_latency_model, single_thread  # noqa: F401
+from search_fixtures import FAST_SET, TINY_SET, hand_table, single_thread  # noqa: F401
 
 import flexslim
-from flexslim.data.sources import load_dataset
-from flexslim.models.arch import Arch
-from flexslim.recipe.schema import load_recipe
 from flexslim.system import collectives, distributed
 from flexslim.system.console import Reporter
 
 REPO = Path(flexslim.__file__).resolve().parents[1]
 TINY = [*TINY_SET, *FAST_SET]
-
-
-def _hand_table(tmp: Path, overrides, scale: float = 0.9) -> tuple[str, float]:
-    """A latency table (no measuring) for the quickstart recipe with `overrides`, and a budget at which the
-    recipe's own widths predict `scale` x the budget."""
-    recipe = load_recipe("quickstart", overrides)
-    arch = Arch.for_data(recipe.model, load_dataset(recipe.data))
-    model = hand_latency_model(arch, recipe.latency, ms_per_mmac=0.05, intercept=0.01)
-    path = tmp / "table.json"
-    model.save(path)
-    budget = round(float(model.predict(arch.widths)) / scale, 4)
-    return str(path), max(budget, 0.5)  # a measured tiny network stays well under 0.5 ms: the bake does not trim
 
 
 # -- single process: the identity ------------------------------------------------------------------------------
@@ -72,8 +57,8 @@ def test_python_dash_m_flexslim_is_the_cli():
 # -- done-when 1: two ranks, search + retrain, lockstep, files written once ------------------------------------
 @pytest.mark.slow
 def test_two_ranks_search_and_retrain_in_lockstep_and_write_each_file_once(tmp_path):
-    overrides = [*TINY, "search.epochs=2", "train.epochs=1", "train.batch_size=128"]
-    table, budget = _hand_table(tmp_path, overrides)
+    overrides = [*TINY, "data.train_subset=60", "search.epochs=2", "train.epochs=1", "train.batch_size=128"]
+    table, budget = hand_table(tmp_path, overrides)
     r0, r1 = launch(search_job_worker, 2, tmp_path, budget, table, overrides)
 
     # every rank held the same mu, multiplier and allocation after every epoch, and mu moved
