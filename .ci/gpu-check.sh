@@ -41,7 +41,7 @@ fi
 LAT=(--set latency.min_seconds=0.3 --set "latency.provider=$PROVIDER")
 
 step "1. pytest -m gpu"
-timeout "${T_PYTEST:-900}" python3 -m pytest -m gpu -q -rs --junitxml "$OUT/pytest-gpu.xml" tests/test_gpu.py \
+timeout "${T_PYTEST:-900}" python3 -m pytest -o addopts="" -m gpu -q -rs --junitxml "$OUT/pytest-gpu.xml" tests/test_gpu.py \
   > "$OUT/pytest-gpu.txt" 2>&1
 result $?
 tail -5 "$OUT/pytest-gpu.txt"
