@@ -588,8 +588,6 @@ def test_after_the_last_confirmation_over_the_limit_the_network_is_trimmed_not_t
     network is taken back on the figure it was passed over with: the third is trimmed, on a fresh timing, and
     that is what is delivered (the pipeline test's bake once delivered a fourth network on a minutes-old figure)."""
     from flexslim.search.bake import CONFIRMS, _confirmed
-    from flexslim.search.desk import Desk
-    from flexslim.system.console import Reporter
 
     assert CONFIRMS == 3
     first = {(16, 16, 16): 0.96, (16, 8, 16): 0.95, (8, 16, 16): 0.94, (16, 16, 8): 0.93}
@@ -609,11 +607,7 @@ def test_after_the_last_confirmation_over_the_limit_the_network_is_trimmed_not_t
         timed.append(key)
         return timing(again[key].pop(0) if again.get(key) else smaller.get(key, 9.9))
 
-    desk = Desk(small_arch(), FAST_LATENCY, Model(), measure, Reporter())
-    for (a, b, c), ms in first.items():
-        w = {"a": a, "b": b, "c": c}
-        desk.cache[tuple(sorted(w.items()))] = timing(ms)
-        desk.steps.append({"step": "choose", "widths": w, "predicted_ms": ms, "measured_ms": ms})
+    desk = _desk_that_measured(first, Model(), measure)
     budget = Budget(1.0, headroom=0.02)
     widths, t, trims = _confirmed({"a": 16, "b": 16, "c": 16}, timing(0.96), desk, budget, plan())
     confirmed = [tuple(s["widths"].values()) for s in desk.steps if s["step"] == "confirm"]
@@ -621,6 +615,55 @@ def test_after_the_last_confirmation_over_the_limit_the_network_is_trimmed_not_t
     assert trims and (widths["a"], widths["b"], widths["c"]) != (16, 16, 8)
     assert t.at_percentile_ms <= budget.limit_ms and timed[-1] == (widths["a"], widths["b"], widths["c"])
     assert desk.steps[-1]["widths"] == widths  # the delivered figure is the newest timing the desk took
+
+
+def test_a_fallback_takes_the_network_using_most_latency_among_those_scoring_the_same_within_the_noise():
+    """16/16/16 (0.96) confirms over the limit (0.98). Of the others measured within it, 8/8/16 scores best (0.850)
+    at 0.70, 16/8/16 scores 0.846 (inside the noise, 0.005) at 0.95 and 8/16/16 scores 0.80 (beyond it) at 0.97:
+    the fallback is 16/8/16, not the best score far under the window nor the most latency at a cost in capability.
+    The same rule picks the first choice among measured networks (`_chosen`)."""
+    from flexslim.search.bake import _chosen, _confirmed
+
+    def timing(ms):
+        return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+
+    first = {(16, 16, 16): 0.96, (8, 8, 16): 0.70, (16, 8, 16): 0.95, (8, 16, 16): 0.97}
+    again = {(16, 16, 16): 1.00}
+    score = _TableScore({(16, 16, 16): 0.86, (8, 8, 16): 0.850, (16, 8, 16): 0.846, (8, 16, 16): 0.80}, noise=0.005)
+
+    class Model:
+        def predict(self, w):
+            return first.get((w["a"], w["b"], w["c"]), 9.9)
+
+    def measure(arch, widths, settings):
+        key = (widths["a"], widths["b"], widths["c"])
+        return timing(again.get(key, first.get(key, 9.9)))
+
+    desk = _desk_that_measured(first, Model(), measure, score)
+    budget = Budget(1.0, headroom=0.02)
+    widths, t, trims = _confirmed({"a": 16, "b": 16, "c": 16}, timing(0.96), desk, budget, plan())
+    assert (widths, t.at_percentile_ms, trims) == ({"a": 16, "b": 8, "c": 16}, 0.95, [])
+    timed = [({"a": a, "b": b, "c": c}, timing(ms)) for (a, b, c), ms in first.items()]
+    assert _chosen(timed, budget, score)[0] == {"a": 16, "b": 16, "c": 16}  # the best score, and most latency
+    assert _chosen(timed[1:], budget, score)[0] == {"a": 16, "b": 8, "c": 16}
+    assert _chosen(timed[1:], budget, None)[0] == {"a": 8, "b": 16, "c": 16}  # no score: most latency
+    score.table[(16, 8, 16)] = 0.84  # beyond the noise of the best: the best score decides
+    assert _chosen(timed[1:], budget, score)[0] == {"a": 8, "b": 8, "c": 16}
+
+
+def _desk_that_measured(first: dict, model, measure, score=None):
+    """A Desk (model, measure, score) that has timed each network (a, b, c) of `first` once, at its figure there."""
+    from flexslim.search.desk import Desk
+    from flexslim.system.console import Reporter
+
+    desk = Desk(small_arch(), FAST_LATENCY, model, measure, Reporter())
+    desk.score = score
+    for (a, b, c), ms in first.items():
+        w = {"a": a, "b": b, "c": c}
+        timing = Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+        desk.cache[tuple(sorted(w.items()))] = timing
+        desk.steps.append({"step": "choose", "widths": w, "predicted_ms": ms, "measured_ms": ms})
+    return desk
 
 
 def _sequenced_bake(model: dict, timings: dict, confirm: bool = False):
