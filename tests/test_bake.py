@@ -617,6 +617,19 @@ def test_after_the_last_confirmation_over_the_limit_the_network_is_trimmed_not_t
     assert desk.steps[-1]["widths"] == widths  # the delivered figure is the newest timing the desk took
 
 
+def test_a_chosen_network_just_over_the_limit_is_timed_once_more_before_it_is_trimmed():
+    """16/8/16 is chosen at 0.985 (limit 0.98, within BORDERLINE): timed again, 0.95, it is kept untrimmed; chosen at
+    1.01 it is trimmed (to 8/8/16) without another timing."""
+    model = {(16, 8, 16): 0.95, (8, 8, 16): 0.70}
+    for first, kept in ((0.985, True), (1.01, False)):
+        timings = {(16, 8, 16): [first, 0.95]}
+        res = _sequenced_bake(model, timings)
+        assert (res.widths == {"a": 16, "b": 8, "c": 16}, res.trims == []) == (kept, kept)
+        assert len(timings[(16, 8, 16)]) == (0 if kept else 1)
+        assert res.measured_ms == (0.95 if kept else 0.70)
+        assert [s.get("retimed", False) for s in res.steps][:1] == [kept]
+
+
 def test_a_fallback_takes_the_network_using_most_latency_among_those_scoring_the_same_within_the_noise():
     """16/16/16 (0.96) confirms over the limit (0.98). Of the others measured within it, 8/8/16 scores best (0.850)
     at 0.70, 16/8/16 scores 0.846 (inside the noise, 0.005) at 0.95 and 8/16/16 scores 0.80 (beyond it) at 0.97:
