@@ -222,6 +222,9 @@ def test_every_method_retrains_from_scratch_alike_unless_the_bench_is_told_other
         assert recipe.train.init == "scratch" and recipe.search.seed == 1
     told = load_recipe("quickstart", run_overrides({"overrides": ["train.init=searched"]}, bench_method("flexcharts")))
     assert told.train.init == "searched"  # the bench's own --set wins
+    # at equal compute the routes are compared: the recipe's own train.init (auto: fine-tune the searched weights)
+    routes = load_recipe("quickstart", run_overrides({**spec, "equal_compute": True}, bench_method("flexcharts")))
+    assert routes.train.init == "auto" == load_recipe("quickstart", []).train.init
 
 
 def test_the_compute_accounting_adds_up_on_a_toy_network(tiny_arch):

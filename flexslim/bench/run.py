@@ -84,7 +84,8 @@ class BenchRequest:
         equal_compute: the baselines (uniform, random; prune: its wide training and fine-tuning alike) train for as
             many epochs as make their search + retraining cost what the FlexCHarts run of the same seed cost (images
             x MACs, `bench.compute`), instead of the recipe's train.epochs; needs flexcharts among the methods and
-            --retrain.
+            --retrain. The searched methods then retrain as flexslim does (the recipe's train.init, by default
+            fine-tuning their searched weights), not from scratch: the comparison is of routes at equal compute.
     """
 
     recipe: str
@@ -149,6 +150,7 @@ def run_bench(request: BenchRequest, log=print) -> list[dict]:
         "retrain": retrains,
         "device": device,
         "data": str(data_dir) if data_dir else None,
+        "equal_compute": r.equal_compute,
     }
     rows: list[dict] = []
     for run in _runs(methods, seeds, recipe.search.seed):

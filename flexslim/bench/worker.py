@@ -71,11 +71,13 @@ def worker(spec: dict) -> dict:
 
 def run_overrides(spec: dict, method: BenchMethod) -> list[str]:
     """The recipe overrides of one run: retraining from scratch (every method alike: a baseline has no searched
-    weights to start from; the bench's own --set may still say otherwise), the bench's, the method's, the run's seed
-    (search and retraining)."""
+    weights to start from; the bench's own --set may still say otherwise; with --equal-compute the recipe's own
+    train.init, flexslim's route: a FlexCHarts run that trained from scratch after its search would be charged for
+    a search it did not use), the bench's, the method's, the run's seed (search and retraining)."""
     seed = [f"search.seed={spec['seed']}", f"train.seed={spec['seed']}"] if spec.get("seed") is not None else []
     searched = [f"search.method={method.search}", *method.overrides] if method.search else []
-    return [SCRATCH, *spec["overrides"], *searched, *seed]
+    scratch = [] if spec.get("equal_compute") else [SCRATCH]
+    return [*scratch, *spec["overrides"], *searched, *seed]
 
 
 SCRATCH = "train.init=scratch"  # the bench compares what the methods find, not how long their networks trained

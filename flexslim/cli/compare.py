@@ -35,7 +35,8 @@ EqualComputeOpt = Annotated[
     typer.Option(
         "--equal-compute",
         help="Retrain uniform and random (prune: train its wide network and fine-tune) for as many epochs as match "
-        "FlexCHarts' search + retraining compute (images x MACs) of the same seed.",
+        "FlexCHarts' search + retraining compute (images x MACs) of the same seed; the searched methods then "
+        "retrain with the recipe's train.init (by default fine-tuning their searched weights).",
     ),
 ]
 
