@@ -595,9 +595,6 @@ def test_after_the_last_confirmation_over_the_limit_the_network_is_trimmed_not_t
     smaller = {(8, 8, 16): 0.70, (8, 16, 8): 0.70}
     timed = []
 
-    def timing(ms):
-        return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
-
     class Model:
         def predict(self, w):
             return {**first, **smaller}.get((w["a"], w["b"], w["c"]), 9.9)
@@ -605,11 +602,11 @@ def test_after_the_last_confirmation_over_the_limit_the_network_is_trimmed_not_t
     def measure(arch, widths, settings):
         key = (widths["a"], widths["b"], widths["c"])
         timed.append(key)
-        return timing(again[key].pop(0) if again.get(key) else smaller.get(key, 9.9))
+        return _timing(again[key].pop(0) if again.get(key) else smaller.get(key, 9.9))
 
     desk = _desk_that_measured(first, Model(), measure)
     budget = Budget(1.0, headroom=0.02)
-    widths, t, trims = _confirmed({"a": 16, "b": 16, "c": 16}, timing(0.96), desk, budget, plan())
+    widths, t, trims = _confirmed({"a": 16, "b": 16, "c": 16}, _timing(0.96), desk, budget, plan())
     confirmed = [tuple(s["widths"].values()) for s in desk.steps if s["step"] == "confirm"]
     assert confirmed == [(16, 16, 16), (16, 8, 16), (8, 16, 16)]  # the best within, in turn (16/16/8: fourth)
     assert trims and (widths["a"], widths["b"], widths["c"]) != (16, 16, 8)
@@ -637,9 +634,6 @@ def test_a_fallback_takes_the_network_using_most_latency_among_those_scoring_the
     The same rule picks the first choice among measured networks (`_chosen`)."""
     from flexslim.search.bake import _chosen, _confirmed
 
-    def timing(ms):
-        return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
-
     first = {(16, 16, 16): 0.96, (8, 8, 16): 0.70, (16, 8, 16): 0.95, (8, 16, 16): 0.97}
     again = {(16, 16, 16): 1.00}
     score = _TableScore({(16, 16, 16): 0.86, (8, 8, 16): 0.850, (16, 8, 16): 0.846, (8, 16, 16): 0.80}, noise=0.005)
@@ -650,18 +644,23 @@ def test_a_fallback_takes_the_network_using_most_latency_among_those_scoring_the
 
     def measure(arch, widths, settings):
         key = (widths["a"], widths["b"], widths["c"])
-        return timing(again.get(key, first.get(key, 9.9)))
+        return _timing(again.get(key, first.get(key, 9.9)))
 
     desk = _desk_that_measured(first, Model(), measure, score)
     budget = Budget(1.0, headroom=0.02)
-    widths, t, trims = _confirmed({"a": 16, "b": 16, "c": 16}, timing(0.96), desk, budget, plan())
+    widths, t, trims = _confirmed({"a": 16, "b": 16, "c": 16}, _timing(0.96), desk, budget, plan())
     assert (widths, t.at_percentile_ms, trims) == ({"a": 16, "b": 8, "c": 16}, 0.95, [])
-    timed = [({"a": a, "b": b, "c": c}, timing(ms)) for (a, b, c), ms in first.items()]
+    timed = [({"a": a, "b": b, "c": c}, _timing(ms)) for (a, b, c), ms in first.items()]
     assert _chosen(timed, budget, score)[0] == {"a": 16, "b": 16, "c": 16}  # the best score, and most latency
     assert _chosen(timed[1:], budget, score)[0] == {"a": 16, "b": 8, "c": 16}
     assert _chosen(timed[1:], budget, None)[0] == {"a": 8, "b": 16, "c": 16}  # no score: most latency
     score.table[(16, 8, 16)] = 0.84  # beyond the noise of the best: the best score decides
     assert _chosen(timed[1:], budget, score)[0] == {"a": 8, "b": 8, "c": 16}
+
+
+def _timing(ms: float) -> Timing:
+    """A fake gate-length Timing at `ms` (p90)."""
+    return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
 
 
 def _desk_that_measured(first: dict, model, measure, score=None):
@@ -673,8 +672,7 @@ def _desk_that_measured(first: dict, model, measure, score=None):
     desk.score = score
     for (a, b, c), ms in first.items():
         w = {"a": a, "b": b, "c": c}
-        timing = Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
-        desk.cache[tuple(sorted(w.items()))] = timing
+        desk.cache[tuple(sorted(w.items()))] = _timing(ms)
         desk.steps.append({"step": "choose", "widths": w, "predicted_ms": ms, "measured_ms": ms})
     return desk
 

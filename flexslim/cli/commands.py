@@ -91,15 +91,19 @@ def search(
             resume=resume,
         )
         res = search_job(request, reporter=RichReporter(err) if is_main() else Reporter())
-        if not is_main():
-            return
-        f = res.fitted
-        out.print(
-            f"run {res.run_dir}: widths {f.widths}, measured p90 {f.measured_ms:.4f} ms/sample "
-            f"(budget {latency_ms:g} ms, {f.provider})"
-            + (f", test accuracy {res.test_acc:.4f}" if res.test_acc is not None else "")
-        )
-        out.print("next: flexslim export model.onnx" if retrain else f"next: flexslim train {res.run_dir}")
+        if is_main():
+            _print_searched(res, latency_ms, retrain)
+
+
+def _print_searched(res, latency_ms: float, retrain: bool) -> None:
+    """search's result line and the next command."""
+    f = res.fitted
+    out.print(
+        f"run {res.run_dir}: widths {f.widths}, measured p90 {f.measured_ms:.4f} ms/sample "
+        f"(budget {latency_ms:g} ms, {f.provider})"
+        + (f", test accuracy {res.test_acc:.4f}" if res.test_acc is not None else "")
+    )
+    out.print("next: flexslim export model.onnx" if retrain else f"next: flexslim train {res.run_dir}")
 
 
 def _search_overrides(set_, method, provider, latency_batch, pretrained: Path | None) -> list[str]:
@@ -239,7 +243,11 @@ def export(
             f"parity max |onnx - torch| = {result.export.parity_max_abs:.2e}"
         )
         if (d := result.deployed) is not None:
-            how = f"{d.precision} {d.int8_format}, calibrated on {d.calibration_images} D_t images" if d.int8_format else d.precision
+            how = (
+                f"{d.precision} {d.int8_format}, calibrated on {d.calibration_images} D_t images"
+                if d.int8_format
+                else d.precision
+            )
             out.print(
                 f"deployed graph {d.path} ({how}; {d.size_bytes / 1e6:.2f} MB; max |{d.precision} - fp32| = "
                 f"{d.max_abs_vs_fp32:.3g} on the calibration images); its fp32 twin is {d.twin}"
@@ -250,6 +258,30 @@ def export(
         _render_report(result.report)
         if not result.report.passed:
             raise typer.Exit(1)
+
+
+# validate's longer options
+ToleranceOpt = Annotated[
+    float, typer.Option(help="Stop early once the percentile's 95% interval is within +-this fraction (0: never).")
+]
+GatePrecisionOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="The precision the graph must run at: fp32 | int8 | fp16 (read from the graph; another is exit 2). "
+        "Default: whatever the graph is, reported."
+    ),
+]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option(help="Seconds the measurement may take; past it the gate fails (exit 1, 'timed out after S s')."),
+]
+GateDatasetOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Dataset for accuracy: quickstart | cifar10 | folder | synthetic (default, when accuracy is "
+        "asked for by --min-accuracy or --data: the model's metadata)."
+    ),
+]
 
 
 @app.command()
@@ -276,27 +308,10 @@ def validate(
         float, typer.Option(help="Minimum seconds of timed runs, cut into windows; disturbed windows are left out.")
     ] = GATE_SECONDS,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
-    tolerance: Annotated[
-        float, typer.Option(help="Stop early once the percentile's 95% interval is within +-this fraction (0: never).")
-    ] = 0.0,
-    precision: Annotated[
-        Optional[str],
-        typer.Option(
-            help="The precision the graph must run at: fp32 | int8 | fp16 (read from the graph; another is exit 2). "
-            "Default: whatever the graph is, reported."
-        ),
-    ] = None,
-    timeout: Annotated[
-        float,
-        typer.Option(help="Seconds the measurement may take; past it the gate fails (exit 1, 'timed out after S s')."),
-    ] = DEFAULT_TIMEOUT,
-    dataset: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Dataset for accuracy: quickstart | cifar10 | folder | synthetic (default, when accuracy is "
-            "asked for by --min-accuracy or --data: the model's metadata)."
-        ),
-    ] = None,
+    tolerance: ToleranceOpt = 0.0,
+    precision: GatePrecisionOpt = None,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+    dataset: GateDatasetOpt = None,
     data: DataOpt = None,
     # str, not Path: Path("out/") would drop the slash that says the user named a folder
     report: Annotated[Optional[str], typer.Option(help="Write the report as JSON here.")] = None,
