@@ -455,30 +455,40 @@ def test_supernet_score_is_the_d_s_accuracy_of_the_sliced_weights_cached():
     assert score.noise(0.5) == pytest.approx((0.25 / d_s.num_train) ** 0.5)
 
 
-def test_the_bake_times_every_network_in_full_as_the_gate_does_whatever_the_recipes_tolerance():
-    """A recipe's latency.tolerance lets the latency model's sessions stop early; the bake's never do (sessions cut
-    short read about 1% lower than the gate's full 2 s, measured): every bake step asks for repeats x
-    session_seconds of timed passes with tolerance 0. Only the screens of the rounded neighbours (ranking, never a
+def test_every_bake_step_is_timed_at_gate_length_with_the_bakes_own_stopping_tolerance():
+    """A recipe's latency.tolerance lets the latency model's short sessions stop early; the bake's steps ask for
+    repeats x session_seconds of timed passes and stop only at the plan's own tolerance (`latency.bake_tolerance`;
+    0: in full), never at the latency model's. Only the screens of the rounded neighbours (ranking, never a
     verdict) are timed as the latency model times."""
     import dataclasses
 
     truth = hand_latency_model(small_arch())
-    asked = []
-    measure = clock(truth)
-
-    def spy(arch, widths, settings):
-        asked.append((settings.tolerance, settings.min_seconds))
-        return measure(arch, widths, settings)
-
     settings = dataclasses.replace(FAST_LATENCY, tolerance=0.02, repeats=3)
     budget = float(truth.predict({"a": 16, "b": 16, "c": 32}))
-    res = bake(small_arch(), {"a": 14.0, "b": 15.0, "c": 30.0}, budget=Budget(budget, headroom=0.02), latency=truth,
-               plan=BakePlan(settings, MIN_WIDTH, GRID, session_seconds=0.7), measure=spy)  # fmt: skip
-    screens = [a for a in asked if a == (0.02, settings.min_seconds)]
-    steps = [a for a in asked if a != (0.02, settings.min_seconds)]
-    assert len(res.screens) == len(screens) >= 3 and [s.get("rejected") for s in res.screens[:3]] == [None] * 3
-    assert len(steps) == len(res.steps) >= 1 and all(p == 0.0 and s == pytest.approx(2.1) for p, s in steps)
-    assert [s["step"] for s in res.steps].count("choose") == 1  # the screen's first choice, the only one in full
+    for bake_tolerance in (0.0, 0.01):
+        asked = []
+        measure = clock(truth)
+
+        def spy(arch, widths, settings, asked=asked, measure=measure):
+            asked.append((settings.tolerance, settings.min_seconds))
+            return measure(arch, widths, settings)
+
+        res = bake(small_arch(), {"a": 14.0, "b": 15.0, "c": 30.0}, budget=Budget(budget, headroom=0.02),
+                   latency=truth, measure=spy,
+                   plan=BakePlan(settings, MIN_WIDTH, GRID, session_seconds=0.7, tolerance=bake_tolerance))  # fmt: skip
+        screens = [a for a in asked if a == (0.02, settings.min_seconds)]
+        steps = [a for a in asked if a != (0.02, settings.min_seconds)]
+        assert len(res.screens) == len(screens) >= 3 and [s.get("rejected") for s in res.screens[:3]] == [None] * 3
+        assert len(steps) == len(res.steps) >= 1
+        assert all(p == bake_tolerance and s == pytest.approx(2.1) for p, s in steps)
+        assert [s["step"] for s in res.steps].count("choose") == 1  # the screen's first choice, the only one in full
+
+
+def test_the_search_jobs_bake_stops_its_sessions_at_the_recipes_bake_tolerance():
+    from flexslim.recipe.schema import load_recipe
+
+    assert BakePlan.for_recipe(load_recipe("quickstart", [])).tolerance == 0.01
+    assert BakePlan.for_recipe(load_recipe("quickstart", ["latency.bake_tolerance=0"])).tolerance == 0.0
 
 
 def test_a_growth_measured_over_the_limit_in_a_slow_stretch_is_timed_once_more_and_the_second_timing_decides():

@@ -102,6 +102,7 @@ RULES: dict[str, Rule] = {
     "latency.min_seconds": checks.min_seconds,
     "latency.bake_seconds": checks.min_seconds,
     "latency.tolerance": checks.tolerance,
+    "latency.bake_tolerance": checks.tolerance,
     "latency.calibration": _count(cap=100_000),
     "latency.timeout": checks.timeout,
     "latency.percentile": checks.percentile,

@@ -155,7 +155,8 @@ class LatencyConfig:
     probe: bool = True  # find the runtime's channel block first (a sweep of one width shared by every stage)
     near: int = 4  # fit networks measured near each budget (predicted within 12%), plus one held out
     confidence: float = 2.0  # the measured network must sit this many timing spreads under the budget
-    bake_seconds: float = 2.0  # timed seconds per bake session, in full (the gate's --min-seconds)
+    bake_seconds: float = 2.0  # timed seconds per bake session at most (the gate's --min-seconds) ...
+    bake_tolerance: float = 0.01  # ... unless its percentile is known within +-1% sooner (95%; 0: always in full)
     timeout: float = 600.0  # seconds one measurement may take; past it the timing helper is stopped (exit 1)
     precision: str = "fp32"  # what is deployed and timed: fp32 | int8 (onnxruntime static quantization) | fp16 (CUDA)
     int8_format: str = "auto"  # int8: qoperator-u8s8 | qdq-s8s8 | qdq-u8s8, or auto (the fastest here, by measurement)
