@@ -326,6 +326,33 @@ def test_export_reads_an_old_run_json_without_the_timeout(export_run_dir):
     assert result.report.timing.stopped is None
 
 
+def test_export_starts_the_gate_helper_with_the_gates_imports_before_it_converts(export_run_dir, monkeypatch):
+    """The gate's helper is started, with the gate's imports queued in it (`deploy.gate.preload`), before the
+    conversion, so its start-up overlaps the export; the gate then runs in it. Without a budget there is no gate and
+    no helper is started for one."""
+    from flexslim.jobs import export as export_job
+
+    order = []
+    start, convert = runtime.start_isolated, export_job.export_as_deployed
+
+    def spy_start(fn, *args):
+        order.append(("start", fn.__name__, args))
+        start(fn, *args)
+
+    def spy_convert(*args, **kwargs):
+        order.append(("convert",))
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "start_isolated", spy_start)
+    monkeypatch.setattr(export_job, "export_as_deployed", spy_convert)
+    run = export_run_dir(dict(RUN_LATENCY))
+    assert export_job.export_run("gated.onnx", run).report.passed
+    assert order == [("start", "preload", (True,)), ("convert",)]
+    order.clear()
+    (run / "run.json").write_text(json.dumps({"latency": RUN_LATENCY}))  # no budget: nothing to gate
+    assert export_job.export_run("plain.onnx", run).report is None and order == [("convert",)]
+
+
 def test_export_timeout_falls_back_to_the_runs_recipe_and_a_bad_one_is_bad_input(export_run_dir, monkeypatch):
     from flexslim.jobs import export as export_job
 

@@ -1,9 +1,9 @@
 """The isolated timing helper: one long-lived spawned process that runs measurements away from torch.
 
-`run_isolated(fn, ...)` runs fn in it (fn is pickled by module path, so it must be a module-level function, e.g.
-`flexslim.latency.runtime.time_model_bytes`); a call that outlives `limit_s` is TimedOut and the helper is killed,
-a helper that dies is TimingFailed. `HELPER_GRACE` is the slack given beyond a timing's own limit. Re-exported by
-`flexslim.latency.runtime`; imports nothing from it.
+`run_isolated(fn, ...)` runs fn in it and `start_isolated(fn, ...)` queues fn without waiting (fn is pickled by
+module path, so it must be a module-level function, e.g. `flexslim.latency.runtime.time_model_bytes`); a call
+that outlives `limit_s` is TimedOut and the helper is killed, a helper that dies is TimingFailed. `HELPER_GRACE` is
+the slack given beyond a timing's own limit. Re-exported by `flexslim.latency.runtime`; imports nothing from it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,14 @@ def isolated_pool():
         )
         atexit.register(_POOL.shutdown)
     return _POOL
+
+
+def start_isolated(fn, *args) -> None:
+    """Start the helper (when it is not running) and queue fn(*args) in it without waiting: a job that will need
+    the helper soon starts it before its own work, so the helper's start-up and imports overlap that work instead
+    of coming after it. fn's result and errors are dropped (a helper that dies is reported by the next
+    `run_isolated`); calls run one at a time, in order, so a measurement queued later never overlaps fn."""
+    isolated_pool().submit(fn, *args)
 
 
 def run_isolated(fn, *args, limit_s: float | None = None, **kwargs):

@@ -30,7 +30,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from flexslim.errors import BadInput, TimedOut
-from flexslim.latency.isolated import HELPER_GRACE, isolated_pool, run_isolated  # noqa: F401  (re-exported)
+from flexslim.latency.isolated import (  # noqa: F401  (re-exported)
+    HELPER_GRACE,
+    isolated_pool,
+    run_isolated,
+    start_isolated,
+)
 from flexslim.latency.sessions import (  # noqa: F401  (re-exported: sessions and providers, as before the split)
     PROVIDER_KEY,
     Placement,
