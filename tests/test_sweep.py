@@ -103,6 +103,39 @@ def test_the_delivered_network_is_timed_with_the_runs_latency_settings(tmp_path,
     assert seen["flags"][seen["flags"].index("--threads") + 1] == "1"  # passed as flags too: metadata only describes
 
 
+def test_the_sweeps_fresh_gates_are_recorded_as_this_devices_re_timings(tmp_path, monkeypatch):
+    """Each fresh gate's reading of a delivered network against the figure the bake delivered it on is one of the
+    device's re-timings (the headroom's measured floor, as the export gate's reading is): only a gate that timed in
+    full on the device that baked it."""
+    from conftest import TINY_STAGES
+
+    import flexslim.jobs.sweep
+    from flexslim.jobs.sweep import delivered_latency
+    from flexslim.latency import rechecks
+    from flexslim.models.arch import Arch
+    from flexslim.models.families import build_network
+    from flexslim.recipe.schema import load_recipe
+    from flexslim.system.runs import RunRecord
+    from flexslim.train.checkpoint import save_model
+
+    device, elsewhere = "0123456789abcdef", "fedcba9876543210"
+    reports = iter([
+        {"latency_ms": 0.052, "device_fingerprint": device, "stopped": None, "accuracy": 0.9},
+        {"latency_ms": 0.060, "device_fingerprint": elsewhere, "stopped": None, "accuracy": 0.9},
+        {"latency_ms": 0.070, "device_fingerprint": device, "stopped": "timeout", "accuracy": 0.9},
+        {"latency_ms": 0.049, "device_fingerprint": device, "stopped": None, "accuracy": 0.9},
+    ])  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    arch = Arch("resnet", TINY_STAGES, (1, 16, 16), 10, "quickstart", (0.3,), (0.35,), stem_width=8)
+    save_model(run / "supernet_baked.pt", arch, build_network(arch), load_recipe("quickstart"), {})
+    settings = {"provider": "cpu", "batch": 4, "threads": 1, "percentile": 90.0}
+    RunRecord(run).update(recipe="quickstart", latency=settings, measuring_device={"id": device}, measured_ms=0.050)
+    monkeypatch.setattr(flexslim.jobs.sweep, "gate_in_fresh_process", lambda *a, **k: next(reports))
+    delivered_latency(run, 0.06, repeats=4)
+    assert rechecks.moves(device) == pytest.approx([0.04, 0.02]) and rechecks.moves(elsewhere) == []
+
+
 def test_the_gate_runs_in_a_fresh_process_and_its_report_is_read(tmp_path, exported):
     from flexslim.jobs.sweep import gate_in_fresh_process
 

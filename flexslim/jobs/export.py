@@ -153,12 +153,9 @@ def _record_recheck(report, record: RunRecord) -> None:
     headroom's measured floor of later bakes), when the gate timed in full on the device that baked it."""
     from flexslim.latency import rechecks
 
-    device, baked = (record.get("measuring_device") or {}).get("id"), record.get("measured_ms")
     t = getattr(report, "timing", None)
-    if not device or device != getattr(report, "device", None) or not isinstance(baked, (int, float)) or t is None:
-        return
-    if t.stopped is None:
-        rechecks.record(device, float(baked), t.at_percentile_ms, "gate")
+    if t is not None:
+        rechecks.record_gate(record, getattr(report, "device", None), t.at_percentile_ms, t.stopped)
 
 
 def _with_device_note(report, record: RunRecord):

@@ -95,6 +95,18 @@ def record(device: str, earlier_ms: float, fresh_ms: float, source: str, folder:
     return True
 
 
+def record_gate(run, gate_device: str | None, gate_ms: float | None, stopped: str | None) -> bool:
+    """A gate's reading of a run's delivered network against the figure the run baked it on (run.json's
+    `measured_ms`, on `measuring_device`), as one of that device's re-timings (`source` "gate"): only when the gate
+    timed in full (`stopped` None) on the device that baked it. `run` is the run's record (a mapping); False when
+    nothing was kept."""
+    measuring, baked = run.get("measuring_device"), run.get("measured_ms")
+    device = measuring.get("id") if isinstance(measuring, dict) else None
+    if not device or gate_device != device or stopped is not None or isinstance(baked, bool) or gate_ms is None:
+        return False
+    return isinstance(baked, (int, float)) and record(device, float(baked), float(gate_ms), "gate")
+
+
 def _bound(path: Path) -> None:
     from flexslim.system.files import atomic_write_bytes
 
