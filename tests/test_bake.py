@@ -484,6 +484,30 @@ def test_every_bake_step_is_timed_at_gate_length_with_the_bakes_own_stopping_tol
         assert [s["step"] for s in res.steps].count("choose") == 1  # the screen's first choice, the only one in full
 
 
+def test_the_confirmation_is_timed_as_the_gate_times_one_session_in_full_whatever_the_bakes_tolerance():
+    """The bake's steps stop once they know (reading 0.7-2.2% low: optional stopping ends in quiet stretches); the
+    verdict on the delivered network is one fresh session of the gate's seconds, in full, never cut short."""
+    import dataclasses
+
+    truth = hand_latency_model(small_arch())
+    settings = dataclasses.replace(FAST_LATENCY, tolerance=0.02, repeats=3)
+    budget = float(truth.predict({"a": 16, "b": 16, "c": 32}))
+    asked = []
+    measure = clock(truth)
+
+    def spy(arch, widths, settings):
+        asked.append((dict(widths), settings.min_seconds, settings.repeats, settings.tolerance))
+        return measure(arch, widths, settings)
+
+    plan = BakePlan(settings, MIN_WIDTH, GRID, session_seconds=0.7, tolerance=0.01, confirm=True)
+    res = bake(small_arch(), {"a": 14.0, "b": 15.0, "c": 30.0}, budget=Budget(budget, headroom=0.02), latency=truth,
+               plan=plan, measure=spy)  # fmt: skip
+    confirms = [s for s in res.steps if s["step"] == "confirm"]
+    assert len(confirms) == 1 and asked[-1] == (res.widths, 0.7, 1, 0.0)
+    steps = [a for a in asked[:-1] if a[3] != 0.02]  # not the screens
+    assert steps and all(a[1:] == (pytest.approx(2.1), 3, 0.01) for a in steps)
+
+
 def test_the_search_jobs_bake_stops_its_sessions_at_the_recipes_bake_tolerance():
     from flexslim.recipe.schema import load_recipe
 

@@ -50,6 +50,7 @@ class Desk:
         self.screens: list[dict] = []
         self.screened: dict[tuple, Timing] = {}  # predictions may use them (`_from_measured`), verdicts never
         self.device = ""  # the measuring device's fingerprint id: its re-timings are recorded (`latency.rechecks`)
+        self.verdict: LatencyConfig | None = None  # what `confirm` times with (the gate's own timing); None: settings
 
     def screen(self, widths: dict[str, int], settings: LatencyConfig) -> Timing:
         """`widths` timed with `settings` (the latency model's: shorter sessions that may stop early, often in the
@@ -102,11 +103,11 @@ class Desk:
         return t
 
     def confirm(self, widths: dict[str, int]) -> Timing:
-        """The delivered network timed once more, fresh, as its verdict: of every network the bake measured it is
-        the one whose figure came in under the limit, so that figure is the lowest of many chances (a winner's
-        curse); a timing taken after the choice is not. Logged as a "confirm" step (`first_ms`: the figure it was
+        """The delivered network timed once more, fresh, as its verdict (with `verdict`: as the gate times it): of
+        every network the bake measured it is the one whose figure came in under the limit, so that figure is the
+        lowest of many chances (a winner's curse); a timing taken after the choice is not. Logged as a "confirm" step (`first_ms`: the figure it was
         chosen on); the new timing replaces the cached one."""
-        first, t = self._fresh(widths)
+        first, t = self._fresh(widths, self.verdict)
         pred = float(self.latency.predict(widths))
         self.steps.append(
             {"step": "confirm", "widths": dict(widths), "predicted_ms": pred, "measured_ms": t.at_percentile_ms,
@@ -117,13 +118,14 @@ class Desk:
         )
         return t
 
-    def _fresh(self, widths: dict[str, int]) -> tuple[Timing, Timing]:
-        """(the cached timing of `widths`, a new one taken now - never the latency cache's copy), the new one cached;
-        the pair is recorded as one of this device's re-timings (the headroom's measured floor)."""
+    def _fresh(self, widths: dict[str, int], settings: LatencyConfig | None = None) -> tuple[Timing, Timing]:
+        """(the cached timing of `widths`, a new one taken now with `settings` (default: the desk's) - never the
+        latency cache's copy), the new one cached; the pair is recorded as one of this device's re-timings (the
+        headroom's measured floor)."""
         key = tuple(sorted(widths.items()))
         first = self.cache[key]
         with refreshing():
-            t = self.cache[key] = self.measure_fn(self.arch, dict(widths), self.settings)
+            t = self.cache[key] = self.measure_fn(self.arch, dict(widths), settings or self.settings)
         if self.device:
             rechecks.record(self.device, first.at_percentile_ms, t.at_percentile_ms, "bake")
         return first, t
