@@ -105,8 +105,8 @@ class Desk:
     def confirm(self, widths: dict[str, int]) -> Timing:
         """The delivered network timed once more, fresh, as its verdict (with `verdict`: as the gate times it): of
         every network the bake measured it is the one whose figure came in under the limit, so that figure is the
-        lowest of many chances (a winner's curse); a timing taken after the choice is not. Logged as a "confirm" step (`first_ms`: the figure it was
-        chosen on); the new timing replaces the cached one."""
+        lowest of many chances (a winner's curse); a timing taken after the choice is not. Logged as a "confirm"
+        step (`first_ms`: the figure it was chosen on); the new timing replaces the cached one."""
         first, t = self._fresh(widths, self.verdict)
         pred = float(self.latency.predict(widths))
         self.steps.append(
