@@ -106,7 +106,7 @@ def test_the_delivered_network_is_timed_with_the_runs_latency_settings(tmp_path,
 def test_the_sweeps_fresh_gates_are_recorded_as_this_devices_re_timings(tmp_path, monkeypatch):
     """Each fresh gate's reading of a delivered network against the figure the bake delivered it on is one of the
     device's re-timings (the headroom's measured floor, as the export gate's reading is): only a gate that timed in
-    full on the device that baked it."""
+    full on the device that baked it. Only the first gate reads the accuracy."""
     from conftest import TINY_STAGES
 
     import flexslim.jobs.sweep
@@ -131,9 +131,18 @@ def test_the_sweeps_fresh_gates_are_recorded_as_this_devices_re_timings(tmp_path
     save_model(run / "supernet_baked.pt", arch, build_network(arch), load_recipe("quickstart"), {})
     settings = {"provider": "cpu", "batch": 4, "threads": 1, "percentile": 90.0}
     RunRecord(run).update(recipe="quickstart", latency=settings, measuring_device={"id": device}, measured_ms=0.050)
-    monkeypatch.setattr(flexslim.jobs.sweep, "gate_in_fresh_process", lambda *a, **k: next(reports))
-    delivered_latency(run, 0.06, repeats=4)
+    flags = []
+
+    def fake_gate(model, report, flags_given=()):
+        flags.append(list(flags_given))
+        return next(reports)
+
+    monkeypatch.setattr(flexslim.jobs.sweep, "gate_in_fresh_process", fake_gate)
+    out = delivered_latency(run, 0.06, repeats=4)
     assert rechecks.moves(device) == pytest.approx([0.04, 0.02]) and rechecks.moves(elsewhere) == []
+    # the first gate reads the accuracy, the other three only time the same graph
+    assert out["accuracy"] == 0.9 and ["--dataset" in f for f in flags] == [True, False, False, False]
+    assert all(f[f.index("--threads") + 1] == "1" for f in flags)
 
 
 def test_the_gate_runs_in_a_fresh_process_and_its_report_is_read(tmp_path, exported):
