@@ -562,6 +562,31 @@ def test_a_growth_screened_clearly_over_the_limit_is_rejected_without_its_gate_l
         assert (res.widths == {"a": 16, "b": 16, "c": 16}) == kept
 
 
+def test_a_screen_far_over_its_prediction_rejects_when_the_prediction_is_itself_far_over_the_limit():
+    """A screen more than RETIME over what the measured networks predict may have read a slow stretch: it rejects
+    nothing while the prediction says the network may fit (0.99 against a limit of 0.98), but a network predicted
+    20% over the limit (the bake's last resort screens those) and screened 40% over is over: rejected unmeasured."""
+    import dataclasses
+
+    from flexslim.search.desk import Desk
+    from flexslim.search.moves import RETIME, screened_over
+    from flexslim.system.console import Reporter
+
+    quick = dataclasses.replace(FAST_LATENCY, tolerance=0.02)
+    cases = ((0.99, 1.25, False), (1.20, 1.40, True), (1.20, 1.05, True))
+    assert [screened > RETIME * expected for expected, screened, _ in cases] == [True, True, False]
+    for expected, screened, rejected in cases:
+
+        def measure(arch, widths, settings, ms=screened):
+            return Timing("cpu", 8, (8, 1, 16, 16), 1, 2, 10, 90.0, 0.9 * ms, ms, ms, ms, "fake")
+
+        desk = Desk(small_arch(), FAST_LATENCY, hand_latency_model(small_arch()), measure, Reporter())
+        desk.quick, desk.screen_out = quick, 0.05
+        widths = {"a": 16, "b": 16, "c": 16}
+        assert screened_over(desk, widths, Budget(1.0, headroom=0.02), expected) is rejected
+        assert desk.screens[-1]["rejected"] is rejected
+
+
 def test_a_growth_predicted_well_under_the_limit_is_timed_in_full_without_a_screen():
     truth = hand_latency_model(small_arch(), ms_per_mmac=0.05, intercept=0.01)
     start = {"a": 8, "b": 16, "c": 24}
