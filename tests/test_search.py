@@ -284,6 +284,18 @@ def test_warmup_epochs_train_the_weights_alone(setup):
     assert second["multiplier"] > 0 and all(second["mu"][s] < w for s, w in arch.widths.items())  # tight: down
 
 
+def test_a_positive_warmup_is_at_least_one_epoch_of_a_search_of_two_or_more():
+    """0.25 x 3 epochs rounds down to none: a search asked to warm up does so for one epoch; 0 and one-epoch searches
+    have none, and longer ones keep the rounded-down share."""
+    from flexslim.recipe.schema import SearchConfig
+    from flexslim.search.loop import warmup_epochs
+
+    got = {(w, e): warmup_epochs(SearchConfig(warmup=w, epochs=e)) for w in (0.0, 0.25, 0.5) for e in (1, 2, 3, 6, 20)}
+    assert [got[(0.25, e)] for e in (1, 2, 3, 6, 20)] == [0, 1, 1, 1, 5]
+    assert [got[(0.5, e)] for e in (1, 2, 3, 6, 20)] == [0, 1, 1, 3, 10]
+    assert all(got[(0.0, e)] == 0 for e in (1, 2, 3, 6, 20))
+
+
 def test_warmup_lets_cross_entropy_speak_for_the_widths(setup):
     """Oracle of the warm-up's effect on a toy problem (the digits): on untrained weights the cross-entropy barely
     depends on the widths, so only the latency term moves mu; after one weights-only epoch the cross-entropy's

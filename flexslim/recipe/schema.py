@@ -118,8 +118,9 @@ class SearchConfig:
     init_multiplier: float = 0.0
     clamp_multiplier: bool = False  # keep the multiplier >= 0 (E[lat] <= limit as an inequality: under the budget
     # cross-entropy alone moves mu) instead of steering E[lat] to the limit from both sides
-    warmup: float = 0.25  # the first warmup x epochs (rounded down) train the weights only: mu, the logits and the
-    # budget controller start once cross-entropy can defend a width (FBNetV2's warm-up; 0: arch steps from the start)
+    warmup: float = 0.25  # the first warmup x epochs (rounded down; at least 1 of 2 or more) train the weights only:
+    # mu, the logits and the budget controller start once cross-entropy can defend a width (FBNetV2's warm-up; 0: arch
+    # steps from the start)
     average_last: float = 0.3  # mu handed to the bake = its mean over this last fraction of the search's steps
     trim: bool = True  # the measured bake: trim until the network measures within the budget, then grow stages
     # back while they fit (off: the rounded widths are only measured)
