@@ -95,4 +95,6 @@ def _kill_pool() -> None:
         if proc.is_alive():
             proc.kill()
             proc.join()  # SIGKILL cannot be caught: wait until it is reaped (a loaded machine may take seconds)
-    pool.shutdown(wait=False, cancel_futures=True)
+    # wait for the pool's manager thread to see the dead worker and end: left running (wait=False), it raced the
+    # interpreter's exit and printed "Bad file descriptor" tracebacks (CPython gh-132969; seen in the timer's test)
+    pool.shutdown(wait=True, cancel_futures=True)
