@@ -508,6 +508,37 @@ def test_the_confirmation_is_timed_as_the_gate_times_one_session_in_full_whateve
     assert steps and all(a[1:] == (pytest.approx(2.1), 3, 0.01) for a in steps)
 
 
+def test_every_bake_step_says_how_well_its_figure_is_known():
+    """run.json's bake steps carry, for each timing, whether its sessions stopped once they knew (`known`, at
+    `precision`), the median session's 95% interval and every session's figure: where the bake stops early it says
+    with what confidence; the confirmation (in full, as the gate) says it was not cut short."""
+    import dataclasses
+
+    truth = hand_latency_model(small_arch())
+    settings = dataclasses.replace(FAST_LATENCY, repeats=3)
+    budget = float(truth.predict({"a": 16, "b": 16, "c": 32}))
+    measure = clock(truth)
+
+    def knowing(arch, widths, settings):
+        t = measure(arch, widths, settings)
+        if settings.tolerance == 0:  # the confirmation: one session, in full
+            return t
+        ms = t.at_percentile_ms
+        return dataclasses.replace(t, known=True, precision=settings.tolerance, ci_low_ms=0.99 * ms,
+                                   ci_high_ms=1.01 * ms, sessions=(0.98 * ms, ms, 1.02 * ms))  # fmt: skip
+
+    plan = BakePlan(settings, MIN_WIDTH, GRID, session_seconds=0.7, tolerance=0.01, confirm=True, screen_out=None)
+    res = bake(small_arch(), {"a": 14.0, "b": 15.0, "c": 30.0}, budget=Budget(budget, headroom=0.02), latency=truth,
+               plan=plan, measure=knowing)  # fmt: skip
+    *steps, confirm = res.steps
+    assert steps and confirm["step"] == "confirm"
+    for s in steps:
+        ms = s["measured_ms"]
+        assert s["known"] is True and s["precision"] == 0.01
+        assert s["interval_ms"] == pytest.approx([0.99 * ms, 1.01 * ms]) and len(s["sessions_ms"]) == 3
+    assert confirm["known"] is False and confirm["precision"] == 0.0
+
+
 def test_the_search_jobs_bake_stops_its_sessions_at_the_recipes_bake_tolerance():
     from flexslim.recipe.schema import load_recipe
 

@@ -79,7 +79,7 @@ class Desk:
             self.cache[key] = t
         t = self.cache[key]
         ms = t.at_percentile_ms
-        record = {"step": step, "widths": dict(widths), "predicted_ms": pred, "measured_ms": ms}
+        record = {"step": step, "widths": dict(widths), "predicted_ms": pred, "measured_ms": ms, **how_known(t)}
         scored = ""
         if self.score is not None:
             record["score"] = self.score(dict(widths))
@@ -96,7 +96,7 @@ class Desk:
         before 2026-12) biased every retimed network low."""
         first, t = self._fresh(widths)
         step = next(s for s in reversed(self.steps) if s["widths"] == dict(widths))
-        step.update(measured_ms=t.at_percentile_ms, retimed=True, first_ms=first.at_percentile_ms)
+        step.update(measured_ms=t.at_percentile_ms, retimed=True, first_ms=first.at_percentile_ms, **how_known(t))
         self.reporter.log(
             f"bake re-timed: {widths} measured {t.at_percentile_ms:.4f} ms (first {first.at_percentile_ms:.4f})"
         )
@@ -111,7 +111,7 @@ class Desk:
         pred = float(self.latency.predict(widths))
         self.steps.append(
             {"step": "confirm", "widths": dict(widths), "predicted_ms": pred, "measured_ms": t.at_percentile_ms,
-             "first_ms": first.at_percentile_ms}
+             "first_ms": first.at_percentile_ms, **how_known(t)}
         )  # fmt: skip
         self.reporter.log(
             f"bake confirm: {widths} measured {t.at_percentile_ms:.4f} ms (chosen at {first.at_percentile_ms:.4f})"
@@ -136,6 +136,14 @@ class Desk:
             return True
         before = self.score(old)
         return self.score(new) >= before - self.score.noise(before)
+
+
+def how_known(t: Timing) -> dict:
+    """How well a bake step's figure is known, for run.json: `known` (its sessions stopped once the percentile was
+    within +-`precision`, else they timed their full seconds), `interval_ms` (the median session's 95% interval from
+    order statistics; None: too few passes) and `sessions_ms` (each session's percentile)."""
+    interval = [t.ci_low_ms, t.ci_high_ms] if t.ci_low_ms is not None and t.ci_high_ms is not None else None
+    return {"known": bool(t.known), "precision": t.precision, "interval_ms": interval, "sessions_ms": list(t.sessions)}
 
 
 PREDICTED = "predicted by the latency table (not measured)"  # the `runtime` of a predicted_by Timing
