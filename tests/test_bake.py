@@ -666,6 +666,20 @@ def test_the_delivered_network_is_confirmed_by_a_fresh_timing_and_trimmed_when_i
     assert res.widths == {"a": 16, "b": 8, "c": 16} and [s["step"] for s in res.steps] == ["choose"]
 
 
+def test_a_fallback_confirmed_under_the_window_grows_by_its_untried_growths_and_is_confirmed_in_turn():
+    """16/8/16 measures 0.80 and grows to 16/16/16 (0.95; the most width per predicted ms), which confirms over the
+    limit (1.01 > 0.98): back to 16/8/16, confirmed at 0.80, under the window [0.90, 0.98]. Its other growth,
+    16/8/24 (predicted 0.93, never measured), is measured (0.93) and confirmed (0.93): delivered in the window.
+    16/16/16, measured over, is not timed again."""
+    model = {(16, 8, 16): 0.80, (16, 16, 16): 0.95, (16, 8, 24): 0.93, (8, 8, 16): 0.70}
+    timings = {(16, 16, 16): [0.95, 1.01], (16, 8, 16): [0.80, 0.80], (16, 8, 24): [0.93, 0.93]}
+    res = _sequenced_bake(model, timings, confirm=True)
+    assert res.widths == {"a": 16, "b": 8, "c": 24} and res.measured_ms == 0.93
+    assert all(not left for left in timings.values())  # every timing used, none more
+    confirmed = [(tuple(s["widths"].values()), s["measured_ms"]) for s in res.steps if s["step"] == "confirm"]
+    assert confirmed == [((16, 16, 16), 1.01), ((16, 8, 16), 0.80), ((16, 8, 24), 0.93)]
+
+
 def test_the_search_jobs_bake_confirms_what_it_delivers():
     from flexslim.recipe.schema import load_recipe
 
