@@ -17,16 +17,17 @@ import time
 from pathlib import Path
 
 
-def timed(
-    model: bytes, tolerance: float, seconds: float, repeats: int, batch: int, threads: int
-) -> tuple[float, float]:
-    """(the median session's p90 in ms/sample, wall seconds) of `repeats` fresh sessions of `model` in the helper."""
-    from flexslim.latency.runtime import TimingPlan, time_isolated
+def timed(model: bytes, tolerance: float, seconds: float, repeats: int, batch: int, threads: int):
+    """(the median session's p90 in ms/sample, wall seconds) of `repeats` fresh sessions of `model`, timed as the
+    bake times (`profiling._timed_sessions`: in the isolated helper, or on the job's remote timer)."""
+    from flexslim.latency.profiling import _timed_sessions
+    from flexslim.recipe.schema import LatencyConfig
 
-    plan = TimingPlan(batch, 10, 50, 90.0, threads, 0, seconds, None, tolerance)
+    per = {"min_seconds": seconds * repeats, "repeats": repeats, "tolerance": tolerance}
+    settings = LatencyConfig(provider="cpu", batch=batch, threads=threads, **per)
     t0 = time.perf_counter()
-    p90s = sorted(time_isolated(model, "cpu", plan).at_percentile_ms for _ in range(repeats))
-    return p90s[(repeats - 1) // 2], time.perf_counter() - t0
+    t = _timed_sessions(model, settings, 0)
+    return t.at_percentile_ms, time.perf_counter() - t0
 
 
 def compare(path: Path, rounds: int, tolerance: float, seconds: float, repeats: int, batch: int, threads: int) -> dict:

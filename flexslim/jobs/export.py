@@ -56,37 +56,39 @@ def export_run(
     recipe_lat = recorded_settings(recipe.latency, recipe.latency.provider) if recipe else None
     lat = _with_timeout(record.get("latency") or recipe_lat, recipe, record)
     budget = record.get("budget_ms")
+    # accuracy on the run's dataset, which a folder run can only read where --data names it (export has none)
+    dataset = arch.dataset if arch.dataset != "folder" else None
     if gate and budget is not None:  # the gate's helper starts (and imports) while this process converts
-        _start_gate_helper(arch.dataset != "folder")
-    meta = provenance(arch, recipe.name if recipe else "unknown", budget, lat)
+        _start_gate_helper(dataset is not None)
     searched_at = recorded_precision(lat, record)
     if precision is not None and precision != searched_at:
         lat = _redeployed(lat or {}, precision, arch)
-        meta = provenance(arch, recipe.name if recipe else "unknown", budget, lat)
-    precision = (lat or {}).get("precision", "fp32")
+    meta = provenance(arch, recipe.name if recipe else "unknown", budget, lat)
     result, deployed = export_as_deployed(model, arch, Path(output), meta, lat, recipe, run)
     if not gate or budget is None:
         return RunExport(result, None, run, deployed)
+    path = deployed.path if deployed else result.path
+    report = _gated(path, budget, provider or (lat or {}).get("provider", "auto"), lat, dataset, searched_at, record)
+    return RunExport(result, report, run, deployed)
+
+
+def _gated(path: Path, budget: float, provider: str, lat: dict | None, dataset, searched_at: str, record: RunRecord):
+    """The gate on the exported graph with the run's own latency settings, explicitly (metadata only describes;
+    without a dataset it is latency-only), with its notes: another device than the run's, or another precision than
+    the one searched for; a reading at the searched precision is recorded as one of the device's re-timings."""
     from flexslim.deploy.gate import Measurement
 
-    # the run's own latency settings, explicitly (metadata only describes); accuracy on the run's dataset, which a
-    # folder run can only read where --data names it (export has none): then the gate is latency-only
-    dataset = arch.dataset if arch.dataset != "folder" else None
-    measure = Measurement.of_run(lat)
-    report = gate_in_fresh_process(
-        deployed.path if deployed else result.path, budget, provider or (lat or {}).get("provider", "auto"), measure,
-        dataset, precision,
-    )  # fmt: skip
+    precision = (lat or {}).get("precision", "fp32")
+    report = gate_in_fresh_process(path, budget, provider, Measurement.of_run(lat), dataset, precision)
     report = _with_device_note(report, record)
     if precision == searched_at:
         _record_recheck(report, record)
-    if precision != searched_at:
-        from dataclasses import replace
+        return report
+    from dataclasses import replace
 
-        why = f"the run was searched for {searched_at} latency and is deployed at {precision}: the search did not spend"
-        why += f" what {precision} changes (search again with --precision)"
-        report = replace(report, notes=(*report.notes, why))
-    return RunExport(result, report, run, deployed)
+    why = f"the run was searched for {searched_at} latency and is deployed at {precision}: the search did not spend"
+    why += f" what {precision} changes (search again with --precision)"
+    return replace(report, notes=(*report.notes, why))
 
 
 def _redeployed(lat: dict, precision: str, arch) -> dict:

@@ -102,9 +102,10 @@ def record_gate(run, gate_device: str | None, gate_ms: float | None, stopped: st
     nothing was kept."""
     measuring, baked = run.get("measuring_device"), run.get("measured_ms")
     device = measuring.get("id") if isinstance(measuring, dict) else None
-    if not device or gate_device != device or stopped is not None or isinstance(baked, bool) or gate_ms is None:
+    figures = isinstance(baked, (int, float)) and not isinstance(baked, bool) and gate_ms is not None
+    if not device or gate_device != device or stopped is not None or not figures:
         return False
-    return isinstance(baked, (int, float)) and record(device, float(baked), float(gate_ms), "gate")
+    return record(device, float(baked), float(gate_ms), "gate")
 
 
 def _bound(path: Path) -> None:

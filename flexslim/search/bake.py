@@ -197,19 +197,9 @@ def bake(
         `plan.confidence` is given). Raises BadInput when every stage is at min_width and the network still
         measures over the limit.
     """
-    settings, min_width, grid, fit = plan.settings, plan.min_width, plan.grid, plan.fit
-    confidence, session_seconds = plan.confidence, plan.session_seconds
+    settings, min_width, grid, fit, confidence = plan.settings, plan.min_width, plan.grid, plan.fit, plan.confidence
     t0 = time.perf_counter()
-    # timed as the gate times, each session stopping once it knows its percentile (plan.tolerance; 0: in full)
-    gate_like = replace(settings, min_seconds=session_seconds * max(1, settings.repeats), tolerance=plan.tolerance)
-    desk = Desk(arch, gate_like, latency, measure, reporter or Reporter())
-    desk.score = score
-    desk.quick = settings if plan.screen_out is not None else None
-    desk.screen_out = plan.screen_out or 0.0
-    desk.device = _device(settings, measure) if confidence is not None else ""
-    # the verdict is timed as the gate times: one session of its seconds, in full (sessions that stop once they know
-    # read 0.7-2.2% lower on this VM, 2026-12-08: optional stopping ends in quiet stretches)
-    desk.verdict = replace(settings, min_seconds=session_seconds, repeats=1, tolerance=0.0)
+    desk = _desk(arch, plan, latency, measure, reporter or Reporter(), score)
     floor = rechecks.floor(desk.device) if desk.device else rechecks.Floor(MIN_HEADROOM)
     if desk.device:
         desk.reporter.log(f"bake: {floor.describe()}")
@@ -234,6 +224,23 @@ def bake(
     fitted.floor = asdict(floor) if desk.device else None
     fitted.seconds = time.perf_counter() - t0
     return fitted
+
+
+def _desk(arch: Arch, plan: BakePlan, latency: LatencyModel, measure: Measure, reporter, score) -> Desk:
+    """The bake's desk for `plan`: its steps timed as the gate times, each session stopping once it knows its
+    percentile (`plan.tolerance`; 0: in full); its verdict (the confirmation) exactly as the gate times, one session
+    of its seconds in full (sessions that stop once they know read 0.7-2.2% lower on this VM, 2026-12-08: optional
+    stopping ends in quiet stretches); its screens at the latency model's timing; its re-timings recorded for the
+    measuring device when the headroom comes from measurement (`plan.confidence`)."""
+    s, seconds = plan.settings, plan.session_seconds
+    desk = Desk(arch, replace(s, min_seconds=seconds * max(1, s.repeats), tolerance=plan.tolerance), latency, measure,
+                reporter)  # fmt: skip
+    desk.score = score
+    desk.quick = s if plan.screen_out is not None else None
+    desk.screen_out = plan.screen_out or 0.0
+    desk.device = _device(s, measure) if plan.confidence is not None else ""
+    desk.verdict = replace(s, min_seconds=seconds, repeats=1, tolerance=0.0)
+    return desk
 
 
 def _device(settings: LatencyConfig, measure_fn) -> str:
