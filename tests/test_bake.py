@@ -796,3 +796,29 @@ def _sequenced_bake(model: dict, timings: dict, confirm: bool = False):
 
     return bake(small_arch(), {"a": 16.0, "b": 8.0, "c": 16.0}, budget=Budget(1.0, headroom=0.02), latency=Model(),
                 plan=plan(screen_out=None, confirm=confirm), measure=measure)  # fmt: skip
+
+
+def test_a_supernet_score_does_not_depend_on_what_was_built_before_it():
+    """A candidate wider than the supernet's allocation (stage3 96 > its 76 channels) scores the same in a fresh
+    SupernetScore and after other candidates were scored and the global generator drawn from; the global generator
+    is left as it was. Before the fix the channels past the allocation came from the global generator."""
+    import torch
+
+    from flexslim.data.sources import load_dataset
+    from flexslim.models.arch import Arch
+    from flexslim.recipe.schema import load_recipe
+    from flexslim.search.capability import SupernetScore
+    from flexslim.search.loop import build_state
+
+    recipe = load_recipe("quickstart", ["data.image_size=8", "search.batch_size=64"])
+    ds = load_dataset(recipe.data)
+    st = build_state(Arch.for_data(recipe.model, ds), recipe, torch.device("cpu"))
+    wide = {"stage1": 16, "stage2": 48, "stage3": 96}
+    assert any(wide[s] > st.supernet.allocated()[s] for s in wide)
+    first = SupernetScore(st.supernet, ds, recipe, torch.device("cpu"))(wide)
+    later = SupernetScore(st.supernet, ds, recipe, torch.device("cpu"))
+    later({"stage1": 8, "stage2": 16, "stage3": 24})
+    torch.rand(1000)
+    state = torch.random.get_rng_state()
+    assert later(wide) == first
+    assert torch.equal(torch.random.get_rng_state(), state)
