@@ -240,9 +240,12 @@ def test_search_retrain_export_validate_end_to_end(tmp_path, monkeypatch):
     assert info["status"] == "done" and 0 <= info["test_acc"] <= 1
     assert (run_dir / "model.pt").is_file() and "test accuracy" in res.stdout
     assert "next: flexslim export model.onnx" in res.stdout
+    assert info["onnx"]["file"] == "model.onnx" and (run_dir / "model.onnx").is_file()  # the search's own export
 
-    ok(invoke("export", "model.onnx"))
-    assert (tmp_path / "model.onnx").is_file()
+    with monkeypatch.context() as mp:  # export copies it: no second conversion
+        mp.setattr("flexslim.jobs.export.export_model", _forbid("the exporter"))
+        ok(invoke("export", "model.onnx"))
+    assert (tmp_path / "model.onnx").read_bytes() == (run_dir / "model.onnx").read_bytes()
 
     res = ok(invoke("validate", "model.onnx", "--report", "report.json"))
     report = json.loads((tmp_path / "report.json").read_text())
@@ -255,6 +258,7 @@ def test_search_retrain_export_validate_end_to_end(tmp_path, monkeypatch):
         "flexslim.search.loop.run_search",
         "flexslim.jobs.train.train_arch",
         "flexslim.jobs.latency.profile",
+        "flexslim.jobs.export.export_model",  # the run's export is current: not converted again
     ):
         monkeypatch.setattr(target, _forbid(target))
     res = ok(invoke("search", "--latency-ms", budget, "--resume"))

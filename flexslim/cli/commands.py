@@ -89,6 +89,7 @@ def search(
             latency_table=latency_table,
             retrain=retrain,
             resume=resume,
+            release_onnx=True,
         )
         res = search_job(request, reporter=RichReporter(err) if is_main() else Reporter())
         if is_main():

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 import shutil
-import sys
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flexslim.data.cachedir import default_cache_dir
 from flexslim.data.tensors import CIFAR10_MEAN, CIFAR10_STD, Dataset, TrainingData, balanced_subset
 from flexslim.errors import BadInput
 from flexslim.recipe.choices import DATASETS
@@ -72,21 +71,6 @@ def load_quickstart(cfg: DataConfig, data_dir: str | Path | None = None) -> Data
     tr, te = torch.tensor(idx_train), torch.tensor(idx_test)
     mean, std = x[tr].mean().item(), x[tr].std().item()
     return Dataset("quickstart", x[tr], y[tr], x[te], y[te], 10, (mean,), (std,))
-
-
-def default_cache_dir() -> Path:
-    """The user's flexslim cache folder (downloads here, the latency cache in its `latency/`): $FLEXSLIM_CACHE,
-    else the platform's (`$XDG_CACHE_HOME/flexslim`, by default `~/.cache/flexslim`, on Linux;
-    `~/Library/Caches/flexslim` on macOS; `%LOCALAPPDATA%\\flexslim\\Cache` on Windows)."""
-    env = os.environ.get("FLEXSLIM_CACHE", "").strip()
-    if env:
-        return Path(env).expanduser().absolute()
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "flexslim"
-    if os.name == "nt":
-        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "flexslim" / "Cache"
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "flexslim"
 
 
 def load_cifar10(cfg: DataConfig, data_dir: str | Path | None = None) -> Dataset:

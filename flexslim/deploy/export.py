@@ -7,17 +7,18 @@ The exported graph takes float32 NCHW images in [0, 1]; normalisation is the net
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from flexslim.errors import BadInput, GateFailed
 from flexslim.models.arch import Arch, arch_json
-from flexslim.models.onnx_graph import _dynamo_proto
 from flexslim.system.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PARITY_TOL = 1e-4
 
@@ -34,9 +35,14 @@ class ExportResult:
 
 
 def provenance(
-    arch: Arch, recipe_name: str, budget_ms: float | None = None, latency: dict | None = None
+    arch: Arch,
+    recipe_name: str,
+    budget_ms: float | None = None,
+    latency: dict | None = None,
+    model_sha256: str | None = None,
 ) -> dict[str, str]:
-    """metadata_props for a flexslim model; `validate` reads the `flexslim.*` keys back."""
+    """metadata_props for a flexslim model; `validate` reads the `flexslim.*` keys back. `model_sha256`: the
+    sha256 of the model.pt it was converted from (`file_sha256`)."""
     from flexslim import __version__
 
     meta = {
@@ -56,7 +62,26 @@ def provenance(
     for key in ("provider", "batch", "threads", "percentile"):
         if latency and key in latency:
             meta[f"flexslim.latency_{key}"] = str(latency[key])
+    if model_sha256:
+        meta["flexslim.model_sha256"] = model_sha256
     return meta
+
+
+def _dynamo_proto(model: nn.Module, sample):
+    """`models.onnx_graph._dynamo_proto`, imported when a conversion happens (torch and the exporter: a copied
+    export never imports them)."""
+    from flexslim.models.onnx_graph import _dynamo_proto as convert
+
+    return convert(model, sample)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def export_model(
@@ -74,6 +99,7 @@ def export_model(
     """
     import onnx
     import onnxruntime as ort
+    import torch
 
     out = Path(out)
     if out.suffix != ".onnx":

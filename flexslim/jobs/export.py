@@ -6,13 +6,21 @@ directory and runs the gate in the isolated timing process.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexslim.deploy.export import DeployedResult, ExportResult, export_deployed, export_model, provenance, twin_path
+from flexslim.deploy.export import (
+    DeployedResult,
+    ExportResult,
+    export_deployed,
+    export_model,
+    file_sha256,
+    provenance,
+    twin_path,
+)
 from flexslim.errors import BadInput
-from flexslim.jobs.latency import recorded_settings
-from flexslim.system.runs import RunRecord, resolve_run_dir
+from flexslim.system.runs import RunRecord, recorded_settings, resolve_run_dir
 
 
 @dataclass(frozen=True)
@@ -45,17 +53,12 @@ def export_run(
             latency).
     """
     from flexslim.recipe.checks import check_output_path
-    from flexslim.recipe.schema import load_recipe
-    from flexslim.train.checkpoint import load_model
 
     check_output_path(output, "OUT.onnx")  # before the export and the gate
     run = resolve_run_dir(run_dir)
     record = RunRecord.load(run)  # a corrupt run.json is BadInput naming it
-    arch, model, _ = load_model(run / "model.pt")
-    recipe = load_recipe(str(run / "recipe.toml")) if (run / "recipe.toml").is_file() else None
-    recipe_lat = recorded_settings(recipe.latency, recipe.latency.provider) if recipe else None
-    lat = _with_timeout(record.get("latency") or recipe_lat, recipe, record)
-    budget = record.get("budget_ms")
+    source = _Source.of(run, record)
+    lat, budget, arch = source.lat, source.budget, source.arch
     # accuracy on the run's dataset, which a folder run can only read where --data names it (export has none)
     dataset = arch.dataset if arch.dataset != "folder" else None
     if gate and budget is not None:  # the gate's helper starts (and imports) while this process converts
@@ -63,13 +66,143 @@ def export_run(
     searched_at = recorded_precision(lat, record)
     if precision is not None and precision != searched_at:
         lat = _redeployed(lat or {}, precision, arch)
-    meta = provenance(arch, recipe.name if recipe else "unknown", budget, lat)
-    result, deployed = export_as_deployed(model, arch, Path(output), meta, lat, recipe, run)
+    result, deployed = source.exported(Path(output), lat)
     if not gate or budget is None:
         return RunExport(result, None, run, deployed)
     path = deployed.path if deployed else result.path
     report = _gated(path, budget, provider or (lat or {}).get("provider", "auto"), lat, dataset, searched_at, record)
     return RunExport(result, report, run, deployed)
+
+
+RUN_ONNX = "model.onnx"  # a search's own fp32 release export, beside its model.pt (`write_run_onnx`)
+
+
+@dataclass
+class _Source:
+    """What a run's export is made from: model.pt (its sha256; the network, loaded only when it is converted), the
+    recipe, the recorded latency settings and budget, and the metadata every export of it carries."""
+
+    run: Path
+    record: RunRecord
+    sha256: str
+    arch: object  # models.arch.Arch
+    recipe: object | None  # recipe.schema.Recipe; None for a run without recipe.toml
+    lat: dict | None
+    budget: float | None
+    model: object | None = None  # the torch network, once loaded
+
+    @classmethod
+    def of(cls, run: Path, record: RunRecord) -> _Source:
+        """The run's model.pt (BadInput when missing) with the arch its own export recorded when that export was made
+        from this very file (no torch needed), else the arch model.pt holds."""
+        from flexslim.recipe.schema import load_recipe
+
+        if not (run / "model.pt").is_file():
+            raise BadInput(f"{run / 'model.pt'} does not exist; train the run first (`flexslim train RUN_DIR`)")
+        sha = file_sha256(run / "model.pt")
+        recipe = load_recipe(str(run / "recipe.toml")) if (run / "recipe.toml").is_file() else None
+        recipe_lat = recorded_settings(recipe.latency, recipe.latency.provider) if recipe else None
+        lat = _with_timeout(record.get("latency") or recipe_lat, recipe, record)
+        source = cls(run, record, sha, None, recipe, lat, record.get("budget_ms"))
+        source.arch = _exported_arch(record, sha) or source.network()[0]
+        return source
+
+    def network(self):
+        """(arch, the eval-mode torch network) of model.pt, loaded once."""
+        from flexslim.train.checkpoint import load_model
+
+        if self.model is None:
+            arch, self.model, _ = load_model(self.run / "model.pt")
+            self.arch = self.arch or arch
+        return self.arch, self.model
+
+    def exported(self, output: Path, lat: dict | None) -> tuple[ExportResult, DeployedResult | None]:
+        """`export_as_deployed` at `lat`'s precision, its fp32 export the run's own copied where it can be
+        (`_copied_run_onnx`), else converted from model.pt."""
+        meta = self.metadata(lat)
+        fp32 = (lat or {}).get("precision", "fp32") == "fp32"
+        copied = _copied_run_onnx(self, output if fp32 else twin_path(output), meta)
+        model = None if copied else self.network()[1]
+        return export_as_deployed(model, self.arch, output, meta, lat, self.recipe, self.run, copied)
+
+    def metadata(self, lat: dict | None) -> dict[str, str]:
+        """The provenance an export of this run carries (`deploy.export.provenance`, with model.pt's sha256)."""
+        name = self.recipe.name if self.recipe else "unknown"
+        return provenance(self.arch, name, self.budget, lat, self.sha256)
+
+
+def _exported_arch(record: RunRecord, sha: str):
+    """The arch of the run's own export (run.json `onnx`) when it was made from the model.pt whose sha256 is `sha`;
+    None otherwise (no export, another model.pt, a record that does not parse)."""
+    import json
+
+    from flexslim.models.arch import Arch
+
+    meta = (record.get("onnx") or {}).get("metadata") if isinstance(record.get("onnx"), dict) else None
+    if not isinstance(meta, dict) or meta.get("flexslim.model_sha256") != sha:
+        return None
+    try:
+        return Arch.from_dict(json.loads(meta["flexslim.arch"]), where=f"{record.path} onnx.metadata")
+    except (BadInput, KeyError, TypeError, ValueError):
+        return None
+
+
+def write_run_onnx(run: Path, record: RunRecord) -> ExportResult:
+    """The run's fp32 release export, converted now (dynamo exporter, full checker, parity with torch, provenance)
+    into run/model.onnx, and recorded in run.json (`onnx`: its sha256, metadata, parity, opset).
+
+    The search writes it while its torch and exporter are loaded; `flexslim export` then copies it (checked against
+    model.pt's sha256, its own bytes' sha256 and the metadata it would write) instead of importing torch and calling
+    the exporter again (README job, 2-core CPU: ~4 s of the export's ~8.5 s). GateFailed on a parity failure, as
+    `export` would fail; nothing is recorded then."""
+    source = _Source.of(run, record)
+    arch, model = source.network()
+    result = export_model(model, arch, run / RUN_ONNX, source.metadata(source.lat))
+    record.update(onnx={
+        "file": RUN_ONNX,
+        "sha256": file_sha256(result.path),
+        "metadata": source.metadata(source.lat),
+        "parity_max_abs": result.parity_max_abs,
+        "parity_batches": list(result.parity_batches),
+        "opset": result.opset,
+    })  # fmt: skip
+    return result
+
+
+def run_onnx_current(run: Path, record: RunRecord) -> bool:
+    """The run's own export (`write_run_onnx`) is there, unchanged, and of the model.pt the run holds now."""
+    done = record.get("onnx")
+    path = run / RUN_ONNX
+    if not isinstance(done, dict) or not path.is_file() or not (run / "model.pt").is_file():
+        return False
+    meta = done.get("metadata")
+    return (
+        isinstance(meta, dict)
+        and meta.get("flexslim.model_sha256") == file_sha256(run / "model.pt")
+        and file_sha256(path) == done.get("sha256")
+    )
+
+
+def _copied_run_onnx(source: _Source, out: Path, meta: dict[str, str]) -> ExportResult | None:
+    """`out` written with the bytes of the run's own export (RUN_ONNX) when run.json records it with exactly `meta`
+    (model.pt's sha256 among them) and the file still has the recorded sha256; None when it cannot be used."""
+    done = source.record.get("onnx")
+    path = source.run / RUN_ONNX
+    if not isinstance(done, dict) or done.get("metadata") != meta or not path.is_file():
+        return None
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != done.get("sha256"):
+        return None
+    try:
+        parity, opset = float(done["parity_max_abs"]), int(done["opset"])
+        batches = tuple(int(b) for b in done["parity_batches"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if Path(out).resolve() != path.resolve():
+        from flexslim.system.files import atomic_write_bytes
+
+        atomic_write_bytes(out, data)
+    return ExportResult(Path(out), parity, batches, opset, len(data))
 
 
 def _gated(path: Path, budget: float, provider: str, lat: dict | None, dataset, searched_at: str, record: RunRecord):
@@ -107,15 +240,19 @@ def _redeployed(lat: dict, precision: str, arch) -> dict:
     return {**lat, "precision": precision, "int8_format": s.int8_format, "calibration": calibration}
 
 
-def export_as_deployed(model, arch, output: Path, meta: dict, lat: dict | None, recipe, run: Path):
+def export_as_deployed(
+    model, arch, output: Path, meta: dict, lat: dict | None, recipe, run: Path, fp32: ExportResult | None = None
+):
     """(the fp32 export, the deployed graph or None): at fp32 the export is `output`; at int8 or fp16 it is the fp32
-    twin beside it (checked, parity-tested) and `output` the graph converted from it (`export_deployed`)."""
+    twin beside it (checked, parity-tested) and `output` the graph converted from it (`export_deployed`). `fp32`:
+    that fp32 export already written (the run's own, copied), else `model` is converted here."""
     precision = (lat or {}).get("precision", "fp32")
+    path = output if precision == "fp32" else twin_path(output)
+    fp32 = fp32 or export_model(model, arch, path, meta)
     if precision == "fp32":
-        return export_model(model, arch, output, meta), None
-    twin = export_model(model, arch, twin_path(output), meta)
+        return fp32, None
     fmt = lat.get("int8_format", "")
-    return twin, export_deployed(twin.path, output, precision, fmt, _calibration(recipe, lat, run), meta)
+    return fp32, export_deployed(fp32.path, output, precision, fmt, _calibration(recipe, lat, run), meta)
 
 
 def recorded_precision(lat: dict | None, record: RunRecord) -> str:

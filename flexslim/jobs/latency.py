@@ -10,7 +10,6 @@ import hashlib
 import time
 from pathlib import Path
 
-from flexslim.data.sources import load_dataset
 from flexslim.errors import BadInput
 from flexslim.latency import cache as latency_cache
 from flexslim.latency import rechecks
@@ -21,7 +20,7 @@ from flexslim.latency.profiling import Sampling, profile, refine
 from flexslim.models.arch import Arch
 from flexslim.recipe.schema import Recipe, load_recipe
 from flexslim.system.console import Reporter
-from flexslim.system.runs import RunRecord
+from flexslim.system.runs import RunRecord, recorded_settings
 
 
 # -- the run's latency model -------------------------------------------------------------------------------
@@ -187,22 +186,6 @@ def _check_same_device(record: RunRecord, here: dict) -> None:
         )
 
 
-def recorded_settings(s, provider: str) -> dict:
-    """The latency settings run.json records (and `flexslim export`'s gate measures with): provider, batch,
-    threads, percentile and the per-measurement timeout; the precision the network is deployed at (with its int8
-    format and calibration count)."""
-    return {
-        "provider": provider,
-        "batch": s.batch,
-        "threads": s.threads,
-        "percentile": s.percentile,
-        "timeout": s.timeout,
-        "precision": s.precision,
-        "int8_format": s.int8_format,
-        "calibration": s.calibration,
-    }
-
-
 def log_cache_use(used: latency_cache.Tally, reporter: Reporter) -> None:
     """One line on what the latency cache served of the networks a stage needed (none when it needed none)."""
     total = used.hits + used.misses
@@ -225,6 +208,8 @@ def profile_job(
     """Measure and fit a recipe's latency model on this machine and save it to `out` (for --latency-table).
 
     With `budgets`, the table is also measured near each of them (what `sweep` shares among its searches)."""
+    from flexslim.data.sources import load_dataset  # imports torch: not at the top, which export's copy path reads
+
     recipe = load_recipe(recipe_name, overrides)
     ds = load_dataset(recipe.data, data_dir)
     arch = Arch.for_data(recipe.model, ds)

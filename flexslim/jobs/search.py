@@ -19,13 +19,13 @@ from pathlib import Path
 
 from flexslim.data.sources import load_dataset
 from flexslim.data.tensors import Dataset
-from flexslim.errors import BadInput
-from flexslim.latency.profiling import check_precision_runs
+from flexslim.errors import BadInput, GateFailed
 from flexslim.jobs.latency import latency_stage, log_cache_use
 from flexslim.latency import cache as latency_cache
 from flexslim.latency.budget import Budget
 from flexslim.latency.fingerprint import measuring_device
 from flexslim.latency.model import LatencyModel, with_grid
+from flexslim.latency.profiling import check_precision_runs
 from flexslim.models.arch import Arch, arch_json, load_arch
 from flexslim.recipe import checks
 from flexslim.recipe.schema import Recipe, load_recipe, recipe_to_toml
@@ -97,6 +97,9 @@ class SearchRequest:
         retrain: retrain the baked network from scratch (model.pt).
         resume: continue the interrupted (or finished) run in `run_dir`.
         mark: point `runs/.started` at the run when it is created and `runs/latest` when the job finishes.
+        release_onnx: after retraining, convert model.pt into the run's model.onnx while torch is loaded
+            (`jobs.export.write_run_onnx`): `flexslim export` then copies it (the CLI's search does; a sweep or a
+            bench, which export nothing, do not).
     """
 
     budget_ms: float
@@ -109,6 +112,7 @@ class SearchRequest:
     retrain: bool = True
     resume: bool = False
     mark: bool = True
+    release_onnx: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,8 @@ def search_job(request: SearchRequest, reporter: Reporter | None = None) -> JobR
         reporter.log(f"search already finished: widths {done.arch.widths}")
     s = done or _search_stage(run, budget, lat)
     test_acc = _retrain_stage(run, s.arch) if request.retrain else None
+    if request.retrain and request.release_onnx:
+        distributed.on_main(lambda: _release_onnx(record, reporter))
     if request.mark:  # only now: a bare `export` never picks a run that is still being written
         distributed.on_main(lambda: mark_latest(record.run_dir))
     return JobResult(
@@ -413,6 +419,21 @@ def _save_searched_weights(supernet, baked: Arch, recipe: Recipe, run_dir: Path,
     d_t, _ = ds.search_halves(recipe.data.split_seed)
     recalibrate(dense, d_t.train_batches(recipe.search.batch_size), dev)
     save_model(run_dir / "supernet_baked.pt", baked, dense, recipe, {"note": "weights sliced from the supernet"})
+
+
+def _release_onnx(record: RunRecord, reporter: Reporter) -> None:
+    """The run's model.onnx (`write_run_onnx`); a parity failure is logged and left to `flexslim export`, which
+    converts again and fails with it."""
+    from flexslim.jobs.export import run_onnx_current, write_run_onnx
+
+    if run_onnx_current(record.run_dir, record):  # a resumed finished run
+        return
+    try:
+        result = write_run_onnx(record.run_dir, record)
+    except GateFailed as err:
+        reporter.log(f"release ONNX not written: {err}")
+        return
+    reporter.log(f"release ONNX {result.path} (parity {result.parity_max_abs:.1e}): `flexslim export` copies it")
 
 
 # -- stage 4: retrain (or reuse) ------------------------------------------------------------------------------

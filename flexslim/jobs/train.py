@@ -63,6 +63,7 @@ def train_arch(
     if not resume:
         remove(ckpt)
     history = fit(model, ds.to(device), recipe, device, epochs, reporter, checkpoint=ckpt)
+    remove(run_dir / "model.onnx")  # a search's own export of the model.pt replaced here (`jobs.export.RUN_ONNX`)
     save_model(run_dir / "model.pt", arch, model, recipe, history)
     remove(ckpt)
     return history

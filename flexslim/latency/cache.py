@@ -57,9 +57,9 @@ _FILE = re.compile(r"[0-9a-f]{16}(\.rechecks)?\.(jsonl|json|lock)|\.[0-9a-f]{16}
 
 
 def cache_root() -> Path:
-    """The user's flexslim cache folder: $FLEXSLIM_CACHE, else the platform's (`data.sources.default_cache_dir`,
+    """The user's flexslim cache folder: $FLEXSLIM_CACHE, else the platform's (`data.cachedir.default_cache_dir`,
     which downloads use too)."""
-    from flexslim.data.sources import default_cache_dir
+    from flexslim.data.cachedir import default_cache_dir
 
     return default_cache_dir()
 

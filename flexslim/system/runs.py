@@ -164,3 +164,19 @@ class RunRecord:
         """Write run.json atomically."""
         atomic_write_json(self.path, self.data)
         return self
+
+
+def recorded_settings(s, provider: str) -> dict:
+    """The latency settings run.json records (and `flexslim export`'s gate measures with): provider, batch,
+    threads, percentile and the per-measurement timeout; the precision the network is deployed at (with its int8
+    format and calibration count)."""
+    return {
+        "provider": provider,
+        "batch": s.batch,
+        "threads": s.threads,
+        "percentile": s.percentile,
+        "timeout": s.timeout,
+        "precision": s.precision,
+        "int8_format": s.int8_format,
+        "calibration": s.calibration,
+    }
