@@ -179,7 +179,7 @@ def test_export_names_the_run_it_used(tmp_path, monkeypatch):
     mark_latest(run, tmp_path / "runs")
 
     class Result:
-        path, size_bytes, opset, parity_max_abs = tmp_path / "m.onnx", 1000, 17, 0.0
+        path, size_bytes, opset, parity_max_abs, copied_from = tmp_path / "m.onnx", 1000, 17, 0.0, None
 
     monkeypatch.setattr(
         "flexslim.jobs.export.export_run",

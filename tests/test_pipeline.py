@@ -244,7 +244,8 @@ def test_search_retrain_export_validate_end_to_end(tmp_path, monkeypatch):
 
     with monkeypatch.context() as mp:  # export copies it: no second conversion
         mp.setattr("flexslim.jobs.export.export_model", _forbid("the exporter"))
-        ok(invoke("export", "model.onnx"))
+        res = ok(invoke("export", "model.onnx"))
+    assert "the search's conversion, copied from" in res.stdout
     assert (tmp_path / "model.onnx").read_bytes() == (run_dir / "model.onnx").read_bytes()
 
     res = ok(invoke("validate", "model.onnx", "--report", "report.json"))

@@ -62,7 +62,7 @@ def test_the_runs_own_export_records_model_pts_sha256_and_export_copies_it_witho
     res = job.export_run("out.onnx", run, gate=False)
     assert Path("out.onnx").read_bytes() == (run / "model.onnx").read_bytes()
     assert res.export.parity_max_abs == written.parity_max_abs and res.export.opset == written.opset
-    assert res.export.size_bytes == Path("out.onnx").stat().st_size
+    assert res.export.size_bytes == Path("out.onnx").stat().st_size and res.export.copied_from == run / "model.onnx"
 
 
 def _converted_instead(monkeypatch) -> list:
@@ -90,28 +90,30 @@ def test_a_retrained_model_pt_is_converted_again_not_copied(
     save_model(run / "model.pt", tiny_arch, copy.deepcopy(tiny_model), load_recipe("quickstart"), {"epochs": 1})
     assert not job.run_onnx_current(run, RunRecord.load(run))
     calls = _converted_instead(monkeypatch)
-    job.export_run("out.onnx", run, gate=False)
-    assert len(calls) == 1
+    res = job.export_run("out.onnx", run, gate=False)
+    assert len(calls) == 1 and res.export.copied_from is None
     assert _metadata(Path("out.onnx"))["flexslim.model_sha256"] == file_sha256(run / "model.pt")
 
 
-@pytest.mark.parametrize("change", ["onnx bytes", "budget", "record"])
+@pytest.mark.parametrize("change", ["onnx bytes", "budget", "record", "parity"])
 def test_an_export_that_does_not_match_is_converted_again(run, monkeypatch, change):
-    """run/model.onnx edited after it was recorded, a run.json whose budget (hence metadata) changed, or a recorded
-    parity that is not a number: converted, never copied."""
+    """run/model.onnx edited after it was recorded, a run.json whose budget (hence metadata) changed, a recorded
+    parity that is not a number or beyond the tolerance: converted, never copied."""
     job.write_run_onnx(run, RunRecord.load(run))
     data = json.loads((run / "run.json").read_text())
     if change == "onnx bytes":
         (run / "model.onnx").write_bytes((run / "model.onnx").read_bytes() + b"\0")
     elif change == "budget":
         data["budget_ms"] = 2000.0
-    else:
+    elif change == "record":
         data["onnx"]["parity_max_abs"] = "small"
+    else:
+        data["onnx"]["parity_max_abs"] = 0.5  # beyond the parity tolerance
     (run / "run.json").write_text(json.dumps(data))
     calls = _converted_instead(monkeypatch)
     job.export_run("out.onnx", run, gate=False)
     assert len(calls) == 1
-    assert Path("out.onnx").read_bytes() != (run / "model.onnx").read_bytes() or change == "record"
+    assert Path("out.onnx").read_bytes() != (run / "model.onnx").read_bytes() or change in ("record", "parity")
 
 
 def test_export_over_the_runs_own_file_keeps_it(run, monkeypatch):

@@ -242,6 +242,7 @@ def export(
             f"run {result.run_dir}: wrote {result.export.path} ({result.export.size_bytes / 1e6:.2f} MB, "
             f"opset {result.export.opset}); "
             f"parity max |onnx - torch| = {result.export.parity_max_abs:.2e}"
+            + (f" (the search's conversion, copied from {c})" if (c := result.export.copied_from) else "")
         )
         if (d := result.deployed) is not None:
             how = (

@@ -32,6 +32,7 @@ class ExportResult:
     parity_batches: tuple[int, ...]
     opset: int
     size_bytes: int
+    copied_from: Path | None = None  # the conversion this file copies (a search's run/model.onnx), else None
 
 
 def provenance(
