@@ -58,12 +58,17 @@ def slow_model(tmp_path_factory) -> Path:
 
 
 def _pass_seconds(path: Path) -> float:
+    """The fastest of five passes: one pass timed while the suite's other worker ran read at least 4x its own cost,
+    and a limit of a quarter of that let a pass finish inside it (a clean-clone CI run, 2026-12-08)."""
     session = runtime.make_session(path, "cpu", 1)
     x = np.zeros((32, 1, 16, 16), np.float32)
     session.run(None, {"x": x})
-    t0 = time.perf_counter()
-    session.run(None, {"x": x})
-    return time.perf_counter() - t0
+    seconds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        session.run(None, {"x": x})
+        seconds.append(time.perf_counter() - t0)
+    return min(seconds)
 
 
 # ---------------------------------------------------------------- in-process timing
