@@ -822,3 +822,28 @@ def test_a_supernet_score_does_not_depend_on_what_was_built_before_it():
     state = torch.random.get_rng_state()
     assert later(wide) == first
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_candidate_past_the_allocation_is_scored_as_what_the_supernet_knows_of_it():
+    """Supernet.dense(widths, known_only=True) with a stage past the allocation computes exactly the network at the
+    allocated widths: the channels past it are zero, so they neither cost nor earn score (oracle: the logits)."""
+    import torch
+
+    from flexslim.data.sources import load_dataset
+    from flexslim.models.arch import Arch
+    from flexslim.recipe.schema import load_recipe
+    from flexslim.search.loop import build_state
+
+    recipe = load_recipe("quickstart", ["data.image_size=8", "search.batch_size=64"])
+    ds = load_dataset(recipe.data)
+    st = build_state(Arch.for_data(recipe.model, ds), recipe, torch.device("cpu"))
+    allocated = st.supernet.allocated()
+    wide = {s: w + 20 for s, w in allocated.items()}
+    _, known = st.supernet.dense(wide, known_only=True)
+    _, capped = st.supernet.dense(allocated)
+    _, fresh = st.supernet.dense(wide)
+    x = torch.rand(5, *ds.input_shape)
+    with torch.no_grad():
+        same = known.eval()(x)
+        assert torch.allclose(same, capped.eval()(x), atol=1e-5)
+        assert not torch.allclose(same, fresh.eval()(x), atol=1e-3)  # freshly initialised channels move the logits

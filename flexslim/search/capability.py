@@ -8,10 +8,12 @@ accurate - judged by the searched supernet on D_s, not by latency used"); the te
     score({"stage1": 16, "stage2": 32, "stage3": 64})   # 0.87 (cached per widths)
     score.noise(0.87)                                   # its binomial standard error on the images scored
 
-A candidate wider than the supernet's allocation in a stage gets the channels past it from their initialisation,
-drawn from a fixed seed: before 2026-12-08 they came from the global generator, so a score depended on how many
-networks had been built before it (the README job's warm bake scored 16/48/96 0.9708 where its cold bake had scored
-0.9722, chose another network and timed three new ones).
+A candidate wider than the supernet's allocation in a stage is scored with the channels past it at zero
+(`Supernet.dense(known_only=True)`): the supernet knows nothing of them, so going past the allocation neither
+costs nor earns score (a fill past it at 4 x the fashion floor: 16/48/80/160 and 16/48/80/176 score the same). With
+freshly initialised channels there, a score had measured the draw: from the global generator, it depended on how many
+networks were built before it (the README job's warm bake scored 16/48/96 0.9708 where its cold bake had scored
+0.9722, and timed three new networks).
 """
 
 from __future__ import annotations
@@ -56,9 +58,8 @@ class SupernetScore:
 
         d_t, d_s = self.ds.search_halves(self.recipe.data.split_seed)
         bs = self.recipe.search.batch_size
-        with torch.random.fork_rng(devices=[]):  # channels beyond the supernet's allocation start from their init:
-            torch.manual_seed(self.recipe.train.seed)  # the same draw whatever was scored (built) before
-            _, dense = self.supernet.dense(widths)
+        with torch.random.fork_rng(devices=[]):  # scoring leaves the global generator as it was
+            _, dense = self.supernet.dense(widths, known_only=True)  # channels past the allocation: zero
         dense = dense.to(self.device)
         recalibrate(dense, _first(d_t.train_batches(bs), self.max_images), self.device)
         batches = list(_first(d_s.train_batches(bs), self.max_images))

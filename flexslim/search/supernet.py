@@ -160,9 +160,18 @@ class Supernet(nn.Module):
         self.body = new
         return old
 
-    def dense(self, widths: dict[str, int] | None = None) -> tuple[Arch, nn.Module]:
-        """The plain dense network at the final widths, carrying the supernet's weights (prefix slices)."""
+    def dense(self, widths: dict[str, int] | None = None, *, known_only: bool = False) -> tuple[Arch, nn.Module]:
+        """The plain dense network at the final widths, carrying the supernet's weights (prefix slices).
+
+        `known_only`: the channels past the supernet's allocation are zero (their weights, BatchNorm scales and
+        shifts) instead of freshly initialised, so the network computes exactly what the supernet knows of it: the
+        allocated channels. What the bake scores candidates with (`capability.SupernetScore`)."""
         arch = self.arch.with_widths(widths or self.final_widths())
         dense = build_network(arch).to(next(self.body.parameters()).device)
+        if known_only:
+            with torch.no_grad():
+                for tensor in dense.state_dict().values():
+                    if tensor.is_floating_point():
+                        tensor.zero_()
         transplant_state(self.body, dense)
         return arch, dense
