@@ -1,5 +1,5 @@
-"""The `flexslim search` job as named stages over one run record: prepare the run -> latency model ->
-search (or reuse a finished one) -> bake and fit to the budget -> retrain (or reuse).
+"""The `flexslim search` job as named stages over one run record: prepare the run (`jobs.run_folder`) -> latency
+model -> search (or reuse a finished one) -> bake and fit to the budget -> retrain (or reuse) -> the release ONNX.
 
     runs/X/recipe.toml     resolved recipe
     runs/X/run.json        budget, latency settings, status, measured latency, trims, what the latency cache
@@ -21,29 +21,22 @@ from flexslim.data.sources import load_dataset
 from flexslim.data.tensors import Dataset
 from flexslim.errors import BadInput, GateFailed
 from flexslim.jobs.latency import latency_stage, log_cache_use
+from flexslim.jobs.run_folder import check_run, open_run
 from flexslim.latency import cache as latency_cache
 from flexslim.latency.budget import Budget
 from flexslim.latency.fingerprint import measuring_device
 from flexslim.latency.model import LatencyModel, with_grid
-from flexslim.latency.profiling import check_precision_runs
 from flexslim.models.arch import Arch, arch_json, load_arch
-from flexslim.recipe import checks
-from flexslim.recipe.schema import Recipe, load_recipe, recipe_to_toml
+from flexslim.recipe.schema import Recipe
 from flexslim.search.bake import BakePlan, Fitted, bake
 from flexslim.search.desk import predicted_by
-from flexslim.search.methods import check_search_method
 from flexslim.system import distributed
 from flexslim.system.console import Reporter
 from flexslim.system.files import atomic_write_text, drop_torn_line, read_jsonl, remove
-from flexslim.system.locks import lock_run
 from flexslim.system.memory import SearchMemory
 from flexslim.system.runs import (
     RunRecord,
-    check_run_dir_path,
     mark_latest,
-    mark_started,
-    new_run_dir,
-    resolve_run_dir,
 )
 
 
@@ -175,7 +168,7 @@ def _checked_and_opened(req: SearchRequest, dev: str):
     (recipe, dataset, arch, table path, run record). Under torchrun every rank checks its recipe against rank 0's
     and rank 0 prepares the run (it also measures and bakes; every rank searches and retrains its shards)."""
     table = distributed.on_main(lambda: _checked_table(req.latency_table))
-    check = lambda: _check_run(req)  # noqa: E731
+    check = lambda: check_run(req)  # noqa: E731
     distributed.check_recipe(lambda: check()[0], train=req.retrain)
     rcp, run_path = distributed.on_main(check)
     with distributed.main_first():  # a download happens once
@@ -185,7 +178,7 @@ def _checked_and_opened(req: SearchRequest, dev: str):
     for path in (table, own if own is not None and own.is_file() else None):
         if path is not None:  # a table for another network or setting is refused before the run is touched
             LatencyModel.load(path).check_compatible(arch, rcp.latency, str(path))
-    record = distributed.on_main(lambda: _open_run(rcp, run_path, req, dev))
+    record = distributed.on_main(lambda: open_run(rcp, run_path, req, dev))
     return rcp, ds, arch, table, record
 
 
@@ -196,87 +189,6 @@ def _checked_table(latency_table: Path | None) -> Path | None:
     if not path.is_file():
         raise BadInput(f"latency table {path} does not exist")
     return path
-
-
-# -- stage 1: the run directory and its record ----------------------------------------------------------------
-def _check_run(req: SearchRequest) -> tuple[Recipe, Path | None]:
-    """Check the inputs that need no data (budget, recipe, method, run directory) without creating anything;
-    returns the recipe and the run directory (None: a new one under runs/).
-
-    A resumed run's recipe is its own recipe.toml, and `--set` values that would change it are refused."""
-    budget_ms, overrides, run_dir = req.budget_ms, list(req.overrides), req.run_dir
-    checks.budget_ms(budget_ms, checks.flag("--latency-ms"))  # the Budget itself is built by the latency stage
-    if req.resume:
-        run_dir = resolve_run_dir(run_dir, resume=True)
-        recipe = _resumed_recipe(run_dir, overrides)
-        record = RunRecord.load(run_dir)  # a corrupt run.json is BadInput naming it
-        if record.get("budget_ms") not in (None, budget_ms):
-            raise BadInput(f"{run_dir} was searched for {record['budget_ms']} ms, not {budget_ms} ms; start a new run")
-    else:
-        run_dir = check_run_dir_path(run_dir)
-        recipe = load_recipe(req.recipe, overrides)
-        if run_dir is not None and (run_dir / "run.json").exists():
-            raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
-    check_search_method(recipe.search.method)
-    check_precision_runs(recipe.latency)  # fp16 without CUDA: refused before the run directory exists
-    return recipe, run_dir
-
-
-def _open_run(recipe: Recipe, run_dir: Path | None, req: SearchRequest, dev: str) -> RunRecord:
-    """Create (or reopen and lock) the run directory, write recipe.toml (a new run only: a resumed run keeps its
-    own), point runs/.started at a new one (runs/latest moves when the job finishes) and start the record. Runs only
-    after every input was checked."""
-    if req.resume:
-        lock_run(run_dir)  # before anything in it changes
-        record = RunRecord.load(run_dir)
-    else:
-        run_dir = new_run_dir(recipe.name) if run_dir is None else run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock_run(run_dir)
-        if (run_dir / "run.json").exists():  # another job created it between the check and the lock
-            raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or pick a new --run-dir")
-        record = RunRecord(run_dir)
-        atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
-    if req.mark and not req.resume:
-        mark_started(run_dir)
-    started = {"status": "started", "device": dev, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if record.search_finished():  # keep what the finished search recorded (status among it)
-        started.pop("status")
-    record.update(budget_ms=req.budget_ms, recipe=recipe.name, method=recipe.search.method, **started)
-    return record
-
-
-def _resumed_recipe(run_dir: Path, overrides: list[str]) -> Recipe:
-    """The run's own recipe.toml; `overrides` (--set, --method, --provider, --latency-batch) are accepted only
-    when they leave it unchanged: a resumed run never mixes two recipes."""
-    path = run_dir / "recipe.toml"
-    if not path.is_file():
-        raise BadInput(f"{run_dir} has no recipe.toml: nothing to resume")
-    recipe = load_recipe(str(path))
-    if overrides:
-        changed = load_recipe(str(path), overrides)
-        if changed != recipe:
-            keys = _changed_keys(recipe_to_toml(recipe), recipe_to_toml(changed))
-            raise BadInput(
-                f"--resume of {run_dir}: the overrides change its recipe ({', '.join(keys) or 'values'}) and a run "
-                "cannot mix two recipes; drop them, or start a new run with them"
-            )
-    return recipe
-
-
-def _changed_keys(before: str, after: str) -> list[str]:
-    """The `section.key` names whose values differ between two resolved recipe TOML texts."""
-    import tomllib
-
-    a, b = tomllib.loads(before), tomllib.loads(after)
-    keys = []
-    for section in sorted(set(a) | set(b)):
-        sa, sb = a.get(section), b.get(section)
-        if isinstance(sa, dict) and isinstance(sb, dict):
-            keys += [f"{section}.{k}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
-        elif sa != sb:
-            keys.append(section)
-    return keys
 
 
 # -- stage 3: search (or reuse a finished one) and bake -------------------------------------------------------
