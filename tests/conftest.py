@@ -124,6 +124,36 @@ def exported(tmp_path_factory, tiny_arch, tiny_model):
     return SimpleNamespace(path=out, result=result, arch=tiny_arch, model=tiny_model, metadata=meta)
 
 
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch, tiny_arch, tiny_model, exported):
+    """Factory: make(latency, recipe_overrides=None) -> a run folder (tmp_path/run, the working directory is tmp_path)
+    holding the tiny model.pt, a run.json of budget 1000 ms with `latency`, and, when `recipe_overrides` is a list,
+    the quickstart recipe.toml with them. Conversions reuse the session's graph of the same network instead of the
+    slow dynamo export (the parity check still runs)."""
+    import json
+
+    import onnx
+
+    from flexslim.deploy import export as export_mod
+    from flexslim.recipe.schema import load_recipe, recipe_to_toml
+    from flexslim.train.checkpoint import save_model
+
+    graph = onnx.load(str(exported.path))
+    monkeypatch.setattr(export_mod, "_dynamo_proto", lambda model, sample: copy.deepcopy(graph))
+    monkeypatch.chdir(tmp_path)
+
+    def make(latency: dict, recipe_overrides: list[str] | None = None) -> Path:
+        run = tmp_path / "run"
+        run.mkdir(exist_ok=True)
+        save_model(run / "model.pt", tiny_arch, copy.deepcopy(tiny_model), load_recipe("quickstart"), {})
+        (run / "run.json").write_text(json.dumps({"budget_ms": 1000.0, "latency": latency}))
+        if recipe_overrides is not None:
+            (run / "recipe.toml").write_text(recipe_to_toml(load_recipe("quickstart", recipe_overrides)))
+        return run
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def torchvision_onnx(tmp_path_factory) -> Path:
     """A user's classifier: torchvision resnet18 (random weights, 10 classes) exported by plain

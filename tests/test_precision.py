@@ -6,7 +6,6 @@ fp16 needs the CUDA provider (marked gpu)."""
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import replace
 
@@ -82,7 +81,9 @@ def test_the_fastest_int8_format_is_chosen_by_measurement(tiny_arch):
     assert sorted(clock.asked) == sorted(["fp32", *INT8_FORMATS])
     # a pinned format, and fp32, are taken as they are: nothing timed
     quiet = _clock({})
-    assert int8_format_for(tiny_arch, replace(s, int8_format="qdq-s8s8"), Reporter(), quiet)[0].int8_format == "qdq-s8s8"
+    assert (
+        int8_format_for(tiny_arch, replace(s, int8_format="qdq-s8s8"), Reporter(), quiet)[0].int8_format == "qdq-s8s8"
+    )
     assert int8_format_for(tiny_arch, LatencyConfig(provider="cpu"), Reporter(), quiet) == (
         LatencyConfig(provider="cpu"),
         {},
@@ -205,23 +206,11 @@ def test_calibration_reads_training_images_of_d_t_only(tmp_path):
 
 
 @pytest.fixture
-def int8_run(tmp_path, monkeypatch, tiny_arch, tiny_model, exported):
+def int8_run(tiny_run):
     """A run folder of the tiny model whose run.json says it was searched for int8 (qdq-u8s8)."""
-    from flexslim.deploy import export as export_mod
-    from flexslim.recipe.schema import recipe_to_toml
-    from flexslim.train.checkpoint import save_model
-
-    graph = onnx.load(str(exported.path))
-    monkeypatch.setattr(export_mod, "_dynamo_proto", lambda model, sample: copy.deepcopy(graph))
-    monkeypatch.chdir(tmp_path)
-    run = tmp_path / "run"
-    run.mkdir()
-    save_model(run / "model.pt", tiny_arch, copy.deepcopy(tiny_model), load_recipe("quickstart"), {})
     lat = {"provider": "cpu", "batch": 4, "threads": 1, "percentile": 90.0, "timeout": 60.0, "precision": "int8",
            "int8_format": "qdq-u8s8", "calibration": 64}  # fmt: skip
-    (run / "run.json").write_text(json.dumps({"budget_ms": 1000.0, "latency": lat}))
-    (run / "recipe.toml").write_text(recipe_to_toml(load_recipe("quickstart", ["latency.precision=int8"])))
-    return run
+    return tiny_run(lat, ["latency.precision=int8"])
 
 
 def test_export_writes_the_int8_graph_beside_its_fp32_twin_and_gates_the_int8_one(int8_run, tmp_path):
@@ -319,8 +308,12 @@ def test_int8_search_export_validate_end_to_end(tmp_path, monkeypatch, cli):
     res = cli.invoke(app, ["export", "model.onnx"])
     assert res.exit_code == 0, res.output
     assert "deployed graph" in res.stdout and "int8 qoperator-u8s8, calibrated on 32 D_t images" in res.stdout
-    assert graph_precision(onnx.load("model.onnx")) == "int8" and graph_precision(onnx.load("model.fp32.onnx")) == "fp32"
-    res = cli.invoke(app, ["validate", "model.onnx", "--precision", "int8", "--min-accuracy", "0", "--report", "r.json"])
+    assert (
+        graph_precision(onnx.load("model.onnx")) == "int8" and graph_precision(onnx.load("model.fp32.onnx")) == "fp32"
+    )
+    res = cli.invoke(
+        app, ["validate", "model.onnx", "--precision", "int8", "--min-accuracy", "0", "--report", "r.json"]
+    )
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["precision"] == "int8" and r["fp32_accuracy"] is not None and r["budget_ms"] == 1.0

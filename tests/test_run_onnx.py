@@ -24,22 +24,9 @@ def _forbid(name):
 
 
 @pytest.fixture
-def run(tmp_path, monkeypatch, tiny_arch, tiny_model, exported) -> Path:
-    """A run folder with the tiny model.pt, a run.json (budget 1000 ms) and a recipe.toml; conversions reuse the
-    session's graph of the same network instead of the slow dynamo export (parity still checked)."""
-    from flexslim.deploy import export as export_mod
-    from flexslim.recipe.schema import load_recipe, recipe_to_toml
-    from flexslim.train.checkpoint import save_model
-
-    graph = onnx.load(str(exported.path))
-    monkeypatch.setattr(export_mod, "_dynamo_proto", lambda model, sample: copy.deepcopy(graph))
-    monkeypatch.chdir(tmp_path)
-    folder = tmp_path / "run"
-    folder.mkdir()
-    save_model(folder / "model.pt", tiny_arch, copy.deepcopy(tiny_model), load_recipe("quickstart"), {})
-    (folder / "run.json").write_text(json.dumps({"budget_ms": 1000.0, "latency": RUN_LATENCY}))
-    (folder / "recipe.toml").write_text(recipe_to_toml(load_recipe("quickstart")))
-    return folder
+def run(tiny_run) -> Path:
+    """A run folder with the tiny model.pt, a run.json (budget 1000 ms) and a recipe.toml (`conftest.tiny_run`)."""
+    return tiny_run(RUN_LATENCY, [])
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -49,7 +36,7 @@ def _metadata(path: Path) -> dict[str, str]:
 def test_the_runs_own_export_records_model_pts_sha256_and_export_copies_it_without_converting(run, monkeypatch):
     """write_run_onnx converts once (run/model.onnx, recorded in run.json); export_run then writes the same bytes
     without the exporter and without loading model.pt into torch, reporting the recorded parity."""
-    from flexslim.deploy.export import file_sha256
+    from flexslim.system.files import file_sha256
 
     written = job.write_run_onnx(run, RunRecord.load(run))
     record = RunRecord.load(run)["onnx"]
@@ -82,8 +69,8 @@ def test_a_retrained_model_pt_is_converted_again_not_copied(
 ):
     """model.pt replaced after the search's export (another sha256): export converts it, and the file carries the
     new sha256; the run's export is no longer current."""
-    from flexslim.deploy.export import file_sha256
     from flexslim.recipe.schema import load_recipe
+    from flexslim.system.files import file_sha256
     from flexslim.train.checkpoint import save_model
 
     job.write_run_onnx(run, RunRecord.load(run))

@@ -281,29 +281,10 @@ def test_recipe_latency_timeout_key():
 
 
 @pytest.fixture
-def export_run_dir(tmp_path, monkeypatch, tiny_arch, tiny_model, exported):
+def export_run_dir(tiny_run):
     """Factory: a run folder with the tiny model.pt and a run.json of budget 1000 ms and the given latency settings
     (+ a recipe.toml when given); the export reuses the session's graph instead of the slow dynamo export."""
-    import copy
-
-    from flexslim.deploy import export as export_mod
-    from flexslim.recipe.schema import load_recipe, recipe_to_toml
-    from flexslim.train.checkpoint import save_model
-
-    graph = onnx.load(str(exported.path))
-    monkeypatch.setattr(export_mod, "_dynamo_proto", lambda model, sample: copy.deepcopy(graph))
-    monkeypatch.chdir(tmp_path)
-
-    def make(latency: dict, recipe_overrides: list[str] | None = None) -> Path:
-        run = tmp_path / "run"
-        run.mkdir(exist_ok=True)
-        save_model(run / "model.pt", tiny_arch, copy.deepcopy(tiny_model), load_recipe("quickstart"), {})
-        (run / "run.json").write_text(json.dumps({"budget_ms": 1000.0, "latency": latency}))
-        if recipe_overrides is not None:
-            (run / "recipe.toml").write_text(recipe_to_toml(load_recipe("quickstart", recipe_overrides)))
-        return run
-
-    return make
+    return tiny_run
 
 
 RUN_LATENCY = {"provider": "cpu", "batch": 4, "threads": 1, "percentile": 90.0}  # run.json's, before the timeout

@@ -7,7 +7,6 @@ The exported graph takes float32 NCHW images in [0, 1]; normalisation is the net
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ def provenance(
     model_sha256: str | None = None,
 ) -> dict[str, str]:
     """metadata_props for a flexslim model; `validate` reads the `flexslim.*` keys back. `model_sha256`: the
-    sha256 of the model.pt it was converted from (`file_sha256`)."""
+    sha256 of the model.pt it was converted from (`system.files.file_sha256`)."""
     from flexslim import __version__
 
     meta = {
@@ -74,15 +73,6 @@ def _dynamo_proto(model: nn.Module, sample):
     from flexslim.models.onnx_graph import _dynamo_proto as convert
 
     return convert(model, sample)
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_model(

@@ -16,11 +16,11 @@ from flexslim.deploy.export import (
     ExportResult,
     export_deployed,
     export_model,
-    file_sha256,
     provenance,
     twin_path,
 )
 from flexslim.errors import BadInput
+from flexslim.system.files import atomic_write_bytes, file_sha256
 from flexslim.system.runs import RunRecord, recorded_settings, resolve_run_dir
 
 
@@ -121,8 +121,7 @@ class _Source:
         """`export_as_deployed` at `lat`'s precision, its fp32 export the run's own copied where it can be
         (`_copied_run_onnx`), else converted from model.pt."""
         meta = self.metadata(lat)
-        fp32 = (lat or {}).get("precision", "fp32") == "fp32"
-        copied = _copied_run_onnx(self, output if fp32 else twin_path(output), meta)
+        copied = _copied_run_onnx(self, fp32_path(output, lat), meta)
         model = None if copied else self.network()[1]
         return export_as_deployed(model, self.arch, output, meta, lat, self.recipe, self.run, copied)
 
@@ -132,19 +131,24 @@ class _Source:
         return provenance(self.arch, name, self.budget, lat, self.sha256)
 
 
+def _recorded(record: RunRecord) -> dict | None:
+    """run.json's record of the run's own export (`write_run_onnx`) when it has the shape written there, else None."""
+    done = record.get("onnx")
+    return done if isinstance(done, dict) and isinstance(done.get("metadata"), dict) else None
+
+
 def _exported_arch(record: RunRecord, sha: str):
-    """The arch of the run's own export (run.json `onnx`) when it was made from the model.pt whose sha256 is `sha`;
-    None otherwise (no export, another model.pt, a record that does not parse)."""
+    """The arch of the run's own export when it was made from the model.pt whose sha256 is `sha`; None otherwise (no
+    export, another model.pt, a record that does not parse)."""
     import json
 
     from flexslim.models.arch import Arch
 
-    done = record.get("onnx")
-    meta = done.get("metadata") if isinstance(done, dict) else None
-    if not isinstance(meta, dict) or meta.get("flexslim.model_sha256") != sha:
+    done = _recorded(record)
+    if done is None or done["metadata"].get("flexslim.model_sha256") != sha:
         return None
     try:
-        return Arch.from_dict(json.loads(meta["flexslim.arch"]), where=f"{record.path} onnx.metadata")
+        return Arch.from_dict(json.loads(done["metadata"]["flexslim.arch"]), where=f"{record.path} onnx.metadata")
     except (BadInput, KeyError, TypeError, ValueError):
         return None
 
@@ -156,15 +160,15 @@ def write_run_onnx(run: Path, record: RunRecord) -> ExportResult:
     The search writes it while its torch and exporter are loaded; `flexslim export` then copies it (checked against
     model.pt's sha256, its own bytes' sha256 and the metadata it would write) instead of importing torch and calling
     the exporter again (README job, 2-core CPU: export 8.6-9.1 -> 4.3-4.8 s; the conversion costs the search
-    2.5-3 s). GateFailed on a parity failure, as
-    `export` would fail; nothing is recorded then."""
+    2.5-3 s). GateFailed on a parity failure, as `export` would fail; nothing is recorded then."""
     source = _Source.of(run, record)
     arch, model = source.network()
-    result = export_model(model, arch, run / RUN_ONNX, source.metadata(source.lat))
+    meta = source.metadata(source.lat)
+    result = export_model(model, arch, run / RUN_ONNX, meta)
     record.update(onnx={
         "file": RUN_ONNX,
         "sha256": file_sha256(result.path),
-        "metadata": source.metadata(source.lat),
+        "metadata": meta,
         "parity_max_abs": result.parity_max_abs,
         "parity_batches": list(result.parity_batches),
         "opset": result.opset,
@@ -174,24 +178,18 @@ def write_run_onnx(run: Path, record: RunRecord) -> ExportResult:
 
 def run_onnx_current(run: Path, record: RunRecord) -> bool:
     """The run's own export (`write_run_onnx`) is there, unchanged, and of the model.pt the run holds now."""
-    done = record.get("onnx")
-    path = run / RUN_ONNX
-    if not isinstance(done, dict) or not path.is_file() or not (run / "model.pt").is_file():
+    done, path = _recorded(record), run / RUN_ONNX
+    if done is None or not path.is_file() or not (run / "model.pt").is_file():
         return False
-    meta = done.get("metadata")
-    return (
-        isinstance(meta, dict)
-        and meta.get("flexslim.model_sha256") == file_sha256(run / "model.pt")
-        and file_sha256(path) == done.get("sha256")
-    )
+    sha = file_sha256(run / "model.pt")
+    return done["metadata"].get("flexslim.model_sha256") == sha and file_sha256(path) == done.get("sha256")
 
 
 def _copied_run_onnx(source: _Source, out: Path, meta: dict[str, str]) -> ExportResult | None:
     """`out` written with the bytes of the run's own export (RUN_ONNX) when run.json records it with exactly `meta`
     (model.pt's sha256 among them) and the file still has the recorded sha256; None when it cannot be used."""
-    done = source.record.get("onnx")
-    path = source.run / RUN_ONNX
-    if not isinstance(done, dict) or done.get("metadata") != meta or not path.is_file():
+    done, path = _recorded(source.record), source.run / RUN_ONNX
+    if done is None or done["metadata"] != meta or not path.is_file():
         return None
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != done.get("sha256"):
@@ -204,8 +202,6 @@ def _copied_run_onnx(source: _Source, out: Path, meta: dict[str, str]) -> Export
     if not 0.0 <= parity <= PARITY_TOL:  # a record edited by hand: convert and check again
         return None
     if Path(out).resolve() != path.resolve():
-        from flexslim.system.files import atomic_write_bytes
-
         atomic_write_bytes(out, data)
     return ExportResult(Path(out), parity, batches, opset, len(data), copied_from=path)
 
@@ -251,13 +247,17 @@ def export_as_deployed(
     """(the fp32 export, the deployed graph or None): at fp32 the export is `output`; at int8 or fp16 it is the fp32
     twin beside it (checked, parity-tested) and `output` the graph converted from it (`export_deployed`). `fp32`:
     that fp32 export already written (the run's own, copied), else `model` is converted here."""
+    fp32 = fp32 or export_model(model, arch, fp32_path(output, lat), meta)
     precision = (lat or {}).get("precision", "fp32")
-    path = output if precision == "fp32" else twin_path(output)
-    fp32 = fp32 or export_model(model, arch, path, meta)
     if precision == "fp32":
         return fp32, None
     fmt = lat.get("int8_format", "")
     return fp32, export_deployed(fp32.path, output, precision, fmt, _calibration(recipe, lat, run), meta)
+
+
+def fp32_path(output: Path, lat: dict | None) -> Path:
+    """Where the fp32 export of a deployment at `lat`'s precision goes: `output` itself at fp32, else its twin."""
+    return Path(output) if (lat or {}).get("precision", "fp32") == "fp32" else twin_path(output)
 
 
 def recorded_precision(lat: dict | None, record: RunRecord) -> str:

@@ -6,7 +6,6 @@ gives, recorded in run.json (`latency_stage`, with how many networks the latency
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from flexslim.latency.profiling import Sampling, profile, refine
 from flexslim.models.arch import Arch
 from flexslim.recipe.schema import Recipe, load_recipe
 from flexslim.system.console import Reporter
+from flexslim.system.files import file_sha256
 from flexslim.system.runs import RunRecord, recorded_settings
 
 
@@ -74,7 +74,7 @@ def latency_model_for(
 
 def table_source(table: Path) -> dict:
     """What run.json records of a --latency-table: its path and the sha256 of its bytes."""
-    return {"path": str(table), "sha256": hashlib.sha256(table.read_bytes()).hexdigest()}
+    return {"path": str(table), "sha256": file_sha256(table)}
 
 
 def _note_other_table(record: RunRecord, table: Path, reporter: Reporter) -> None:

@@ -152,6 +152,15 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks (a latency table's, a model.pt's, an export's)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The lines of a JSON-lines file written by `append_jsonl` ([] when absent); BadInput naming a corrupt file.
 
