@@ -680,6 +680,29 @@ def test_a_fallback_confirmed_under_the_window_grows_by_its_untried_growths_and_
     assert confirmed == [((16, 16, 16), 1.01), ((16, 8, 16), 0.80), ((16, 8, 24), 0.93)]
 
 
+def test_a_confirmation_that_finds_the_machine_faster_times_again_a_growth_it_measured_over_the_limit_before():
+    """16/8/16 is chosen at 0.94 (window [0.90, 1.00], limit 0.98); its growths 16/16/16 and 16/8/24 measure 1.04
+    and 1.06, over the limit. The confirmation reads 16/8/16 at 0.86: the machine is 8.5% faster than when the others
+    were timed, and the network under the window. 16/16/16's figure scaled by that move (0.95) is within the limit:
+    it is timed again (0.95), kept and confirmed (0.95), in the window. Before, a growth that had measured over the
+    limit was never tried again and the run delivered 0.86. On a machine that did not move (the confirmation within
+    DRIFT of its figure) the same growths stay rejected."""
+    model = {(16, 8, 16): 0.90, (16, 16, 16): 0.96, (16, 8, 24): 0.97, (8, 8, 16): 0.70}
+    timings = {(16, 8, 16): [0.94, 0.86], (16, 16, 16): [1.04, 0.95, 0.95], (16, 8, 24): [1.06]}
+    res = _sequenced_bake(model, timings, confirm=True)
+    assert (res.widths, res.measured_ms, res.note) == ({"a": 16, "b": 16, "c": 16}, 0.95, "")
+    assert all(not left for left in timings.values())  # 16/8/24 (1.06 x 0.915 = 0.97, still first: 16/16/16) once
+    again = [s for s in res.steps if s.get("retimed")]
+    assert [(tuple(s["widths"].values()), s["first_ms"], s["measured_ms"]) for s in again] == [
+        ((16, 16, 16), 1.04, 0.95)
+    ]
+    assert [s["step"] for s in res.steps] == ["choose", "grow-rejected", "grow-rejected", "confirm", "grow", "confirm"]
+    still = {(16, 8, 16): [0.94, 0.93], (16, 16, 16): [1.04], (16, 8, 24): [1.06]}
+    res = _sequenced_bake(model, still, confirm=True)
+    assert (res.widths, res.measured_ms) == ({"a": 16, "b": 8, "c": 16}, 0.93)
+    assert all(not left for left in still.values())
+
+
 def test_the_search_jobs_bake_confirms_what_it_delivers():
     from flexslim.recipe.schema import load_recipe
 

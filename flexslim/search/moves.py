@@ -39,6 +39,7 @@ def rank(pred: float, limit: float) -> tuple:
     """Sort key of a predicted latency: within `limit` the highest first, then the rest the lowest first."""
     return (0, -pred) if pred <= limit else (1, pred)
 
+
 def trim(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
     """Trim while over the limit, the stage that saves the most predicted time per relative width first
     (`best_trim`). Each measured step goes as far as the latency model, scaled by its bias measured at the current
@@ -133,10 +134,14 @@ def fill(widths, t: Timing, desk: Desk, budget: Budget, grid: int, max_measures:
 
 
 def _known_over(desk: Desk, widths: dict[str, int], budget: Budget) -> bool:
-    """True when `widths` already measured over the limit in full or was screened out: a later fill (after an
-    exchange) does not time it again."""
+    """True when `widths` already measured over the limit in full (by its figure scaled by the machine's measured
+    move, when it predates it: `Desk.figure`) or was screened out before the machine moved: a later fill (after an
+    exchange, after a confirmation) does not time it again."""
     key = tuple(sorted(widths.items()))
-    return key in desk.screened_out or (key in desk.cache and desk.cache[key].at_percentile_ms > budget.limit_ms)
+    if key in desk.screened_out and key not in desk.stale:
+        return True
+    ms = desk.figure(widths)
+    return ms is not None and ms > budget.limit_ms
 
 
 def exchange(widths, t: Timing, desk: Desk, budget: Budget, min_width: int, grid: int, max_measures: int):
