@@ -62,6 +62,8 @@ def test_bench_writes_the_table_csv_and_plot(tmp_path, monkeypatch):
     assert rows[1]["search_gmacs"] > rows[0]["search_gmacs"] > 0 == rows[2]["search_gmacs"]  # uniform: measuring only
     assert all(r["total_gmacs"] == r["search_gmacs"] for r in rows)  # no retraining here
     assert rows[0]["acc_supernet"] is not None and 0 <= rows[0]["acc_supernet"] <= 1
+    baked = rows[2]["bake"]  # a baseline's row keeps its bake's timings, as a search's run.json does
+    assert baked and baked[-1]["measured_ms"] == rows[2]["measured_ms"] and "window_note" in rows[2]
     with open(tmp_path / "b" / "bench.csv") as f:
         assert len(list(csv.reader(f))) == 4
     assert (tmp_path / "b" / "bench.png").stat().st_size > 1000

@@ -212,6 +212,7 @@ def _uniform_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict
     row = {"search_seconds": 0.0, "latency_seconds": res.seconds + fitted.seconds, "measured_ms": fitted.measured_ms,
            "search_gmacs": 0.0}  # fmt: skip
     row.update(memory.stop(), multiplier=res.multiplier, uniform_widths=res.widths, acc_supernet=None)
+    row.update(bake_record(fitted))
     return _retrained(row, arch.with_widths(fitted.widths), spec, recipe, ds, dev)
 
 
@@ -228,6 +229,7 @@ def _random_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict,
     row = {"search_seconds": res.seconds, "latency_seconds": fitted.seconds, "measured_ms": fitted.measured_ms,
            "search_gmacs": _random_gmacs(arch, res.candidates, ds, recipe)}  # fmt: skip
     row.update(memory.stop(), candidates=len(res.candidates), acc_random_proxy=res.score, acc_supernet=None)
+    row.update(bake_record(fitted))
     return _retrained(row, arch.with_widths(fitted.widths), spec, recipe, ds, dev)
 
 
@@ -330,6 +332,7 @@ def _prune_row(spec: dict, method: BenchMethod, recipe, ds, dev) -> tuple[dict, 
         "train_seconds": time.perf_counter() - t1,
         "train_gmacs": train_gmacs(pruned, pruned.widths, epochs, _train_images(ds, recipe)),
         **memory.stop(),
+        **bake_record(fitted),
     }
     return row, pruned
 
@@ -408,6 +411,13 @@ def _baked(arch, widths: dict, budget: Budget, table, recipe):
 
     plan = BakePlan.for_recipe(with_grid(recipe, table))
     return bake(arch, {s: float(w) for s, w in widths.items()}, budget=budget, latency=table, plan=plan)
+
+
+def bake_record(fitted) -> dict:
+    """What a baseline row keeps of its bake (a search's run.json keeps the same): every gate-length timing as a
+    step, the screens, and why it lands under the window when it does - so that a baseline that misses the window
+    can be read as a searched run can."""
+    return {"bake": fitted.steps, "bake_screens": fitted.screens, "window_note": fitted.note}
 
 
 def _retrained(row: dict, baked, spec: dict, recipe, ds, dev) -> tuple[dict, object]:
