@@ -52,8 +52,9 @@ class Desk:
         self.screened: dict[tuple, Timing] = {}  # predictions may use them (`_from_measured`), verdicts never
         self.device = ""  # the measuring device's fingerprint id: its re-timings are recorded (`latency.rechecks`)
         self.verdict: LatencyConfig | None = None  # what `confirm` times with (the gate's own timing); None: settings
-        self.drift = 1.0  # fresh / first figure of the last confirmation that moved by more than DRIFT
-        self.stale: set[tuple] = set()  # networks whose figures predate that confirmation: timed again when asked
+        self.moved = False  # a confirmation found the machine moved (more than DRIFT): the latency cache is not read
+        self.scale: dict[tuple, float] = {}  # per network timed before a move: how far the machine moved since
+        self.stale: set[tuple] = set()  # networks timed or screened before a move: timed again when a step asks
 
     def screen(self, widths: dict[str, int], settings: LatencyConfig) -> Timing:
         """`widths` timed with `settings` (the latency model's: shorter sessions that may stop early, often in the
@@ -74,9 +75,8 @@ class Desk:
     def __call__(self, widths: dict[str, int], step: str) -> Timing:
         key = tuple(sorted(widths.items()))
         pred = float(self.latency.predict(widths))
-        if key in self.stale:  # measured before the machine moved: timed again, fresh, and the new figure kept
+        if key in self.stale and key in self.cache:  # timed before the machine moved: timed again, the new figure kept
             first, t = self._fresh(widths)
-            self.stale.discard(key)
             record = {"step": step, "widths": dict(widths), "predicted_ms": pred, "measured_ms": t.at_percentile_ms,
                       "retimed": True, "first_ms": first.at_percentile_ms, **how_known(t)}  # fmt: skip
             return self._logged(record, t)
@@ -109,18 +109,18 @@ class Desk:
     def _measure(self, widths: dict[str, int], settings: LatencyConfig) -> Timing:
         """`widths` timed with `settings`; once a confirmation found the machine moved, never read from the latency
         cache (its entries were timed before the move, like the desk's stale ones)."""
-        if self.drift == 1.0:
+        if not self.moved:
             return self.measure_fn(self.arch, dict(widths), settings)
         with refreshing():
             return self.measure_fn(self.arch, dict(widths), settings)
 
     def figure(self, widths: dict[str, int]) -> float | None:
-        """What `widths` would measure now by what the desk knows: its timing in full, scaled by the drift when it
-        predates a confirmation that found the machine moved (None: not timed in full)."""
+        """What `widths` would measure now by what the desk knows: its timing in full, scaled by how far the machine
+        moved since it was taken (`scale`: confirmations that moved by more than DRIFT) (None: not timed in full)."""
         key = tuple(sorted(widths.items()))
         if key not in self.cache:
             return None
-        return self.cache[key].at_percentile_ms * (self.drift if key in self.stale else 1.0)
+        return self.cache[key].at_percentile_ms * self.scale.get(key, 1.0)
 
     def retime(self, widths: dict[str, int]) -> Timing:
         """`widths` timed once more (not read back from the latency cache); the new timing is the figure from now on.
@@ -142,17 +142,22 @@ class Desk:
         lowest of many chances (a winner's curse); a timing taken after the choice is not. Logged as a "confirm"
         step (`first_ms`: the figure it was chosen on); the new timing replaces the cached one.
 
-        A fresh figure more than DRIFT from the first says the machine moved since (this 2-core VM: by 5-15% between
+        A fresh figure more than DRIFT from its figure as of now (the first, scaled by any earlier move) says the
+        machine moved since (this 2-core VM: by 5-15% between
         minutes): every other figure the desk holds is then stale - scaled by the move where a move decides
         (`figure`), timed again where a step asks for it - and nothing more is read from the latency cache. At 4 x
         the fashion floor 16/48/80/176 was chosen at 0.1961 ms and confirmed at 0.1801, under the window; its growth
         16/48/80/192 had measured 0.2085 (over the 0.2018 limit) on the slower machine and was never tried again,
         and its other growth came out of the latency cache at 0.2019."""
+        expected = self.figure(widths)  # its figure as of now (scaled by any earlier move)
         first, t = self._fresh(widths, self.verdict)
-        ratio = t.at_percentile_ms / max(first.at_percentile_ms, 1e-12)
+        ratio = t.at_percentile_ms / max(expected or first.at_percentile_ms, 1e-12)
         if abs(ratio - 1) > DRIFT:
-            self.drift = ratio
-            self.stale = (set(self.cache) | self.screened_out) - {tuple(sorted(widths.items()))}
+            key = tuple(sorted(widths.items()))
+            self.moved = True
+            for other in set(self.cache) - {key}:
+                self.scale[other] = self.scale.get(other, 1.0) * ratio
+            self.stale |= (set(self.cache) | self.screened_out) - {key}
         pred = float(self.latency.predict(widths))
         self.steps.append(
             {"step": "confirm", "widths": dict(widths), "predicted_ms": pred, "measured_ms": t.at_percentile_ms,
@@ -171,6 +176,8 @@ class Desk:
         first = self.cache[key]
         with refreshing():
             t = self.cache[key] = self.measure_fn(self.arch, dict(widths), settings or self.settings)
+        self.scale.pop(key, None)
+        self.stale.discard(key)
         if self.device:
             rechecks.record(self.device, first.at_percentile_ms, t.at_percentile_ms, "bake")
         return first, t
