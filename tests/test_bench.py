@@ -263,9 +263,10 @@ def test_the_compute_accounting_adds_up_on_a_toy_network(tiny_arch):
 
 
 def test_equal_compute_gives_a_baseline_the_epochs_that_match_flexcharts(tiny_arch, quickstart):
+    from flexslim.bench.baselines import _epochs_for
     from flexslim.bench.compute import train_gmacs
+    from flexslim.bench.compute import train_images as _train_images
     from flexslim.bench.run import _flexcharts_compute, _runs
-    from flexslim.bench.worker import _epochs_for, _train_images
     from flexslim.recipe.schema import load_recipe
 
     assert [r["method"] for r in _runs(["uniform", "random", "flexcharts"], 2, 0)] == [
@@ -304,7 +305,7 @@ def test_ceiling_retrains_distinct_networks_in_the_window_and_keeps_the_best(tmp
 
     from search_fixtures import hand_latency_model
 
-    from flexslim.bench import worker
+    from flexslim.bench import baselines
     from flexslim.models.arch import Arch
     from flexslim.recipe.choices import BENCH_METHODS
     from flexslim.recipe.schema import load_recipe
@@ -326,11 +327,11 @@ def test_ceiling_retrains_distinct_networks_in_the_window_and_keeps_the_best(tmp
         return {**row, "acc_retrained": acc, "train_init": "scratch", "train_epochs": 1, "train_seconds": 0.0,
                 "train_gmacs": float(net.widths["stage1"])}, net  # fmt: skip
 
-    monkeypatch.setattr(worker, "_baked", fake_bake)
-    monkeypatch.setattr(worker, "_retrained", fake_retrain)
+    monkeypatch.setattr(baselines, "_baked", fake_bake)
+    monkeypatch.setattr(baselines, "_retrained", fake_retrain)
     spec = {"latency_table": str(tmp_path / "t.json"), "budget_ms": budget_ms, "retrain": True, "run": "c",
             "out": str(tmp_path)}  # fmt: skip
-    row, best = worker._ceiling_row(spec, BENCH_METHODS["ceiling"], recipe, quickstart, torch.device("cpu"))
+    row, best = baselines.ceiling_row(spec, BENCH_METHODS["ceiling"], recipe, quickstart, torch.device("cpu"))
     assert [c["widths"]["stage1"] for c in row["ceiling"]] == [8, 24, 32]  # the repeat and the 0.5 x skipped
     assert best.widths["stage1"] == 24 and row["acc_retrained"] == 0.90 and row["candidates"] == 3
     assert row["ceiling_mean"] == pytest.approx((0.80 + 0.90 + 0.85) / 3) and "peak_mb" in row
@@ -338,13 +339,13 @@ def test_ceiling_retrains_distinct_networks_in_the_window_and_keeps_the_best(tmp
 
 
 def test_ceiling_without_retraining_is_bad_input(quickstart):
-    from flexslim.bench import worker
+    from flexslim.bench import baselines
     from flexslim.errors import BadInput
     from flexslim.recipe.choices import BENCH_METHODS
     from flexslim.recipe.schema import load_recipe
 
     with pytest.raises(BadInput, match="--retrain"):
-        worker._ceiling_row({"retrain": False}, BENCH_METHODS["ceiling"], load_recipe("quickstart"), quickstart, None)
+        baselines.ceiling_row({"retrain": False}, BENCH_METHODS["ceiling"], load_recipe("quickstart"), quickstart, None)
 
 
 def test_a_finished_runs_line_reads_only_what_its_row_holds():
@@ -363,9 +364,10 @@ def test_a_finished_runs_line_reads_only_what_its_row_holds():
 def test_equal_compute_splits_the_prune_route_evenly_between_its_wide_training_and_fine_tuning(tiny_arch, quickstart):
     """The prune route at FlexCHarts' compute: E epochs of the wide network plus E of the pruned one add up to the
     target (whole epochs, nearest), at least one of each; without a target the recipe's epochs."""
+    from flexslim.bench.baselines import prune_epochs
     from flexslim.bench.compute import train_gmacs
+    from flexslim.bench.compute import train_images as _train_images
     from flexslim.bench.run import EQUAL_COMPUTE
-    from flexslim.bench.worker import _train_images, prune_epochs
     from flexslim.recipe.schema import load_recipe
 
     recipe = load_recipe("quickstart")

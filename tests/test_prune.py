@@ -76,7 +76,7 @@ def test_the_prune_row_lands_in_the_window_and_fine_tunes_the_pruned_weights(tmp
     """The row against a known latency (the hand model as the runtime): the uniform ratio and the bake land it in
     [0.90, 1.00] x budget; the fine-tuning starts from the pruned weights (supernet_baked.pt of the run, the wide
     network's trained weights sliced); the wide network's training is its search compute."""
-    from flexslim.bench import worker
+    from flexslim.bench import baselines
     from flexslim.latency.runtime import Timing
     from flexslim.models.arch import Arch
     from flexslim.recipe.choices import BENCH_METHODS
@@ -100,7 +100,7 @@ def test_the_prune_row_lands_in_the_window_and_fine_tunes_the_pruned_weights(tmp
     budget_ms = 0.8 * float(table.predict(arch.widths))
     spec = {"latency_table": str(tmp_path / "t.json"), "budget_ms": budget_ms, "retrain": True, "run": "p",
             "out": str(tmp_path), "measure": clock}  # fmt: skip
-    row, pruned = worker._prune_row(spec, BENCH_METHODS["prune"], recipe, quickstart, torch.device("cpu"))
+    row, pruned = baselines.prune_row(spec, BENCH_METHODS["prune"], recipe, quickstart, torch.device("cpu"))
     assert 0.90 * budget_ms <= row["measured_ms"] <= budget_ms
     assert row["wide_widths"] == {s: 2 * w for s, w in arch.widths.items()}
     assert all(pruned.widths[s] < row["wide_widths"][s] for s in arch.widths)
@@ -110,7 +110,7 @@ def test_the_prune_row_lands_in_the_window_and_fine_tunes_the_pruned_weights(tmp
     wide_macs = row["search_gmacs"]
     assert wide_macs > row["train_gmacs"] > 0  # one epoch at 2x the widths costs more than one at the pruned ones
     with pytest.raises(BadInput, match="--retrain"):
-        worker._prune_row({**spec, "retrain": False}, BENCH_METHODS["prune"], recipe, quickstart, None)
+        baselines.prune_row({**spec, "retrain": False}, BENCH_METHODS["prune"], recipe, quickstart, None)
 
 
 def test_the_bench_refuses_prune_without_retraining_or_the_library_before_measuring(cli, tmp_path, monkeypatch):

@@ -58,3 +58,9 @@ def search_gmacs(arch, history: list[dict], batch_size: int) -> float:
         passes = 2 if float(h.get("arch_ce") or 0.0) > 0.0 else 1
         total += passes * TRAIN_PASSES * forward_macs(arch, held) * images
     return total / GIGA
+
+
+def train_images(ds, recipe) -> int:
+    """Images one retraining epoch passes through (whole batches of the training split)."""
+    bs = recipe.train.batch_size
+    return len(ds.train_batches(bs)) * bs

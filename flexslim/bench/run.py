@@ -24,46 +24,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flexslim.bench.baselines import budget_for
 from flexslim.bench.report import write_outputs
-from flexslim.bench.worker import (  # re-exported: the per-method worker lived here
-    _baked,
-    _budget,
-    _random_row,
-    _range_ms,
-    _retrained,
-    _search_row,
-    _shared,
-    _uniform_row,
-    network_stats,
-    run_overrides,
-    search_window_memory,
-    widest_allocation,
-    worker,
-)
 from flexslim.errors import BadInput
 from flexslim.search.methods import bench_method
 from flexslim.system.children import child_env
-
-__all__ = [  # the bench job, and the worker names re-exported from flexslim.bench.worker
-    "BenchRequest",
-    "run_bench",
-    "parse_seeds",
-    "seeds_of",
-    "_runs",
-    "worker",
-    "network_stats",
-    "run_overrides",
-    "search_window_memory",
-    "widest_allocation",
-    "_search_row",
-    "_uniform_row",
-    "_random_row",
-    "_shared",
-    "_baked",
-    "_retrained",
-    "_budget",
-    "_range_ms",
-]
 
 
 @dataclass(frozen=True)
@@ -140,7 +105,7 @@ def run_bench(request: BenchRequest, log=print) -> list[dict]:
         table = _reuse_latency_table(Path(latency_table), out / "latency.json", log)
     else:
         table = _shared_latency_table(recipe_name, overrides, out / "latency.json", budget, data_dir, log)
-    _budget(budget, recipe, table).check_floor(table.floor_ms, table.provider, recipe.model.min_width)
+    budget_for(budget, recipe, table).check_floor(table.floor_ms, table.provider, recipe.model.min_width)
     base = {
         "recipe": recipe_name,
         "overrides": overrides,
