@@ -54,13 +54,14 @@ class Desk:
         self.verdict: LatencyConfig | None = None  # what `confirm` times with (the gate's own timing); None: settings
         self.moved = False  # a confirmation found the machine moved (more than DRIFT): the latency cache is not read
         self.scale: dict[tuple, float] = {}  # per network timed before a move: how far the machine moved since
-        self.stale: set[tuple] = set()  # networks timed or screened before a move: timed again when a step asks
+        #  (stale: timed again when a step asks for it)
+        self.stale_screens: set[tuple] = set()  # networks screened out before a move: screened again if asked
 
     def screen(self, widths: dict[str, int], settings: LatencyConfig) -> Timing:
         """`widths` timed with `settings` (the latency model's: shorter sessions that may stop early, often in the
         latency cache already) to rank candidates; logged in `screens`, never a verdict, never in `cache`."""
         t = self._measure(widths, settings)
-        self.stale.discard(key := tuple(sorted(widths.items())))
+        self.stale_screens.discard(key := tuple(sorted(widths.items())))
         self.screened[key] = t
         pred = float(self.latency.predict(widths))
         self.screens.append({"widths": dict(widths), "predicted_ms": pred, "measured_ms": t.at_percentile_ms})
@@ -75,7 +76,7 @@ class Desk:
     def __call__(self, widths: dict[str, int], step: str) -> Timing:
         key = tuple(sorted(widths.items()))
         pred = float(self.latency.predict(widths))
-        if key in self.stale and key in self.cache:  # timed before the machine moved: timed again, the new figure kept
+        if key in self.scale:  # timed before the machine moved: timed again, the new figure kept
             first, t = self._fresh(widths)
             record = {"step": step, "widths": dict(widths), "predicted_ms": pred, "measured_ms": t.at_percentile_ms,
                       "retimed": True, "first_ms": first.at_percentile_ms, **how_known(t)}  # fmt: skip
@@ -108,7 +109,7 @@ class Desk:
 
     def _measure(self, widths: dict[str, int], settings: LatencyConfig) -> Timing:
         """`widths` timed with `settings`; once a confirmation found the machine moved, never read from the latency
-        cache (its entries were timed before the move, like the desk's stale ones)."""
+        cache (its entries were timed before the move, like the desk's scaled ones)."""
         if not self.moved:
             return self.measure_fn(self.arch, dict(widths), settings)
         with refreshing():
@@ -157,7 +158,7 @@ class Desk:
             self.moved = True
             for other in set(self.cache) - {key}:
                 self.scale[other] = self.scale.get(other, 1.0) * ratio
-            self.stale |= (set(self.cache) | self.screened_out) - {key}
+            self.stale_screens |= self.screened_out - {key}
         pred = float(self.latency.predict(widths))
         self.steps.append(
             {"step": "confirm", "widths": dict(widths), "predicted_ms": pred, "measured_ms": t.at_percentile_ms,
@@ -177,7 +178,6 @@ class Desk:
         with refreshing():
             t = self.cache[key] = self.measure_fn(self.arch, dict(widths), settings or self.settings)
         self.scale.pop(key, None)
-        self.stale.discard(key)
         if self.device:
             rechecks.record(self.device, first.at_percentile_ms, t.at_percentile_ms, "bake")
         return first, t

@@ -138,7 +138,7 @@ def _known_over(desk: Desk, widths: dict[str, int], budget: Budget) -> bool:
     move, when it predates it: `Desk.figure`) or was screened out before the machine moved: a later fill (after an
     exchange, after a confirmation) does not time it again."""
     key = tuple(sorted(widths.items()))
-    if key in desk.screened_out and key not in desk.stale:
+    if key in desk.screened_out and key not in desk.stale_screens:
         return True
     ms = desk.figure(widths)
     return ms is not None and ms > budget.limit_ms
